@@ -14,6 +14,10 @@
 pub mod bytes;
 pub mod config;
 pub mod error;
+pub mod memory;
+pub mod mesh;
+pub mod model;
+pub mod schedule;
 
 pub use config::Config;
 pub use error::{Error, Result};

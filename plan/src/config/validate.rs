@@ -832,8 +832,11 @@ pub(crate) fn layout_violations(
             help,
         })
     };
-    let tensor_fits =
-        |t: &usize| model.heads.is_multiple_of(*t) && model.ffn_hidden.is_multiple_of(*t) && gpus_per_node.is_multiple_of(*t);
+    let tensor_fits = |t: &usize| {
+        model.heads.is_multiple_of(*t)
+            && model.ffn_hidden.is_multiple_of(*t)
+            && gpus_per_node.is_multiple_of(*t)
+    };
     let tensor_options = || {
         list(
             &divisors(gpus_per_node.max(1))
@@ -927,7 +930,10 @@ pub(crate) fn layout_violations(
                 );
             }
             let microbatches = batch.global / per_step;
-            if pipeline > 1 && batch.global.is_multiple_of(per_step) && !microbatches.is_multiple_of(pipeline) {
+            if pipeline > 1
+                && batch.global.is_multiple_of(per_step)
+                && !microbatches.is_multiple_of(pipeline)
+            {
                 let step = per_step * pipeline;
                 fail(
                     "parallel.schedule",

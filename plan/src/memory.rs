@@ -1,0 +1,1016 @@
+//! The exact per-rank memory plan: every buffer a worker allocates, in bytes.
+//!
+//! A plan is an ordered table of [`Region`]s per pipeline stage (ranks of one stage are
+//! identical: tensor shards are equal because the vocabulary is padded and tokens split evenly,
+//! ZeRO shards because units are padded to a multiple of the data degree). The worker's arena
+//! (issue 4) makes one allocation per device and hands out views by region name, and startup
+//! checks that what it allocated equals [`StagePlan::device_bytes`]. The dry-run prints the same
+//! table, so the dry-run is the allocation, not an estimate.
+//!
+//! Model notation used in the formulas below, per microbatch on one rank:
+//! `b` micro_batch, `T` seq_len, `C` hidden, `F` ffn_hidden, `H` heads, `t` tensor degree,
+//! `N = b T` tokens, `n` tokens held outside attention/MLP (`N / t` under sequence parallelism,
+//! else `N`), `V` padded vocabulary. Activations are stored in the compute dtype (bf16, fp16 or
+//! fp32); LayerNorm statistics, log-sum-exps and losses always in fp32.
+
+use std::ops::Range;
+
+use crate::config::{Backend, Config, Device, Precision, Recompute, Zero};
+use crate::error::Result;
+use crate::mesh::Mesh;
+use crate::model::{ModelShape, PARAM_ALIGN, Unit, UnitKind};
+use crate::schedule::{InFlight, in_flight};
+
+/// Every region (and every instance of a repeated region) starts on this many bytes: what
+/// `cudaMalloc` guarantees and cuBLASLt prefers.
+pub const ALIGN: u64 = 256;
+
+/// Target size of one chunk of logits in the fused LM-head/cross-entropy: logits are produced,
+/// turned into loss and gradient, and consumed chunk by chunk, never all at once.
+pub const LOGITS_CHUNK_BYTES: u64 = 128 << 20;
+
+/// fp32 partial sums for the global gradient norm (one per GPU thread block / CPU thread).
+pub const NORM_PARTIALS: u64 = 1024;
+
+/// Device memory a CUDA context takes before any allocation (an estimate on H100 with CUDA 13
+/// and lazy module loading; the worker measures it and reports it beside the plan).
+pub const CUDA_CONTEXT_BYTES: u64 = 512 << 20;
+
+/// The workspace cudarc's `CudaBlasLT::new` allocates (exact, see shared/GPU.md).
+pub const CUBLASLT_WORKSPACE_BYTES: u64 = 32 << 20;
+
+/// Device memory one NCCL communicator reserves for its channels' buffers (an estimate; the
+/// worker measures it).
+pub const NCCL_COMMUNICATOR_BYTES: u64 = 128 << 20;
+
+/// What a region holds, as the dry-run groups it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Category {
+    /// Model weights in the compute dtype.
+    Params,
+    Grads,
+    /// fp32 master weights (mixed precision).
+    Master,
+    /// Adam's first and second moments, fp32.
+    Optimizer,
+    /// Tensors saved by forward for backward, per microbatch in flight.
+    Activations,
+    /// Transient buffers of one forward or backward at a time (the largest op's needs).
+    Workspace,
+    /// Communication buffers: ZeRO gather/reduce buckets, offload staging.
+    Comm,
+    /// CUDA context, library workspaces and NCCL's own buffers (outside the arena).
+    Runtime,
+}
+
+impl Category {
+    pub const ALL: [Category; 8] = [
+        Category::Params,
+        Category::Grads,
+        Category::Master,
+        Category::Optimizer,
+        Category::Activations,
+        Category::Workspace,
+        Category::Comm,
+        Category::Runtime,
+    ];
+
+    /// The key used in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Category::Params => "params",
+            Category::Grads => "grads",
+            Category::Master => "master",
+            Category::Optimizer => "optimizer",
+            Category::Activations => "activations",
+            Category::Workspace => "workspace",
+            Category::Comm => "comm",
+            Category::Runtime => "runtime",
+        }
+    }
+}
+
+/// Which memory a region lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Place {
+    /// The device's memory (the GPU; the worker's own RAM on CPU).
+    Device,
+    /// Pinned host memory (CPU offload).
+    Host,
+}
+
+/// Element type of a region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+    I32,
+    U8,
+}
+
+impl Dtype {
+    pub fn size(self) -> u64 {
+        match self {
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+            Dtype::U8 => 1,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+            Dtype::I32 => "i32",
+            Dtype::U8 => "u8",
+        }
+    }
+
+    fn compute(precision: Precision) -> Dtype {
+        match precision {
+            Precision::Bf16 => Dtype::Bf16,
+            Precision::Fp16 => Dtype::F16,
+            Precision::Fp32 => Dtype::F32,
+        }
+    }
+}
+
+/// How many instances of a region a rank holds, and what indexes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Per {
+    /// One buffer.
+    Rank,
+    /// One per transformer layer on this rank, indexed by its position on the rank.
+    Layer(usize),
+    /// One per activation slot: a microbatch in flight through one model chunk.
+    Slot(usize),
+    /// One per (slot, layer of a chunk), indexed `slot * layers + layer`.
+    SlotLayer { slots: usize, layers: usize },
+    /// Interchangeable copies (double buffering).
+    Copies(usize),
+}
+
+impl Per {
+    pub fn count(self) -> u64 {
+        match self {
+            Per::Rank => 1,
+            Per::Layer(n) | Per::Slot(n) | Per::Copies(n) => n as u64,
+            Per::SlotLayer { slots, layers } => (slots * layers) as u64,
+        }
+    }
+}
+
+/// One row of the plan: a named buffer (or array of equal buffers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    pub name: &'static str,
+    pub category: Category,
+    pub place: Place,
+    pub dtype: Dtype,
+    /// Elements of one instance.
+    pub elems: u64,
+    pub per: Per,
+    /// Sized by an estimate rather than by the model (runtime rows the worker measures).
+    pub estimated: bool,
+}
+
+impl Region {
+    /// Bytes of one instance, rounded up to [`ALIGN`].
+    pub fn bytes_each(&self) -> u64 {
+        self.elems
+            .saturating_mul(self.dtype.size())
+            .div_ceil(ALIGN)
+            .saturating_mul(ALIGN)
+    }
+
+    /// Bytes of all instances.
+    pub fn bytes(&self) -> u64 {
+        self.bytes_each().saturating_mul(self.per.count())
+    }
+
+    /// Bytes lost to alignment over all instances.
+    pub fn padding(&self) -> u64 {
+        let unpadded = self.elems.saturating_mul(self.dtype.size());
+        (self.bytes_each() - unpadded).saturating_mul(self.per.count())
+    }
+}
+
+/// Everything one rank of a pipeline stage allocates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagePlan {
+    pub pp_rank: usize,
+    /// The layers of each of this stage's model chunks, in chunk order.
+    pub layers: Vec<Range<usize>>,
+    /// Parameter elements on each rank of this stage (its tensor shard of its units, before
+    /// ZeRO): the Ψ of the ZeRO formulas.
+    pub params: u64,
+    /// Microbatches whose activations the schedule keeps at once.
+    pub in_flight: InFlight,
+    pub regions: Vec<Region>,
+}
+
+impl StagePlan {
+    /// Bytes of one category in one place.
+    pub fn bytes(&self, place: Place, category: Category) -> u64 {
+        self.regions
+            .iter()
+            .filter(|r| r.place == place && r.category == category)
+            .fold(0u64, |sum, r| sum.saturating_add(r.bytes()))
+    }
+
+    /// Everything on the device: what must fit in `gpu_memory` less headroom.
+    pub fn device_bytes(&self) -> u64 {
+        self.total(Place::Device)
+    }
+
+    pub fn host_bytes(&self) -> u64 {
+        self.total(Place::Host)
+    }
+
+    fn total(&self, place: Place) -> u64 {
+        self.regions
+            .iter()
+            .filter(|r| r.place == place)
+            .fold(0u64, |sum, r| sum.saturating_add(r.bytes()))
+    }
+
+    /// Device bytes that are alignment padding rather than elements.
+    pub fn device_padding(&self) -> u64 {
+        self.regions
+            .iter()
+            .filter(|r| r.place == Place::Device)
+            .map(Region::padding)
+            .sum()
+    }
+
+    /// The device category with the most bytes.
+    pub fn largest_category(&self) -> Category {
+        Category::ALL
+            .into_iter()
+            .max_by_key(|&c| self.bytes(Place::Device, c))
+            .expect("invariant: there are categories")
+    }
+
+    pub fn region(&self, name: &str) -> Option<&Region> {
+        self.regions.iter().find(|r| r.name == name)
+    }
+
+    /// The plan of every rank of pipeline stage `pp_rank`.
+    pub fn new(config: &Config, pp_rank: usize) -> StagePlan {
+        Builder::new(config, pp_rank).build()
+    }
+}
+
+/// The plan of every rank of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryPlan {
+    pub mesh: Mesh,
+    pub shape: ModelShape,
+    /// Device memory of one rank (`cluster.gpu_memory`).
+    pub capacity: u64,
+    /// What a rank may use: capacity less the headroom.
+    pub usable: u64,
+    /// One plan per pipeline stage, indexed by `pp_rank`.
+    pub stages: Vec<StagePlan>,
+}
+
+impl MemoryPlan {
+    pub fn new(config: &Config) -> MemoryPlan {
+        MemoryPlan {
+            mesh: Mesh::from_config(config),
+            shape: ModelShape::new(&config.model, config.parallel.tensor),
+            capacity: config.cluster.gpu_memory,
+            usable: config.cluster.usable_memory(),
+            stages: (0..config.parallel.pipeline)
+                .map(|s| StagePlan::new(config, s))
+                .collect(),
+        }
+    }
+
+    /// The plan of `rank`.
+    pub fn rank(&self, rank: usize) -> Result<&StagePlan> {
+        let coord = self.mesh.coord(rank)?;
+        Ok(&self.stages[coord.pp_rank])
+    }
+
+    /// The stage with the largest device total (the first such stage).
+    pub fn peak_stage(&self) -> &StagePlan {
+        self.stages
+            .iter()
+            .rev()
+            .max_by_key(|s| s.device_bytes())
+            .expect("invariant: a job has at least one stage")
+    }
+
+    pub fn peak_bytes(&self) -> u64 {
+        self.peak_stage().device_bytes()
+    }
+
+    pub fn fits(&self) -> bool {
+        self.peak_bytes() <= self.usable
+    }
+
+    /// Stages whose ranks exceed the usable memory.
+    pub fn over_budget(&self) -> impl Iterator<Item = &StagePlan> {
+        self.stages
+            .iter()
+            .filter(|s| s.device_bytes() > self.usable)
+    }
+}
+
+/// Sizes of one microbatch on one rank (see the module docs for the letters).
+struct Dims {
+    /// `b`
+    batch: u64,
+    /// `T`
+    seq: u64,
+    /// `C`
+    hidden: u64,
+    /// `F / t`
+    ffn_local: u64,
+    /// `H / t`
+    heads_local: u64,
+    /// `C / t`
+    hidden_local: u64,
+    /// `N = b T`
+    tokens: u64,
+    /// `n`: `N / t` under sequence parallelism, else `N`.
+    tokens_held: u64,
+}
+
+/// A tensor a transformer layer makes in forward and reads in backward. Kept tensors live in
+/// the microbatch's activation slot (`saved`); the others are recomputed in backward into one
+/// transient buffer (`recomputed`), which forward also writes them to.
+struct LayerTensor {
+    saved: &'static str,
+    recomputed: &'static str,
+    elems: fn(&Dims) -> u64,
+    /// Statistics are fp32; everything else is in the compute dtype.
+    fp32: bool,
+    kept: fn(Recompute) -> bool,
+}
+
+fn always(_: Recompute) -> bool {
+    true
+}
+fn unless_recomputing(mode: Recompute) -> bool {
+    mode == Recompute::None
+}
+fn unless_full(mode: Recompute) -> bool {
+    mode != Recompute::Full
+}
+
+/// The per-layer activations, in the order forward makes them.
+///
+/// | tensor      | elements   | needed by backward of          | none | selective | full |
+/// |-------------|------------|--------------------------------|------|-----------|------|
+/// | resid       | n C        | ln1 (the layer's input)        | kept | kept      | kept |
+/// | ln1         | n C        | qkv matmul (weight gradient)   | kept | recomputed from resid + stats | recomputed |
+/// | ln1 mean/rstd | n, n (fp32) | ln1                         | kept | kept      | recomputed |
+/// | qkv         | N 3C/t     | attention                      | kept | kept      | recomputed |
+/// | atty        | N C/t      | attention (its output), attproj | kept | kept     | recomputed |
+/// | att_lse     | b H/t T (fp32) | flash attention backward   | kept | kept      | recomputed |
+/// | resid2      | n C        | ln2 (input)                    | kept | kept      | recomputed |
+/// | ln2         | n C        | fc matmul                      | kept | recomputed | recomputed |
+/// | ln2 mean/rstd | n, n (fp32) | ln2                         | kept | kept      | recomputed |
+/// | fch         | N F/t      | GELU                           | kept | kept      | recomputed |
+/// | fch_gelu    | N F/t      | fcproj matmul                  | kept | recomputed from fch | recomputed |
+///
+/// Attention is flash-style: only the per-row log-sum-exp is kept, never a `T x T` matrix.
+/// Selective recompute re-runs only element-wise ops (LayerNorm, GELU), never a matmul.
+const LAYER_TENSORS: &[LayerTensor] = &[
+    LayerTensor {
+        saved: "act.resid",
+        recomputed: "recompute.resid",
+        elems: |d| d.tokens_held * d.hidden,
+        fp32: false,
+        kept: always,
+    },
+    LayerTensor {
+        saved: "act.ln1",
+        recomputed: "recompute.ln1",
+        elems: |d| d.tokens_held * d.hidden,
+        fp32: false,
+        kept: unless_recomputing,
+    },
+    LayerTensor {
+        saved: "act.ln1_mean",
+        recomputed: "recompute.ln1_mean",
+        elems: |d| d.tokens_held,
+        fp32: true,
+        kept: unless_full,
+    },
+    LayerTensor {
+        saved: "act.ln1_rstd",
+        recomputed: "recompute.ln1_rstd",
+        elems: |d| d.tokens_held,
+        fp32: true,
+        kept: unless_full,
+    },
+    LayerTensor {
+        saved: "act.qkv",
+        recomputed: "recompute.qkv",
+        elems: |d| d.tokens * 3 * d.hidden_local,
+        fp32: false,
+        kept: unless_full,
+    },
+    LayerTensor {
+        saved: "act.atty",
+        recomputed: "recompute.atty",
+        elems: |d| d.tokens * d.hidden_local,
+        fp32: false,
+        kept: unless_full,
+    },
+    LayerTensor {
+        saved: "act.att_lse",
+        recomputed: "recompute.att_lse",
+        elems: |d| d.batch * d.heads_local * d.seq,
+        fp32: true,
+        kept: unless_full,
+    },
+    LayerTensor {
+        saved: "act.resid2",
+        recomputed: "recompute.resid2",
+        elems: |d| d.tokens_held * d.hidden,
+        fp32: false,
+        kept: unless_full,
+    },
+    LayerTensor {
+        saved: "act.ln2",
+        recomputed: "recompute.ln2",
+        elems: |d| d.tokens_held * d.hidden,
+        fp32: false,
+        kept: unless_recomputing,
+    },
+    LayerTensor {
+        saved: "act.ln2_mean",
+        recomputed: "recompute.ln2_mean",
+        elems: |d| d.tokens_held,
+        fp32: true,
+        kept: unless_full,
+    },
+    LayerTensor {
+        saved: "act.ln2_rstd",
+        recomputed: "recompute.ln2_rstd",
+        elems: |d| d.tokens_held,
+        fp32: true,
+        kept: unless_full,
+    },
+    LayerTensor {
+        saved: "act.fch",
+        recomputed: "recompute.fch",
+        elems: |d| d.tokens * d.ffn_local,
+        fp32: false,
+        kept: unless_full,
+    },
+    LayerTensor {
+        saved: "act.fch_gelu",
+        recomputed: "recompute.fch_gelu",
+        elems: |d| d.tokens * d.ffn_local,
+        fp32: false,
+        kept: unless_recomputing,
+    },
+];
+
+/// Model-state buffers kept per unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Params,
+    Grads,
+    Master,
+    AdamM,
+    AdamV,
+    /// Host staging for offload: gradients go down, updated weights come back up.
+    Staging,
+}
+
+fn state_name(state: State, unit: UnitKind) -> &'static str {
+    use State::*;
+    use UnitKind::*;
+    match (state, unit) {
+        (Params, Embedding) => "params.embedding",
+        (Params, Layer) => "params.layer",
+        (Params, Head) => "params.head",
+        (Grads, Embedding) => "grads.embedding",
+        (Grads, Layer) => "grads.layer",
+        (Grads, Head) => "grads.head",
+        (Master, Embedding) => "master.embedding",
+        (Master, Layer) => "master.layer",
+        (Master, Head) => "master.head",
+        (AdamM, Embedding) => "adam_m.embedding",
+        (AdamM, Layer) => "adam_m.layer",
+        (AdamM, Head) => "adam_m.head",
+        (AdamV, Embedding) => "adam_v.embedding",
+        (AdamV, Layer) => "adam_v.layer",
+        (AdamV, Head) => "adam_v.head",
+        (Staging, Embedding) => "offload.embedding",
+        (Staging, Layer) => "offload.layer",
+        (Staging, Head) => "offload.head",
+    }
+}
+
+struct Builder<'a> {
+    config: &'a Config,
+    shape: ModelShape,
+    pp_rank: usize,
+    compute: Dtype,
+    dims: Dims,
+    regions: Vec<Region>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(config: &'a Config, pp_rank: usize) -> Builder<'a> {
+        let parallel = &config.parallel;
+        let tp = parallel.tensor as u64;
+        let batch = config.training.micro_batch as u64;
+        let seq = config.model.seq_len as u64;
+        let tokens = batch * seq;
+        Builder {
+            config,
+            shape: ModelShape::new(&config.model, parallel.tensor),
+            pp_rank,
+            compute: Dtype::compute(config.training.precision),
+            dims: Dims {
+                batch,
+                seq,
+                hidden: config.model.hidden as u64,
+                ffn_local: config.model.ffn_hidden as u64 / tp,
+                heads_local: config.model.heads as u64 / tp,
+                hidden_local: config.model.hidden as u64 / tp,
+                tokens,
+                tokens_held: if parallel.sequence_sharded() {
+                    tokens / tp
+                } else {
+                    tokens
+                },
+            },
+            regions: Vec::new(),
+        }
+    }
+
+    fn add(
+        &mut self,
+        name: &'static str,
+        category: Category,
+        place: Place,
+        dtype: Dtype,
+        elems: u64,
+        per: Per,
+    ) {
+        if elems > 0 && per.count() > 0 {
+            self.regions.push(Region {
+                name,
+                category,
+                place,
+                dtype,
+                elems,
+                per,
+                estimated: false,
+            });
+        }
+    }
+
+    fn add_estimate(&mut self, name: &'static str, bytes: u64, per: Per) {
+        self.regions.push(Region {
+            name,
+            category: Category::Runtime,
+            place: Place::Device,
+            dtype: Dtype::U8,
+            elems: bytes,
+            per,
+            estimated: true,
+        });
+    }
+
+    fn build(mut self) -> StagePlan {
+        let parallel = &self.config.parallel;
+        let (p, v) = (parallel.pipeline, parallel.virtual_stages);
+        let layers_per_chunk = self.config.model.layers / (p * v);
+        let layers: Vec<Range<usize>> = (0..v)
+            .map(|chunk| {
+                let first = (chunk * p + self.pp_rank) * layers_per_chunk;
+                first..first + layers_per_chunk
+            })
+            .collect();
+        let first_stage = self.pp_rank == 0;
+        let last_stage = self.pp_rank == p - 1;
+        let mut units = Vec::new();
+        if first_stage {
+            units.push((Unit::Embedding, Per::Rank));
+        }
+        units.push((Unit::Layer, Per::Layer(layers_per_chunk * v)));
+        if last_stage {
+            units.push((Unit::Head { tied_copy: p > 1 }, Per::Rank));
+        }
+        let in_flight = in_flight(
+            parallel.schedule,
+            p,
+            v,
+            self.config.microbatches(),
+            self.pp_rank,
+        );
+
+        let params = self.model_states(&units);
+        self.activations(&in_flight, layers_per_chunk, first_stage, last_stage);
+        self.workspace(last_stage);
+        self.communication(&units);
+        self.runtime(first_stage || last_stage);
+
+        StagePlan {
+            pp_rank: self.pp_rank,
+            layers,
+            params,
+            in_flight,
+            regions: self.regions,
+        }
+    }
+
+    /// Parameters, gradients, master weights and Adam states of each unit on this rank.
+    ///
+    /// A unit of `U` elements (its flat buffer, see `plan::model`) is cut into `d` ZeRO shards
+    /// of `S = ceil(U / d)` rounded up to `PARAM_ALIGN` elements:
+    ///
+    /// | ZeRO | params      | grads       | master, adam_m, adam_v |
+    /// |------|-------------|-------------|------------------------|
+    /// | 0    | U           | U           | U each                 |
+    /// | 1    | S d         | S d         | S each                 |
+    /// | 2    | S d         | S           | S each                 |
+    /// | 3    | S           | S           | S each                 |
+    ///
+    /// params and grads are in the compute dtype, the rest fp32. With bf16 that is the
+    /// (2 + 2 + 12)Ψ of ZeRO stage 0, 4Ψ + 12Ψ/d at stage 1, 2Ψ + 14Ψ/d at 2 and 16Ψ/d at 3.
+    /// fp32 training keeps no separate master copy. Stages 1 and 2 keep params (and stage 1
+    /// grads) at `S d` so that reduce-scatter and all-gather work in place. With optimizer
+    /// offload the fp32 states live in host memory, with a host staging buffer of `S` in the
+    /// compute dtype for the gradients going down and the weights coming back.
+    fn model_states(&mut self, units: &[(Unit, Per)]) -> u64 {
+        let parallel = &self.config.parallel;
+        let dp = parallel.data as u64;
+        let zero = parallel.zero;
+        let offload = parallel.offload.optimizer;
+        let master = self.config.training.precision.has_master_weights() || offload;
+        let state_place = if offload { Place::Host } else { Place::Device };
+        let mut params = 0;
+        for &(unit, per) in units {
+            let layout = self.shape.layout(unit);
+            params += layout.numel() * per.count();
+            let whole = layout.elems;
+            let shard = whole.div_ceil(dp).div_ceil(PARAM_ALIGN) * PARAM_ALIGN;
+            let kind = unit.kind();
+            let (param_elems, grad_elems, state_elems) = match zero {
+                Zero::Off => (whole, whole, whole),
+                Zero::Optimizer => (shard * dp, shard * dp, shard),
+                Zero::Gradients => (shard * dp, shard, shard),
+                Zero::Parameters => (shard, shard, shard),
+            };
+            let compute = self.compute;
+            self.add(
+                state_name(State::Params, kind),
+                Category::Params,
+                Place::Device,
+                compute,
+                param_elems,
+                per,
+            );
+            self.add(
+                state_name(State::Grads, kind),
+                Category::Grads,
+                Place::Device,
+                compute,
+                grad_elems,
+                per,
+            );
+            if master {
+                self.add(
+                    state_name(State::Master, kind),
+                    Category::Master,
+                    state_place,
+                    Dtype::F32,
+                    state_elems,
+                    per,
+                );
+            }
+            self.add(
+                state_name(State::AdamM, kind),
+                Category::Optimizer,
+                state_place,
+                Dtype::F32,
+                state_elems,
+                per,
+            );
+            self.add(
+                state_name(State::AdamV, kind),
+                Category::Optimizer,
+                state_place,
+                Dtype::F32,
+                state_elems,
+                per,
+            );
+            if offload {
+                self.add(
+                    state_name(State::Staging, kind),
+                    Category::Comm,
+                    Place::Host,
+                    compute,
+                    state_elems,
+                    per,
+                );
+            }
+        }
+        params
+    }
+
+    /// Tensors forward keeps for backward, for each microbatch in flight.
+    ///
+    /// Each layer keeps the tensors of `LAYER_TENSORS` that the recompute mode keeps, once per
+    /// (slot, layer of a chunk); slots are the schedule's peak of microbatches in flight on this
+    /// stage (1F1B stage `i` of `p`: `min(p - i, m)`; GPipe: `m`; interleaved: per chunk of
+    /// `L/(p v)` layers). The first stage also keeps each microbatch's token ids (`N` int32) for
+    /// the embedding's backward. The last stage runs the LM head and cross-entropy forward and
+    /// backward in one fused pass, so it keeps the gradient of the last layer's output (`n C`)
+    /// instead of the head's activations.
+    fn activations(
+        &mut self,
+        in_flight: &InFlight,
+        layers_per_chunk: usize,
+        first: bool,
+        last: bool,
+    ) {
+        let recompute = self.config.parallel.recompute;
+        let slots = Per::SlotLayer {
+            slots: in_flight.total,
+            layers: layers_per_chunk,
+        };
+        for tensor in LAYER_TENSORS.iter().filter(|t| (t.kept)(recompute)) {
+            let dtype = if tensor.fp32 {
+                Dtype::F32
+            } else {
+                self.compute
+            };
+            let elems = (tensor.elems)(&self.dims);
+            self.add(
+                tensor.saved,
+                Category::Activations,
+                Place::Device,
+                dtype,
+                elems,
+                slots,
+            );
+        }
+        if first {
+            let per = Per::Slot(in_flight.per_chunk[0]);
+            self.add(
+                "act.tokens",
+                Category::Activations,
+                Place::Device,
+                Dtype::I32,
+                self.dims.tokens,
+                per,
+            );
+        }
+        if last {
+            let per = Per::Slot(
+                *in_flight
+                    .per_chunk
+                    .last()
+                    .expect("invariant: at least one chunk"),
+            );
+            let elems = self.dims.tokens_held * self.dims.hidden;
+            self.add(
+                "act.dhead",
+                Category::Activations,
+                Place::Device,
+                self.compute,
+                elems,
+                per,
+            );
+        }
+    }
+
+    /// Buffers used by one forward or backward at a time, sized for the largest use.
+    ///
+    /// - `scratch.btc` x2 (`N C`): one holds an all-gathered input (sequence parallelism) or a
+    ///   gathered gradient, the other a matmul's partial output before its all-reduce or
+    ///   reduce-scatter.
+    /// - `scratch.stage_out` (`n C`): the stage's last layer output, sent on or fed to the head.
+    /// - `scratch.dresid` (`n C`): the residual-stream gradient carried down through backward.
+    /// - `scratch.dqkv` (`N 3C/t`), `scratch.datty` (`N C/t`), `scratch.dfch` (`N F/t`): the
+    ///   activation gradients of one layer's backward.
+    /// - `scratch.att_delta` (`b H/t T`, fp32): `rowsum(dO * O)` for flash attention backward.
+    /// - `recompute.*`: one transient copy of each layer tensor the recompute mode does not keep.
+    /// - Last stage: `data.targets` (`N` int32); the final LayerNorm's output and statistics
+    ///   (`n C`, `n`, `n`); one chunk of logits (`K V/t` for a chunk of `K` tokens sized to
+    ///   `LOGITS_CHUNK_BYTES`) with its fp32 row max, sum of exponentials and losses (`K` each).
+    /// - `optim.norm_partials`: the gradient norm's partial sums.
+    fn workspace(&mut self, last: bool) {
+        let d = &self.dims;
+        let (compute, recompute) = (self.compute, self.config.parallel.recompute);
+        let full = d.tokens * d.hidden;
+        let held = d.tokens_held * d.hidden;
+        let rows = [
+            ("scratch.btc", full, Per::Copies(2)),
+            ("scratch.stage_out", held, Per::Rank),
+            ("scratch.dresid", held, Per::Rank),
+            ("scratch.dqkv", d.tokens * 3 * d.hidden_local, Per::Rank),
+            ("scratch.datty", d.tokens * d.hidden_local, Per::Rank),
+            ("scratch.dfch", d.tokens * d.ffn_local, Per::Rank),
+        ];
+        let att_delta = d.batch * d.heads_local * d.seq;
+        for (name, elems, per) in rows {
+            self.add(
+                name,
+                Category::Workspace,
+                Place::Device,
+                compute,
+                elems,
+                per,
+            );
+        }
+        self.add(
+            "scratch.att_delta",
+            Category::Workspace,
+            Place::Device,
+            Dtype::F32,
+            att_delta,
+            Per::Rank,
+        );
+        for tensor in LAYER_TENSORS.iter().filter(|t| !(t.kept)(recompute)) {
+            let dtype = if tensor.fp32 { Dtype::F32 } else { compute };
+            let elems = (tensor.elems)(&self.dims);
+            self.add(
+                tensor.recomputed,
+                Category::Workspace,
+                Place::Device,
+                dtype,
+                elems,
+                Per::Rank,
+            );
+        }
+        if last {
+            let d = &self.dims;
+            let (tokens, held_tokens) = (d.tokens, d.tokens_held);
+            let vocab_local = (self.shape.vocab_padded / self.shape.tp) as u64;
+            let chunk = logits_chunk_tokens(tokens, vocab_local, compute);
+            self.add(
+                "data.targets",
+                Category::Workspace,
+                Place::Device,
+                Dtype::I32,
+                tokens,
+                Per::Rank,
+            );
+            self.add(
+                "head.lnf",
+                Category::Workspace,
+                Place::Device,
+                compute,
+                held,
+                Per::Rank,
+            );
+            self.add(
+                "head.lnf_mean",
+                Category::Workspace,
+                Place::Device,
+                Dtype::F32,
+                held_tokens,
+                Per::Rank,
+            );
+            self.add(
+                "head.lnf_rstd",
+                Category::Workspace,
+                Place::Device,
+                Dtype::F32,
+                held_tokens,
+                Per::Rank,
+            );
+            self.add(
+                "head.logits",
+                Category::Workspace,
+                Place::Device,
+                compute,
+                chunk * vocab_local,
+                Per::Rank,
+            );
+            self.add(
+                "head.logit_max",
+                Category::Workspace,
+                Place::Device,
+                Dtype::F32,
+                chunk,
+                Per::Rank,
+            );
+            self.add(
+                "head.logit_sumexp",
+                Category::Workspace,
+                Place::Device,
+                Dtype::F32,
+                chunk,
+                Per::Rank,
+            );
+            self.add(
+                "head.losses",
+                Category::Workspace,
+                Place::Device,
+                Dtype::F32,
+                chunk,
+                Per::Rank,
+            );
+        }
+        self.add(
+            "optim.norm_partials",
+            Category::Workspace,
+            Place::Device,
+            Dtype::F32,
+            NORM_PARTIALS,
+            Per::Rank,
+        );
+    }
+
+    /// ZeRO's buckets. Stages 2 and 3 produce each unit's full gradient in a bucket and
+    /// reduce-scatter it into the rank's shard; stage 3 also all-gathers each unit's parameters
+    /// into a gather buffer just before use. Both are double-buffered (the next unit's transfer
+    /// overlaps this unit's compute) and sized for the largest unit on the rank. Stages 0 and 1
+    /// reduce gradients in place. Pipeline transfers need no buffer of their own: activations
+    /// are received straight into the slot of the next layer and sent from `scratch.stage_out`,
+    /// gradients received into and sent from `scratch.dresid`.
+    fn communication(&mut self, units: &[(Unit, Per)]) {
+        let parallel = &self.config.parallel;
+        let dp = parallel.data as u64;
+        let largest = units
+            .iter()
+            .map(|&(unit, _)| {
+                self.shape
+                    .layout(unit)
+                    .elems
+                    .div_ceil(dp)
+                    .div_ceil(PARAM_ALIGN)
+                    * PARAM_ALIGN
+                    * dp
+            })
+            .max()
+            .unwrap_or(0);
+        if parallel.zero >= Zero::Gradients {
+            self.add(
+                "zero.grad_bucket",
+                Category::Comm,
+                Place::Device,
+                self.compute,
+                largest,
+                Per::Copies(2),
+            );
+        }
+        if parallel.zero == Zero::Parameters {
+            self.add(
+                "zero.param_gather",
+                Category::Comm,
+                Place::Device,
+                self.compute,
+                largest,
+                Per::Copies(2),
+            );
+        }
+    }
+
+    /// Memory outside the arena on a GPU: the CUDA context, cuBLASLt's workspace and one NCCL
+    /// communicator per group of more than one rank that this rank is in (tensor, pipeline,
+    /// data, and the embedding group joining the first and last stage). None on CPU.
+    fn runtime(&mut self, embedding_stage: bool) {
+        if self.config.cluster.device != Device::Cuda {
+            return;
+        }
+        self.add_estimate("runtime.cuda_context", CUDA_CONTEXT_BYTES, Per::Rank);
+        self.regions.push(Region {
+            name: "runtime.cublaslt_workspace",
+            category: Category::Runtime,
+            place: Place::Device,
+            dtype: Dtype::U8,
+            elems: CUBLASLT_WORKSPACE_BYTES,
+            per: Per::Rank,
+            estimated: false,
+        });
+        if self.config.cluster.backend == Backend::Nccl {
+            let parallel = &self.config.parallel;
+            let groups = [parallel.tensor, parallel.pipeline, parallel.data]
+                .iter()
+                .filter(|&&degree| degree > 1)
+                .count()
+                + usize::from(embedding_stage && parallel.pipeline > 1);
+            if groups > 0 {
+                self.add_estimate("runtime.nccl", NCCL_COMMUNICATOR_BYTES, Per::Copies(groups));
+            }
+        }
+    }
+}
+
+/// Tokens per chunk of the fused LM head: as many as fit in `LOGITS_CHUNK_BYTES` (a multiple
+/// of 64 when there is room, for matmul-friendly shapes), at least 1, at most the microbatch.
+fn logits_chunk_tokens(tokens: u64, vocab_local: u64, dtype: Dtype) -> u64 {
+    let fit = LOGITS_CHUNK_BYTES / (vocab_local * dtype.size()).max(1);
+    let fit = if fit >= 64 { fit / 64 * 64 } else { fit.max(1) };
+    fit.min(tokens)
+}
+
+#[cfg(test)]
+mod tests;
