@@ -1,1 +1,107 @@
-fn main() {}
+//! `launch`: plans, starts and supervises tessera training jobs.
+//!
+//! Today it plans: `--dry-run` prints every rank's exact memory plan (table, JSON or SVG) and
+//! `search` ranks the layouts that fit. The coordinator, agents and progress display that run
+//! a job come with the runtime (issue 5). The logic lives in `tessera-plan`; this crate reads
+//! files, renders, and maps outcomes to exit statuses (`exit.rs`).
+
+mod cli;
+mod config_file;
+mod dryrun;
+mod exit;
+mod search;
+mod svg;
+
+use std::fs;
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tessera_plan::memory::MemoryPlan;
+
+use cli::{Cli, Command, Format};
+use exit::Failure;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            // A broken pipe (`launch ... | head`) is not worth a message.
+            let _ = writeln!(std::io::stderr(), "error: {failure}");
+            failure.code()
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Some(Command::Search(args)) => search::run(&args),
+        None => {
+            let loaded = config_file::load(cli.job.config.as_deref(), &cli.job.sets)?;
+            for warning in &loaded.config.warnings {
+                eprintln!("warning: {warning}");
+            }
+            if !cli.report.dry_run {
+                return Err(Failure::usage(
+                    "running a job is not available yet: this build plans only (training arrives with the worker and the \
+                     runtime). Add --dry-run to print the memory plan, or use `launch search` to find layouts that fit",
+                ));
+            }
+            dry_run(&loaded, &cli.report)
+        }
+    }
+}
+
+fn dry_run(loaded: &config_file::Loaded, report: &cli::ReportArgs) -> Result<(), Failure> {
+    let plan = MemoryPlan::new(&loaded.config);
+    let output = match report.format {
+        Format::Table => {
+            let mut text = dryrun::table(&loaded.name, &loaded.config, &plan);
+            if let Some(rank) = report.rank {
+                let regions =
+                    dryrun::rank_regions(&plan, rank).map_err(|e| Failure::usage(e.to_string()))?;
+                text.push('\n');
+                text.push_str(&regions);
+            }
+            text
+        }
+        Format::Json => {
+            if report.rank.is_some() {
+                return Err(Failure::usage(
+                    "--rank lists one rank's regions in the table format; the JSON already has every rank",
+                ));
+            }
+            let mut text = serde_json::to_string_pretty(&dryrun::json(&loaded.config, &plan))
+                .context("cannot encode the plan as JSON")?;
+            text.push('\n');
+            text
+        }
+    };
+    write_stdout(&output)?;
+    if let Some(path) = &report.svg {
+        fs::write(path, svg::render(&loaded.name, &loaded.config, &plan))
+            .with_context(|| format!("cannot write the SVG chart to {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if plan.fits() {
+        Ok(())
+    } else {
+        Err(Failure::DoesNotFit(dryrun::does_not_fit(&plan)))
+    }
+}
+
+/// Writes to stdout, treating a closed pipe (`| head`) as success.
+fn write_stdout(text: &str) -> Result<(), Failure> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure::Runtime(
+            anyhow::Error::new(e).context("cannot write to stdout"),
+        )),
+        _ => Ok(()),
+    }
+}

@@ -18,6 +18,7 @@ pub mod memory;
 pub mod mesh;
 pub mod model;
 pub mod schedule;
+pub mod search;
 
 pub use config::Config;
 pub use error::{Error, Result};

@@ -7,7 +7,7 @@
 
 mod issue;
 mod raw;
-mod validate;
+pub(crate) mod validate;
 
 pub use issue::{Issue, Origin, did_you_mean};
 
@@ -236,7 +236,7 @@ pub trait Choice: Copy + PartialEq + 'static {
 macro_rules! choice {
     ($(#[$meta:meta])* $name:ident { $( $(#[$vmeta:meta])* $variant:ident = $text:literal ),* $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum $name { $( $(#[$vmeta])* $variant, )* }
 
         impl Choice for $name {
@@ -260,7 +260,8 @@ choice!(
 );
 
 choice!(
-    /// `parallel.recompute`: what backward recomputes instead of keeping from forward.
+    /// `parallel.recompute`: what backward recomputes instead of keeping from forward, in
+    /// increasing order of recomputation.
     Recompute {
         /// Keep every activation backward needs.
         None = "none",
@@ -320,6 +321,17 @@ choice!(
         Text = "text",
     }
 );
+
+impl Recompute {
+    /// "no recompute", "selective recompute", "full recompute".
+    pub fn describe(self) -> &'static str {
+        match self {
+            Recompute::None => "no recompute",
+            Recompute::Selective => "selective recompute",
+            Recompute::Full => "full recompute",
+        }
+    }
+}
 
 impl Precision {
     /// Bytes of one parameter, gradient or activation element.

@@ -1,0 +1,131 @@
+//! The command line: `launch --config F [--dry-run]` and `launch search`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Plans, starts and supervises tessera training jobs.
+///
+/// `launch --config job.yaml --dry-run` prints every rank's exact memory plan: parameters,
+/// gradients, optimizer states, activations, workspace and communication buffers, against the
+/// device's capacity. Exit status: 0 it fits, 3 it does not, 2 the config or the command line
+/// is wrong, 1 anything else failed.
+#[derive(Debug, Parser)]
+#[command(
+    name = "launch",
+    version,
+    propagate_version = true,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub job: JobArgs,
+
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Find every parallel layout of the config's model that fits N GPUs, ranked by predicted
+    /// throughput.
+    ///
+    /// Tries every data x tensor x pipeline split, interleaving, ZeRO stage, recompute mode,
+    /// micro_batch and optimizer offload; keeps those whose exact memory plan fits with the
+    /// config's headroom; predicts each one's step time (see `plan::search` for the model).
+    /// Exit status 3 when nothing fits.
+    Search(SearchArgs),
+}
+
+/// The job: its config and overrides.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// The job's YAML config. Without it, the built-in configs/tiny-cpu.yaml is used.
+    #[arg(short, long, value_name = "FILE", env = "TESSERA_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Override a config key, validated like the file: --set parallel.data=2 --set
+    /// training.steps=50 (repeatable; later ones win).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+/// What `--dry-run` prints.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Print the per-rank memory plan and exit without starting anything.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Output format of the plan.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+
+    /// Also draw the plan as an SVG stacked-bar chart per pipeline stage.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+
+    /// List every buffer of this rank (with --dry-run and the table format).
+    #[arg(long, value_name = "RANK")]
+    pub rank: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// A table grouped by pipeline stage, for people.
+    Table,
+    /// One JSON document with every rank, for tools.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+
+    /// Number of GPUs (or CPU workers) to plan for. Nodes hold cluster.gpus_per_node of them.
+    #[arg(long, value_name = "N")]
+    pub gpus: usize,
+
+    /// Memory of one device, e.g. 80GiB or 40GB [default: the config's cluster.gpu_memory].
+    #[arg(long, value_name = "SIZE")]
+    pub gpu_memory: Option<String>,
+
+    /// How many of the fastest layouts to show.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub top: usize,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+
+    /// Dense peak TFLOP/s of one device, for MFU [default: 989 on cuda (H100 bf16)].
+    #[arg(long, value_name = "TFLOPS")]
+    pub peak_tflops: Option<f64>,
+
+    /// TFLOP/s a tuned run reaches on one device [default: 495 on cuda, half of peak].
+    #[arg(long, value_name = "TFLOPS")]
+    pub achievable_tflops: Option<f64>,
+
+    /// Collective bus bandwidth inside a node, GB/s [default: 360 on cuda (NVLink 4)].
+    #[arg(long, value_name = "GB/S")]
+    pub intra_node_gbps: Option<f64>,
+
+    /// Collective bus bandwidth across nodes per device, GB/s [default: 45 on cuda (400 Gb/s IB)].
+    #[arg(long, value_name = "GB/S")]
+    pub inter_node_gbps: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
