@@ -666,57 +666,60 @@ impl<'a> Builder<'a> {
                 Zero::Parameters => (shard, shard, shard),
             };
             let compute = self.compute;
-            self.add(
-                state_name(State::Params, kind),
-                Category::Params,
-                Place::Device,
-                compute,
-                param_elems,
-                per,
-            );
-            self.add(
-                state_name(State::Grads, kind),
-                Category::Grads,
-                Place::Device,
-                compute,
-                grad_elems,
-                per,
-            );
-            if master {
-                self.add(
-                    state_name(State::Master, kind),
+            let rows = [
+                (
+                    State::Params,
+                    Category::Params,
+                    Place::Device,
+                    compute,
+                    param_elems,
+                    true,
+                ),
+                (
+                    State::Grads,
+                    Category::Grads,
+                    Place::Device,
+                    compute,
+                    grad_elems,
+                    true,
+                ),
+                (
+                    State::Master,
                     Category::Master,
                     state_place,
                     Dtype::F32,
                     state_elems,
-                    per,
-                );
-            }
-            self.add(
-                state_name(State::AdamM, kind),
-                Category::Optimizer,
-                state_place,
-                Dtype::F32,
-                state_elems,
-                per,
-            );
-            self.add(
-                state_name(State::AdamV, kind),
-                Category::Optimizer,
-                state_place,
-                Dtype::F32,
-                state_elems,
-                per,
-            );
-            if offload {
-                self.add(
-                    state_name(State::Staging, kind),
+                    master,
+                ),
+                (
+                    State::AdamM,
+                    Category::Optimizer,
+                    state_place,
+                    Dtype::F32,
+                    state_elems,
+                    true,
+                ),
+                (
+                    State::AdamV,
+                    Category::Optimizer,
+                    state_place,
+                    Dtype::F32,
+                    state_elems,
+                    true,
+                ),
+                (
+                    State::Staging,
                     Category::Comm,
                     Place::Host,
                     compute,
                     state_elems,
-                    per,
-                );
+                    offload,
+                ),
+            ];
+            for (state, category, place, dtype, elems, kept) in rows {
+                if kept {
+                    self.add(state_name(state, kind), category, place, dtype, elems, per);
+                }
             }
         }
         params
@@ -807,123 +810,55 @@ impl<'a> Builder<'a> {
     fn workspace(&mut self, last: bool) {
         let d = &self.dims;
         let (compute, recompute) = (self.compute, self.config.parallel.recompute);
-        let full = d.tokens * d.hidden;
-        let held = d.tokens_held * d.hidden;
-        let rows = [
-            ("scratch.btc", full, Per::Copies(2)),
-            ("scratch.stage_out", held, Per::Rank),
-            ("scratch.dresid", held, Per::Rank),
-            ("scratch.dqkv", d.tokens * 3 * d.hidden_local, Per::Rank),
-            ("scratch.datty", d.tokens * d.hidden_local, Per::Rank),
-            ("scratch.dfch", d.tokens * d.ffn_local, Per::Rank),
-        ];
+        let (full, held) = (d.tokens * d.hidden, d.tokens_held * d.hidden);
+        let (dqkv, datty, dfch) = (
+            d.tokens * 3 * d.hidden_local,
+            d.tokens * d.hidden_local,
+            d.tokens * d.ffn_local,
+        );
         let att_delta = d.batch * d.heads_local * d.seq;
-        for (name, elems, per) in rows {
-            self.add(
-                name,
-                Category::Workspace,
-                Place::Device,
-                compute,
-                elems,
-                per,
-            );
-        }
+        let (tokens, held_tokens) = (d.tokens, d.tokens_held);
         self.add(
-            "scratch.att_delta",
+            "scratch.btc",
             Category::Workspace,
             Place::Device,
-            Dtype::F32,
-            att_delta,
-            Per::Rank,
+            compute,
+            full,
+            Per::Copies(2),
         );
+        self.work("scratch.stage_out", compute, held);
+        self.work("scratch.dresid", compute, held);
+        self.work("scratch.dqkv", compute, dqkv);
+        self.work("scratch.datty", compute, datty);
+        self.work("scratch.dfch", compute, dfch);
+        self.work("scratch.att_delta", Dtype::F32, att_delta);
         for tensor in LAYER_TENSORS.iter().filter(|t| !(t.kept)(recompute)) {
             let dtype = if tensor.fp32 { Dtype::F32 } else { compute };
-            let elems = (tensor.elems)(&self.dims);
-            self.add(
-                tensor.recomputed,
-                Category::Workspace,
-                Place::Device,
-                dtype,
-                elems,
-                Per::Rank,
-            );
+            self.work(tensor.recomputed, dtype, (tensor.elems)(&self.dims));
         }
         if last {
-            let d = &self.dims;
-            let (tokens, held_tokens) = (d.tokens, d.tokens_held);
             let vocab_local = (self.shape.vocab_padded / self.shape.tp) as u64;
             let chunk = logits_chunk_tokens(tokens, vocab_local, compute);
-            self.add(
-                "data.targets",
-                Category::Workspace,
-                Place::Device,
-                Dtype::I32,
-                tokens,
-                Per::Rank,
-            );
-            self.add(
-                "head.lnf",
-                Category::Workspace,
-                Place::Device,
-                compute,
-                held,
-                Per::Rank,
-            );
-            self.add(
-                "head.lnf_mean",
-                Category::Workspace,
-                Place::Device,
-                Dtype::F32,
-                held_tokens,
-                Per::Rank,
-            );
-            self.add(
-                "head.lnf_rstd",
-                Category::Workspace,
-                Place::Device,
-                Dtype::F32,
-                held_tokens,
-                Per::Rank,
-            );
-            self.add(
-                "head.logits",
-                Category::Workspace,
-                Place::Device,
-                compute,
-                chunk * vocab_local,
-                Per::Rank,
-            );
-            self.add(
-                "head.logit_max",
-                Category::Workspace,
-                Place::Device,
-                Dtype::F32,
-                chunk,
-                Per::Rank,
-            );
-            self.add(
-                "head.logit_sumexp",
-                Category::Workspace,
-                Place::Device,
-                Dtype::F32,
-                chunk,
-                Per::Rank,
-            );
-            self.add(
-                "head.losses",
-                Category::Workspace,
-                Place::Device,
-                Dtype::F32,
-                chunk,
-                Per::Rank,
-            );
+            self.work("data.targets", Dtype::I32, tokens);
+            self.work("head.lnf", compute, held);
+            self.work("head.lnf_mean", Dtype::F32, held_tokens);
+            self.work("head.lnf_rstd", Dtype::F32, held_tokens);
+            self.work("head.logits", compute, chunk * vocab_local);
+            self.work("head.logit_max", Dtype::F32, chunk);
+            self.work("head.logit_sumexp", Dtype::F32, chunk);
+            self.work("head.losses", Dtype::F32, chunk);
         }
+        self.work("optim.norm_partials", Dtype::F32, NORM_PARTIALS);
+    }
+
+    /// One device workspace buffer.
+    fn work(&mut self, name: &'static str, dtype: Dtype, elems: u64) {
         self.add(
-            "optim.norm_partials",
+            name,
             Category::Workspace,
             Place::Device,
-            Dtype::F32,
-            NORM_PARTIALS,
+            dtype,
+            elems,
             Per::Rank,
         );
     }
