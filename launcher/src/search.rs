@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 use tessera_plan::bytes::{format_size, parse_size};
+use tessera_plan::config::MAX_RANKS;
 use tessera_plan::model::ModelShape;
 use tessera_plan::search::{Candidate, Hardware, SearchResult, search};
 
@@ -16,8 +17,10 @@ pub fn run(args: &SearchArgs) -> Result<(), Failure> {
     let loaded = config_file::load(args.job.config.as_deref(), &args.job.sets)?;
     let config = &loaded.config;
     let per_node = config.cluster.gpus_per_node;
-    if args.gpus == 0 {
-        return Err(Failure::usage("--gpus must be at least 1"));
+    if args.gpus == 0 || args.gpus > MAX_RANKS {
+        return Err(Failure::usage(format!(
+            "--gpus must be between 1 and {MAX_RANKS}"
+        )));
     }
     if args.gpus > per_node && !args.gpus.is_multiple_of(per_node) {
         return Err(Failure::usage(format!(

@@ -152,6 +152,65 @@ fn the_json_plan_lists_all_1024_ranks_with_every_category() {
 }
 
 #[test]
+fn gpt2_small_reports_124_475_904_parameters() {
+    let text = succeeds(&words("--config configs/gpt2-124m.yaml --dry-run"));
+    assert_contains(
+        &text,
+        &[
+            "124,475,904 parameters (124.5M)",
+            "data 8 x tensor 1 x pipeline 1 = 8 ranks",
+        ],
+    );
+    let plan: Value = serde_json::from_str(&succeeds(&words(
+        "--config configs/gpt2-124m.yaml --dry-run --format json",
+    )))
+    .unwrap();
+    assert_eq!(plan["model"]["params"], 124_475_904);
+    assert_eq!(plan["model"]["vocab_padded"], 50304);
+}
+
+#[test]
+fn interleaved_chunks_and_offload_show_in_table_and_json() {
+    let command = "--config configs/175b.yaml --dry-run --set parallel.virtual_stages=2 --set parallel.schedule=interleaved --set parallel.offload.optimizer=true";
+    let text = succeeds(&words(command));
+    assert_contains(
+        &text,
+        &[
+            "interleaved x 2 chunks",
+            "optimizer offloaded to host",
+            "0-2,48-50",
+            "host",
+        ],
+    );
+    let plan: Value =
+        serde_json::from_str(&succeeds(&words(&format!("{command} --format json")))).unwrap();
+    assert_eq!(
+        plan["ranks"][0]["layer_chunks"],
+        serde_json::json!([[0, 3], [48, 51]])
+    );
+    assert_eq!(plan["ranks"][0]["bytes"]["optimizer"], 0);
+    assert!(
+        plan["ranks"][0]["host_bytes"]["optimizer"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}
+
+#[test]
+fn warnings_go_to_stderr_and_do_not_fail_the_plan() {
+    let output = launch(&words(
+        "--dry-run --set parallel.tensor=1 --set parallel.data=4",
+    ));
+    assert_eq!(code(&output), 0);
+    assert!(
+        stderr(&output).contains("warning: parallel.sequence_parallel has no effect with tensor 1"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn each_rank_of_a_32_stage_plan_gets_its_own_layers() {
     let command = "--config configs/175b.yaml --dry-run --format json --set parallel.pipeline=32 --set parallel.data=4";
     let plan: Value = serde_json::from_str(&succeeds(&words(command))).unwrap();

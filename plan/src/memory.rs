@@ -652,10 +652,10 @@ impl<'a> Builder<'a> {
         let offload = parallel.offload.optimizer;
         let master = self.config.training.precision.has_master_weights() || offload;
         let state_place = if offload { Place::Host } else { Place::Device };
-        let mut params = 0;
+        let mut params = 0u64;
         for &(unit, per) in units {
             let layout = self.shape.layout(unit);
-            params += layout.numel() * per.count();
+            params = params.saturating_add(layout.numel().saturating_mul(per.count()));
             let whole = layout.elems;
             let shard = whole.div_ceil(dp).div_ceil(PARAM_ALIGN) * PARAM_ALIGN;
             let kind = unit.kind();

@@ -155,8 +155,9 @@ impl PipelineSchedule {
     }
 }
 
-/// Peak activations held by `stage`, computed from its op order without building the lists
-/// of the other stages.
+/// Peak activations held by `stage`, in time independent of the number of microbatches:
+/// GPipe holds all `m`, 1F1B `min(p - s, m)`, and for interleaving the op order is walked
+/// only until its steady state has repeated once (see `walk_in_flight`).
 pub fn in_flight(
     kind: Schedule,
     stages: usize,
@@ -164,13 +165,46 @@ pub fn in_flight(
     microbatches: usize,
     stage: usize,
 ) -> InFlight {
+    let held = |n: usize| InFlight {
+        total: n,
+        per_chunk: vec![n; chunks],
+    };
+    match kind {
+        Schedule::Gpipe => held(microbatches),
+        Schedule::OneFOneB => held((stages - stage).min(microbatches)),
+        Schedule::Interleaved => {
+            // Warmup forwards, then one forward and one backward per step. Which chunk a unit
+            // of work belongs to repeats every p x v units, so the live count per chunk repeats
+            // after p x v steady steps: the peak is reached within the warmup plus one period.
+            let warmup = interleaved_warmup(stages, chunks, microbatches, stage);
+            walk_in_flight(
+                kind,
+                stages,
+                chunks,
+                microbatches,
+                stage,
+                warmup + 2 * (stages * chunks + 1),
+            )
+        }
+    }
+}
+
+/// Peak activations over the first `limit` ops of `stage` (all of them with `usize::MAX`).
+fn walk_in_flight(
+    kind: Schedule,
+    stages: usize,
+    chunks: usize,
+    microbatches: usize,
+    stage: usize,
+    limit: usize,
+) -> InFlight {
     let mut live = vec![0usize; chunks];
     let mut peak = InFlight {
         total: 0,
         per_chunk: vec![0; chunks],
     };
     let mut total = 0usize;
-    for op in stage_ops(kind, stages, chunks, microbatches, stage) {
+    for op in stage_ops(kind, stages, chunks, microbatches, stage).take(limit) {
         match op {
             Op::Forward { chunk, .. } => {
                 live[chunk] += 1;
@@ -185,6 +219,11 @@ pub fn in_flight(
         }
     }
     peak
+}
+
+/// Forward units stage `stage` runs before its first backward under interleaved 1F1B.
+fn interleaved_warmup(stages: usize, chunks: usize, microbatches: usize, stage: usize) -> usize {
+    (2 * (stages - stage - 1) + (chunks - 1) * stages).min(microbatches * chunks)
 }
 
 /// The ops of one stage in execution order.
@@ -239,7 +278,7 @@ fn stage_ops(
                     }
                 }
             };
-            let warmup = (2 * (p - stage - 1) + (v - 1) * p).min(total);
+            let warmup = interleaved_warmup(p, v, m, stage);
             let steady =
                 (0..total - warmup).flat_map(move |i| [unit(warmup + i, true), unit(i, false)]);
             Box::new(
@@ -296,6 +335,28 @@ mod tests {
                 panic!("{kind:?} p{p} v{v} m{m} deadlocks: {deadlock:?}");
             }
         }
+    }
+
+    #[test]
+    fn in_flight_without_walking_equals_walking_every_op() {
+        for (kind, p, v, m) in allowed() {
+            for stage in 0..p {
+                let every_op = walk_in_flight(kind, p, v, m, stage, usize::MAX);
+                assert_eq!(
+                    in_flight(kind, p, v, m, stage),
+                    every_op,
+                    "{kind:?} p{p} v{v} m{m} stage {stage}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn in_flight_is_immediate_for_huge_microbatch_counts() {
+        assert_eq!(in_flight(Schedule::Gpipe, 4, 1, 1 << 31, 0).total, 1 << 31);
+        assert_eq!(in_flight(Schedule::OneFOneB, 4, 1, 1 << 31, 1).total, 3);
+        let interleaved = in_flight(Schedule::Interleaved, 8, 4, 1 << 30, 0);
+        assert_eq!(interleaved.total, 2 * 7 + 3 * 8 + 1);
     }
 
     #[test]

@@ -13,6 +13,10 @@ pub use issue::{Issue, Origin, did_you_mean};
 
 use crate::error::{Error, Result};
 
+/// Most ranks one job may have: beyond the largest clusters, and a bound on the dry-run's
+/// output (one JSON entry per rank).
+pub const MAX_RANKS: usize = 1 << 20;
+
 /// A validated config: every default applied, every cross-key rule checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {

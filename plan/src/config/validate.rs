@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use super::MAX_RANKS;
 use super::issue::{Issue, Origin, Place};
 use super::raw::{self, Leaf, RawConfig, ReadError, Section};
 use super::{
@@ -16,7 +17,7 @@ use crate::bytes::parse_size;
 
 /// Upper bounds that keep every size the planner multiplies within 64 bits while staying far
 /// beyond any real model or cluster.
-const MAX_LAYERS: i64 = 100_000;
+const MAX_LAYERS: i64 = 10_000;
 const MAX_WIDTH: i64 = 1 << 22;
 const MAX_SEQ_LEN: i64 = 1 << 24;
 const MAX_DEGREE: i64 = 1 << 20;
@@ -601,6 +602,19 @@ impl Reader<'_> {
             |v| (0.0..1.0).contains(&v),
             "a fraction in [0, 1), e.g. 0.2 keeps 20% of each device free",
         );
+        if let (Some(nodes), Some(per_node)) = (nodes, gpus_per_node)
+            && nodes * per_node > MAX_RANKS
+        {
+            self.fail(
+                "cluster.nodes",
+                format!(
+                    "nodes ({nodes}) x gpus_per_node ({per_node}) = {} devices is more than tessera plans (at most {MAX_RANKS})",
+                    nodes * per_node
+                ),
+                Some("check cluster.nodes and cluster.gpus_per_node".into()),
+            );
+            return None;
+        }
         if device == Some(Device::Cpu) && backend == Some(Backend::Nccl) {
             self.fail(
                 "cluster.backend",

@@ -361,6 +361,32 @@ fn the_175b_plan_matches_hand_computed_sizes_and_fits() {
     assert_eq!(plan.mesh.world_size(), 1024);
 }
 
+#[test]
+fn the_largest_configs_validation_admits_plan_instantly_without_overflow() {
+    let text = "model: {layers: 10000, hidden: 4194304, heads: 1, vocab: 16777216, seq_len: 32, ffn_hidden: 4194304}\n\
+                training: {global_batch: 2147483648, micro_batch: 1, steps: 1}\n\
+                parallel: {pipeline: 1, data: 1}\n";
+    let config = Config::from_yaml("huge.yaml", text, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let plan = MemoryPlan::new(&config);
+    assert!(!plan.fits());
+    let gpipe = Config::from_yaml("huge.yaml", text, &["parallel.schedule=gpipe".into()]).unwrap();
+    assert_eq!(MemoryPlan::new(&gpipe).stages[0].in_flight.total, 1 << 31);
+    let message = Config::from_yaml(
+        "huge.yaml",
+        text,
+        &[
+            "cluster.nodes=1048576".into(),
+            "cluster.gpus_per_node=8".into(),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        message.contains("8388608 devices is more than tessera plans"),
+        "{message}"
+    );
+}
+
 /// Random valid layouts: the planner never overflows or panics, and the largest stage is
 /// always the first or the last (the search evaluates only those two).
 fn arbitrary_config() -> impl Strategy<Value = Config> {
