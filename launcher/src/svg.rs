@@ -15,6 +15,8 @@ const LEFT: f64 = 90.0;
 const RIGHT: f64 = 790.0;
 const TOP: f64 = 80.0;
 const BOTTOM: f64 = 470.0;
+/// Zoom in on the bars when the peak is less than 1/20 of the usable memory.
+const ZOOM_BELOW: u64 = 20;
 
 /// Category colours (Tableau 10, distinguishable in print and for most colour vision).
 fn colour(category: Category) -> &'static str {
@@ -50,8 +52,16 @@ fn tick_step(max: f64) -> f64 {
 
 pub fn render(name: &str, config: &Config, plan: &MemoryPlan) -> String {
     let groups = stage_groups(plan);
-    let top_bytes = plan.capacity.max(plan.peak_bytes()) as f64 * 1.08;
-    let unit = Unit::for_bytes(plan.capacity.max(plan.peak_bytes()));
+    // Bars of a plan that uses a sliver of the device would be invisible against its capacity:
+    // then the chart scales to the peak and says where capacity and the usable line are.
+    let zoomed = plan.peak_bytes().saturating_mul(ZOOM_BELOW) < plan.usable;
+    let scale = if zoomed {
+        plan.peak_bytes().max(1)
+    } else {
+        plan.capacity.max(plan.peak_bytes())
+    };
+    let top_bytes = scale as f64 * 1.08;
+    let unit = Unit::for_bytes(scale);
     let y = |bytes: f64| BOTTOM - (BOTTOM - TOP) * bytes / top_bytes;
     let slot = (RIGHT - LEFT) / groups.len() as f64;
     let bar = (slot * 0.7).min(70.0);
@@ -178,7 +188,7 @@ pub fn render(name: &str, config: &Config, plan: &MemoryPlan) -> String {
 
     // Capacity and usable memory, labelled in the right margin on two lines.
     let headroom = format!("{}% headroom", (config.cluster.headroom * 100.0).round());
-    for (class, bytes, first, second, style, fill) in [
+    let lines = [
         (
             "capacity",
             plan.capacity,
@@ -195,20 +205,32 @@ pub fn render(name: &str, config: &Config, plan: &MemoryPlan) -> String {
             r##"stroke="#c0392b" stroke-width="1.5" stroke-dasharray="6 4""##,
             "#c0392b",
         ),
-    ] {
-        let ly = y(bytes as f64);
+    ];
+    if zoomed {
         let _ = writeln!(
             svg,
-            r#"<line class="{class}" x1="{LEFT}" y1="{ly:.2}" x2="{RIGHT}" y2="{ly:.2}" {style}/>"#
+            r##"<text class="off-chart" x="{RIGHT}" y="{:.1}" text-anchor="end" fill="#c0392b">capacity {} and usable {} are far above this chart: the peak uses {:.1}% of usable</text>"##,
+            TOP - 12.0,
+            format_size(plan.capacity),
+            format_size(plan.usable),
+            100.0 * plan.peak_bytes() as f64 / plan.usable as f64,
         );
-        let _ = writeln!(
-            svg,
-            r#"<text x="{:.1}" y="{:.1}" fill="{fill}">{first} {}<tspan x="{:.1}" dy="14">{second}</tspan></text>"#,
-            RIGHT + 8.0,
-            ly + 4.0,
-            format_size(bytes),
-            RIGHT + 8.0,
-        );
+    } else {
+        for (class, bytes, first, second, style, fill) in lines {
+            let ly = y(bytes as f64);
+            let _ = writeln!(
+                svg,
+                r#"<line class="{class}" x1="{LEFT}" y1="{ly:.2}" x2="{RIGHT}" y2="{ly:.2}" {style}/>"#
+            );
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" fill="{fill}">{first} {}<tspan x="{:.1}" dy="14">{second}</tspan></text>"#,
+                RIGHT + 8.0,
+                ly + 4.0,
+                format_size(bytes),
+                RIGHT + 8.0,
+            );
+        }
     }
 
     // Legend: the categories present, top of the stack first.

@@ -360,6 +360,30 @@ fn the_svg_chart_draws_a_bar_per_stage_against_capacity() {
 }
 
 #[test]
+fn a_plan_far_below_capacity_is_charted_at_its_own_scale() {
+    let path = scratch("svg-zoom").join("tiny.svg");
+    succeeds(&["--dry-run", "--svg", path.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let svg = roxmltree::Document::parse(&text).expect("well-formed SVG");
+    let of_class = |class: &'static str| {
+        svg.descendants()
+            .filter(move |n| n.attribute("class") == Some(class))
+            .count()
+    };
+    assert_eq!(of_class("capacity"), 0, "capacity is off the chart");
+    assert_eq!(of_class("off-chart"), 1, "and the chart says so");
+    assert_eq!(of_class("bar"), 2);
+    assert!(text.contains("the peak uses 0.9% of usable"), "{text}");
+    // The bars are drawn hundreds of pixels high, not one.
+    let drawn: f64 = svg
+        .descendants()
+        .filter(|n| n.attribute("class") == Some("segment"))
+        .map(|n| n.attribute("height").unwrap().parse::<f64>().unwrap())
+        .sum::<f64>();
+    assert!(drawn > 300.0, "{drawn}");
+}
+
+#[test]
 fn without_a_config_the_built_in_tiny_cpu_job_is_planned() {
     let text = succeeds(&["--dry-run"]);
     assert_contains(
