@@ -75,9 +75,9 @@ pub struct ReportArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
-    /// A table grouped by pipeline stage, for people.
+    /// Aligned columns, for people.
     Table,
-    /// One JSON document with every rank, for tools.
+    /// One JSON document, for tools (the dry-run's lists every rank).
     Json,
 }
 
