@@ -73,11 +73,25 @@ fn assert_contains(text: &str, phrases: &[&str]) {
     }
 }
 
-/// A scratch directory unique to one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tessera-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+/// A scratch directory unique to one test, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("tessera-cli-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[test]
@@ -232,7 +246,7 @@ fn the_256_gpu_world_size_mismatch_exits_2_with_the_fix() {
 
 #[test]
 fn bad_files_exit_2_with_what_where_and_how() {
-    let dir = scratch("bad-files");
+    let dir = Scratch::new("bad-files");
     let write = |name: &str, text: String| {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
@@ -309,7 +323,8 @@ fn a_plan_that_does_not_fit_exits_3_naming_ranks_and_remedies() {
 
 #[test]
 fn the_svg_chart_draws_a_bar_per_stage_against_capacity() {
-    let path = scratch("svg").join("plan.svg");
+    let dir = Scratch::new("svg");
+    let path = dir.join("plan.svg");
     succeeds(&[
         "--config",
         "configs/175b.yaml",
@@ -361,7 +376,8 @@ fn the_svg_chart_draws_a_bar_per_stage_against_capacity() {
 
 #[test]
 fn a_plan_far_below_capacity_is_charted_at_its_own_scale() {
-    let path = scratch("svg-zoom").join("tiny.svg");
+    let dir = Scratch::new("svg-zoom");
+    let path = dir.join("tiny.svg");
     succeeds(&["--dry-run", "--svg", path.to_str().unwrap()]);
     let text = std::fs::read_to_string(&path).unwrap();
     let svg = roxmltree::Document::parse(&text).expect("well-formed SVG");
