@@ -1,0 +1,20 @@
+//! tessera-worker: one training rank.
+//!
+//! The worker owns the numerics of one rank: a [`tensor::Backend`] (CPU now, CUDA later) runs
+//! the kernels; [`arena`] lays every buffer out from `tessera_plan::memory` in one allocation
+//! per device; [`model`] is GPT-2 with explicit forward and backward written once against the
+//! backend; [`optim`] is AdamW with fp32 master weights; [`data`] reads token shards, text or
+//! synthetic tokens; [`checkpoint`] saves and restores a rank atomically; [`train`] runs the
+//! step loop and writes metrics. Collectives, the pipeline executor and ZeRO come with the
+//! multi-process runtime; this crate never reads the mesh inside the model.
+
+pub mod arena;
+pub mod checkpoint;
+pub mod data;
+pub mod error;
+pub mod model;
+pub mod optim;
+pub mod tensor;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,679 @@
+//! The CPU backend: the arenas are host memory, the kernels are `ops` run on rayon threads,
+//! matmuls go through our packed `gemm`.
+//!
+//! A method resolves its [`Tensor`] handles to slices of the arena after checking each one's
+//! dtype and length, and that no output overlaps another argument; that check is what makes
+//! handing out several slices of one allocation at once sound.
+
+pub mod gemm;
+pub mod ops;
+
+use half::{bf16, f16};
+use tessera_plan::memory::{Dtype, Place};
+
+use crate::error::{Error, Result};
+use crate::tensor::{AdamW, Backend, Dims, Elem, Linear, Tensor};
+
+/// The arenas of one CPU rank.
+pub struct CpuBackend {
+    device: Arena,
+    host: Arena,
+}
+
+/// One zero-initialised allocation, 8-byte aligned (regions start on 256-byte offsets, so every
+/// element is aligned for its type).
+struct Arena {
+    words: Vec<u64>,
+    bytes: usize,
+}
+
+impl Arena {
+    fn new(place: &'static str, bytes: usize) -> Result<Arena> {
+        let mut words = Vec::new();
+        words
+            .try_reserve_exact(bytes.div_ceil(8))
+            .map_err(|e| Error::Allocation {
+                place,
+                bytes: bytes as u64,
+                reason: e.to_string(),
+            })?;
+        words.resize(bytes.div_ceil(8), 0);
+        Ok(Arena { words, bytes })
+    }
+}
+
+impl CpuBackend {
+    /// Allocates the device and host arenas (the host one holds offloaded optimizer states).
+    pub fn new(device_bytes: usize, host_bytes: usize) -> Result<CpuBackend> {
+        Ok(CpuBackend {
+            device: Arena::new("device", device_bytes)?,
+            host: Arena::new("host", host_bytes)?,
+        })
+    }
+
+    fn arena(&self, place: Place) -> &Arena {
+        match place {
+            Place::Device => &self.device,
+            Place::Host => &self.host,
+        }
+    }
+
+    fn base(&self, place: Place) -> *mut u8 {
+        self.arena(place).words.as_ptr() as *mut u8
+    }
+
+    /// Checks a handle against its arena, its expected dtype and length.
+    fn check(
+        &self,
+        op: &'static str,
+        name: &'static str,
+        t: Tensor,
+        dtype: Dtype,
+        len: usize,
+    ) -> Result<()> {
+        if t.dtype != dtype {
+            return Err(Error::Dtype {
+                op,
+                tensor: name,
+                expected: dtype,
+                got: t.dtype,
+            });
+        }
+        if t.len != len {
+            return Err(Error::Shape {
+                op,
+                tensor: name,
+                expected: len,
+                got: t.len,
+                dtype,
+            });
+        }
+        let arena = self.arena(t.place);
+        assert!(
+            t.offset + t.bytes() <= arena.bytes && t.offset.is_multiple_of(dtype.size() as usize),
+            "invariant: handles come from this backend's arena layout"
+        );
+        Ok(())
+    }
+
+    /// # Safety
+    /// `t` was checked by [`Self::check`] and no live `&mut` overlaps it.
+    unsafe fn slice<E: bytemuck::Pod>(&self, t: Tensor) -> &[E] {
+        // SAFETY: in bounds and aligned (checked); not mutably aliased (caller).
+        unsafe { std::slice::from_raw_parts(self.base(t.place).add(t.offset) as *const E, t.len) }
+    }
+
+    /// # Safety
+    /// `t` was checked by [`Self::check`] and overlaps no other live slice.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut<E: bytemuck::Pod>(&self, t: Tensor) -> &mut [E] {
+        // SAFETY: in bounds and aligned (checked); exclusive (caller, via `disjoint`).
+        unsafe { std::slice::from_raw_parts_mut(self.base(t.place).add(t.offset) as *mut E, t.len) }
+    }
+}
+
+/// Fails when an output overlaps any other argument of the same call.
+fn disjoint(
+    op: &'static str,
+    outputs: &[(&'static str, Tensor)],
+    inputs: &[(&'static str, Tensor)],
+) -> Result<()> {
+    for (i, &(name, out)) in outputs.iter().enumerate() {
+        for &(other, t) in outputs[i + 1..].iter().chain(inputs) {
+            if out.overlaps(t) {
+                return Err(Error::Overlap {
+                    op,
+                    output: name,
+                    other,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `$body` with `$E` bound to the storage type of `$dtype`.
+macro_rules! with_elem {
+    ($op:expr, $dtype:expr, $E:ident => $body:expr) => {
+        match $dtype {
+            Dtype::F32 => {
+                type $E = f32;
+                $body
+            }
+            Dtype::Bf16 => {
+                type $E = bf16;
+                $body
+            }
+            Dtype::F16 => {
+                type $E = f16;
+                $body
+            }
+            other => {
+                return Err(Error::Dtype {
+                    op: $op,
+                    tensor: "first argument",
+                    expected: Dtype::F32,
+                    got: other,
+                })
+            }
+        }
+    };
+}
+
+const F32: Dtype = Dtype::F32;
+
+impl Backend for CpuBackend {
+    fn arena_bytes(&self, place: Place) -> usize {
+        self.arena(place).bytes
+    }
+
+    fn write(&mut self, dst: Tensor, src: &[f32]) -> Result<()> {
+        self.check("write", "dst", dst, dst.dtype, src.len())?;
+        with_elem!("write", dst.dtype, E => {
+            // SAFETY: checked; `&mut self` excludes every other slice.
+            let dst = unsafe { self.slice_mut::<E>(dst) };
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = E::from_f32(s);
+            }
+        });
+        Ok(())
+    }
+
+    fn write_i32(&mut self, dst: Tensor, src: &[i32]) -> Result<()> {
+        self.write_bytes(dst, bytemuck::cast_slice(src))
+    }
+
+    fn read(&self, src: Tensor, dst: &mut [f32]) -> Result<()> {
+        self.check("read", "src", src, src.dtype, dst.len())?;
+        with_elem!("read", src.dtype, E => {
+            // SAFETY: checked; shared borrow of self, no slice is mutable.
+            let src = unsafe { self.slice::<E>(src) };
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = s.to_f32();
+            }
+        });
+        Ok(())
+    }
+
+    fn write_bytes(&mut self, dst: Tensor, src: &[u8]) -> Result<()> {
+        let elems = src.len() / dst.dtype.size() as usize;
+        self.check("write_bytes", "dst", dst, dst.dtype, elems)?;
+        // SAFETY: checked; `&mut self` excludes every other slice.
+        let bytes = unsafe {
+            self.slice_mut::<u8>(Tensor {
+                len: dst.bytes(),
+                ..dst
+            })
+        };
+        bytes.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn read_bytes(&self, src: Tensor, dst: &mut [u8]) -> Result<()> {
+        let elems = dst.len() / src.dtype.size() as usize;
+        self.check("read_bytes", "src", src, src.dtype, elems)?;
+        // SAFETY: checked; no slice is mutable.
+        dst.copy_from_slice(unsafe {
+            self.slice::<u8>(Tensor {
+                len: src.bytes(),
+                ..src
+            })
+        });
+        Ok(())
+    }
+
+    fn fill(&mut self, dst: Tensor, value: f32) -> Result<()> {
+        self.check("fill", "dst", dst, dst.dtype, dst.len)?;
+        if dst.dtype == Dtype::I32 {
+            // SAFETY: checked; exclusive through `&mut self`.
+            let dst = unsafe {
+                self.slice_mut::<u8>(Tensor {
+                    len: dst.bytes(),
+                    ..dst
+                })
+            };
+            bytemuck::cast_slice_mut::<u8, i32>(dst).fill(value as i32);
+            return Ok(());
+        }
+        with_elem!("fill", dst.dtype, E => {
+            // SAFETY: checked; exclusive through `&mut self`.
+            unsafe { self.slice_mut::<E>(dst) }.fill(E::from_f32(value));
+        });
+        Ok(())
+    }
+
+    fn copy(&mut self, dst: Tensor, src: Tensor) -> Result<()> {
+        self.check("copy", "src", src, src.dtype, dst.len)?;
+        self.check("copy", "dst", dst, dst.dtype, dst.len)?;
+        disjoint("copy", &[("dst", dst)], &[("src", src)])?;
+        with_elem!("copy", src.dtype, S => {
+            with_elem!("copy", dst.dtype, D => {
+                // SAFETY: both checked and disjoint.
+                let (d, s) = unsafe { (self.slice_mut::<D>(dst), self.slice::<S>(src)) };
+                for (d, s) in d.iter_mut().zip(s) {
+                    *d = D::from_f32(s.to_f32());
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn scale(&mut self, dst: Tensor, factor: f32) -> Result<()> {
+        self.check("scale", "dst", dst, dst.dtype, dst.len)?;
+        with_elem!("scale", dst.dtype, E => {
+            // SAFETY: checked; exclusive through `&mut self`.
+            for d in unsafe { self.slice_mut::<E>(dst) } {
+                *d = E::from_f32(d.to_f32() * factor);
+            }
+        });
+        Ok(())
+    }
+
+    fn residual_fwd(&mut self, out: Tensor, a: Tensor, b: Tensor) -> Result<()> {
+        let (op, dt, n) = ("residual_fwd", out.dtype, out.len);
+        self.check(op, "out", out, dt, n)?;
+        self.check(op, "a", a, dt, n)?;
+        self.check(op, "b", b, dt, n)?;
+        disjoint(op, &[("out", out)], &[("a", a), ("b", b)])?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            let (o, a, b) = unsafe { (self.slice_mut::<E>(out), self.slice::<E>(a), self.slice::<E>(b)) };
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = E::from_f32(a.to_f32() + b.to_f32());
+            }
+        });
+        Ok(())
+    }
+
+    fn embedding_fwd(
+        &mut self,
+        out: Tensor,
+        tokens: Tensor,
+        wte: Tensor,
+        wpe: Tensor,
+        dims: Dims,
+    ) -> Result<()> {
+        let (op, dt, n) = ("embedding_fwd", out.dtype, dims.tokens());
+        self.check(op, "out", out, dt, n * dims.c)?;
+        self.check(op, "tokens", tokens, Dtype::I32, n)?;
+        self.check(op, "wte", wte, dt, dims.vp * dims.c)?;
+        self.check(op, "wpe", wpe, dt, dims.t * dims.c)?;
+        disjoint(
+            op,
+            &[("out", out)],
+            &[("tokens", tokens), ("wte", wte), ("wpe", wpe)],
+        )?;
+        let tokens = self.tokens(op, tokens, dims.vp)?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe { ops::embedding_fwd::<E>(self.slice_mut(out), tokens, self.slice(wte), self.slice(wpe), dims) }
+        });
+        Ok(())
+    }
+
+    fn embedding_bwd(
+        &mut self,
+        dwte: Tensor,
+        dwpe: Tensor,
+        dout: Tensor,
+        tokens: Tensor,
+        dims: Dims,
+    ) -> Result<()> {
+        let (op, dt, n) = ("embedding_bwd", dout.dtype, dims.tokens());
+        self.check(op, "dwte", dwte, dt, dims.vp * dims.c)?;
+        self.check(op, "dwpe", dwpe, dt, dims.t * dims.c)?;
+        self.check(op, "dout", dout, dt, n * dims.c)?;
+        self.check(op, "tokens", tokens, Dtype::I32, n)?;
+        disjoint(
+            op,
+            &[("dwte", dwte), ("dwpe", dwpe)],
+            &[("dout", dout), ("tokens", tokens)],
+        )?;
+        let tokens = self.tokens(op, tokens, dims.vp)?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe { ops::embedding_bwd::<E>(self.slice_mut(dwte), self.slice_mut(dwpe), self.slice(dout), tokens, dims) }
+        });
+        Ok(())
+    }
+
+    fn layernorm_fwd(
+        &mut self,
+        out: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let (op, dt) = ("layernorm_fwd", out.dtype);
+        self.check(op, "out", out, dt, rows * c)?;
+        self.check(op, "mean", mean, F32, rows)?;
+        self.check(op, "rstd", rstd, F32, rows)?;
+        self.check(op, "inp", inp, dt, rows * c)?;
+        self.check(op, "weight", weight, dt, c)?;
+        self.check(op, "bias", bias, dt, c)?;
+        disjoint(
+            op,
+            &[("out", out), ("mean", mean), ("rstd", rstd)],
+            &[("inp", inp), ("weight", weight), ("bias", bias)],
+        )?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe {
+                ops::layernorm_fwd::<E>(
+                    self.slice_mut(out), self.slice_mut(mean), self.slice_mut(rstd),
+                    self.slice(inp), self.slice(weight), self.slice(bias), c,
+                )
+            }
+        });
+        Ok(())
+    }
+
+    fn layernorm_bwd(
+        &mut self,
+        dinp: Tensor,
+        dweight: Tensor,
+        dbias: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let (op, dt) = ("layernorm_bwd", dout.dtype);
+        self.check(op, "dinp", dinp, dt, rows * c)?;
+        self.check(op, "dweight", dweight, dt, c)?;
+        self.check(op, "dbias", dbias, dt, c)?;
+        self.check(op, "dout", dout, dt, rows * c)?;
+        self.check(op, "inp", inp, dt, rows * c)?;
+        self.check(op, "weight", weight, dt, c)?;
+        self.check(op, "mean", mean, F32, rows)?;
+        self.check(op, "rstd", rstd, F32, rows)?;
+        disjoint(
+            op,
+            &[("dinp", dinp), ("dweight", dweight), ("dbias", dbias)],
+            &[
+                ("dout", dout),
+                ("inp", inp),
+                ("weight", weight),
+                ("mean", mean),
+                ("rstd", rstd),
+            ],
+        )?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe {
+                ops::layernorm_bwd::<E>(
+                    self.slice_mut(dinp), self.slice_mut(dweight), self.slice_mut(dbias),
+                    self.slice(dout), self.slice(inp), self.slice(weight),
+                    self.slice(mean), self.slice(rstd), c,
+                )
+            }
+        });
+        Ok(())
+    }
+
+    fn matmul_fwd(
+        &mut self,
+        out: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        shape: Linear,
+    ) -> Result<()> {
+        let (op, dt) = ("matmul_fwd", out.dtype);
+        self.check(op, "out", out, dt, shape.rows * shape.out)?;
+        self.check(op, "inp", inp, dt, shape.rows * shape.inp)?;
+        self.check(op, "weight", weight, dt, shape.out * shape.inp)?;
+        let mut inputs = vec![("inp", inp), ("weight", weight)];
+        if let Some(bias) = bias {
+            self.check(op, "bias", bias, dt, shape.out)?;
+            inputs.push(("bias", bias));
+        }
+        disjoint(op, &[("out", out)], &inputs)?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe {
+                ops::matmul_fwd::<E>(
+                    self.slice_mut(out), self.slice(inp), self.slice(weight),
+                    bias.map(|b| self.slice(b)), shape,
+                )
+            }
+        });
+        Ok(())
+    }
+
+    fn matmul_bwd(
+        &mut self,
+        dinp: Option<Tensor>,
+        dweight: Tensor,
+        dbias: Option<Tensor>,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        shape: Linear,
+    ) -> Result<()> {
+        let (op, dt) = ("matmul_bwd", dout.dtype);
+        self.check(op, "dweight", dweight, dt, shape.out * shape.inp)?;
+        self.check(op, "dout", dout, dt, shape.rows * shape.out)?;
+        self.check(op, "inp", inp, dt, shape.rows * shape.inp)?;
+        self.check(op, "weight", weight, dt, shape.out * shape.inp)?;
+        let mut outputs = vec![("dweight", dweight)];
+        if let Some(dinp) = dinp {
+            self.check(op, "dinp", dinp, dt, shape.rows * shape.inp)?;
+            outputs.push(("dinp", dinp));
+        }
+        if let Some(dbias) = dbias {
+            self.check(op, "dbias", dbias, dt, shape.out)?;
+            outputs.push(("dbias", dbias));
+        }
+        disjoint(
+            op,
+            &outputs,
+            &[("dout", dout), ("inp", inp), ("weight", weight)],
+        )?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe {
+                ops::matmul_bwd::<E>(
+                    dinp.map(|t| self.slice_mut(t)), self.slice_mut(dweight),
+                    dbias.map(|t| self.slice_mut(t)),
+                    self.slice(dout), self.slice(inp), self.slice(weight), shape,
+                )
+            }
+        });
+        Ok(())
+    }
+
+    fn attention_fwd(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, dims: Dims) -> Result<()> {
+        let (op, dt, n) = ("attention_fwd", out.dtype, dims.tokens());
+        let width = dims.nh * dims.hs;
+        self.head_size(op, dims)?;
+        self.check(op, "out", out, dt, n * width)?;
+        self.check(op, "lse", lse, F32, n * dims.nh)?;
+        self.check(op, "qkv", qkv, dt, n * 3 * width)?;
+        disjoint(op, &[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe { ops::attention_fwd::<E>(self.slice_mut(out), self.slice_mut(lse), self.slice(qkv), dims) }
+        });
+        Ok(())
+    }
+
+    fn attention_bwd(
+        &mut self,
+        dqkv: Tensor,
+        delta: Tensor,
+        dout: Tensor,
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        dims: Dims,
+    ) -> Result<()> {
+        let (op, dt, n) = ("attention_bwd", dout.dtype, dims.tokens());
+        let width = dims.nh * dims.hs;
+        self.head_size(op, dims)?;
+        self.check(op, "dqkv", dqkv, dt, n * 3 * width)?;
+        self.check(op, "delta", delta, F32, n * dims.nh)?;
+        self.check(op, "dout", dout, dt, n * width)?;
+        self.check(op, "qkv", qkv, dt, n * 3 * width)?;
+        self.check(op, "out", out, dt, n * width)?;
+        self.check(op, "lse", lse, F32, n * dims.nh)?;
+        disjoint(
+            op,
+            &[("dqkv", dqkv), ("delta", delta)],
+            &[("dout", dout), ("qkv", qkv), ("out", out), ("lse", lse)],
+        )?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe {
+                ops::attention_bwd::<E>(
+                    self.slice_mut(dqkv), self.slice_mut(delta),
+                    self.slice(dout), self.slice(qkv), self.slice(out), self.slice(lse), dims,
+                )
+            }
+        });
+        Ok(())
+    }
+
+    fn gelu_fwd(&mut self, out: Tensor, inp: Tensor) -> Result<()> {
+        let (op, dt) = ("gelu_fwd", out.dtype);
+        self.check(op, "out", out, dt, inp.len)?;
+        self.check(op, "inp", inp, dt, inp.len)?;
+        disjoint(op, &[("out", out)], &[("inp", inp)])?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe { ops::gelu_fwd::<E>(self.slice_mut(out), self.slice(inp)) }
+        });
+        Ok(())
+    }
+
+    fn gelu_bwd(&mut self, dinout: Tensor, inp: Tensor) -> Result<()> {
+        let (op, dt) = ("gelu_bwd", dinout.dtype);
+        self.check(op, "dinout", dinout, dt, inp.len)?;
+        self.check(op, "inp", inp, dt, inp.len)?;
+        disjoint(op, &[("dinout", dinout)], &[("inp", inp)])?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe { ops::gelu_bwd::<E>(self.slice_mut(dinout), self.slice(inp)) }
+        });
+        Ok(())
+    }
+
+    fn crossentropy_fwd_bwd(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dloss: f32,
+        dims: Dims,
+    ) -> Result<()> {
+        let op = "crossentropy_fwd_bwd";
+        let rows = losses.len;
+        self.check(op, "logits", logits, logits.dtype, rows * dims.vp)?;
+        self.check(op, "max", max, F32, rows)?;
+        self.check(op, "sumexp", sumexp, F32, rows)?;
+        self.check(op, "targets", targets, Dtype::I32, rows)?;
+        disjoint(
+            op,
+            &[
+                ("logits", logits),
+                ("losses", losses),
+                ("max", max),
+                ("sumexp", sumexp),
+            ],
+            &[("targets", targets)],
+        )?;
+        let targets = self.tokens(op, targets, dims.v)?;
+        with_elem!(op, logits.dtype, E => {
+            // SAFETY: checked and disjoint.
+            unsafe {
+                ops::crossentropy_fwd_bwd::<E>(
+                    self.slice_mut(logits), self.slice_mut(losses), self.slice_mut(max),
+                    self.slice_mut(sumexp), targets, dloss, dims,
+                )
+            }
+        });
+        Ok(())
+    }
+
+    fn sum_squares(&mut self, grads: Tensor, partials: Tensor) -> Result<f64> {
+        let op = "sum_squares";
+        self.check(op, "grads", grads, grads.dtype, grads.len)?;
+        self.check(op, "partials", partials, F32, partials.len)?;
+        disjoint(op, &[("partials", partials)], &[("grads", grads)])?;
+        Ok(with_elem!(op, grads.dtype, E => {
+            // SAFETY: checked and disjoint.
+            unsafe { ops::sum_squares::<E>(self.slice(grads), self.slice_mut(partials)) }
+        }))
+    }
+
+    fn adamw(
+        &mut self,
+        param: Tensor,
+        master: Option<Tensor>,
+        m: Tensor,
+        v: Tensor,
+        grad: Tensor,
+        hyper: AdamW,
+    ) -> Result<()> {
+        let (op, dt, n) = ("adamw", param.dtype, param.len);
+        self.check(op, "param", param, dt, n)?;
+        self.check(op, "m", m, F32, n)?;
+        self.check(op, "v", v, F32, n)?;
+        self.check(op, "grad", grad, dt, n)?;
+        let mut outputs = vec![("param", param), ("m", m), ("v", v)];
+        if let Some(master) = master {
+            self.check(op, "master", master, F32, n)?;
+            outputs.push(("master", master));
+        }
+        disjoint(op, &outputs, &[("grad", grad)])?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe {
+                ops::adamw::<E>(
+                    self.slice_mut(param), master.map(|t| self.slice_mut(t)),
+                    self.slice_mut(m), self.slice_mut(v), self.slice(grad), hyper,
+                )
+            }
+        });
+        Ok(())
+    }
+}
+
+impl CpuBackend {
+    /// The token ids of an i32 tensor, checked to be below `limit` (a corrupt id would index
+    /// out of the embedding).
+    fn tokens(&self, op: &'static str, t: Tensor, limit: usize) -> Result<&[i32]> {
+        // SAFETY: checked by the caller; only shared slices of it are live.
+        let ids: &[i32] = unsafe { self.slice(t) };
+        if let Some(&bad) = ids.iter().find(|&&id| id < 0 || id as usize >= limit) {
+            return Err(Error::Unsupported {
+                what: format!("{op}: token id {bad} is outside the vocabulary of {limit}"),
+                help: "check that data tokens are below model.vocab".into(),
+            });
+        }
+        Ok(ids)
+    }
+
+    fn head_size(&self, op: &'static str, dims: Dims) -> Result<()> {
+        if dims.hs > ops::MAX_HEAD_SIZE {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "{op}: head size {} is larger than the CPU kernels' {}",
+                    dims.hs,
+                    ops::MAX_HEAD_SIZE
+                ),
+                help: "use more attention heads (model.heads) for this hidden size".into(),
+            });
+        }
+        Ok(())
+    }
+}

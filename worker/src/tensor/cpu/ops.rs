@@ -1,0 +1,550 @@
+//! The CPU kernels as plain loops over slices, named after the math. This is the reference the
+//! CUDA kernels are checked against.
+//!
+//! Every kernel is generic over the storage type `E` of activations and parameters and computes
+//! in f32. Work is split over rows (or, for sums over rows, over column blocks) with rayon; each
+//! output element is always computed by the same sequence of operations, so results do not
+//! depend on the number of threads.
+
+use rayon::prelude::*;
+
+use super::gemm::{Mat, MatMut, gemm};
+use crate::tensor::{AdamW, Dims, Elem, Linear};
+
+/// Largest head size the attention kernels support: their per-row accumulators live on the
+/// stack. FlashAttention has the same limit.
+pub const MAX_HEAD_SIZE: usize = 256;
+
+/// Keys scored at once by attention: one block of scores lives on the stack.
+const KEY_BLOCK: usize = 64;
+
+/// Columns per task in sums over rows (bias and LayerNorm weight gradients).
+const COLUMN_BLOCK: usize = 64;
+
+/// Elements per task in element-wise kernels.
+const ELEMENT_BLOCK: usize = 1 << 14;
+
+pub const LAYERNORM_EPS: f32 = 1e-5;
+
+// --- embedding ---
+
+pub fn embedding_fwd<E: Elem>(out: &mut [E], tokens: &[i32], wte: &[E], wpe: &[E], d: Dims) {
+    let c = d.c;
+    out.par_chunks_mut(c).enumerate().for_each(|(row, out)| {
+        let token = tokens[row] as usize;
+        let position = row % d.t;
+        let wte = &wte[token * c..][..c];
+        let wpe = &wpe[position * c..][..c];
+        for ((o, &a), &b) in out.iter_mut().zip(wte).zip(wpe) {
+            *o = E::from_f32(a.to_f32() + b.to_f32());
+        }
+    });
+}
+
+/// Scatter-adds into the embedding rows. Tasks own column blocks and walk the tokens in order,
+/// so repeated tokens are summed in the same order every time.
+pub fn embedding_bwd<E: Elem>(dwte: &mut [E], dwpe: &mut [E], dout: &[E], tokens: &[i32], d: Dims) {
+    let c = d.c;
+    let column_tasks = c.div_ceil(COLUMN_BLOCK);
+    let dwte = SharedMut::new(dwte);
+    let dwpe = SharedMut::new(dwpe);
+    (0..column_tasks).into_par_iter().for_each(|task| {
+        let columns = task * COLUMN_BLOCK..((task + 1) * COLUMN_BLOCK).min(c);
+        for (row, &token) in tokens.iter().enumerate().take(d.tokens()) {
+            let position = row % d.t;
+            for j in columns.clone() {
+                let g = dout[row * c + j].to_f32();
+                // SAFETY: this task alone touches columns `columns` of both tables.
+                unsafe {
+                    dwte.add(token as usize * c + j, g);
+                    dwpe.add(position * c + j, g);
+                }
+            }
+        }
+    });
+}
+
+// --- LayerNorm ---
+
+pub fn layernorm_fwd<E: Elem>(
+    out: &mut [E],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[E],
+    weight: &[E],
+    bias: &[E],
+    c: usize,
+) {
+    out.par_chunks_mut(c)
+        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+        .enumerate()
+        .for_each(|(row, (out, (mean, rstd)))| {
+            let x = &inp[row * c..][..c];
+            let mu = x.iter().map(|v| v.to_f32()).sum::<f32>() / c as f32;
+            let var = x
+                .iter()
+                .map(|v| (v.to_f32() - mu) * (v.to_f32() - mu))
+                .sum::<f32>()
+                / c as f32;
+            let s = 1.0 / (var + LAYERNORM_EPS).sqrt();
+            for (j, o) in out.iter_mut().enumerate() {
+                let xhat = (x[j].to_f32() - mu) * s;
+                *o = E::from_f32(xhat * weight[j].to_f32() + bias[j].to_f32());
+            }
+            *mean = mu;
+            *rstd = s;
+        });
+}
+
+/// `dinp += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))` with `dxhat = dout *
+/// weight`; `dweight += sum(dout * xhat)`, `dbias += sum(dout)` over rows.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_bwd<E: Elem>(
+    dinp: &mut [E],
+    dweight: &mut [E],
+    dbias: &mut [E],
+    dout: &[E],
+    inp: &[E],
+    weight: &[E],
+    mean: &[f32],
+    rstd: &[f32],
+    c: usize,
+) {
+    let rows = mean.len();
+    dinp.par_chunks_mut(c).enumerate().for_each(|(row, dinp)| {
+        let (mu, s) = (mean[row], rstd[row]);
+        let x = &inp[row * c..][..c];
+        let dy = &dout[row * c..][..c];
+        let (mut dnorm_mean, mut dnorm_norm_mean) = (0.0f32, 0.0f32);
+        for j in 0..c {
+            let xhat = (x[j].to_f32() - mu) * s;
+            let dxhat = dy[j].to_f32() * weight[j].to_f32();
+            dnorm_mean += dxhat;
+            dnorm_norm_mean += dxhat * xhat;
+        }
+        dnorm_mean /= c as f32;
+        dnorm_norm_mean /= c as f32;
+        for j in 0..c {
+            let xhat = (x[j].to_f32() - mu) * s;
+            let dxhat = dy[j].to_f32() * weight[j].to_f32();
+            let dx = (dxhat - dnorm_mean - xhat * dnorm_norm_mean) * s;
+            dinp[j] = E::from_f32(dinp[j].to_f32() + dx);
+        }
+    });
+    dweight
+        .par_chunks_mut(COLUMN_BLOCK)
+        .zip(dbias.par_chunks_mut(COLUMN_BLOCK))
+        .enumerate()
+        .for_each(|(task, (dweight, dbias))| {
+            let first = task * COLUMN_BLOCK;
+            let mut dw = [0.0f32; COLUMN_BLOCK];
+            let mut db = [0.0f32; COLUMN_BLOCK];
+            for row in 0..rows {
+                let (mu, s) = (mean[row], rstd[row]);
+                for j in 0..dweight.len() {
+                    let g = dout[row * c + first + j].to_f32();
+                    let xhat = (inp[row * c + first + j].to_f32() - mu) * s;
+                    dw[j] += g * xhat;
+                    db[j] += g;
+                }
+            }
+            for j in 0..dweight.len() {
+                dweight[j] = E::from_f32(dweight[j].to_f32() + dw[j]);
+                dbias[j] = E::from_f32(dbias[j].to_f32() + db[j]);
+            }
+        });
+}
+
+// --- matmul ---
+
+pub fn matmul_fwd<E: Elem>(out: &mut [E], inp: &[E], weight: &[E], bias: Option<&[E]>, s: Linear) {
+    if let Some(bias) = bias {
+        out.par_chunks_mut(s.out)
+            .for_each(|row| row.copy_from_slice(&bias[..s.out]));
+    }
+    gemm(
+        MatMut::row_major(out, s.rows, s.out),
+        Mat::row_major(inp, s.rows, s.inp),
+        Mat::transposed(weight, s.inp, s.out),
+        bias.is_some(),
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bwd<E: Elem>(
+    dinp: Option<&mut [E]>,
+    dweight: &mut [E],
+    dbias: Option<&mut [E]>,
+    dout: &[E],
+    inp: &[E],
+    weight: &[E],
+    s: Linear,
+) {
+    if let Some(dinp) = dinp {
+        gemm(
+            MatMut::row_major(dinp, s.rows, s.inp),
+            Mat::row_major(dout, s.rows, s.out),
+            Mat::row_major(weight, s.out, s.inp),
+            false,
+        );
+    }
+    gemm(
+        MatMut::row_major(dweight, s.out, s.inp),
+        Mat::transposed(dout, s.out, s.rows),
+        Mat::row_major(inp, s.rows, s.inp),
+        true,
+    );
+    if let Some(dbias) = dbias {
+        sum_rows_into(dbias, dout, s.rows, s.out);
+    }
+}
+
+/// `acc[j] += sum over rows of x[row, j]`, in row order for every column.
+fn sum_rows_into<E: Elem>(acc: &mut [E], x: &[E], rows: usize, cols: usize) {
+    acc[..cols]
+        .par_chunks_mut(COLUMN_BLOCK)
+        .enumerate()
+        .for_each(|(task, acc)| {
+            let first = task * COLUMN_BLOCK;
+            let mut sum = [0.0f32; COLUMN_BLOCK];
+            for row in 0..rows {
+                for (j, s) in sum.iter_mut().enumerate().take(acc.len()) {
+                    *s += x[row * cols + first + j].to_f32();
+                }
+            }
+            for (a, s) in acc.iter_mut().zip(sum) {
+                *a = E::from_f32(a.to_f32() + s);
+            }
+        });
+}
+
+// --- attention ---
+
+fn load<E: Elem>(dst: &mut [f32], src: &[E]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+fn dot<E: Elem>(a: &[f32], b: &[E]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+}
+
+/// Causal attention, one query row at a time with an online softmax over blocks of keys
+/// (FlashAttention's forward on a CPU): `out[i] = sum_j softmax_j(q_i k_j / sqrt(hs)) v_j`,
+/// `lse[i] = log sum_j exp(q_i k_j / sqrt(hs))`. `lse` is laid out `(b t, nh)`.
+pub fn attention_fwd<E: Elem>(out: &mut [E], lse: &mut [f32], qkv: &[E], d: Dims) {
+    let (hs, nh, t) = (d.hs, d.nh, d.t);
+    let width = nh * hs;
+    let scale = 1.0 / (hs as f32).sqrt();
+    out.par_chunks_mut(width)
+        .zip(lse.par_chunks_mut(nh))
+        .enumerate()
+        .for_each(|(row, (out, lse))| {
+            let (b, i) = (row / t, row % t);
+            let key_row = |j: usize| &qkv[(b * t + j) * 3 * width..][..3 * width];
+            let mut q = [0.0f32; MAX_HEAD_SIZE];
+            let mut acc = [0.0f32; MAX_HEAD_SIZE];
+            let mut scores = [0.0f32; KEY_BLOCK];
+            for h in 0..nh {
+                let q = &mut q[..hs];
+                load(q, &key_row(i)[h * hs..][..hs]);
+                let acc = &mut acc[..hs];
+                acc.fill(0.0);
+                let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+                for first in (0..=i).step_by(KEY_BLOCK) {
+                    let keys = first..(first + KEY_BLOCK).min(i + 1);
+                    let mut block_max = f32::NEG_INFINITY;
+                    for (s, j) in scores.iter_mut().zip(keys.clone()) {
+                        *s = dot(q, &key_row(j)[width + h * hs..][..hs]) * scale;
+                        block_max = block_max.max(*s);
+                    }
+                    if block_max > max {
+                        let correction = (max - block_max).exp();
+                        acc.iter_mut().for_each(|a| *a *= correction);
+                        sum *= correction;
+                        max = block_max;
+                    }
+                    for (&s, j) in scores.iter().zip(keys) {
+                        let p = (s - max).exp();
+                        sum += p;
+                        let v = &key_row(j)[2 * width + h * hs..][..hs];
+                        for (a, v) in acc.iter_mut().zip(v) {
+                            *a += p * v.to_f32();
+                        }
+                    }
+                }
+                for (o, a) in out[h * hs..][..hs].iter_mut().zip(acc.iter()) {
+                    *o = E::from_f32(a / sum);
+                }
+                lse[h] = max + sum.ln();
+            }
+        });
+}
+
+/// FlashAttention's backward without atomics: with `p_ij = exp(q_i k_j s - lse_i)`, `dp_ij =
+/// dout_i . v_j` and `ds_ij = p_ij (dp_ij - delta_i)`, one pass over key rows computes `dv_j =
+/// sum_i p_ij dout_i` and `dk_j = s sum_i ds_ij q_i`, and a second pass over query rows
+/// computes `dq_i = s sum_j ds_ij k_j`. `delta_i = dout_i . out_i` first, `(b t, nh)`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd<E: Elem>(
+    dqkv: &mut [E],
+    delta: &mut [f32],
+    dout: &[E],
+    qkv: &[E],
+    out: &[E],
+    lse: &[f32],
+    d: Dims,
+) {
+    let (hs, nh, t) = (d.hs, d.nh, d.t);
+    let width = nh * hs;
+    let scale = 1.0 / (hs as f32).sqrt();
+    delta
+        .par_chunks_mut(nh)
+        .enumerate()
+        .for_each(|(row, delta)| {
+            for (h, dl) in delta.iter_mut().enumerate() {
+                let range = row * width + h * hs..row * width + (h + 1) * hs;
+                *dl = dout[range.clone()]
+                    .iter()
+                    .zip(&out[range])
+                    .map(|(a, b)| a.to_f32() * b.to_f32())
+                    .sum();
+            }
+        });
+    let delta = &*delta;
+    let qkv_row = |b: usize, j: usize| &qkv[(b * t + j) * 3 * width..][..3 * width];
+    let dout_row = |b: usize, i: usize| &dout[(b * t + i) * width..][..width];
+    dqkv.par_chunks_mut(3 * width)
+        .enumerate()
+        .for_each(|(row, dqkv)| {
+            let (b, j) = (row / t, row % t);
+            let mut k = [0.0f32; MAX_HEAD_SIZE];
+            let mut v = [0.0f32; MAX_HEAD_SIZE];
+            let mut dk = [0.0f32; MAX_HEAD_SIZE];
+            let mut dv = [0.0f32; MAX_HEAD_SIZE];
+            for h in 0..nh {
+                let (k, v) = (&mut k[..hs], &mut v[..hs]);
+                load(k, &qkv_row(b, j)[width + h * hs..][..hs]);
+                load(v, &qkv_row(b, j)[2 * width + h * hs..][..hs]);
+                let (dk, dv) = (&mut dk[..hs], &mut dv[..hs]);
+                dk.fill(0.0);
+                dv.fill(0.0);
+                for i in j..t {
+                    let q = &qkv_row(b, i)[h * hs..][..hs];
+                    let g = &dout_row(b, i)[h * hs..][..hs];
+                    let p = (dot(k, q) * scale - lse[(b * t + i) * nh + h]).exp();
+                    let dp = dot(v, g);
+                    let ds = p * (dp - delta[(b * t + i) * nh + h]) * scale;
+                    for c in 0..hs {
+                        dv[c] += p * g[c].to_f32();
+                        dk[c] += ds * q[c].to_f32();
+                    }
+                }
+                store(&mut dqkv[width + h * hs..][..hs], dk);
+                store(&mut dqkv[2 * width + h * hs..][..hs], dv);
+            }
+            let i = j;
+            let mut q = [0.0f32; MAX_HEAD_SIZE];
+            let mut g = [0.0f32; MAX_HEAD_SIZE];
+            let mut dq = [0.0f32; MAX_HEAD_SIZE];
+            for h in 0..nh {
+                let (q, g) = (&mut q[..hs], &mut g[..hs]);
+                load(q, &qkv_row(b, i)[h * hs..][..hs]);
+                load(g, &dout_row(b, i)[h * hs..][..hs]);
+                let dq = &mut dq[..hs];
+                dq.fill(0.0);
+                let (lse_i, delta_i) = (lse[row * nh + h], delta[row * nh + h]);
+                for j in 0..=i {
+                    let k = &qkv_row(b, j)[width + h * hs..][..hs];
+                    let v = &qkv_row(b, j)[2 * width + h * hs..][..hs];
+                    let p = (dot(q, k) * scale - lse_i).exp();
+                    let ds = p * (dot(g, v) - delta_i) * scale;
+                    for c in 0..hs {
+                        dq[c] += ds * k[c].to_f32();
+                    }
+                }
+                store(&mut dqkv[h * hs..][..hs], dq);
+            }
+        });
+}
+
+fn store<E: Elem>(dst: &mut [E], src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = E::from_f32(s);
+    }
+}
+
+// --- GELU (tanh approximation) ---
+
+const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2 / pi)
+const GELU_CUBIC: f32 = 0.044_715;
+
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + (GELU_SCALE * (x + GELU_CUBIC * x * x * x)).tanh())
+}
+
+#[inline]
+pub fn gelu_grad(x: f32) -> f32 {
+    let u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+    let tanh_u = u.tanh();
+    let sech2 = 1.0 - tanh_u * tanh_u;
+    0.5 * (1.0 + tanh_u) + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
+}
+
+pub fn gelu_fwd<E: Elem>(out: &mut [E], inp: &[E]) {
+    out.par_chunks_mut(ELEMENT_BLOCK)
+        .zip(inp.par_chunks(ELEMENT_BLOCK))
+        .for_each(|(out, inp)| {
+            for (o, x) in out.iter_mut().zip(inp) {
+                *o = E::from_f32(gelu(x.to_f32()));
+            }
+        });
+}
+
+pub fn gelu_bwd<E: Elem>(dinout: &mut [E], inp: &[E]) {
+    dinout
+        .par_chunks_mut(ELEMENT_BLOCK)
+        .zip(inp.par_chunks(ELEMENT_BLOCK))
+        .for_each(|(d, inp)| {
+            for (d, x) in d.iter_mut().zip(inp) {
+                *d = E::from_f32(d.to_f32() * gelu_grad(x.to_f32()));
+            }
+        });
+}
+
+// --- softmax cross-entropy ---
+
+/// Row by row over the real vocabulary `d.v` of rows `d.vp` wide: `loss = log sum exp(l) -
+/// l[target]`, and the logits are replaced by `(softmax - onehot) * dloss`, 0 in the padding.
+#[allow(clippy::too_many_arguments)]
+pub fn crossentropy_fwd_bwd<E: Elem>(
+    logits: &mut [E],
+    losses: &mut [f32],
+    max: &mut [f32],
+    sumexp: &mut [f32],
+    targets: &[i32],
+    dloss: f32,
+    d: Dims,
+) {
+    logits
+        .par_chunks_mut(d.vp)
+        .zip(losses.par_iter_mut())
+        .zip(max.par_iter_mut().zip(sumexp.par_iter_mut()))
+        .zip(targets.par_iter())
+        .for_each(|(((row, loss), (max, sumexp)), &target)| {
+            let real = &mut row[..d.v];
+            let m = real
+                .iter()
+                .map(|l| l.to_f32())
+                .fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = real.iter().map(|l| (l.to_f32() - m).exp()).sum();
+            let target = target as usize;
+            *loss = m + sum.ln() - real[target].to_f32();
+            for (j, l) in real.iter_mut().enumerate() {
+                let p = (l.to_f32() - m).exp() / sum;
+                let onehot = if j == target { 1.0 } else { 0.0 };
+                *l = E::from_f32((p - onehot) * dloss);
+            }
+            row[d.v..].fill(E::from_f32(0.0));
+            *max = m;
+            *sumexp = sum;
+        });
+}
+
+// --- optimizer ---
+
+/// Sum of squares in fixed blocks, each summed in f64, written to `partials` and added up in
+/// order, so the result does not depend on the thread count.
+pub fn sum_squares<E: Elem>(grads: &[E], partials: &mut [f32]) -> f64 {
+    let block = grads.len().div_ceil(partials.len()).max(1);
+    let used = grads.len().div_ceil(block);
+    partials[..used]
+        .par_iter_mut()
+        .zip(grads.par_chunks(block))
+        .for_each(|(partial, grads)| {
+            *partial = grads
+                .iter()
+                .map(|g| {
+                    let g = g.to_f32() as f64;
+                    g * g
+                })
+                .sum::<f64>() as f32;
+        });
+    partials[..used].iter().map(|&p| p as f64).sum()
+}
+
+/// AdamW (decoupled weight decay, bias-corrected moments) on one tensor. The fp32 `master`
+/// copy is updated when present and rounded into `param`; otherwise `param` itself.
+pub fn adamw<E: Elem>(
+    param: &mut [E],
+    master: Option<&mut [f32]>,
+    m: &mut [f32],
+    v: &mut [f32],
+    grad: &[E],
+    h: AdamW,
+) {
+    let step = move |p: f32, g: E, m: &mut f32, v: &mut f32| -> f32 {
+        let g = g.to_f32() * h.grad_scale;
+        *m = h.beta1 * *m + (1.0 - h.beta1) * g;
+        *v = h.beta2 * *v + (1.0 - h.beta2) * g * g;
+        let m_hat = *m / h.bias_correction1;
+        let v_hat = *v / h.bias_correction2;
+        let p = p - h.lr * h.weight_decay * p;
+        p - h.lr * m_hat / (v_hat.sqrt() + h.eps)
+    };
+    let chunks = param
+        .par_chunks_mut(ELEMENT_BLOCK)
+        .zip(m.par_chunks_mut(ELEMENT_BLOCK))
+        .zip(v.par_chunks_mut(ELEMENT_BLOCK))
+        .zip(grad.par_chunks(ELEMENT_BLOCK));
+    match master {
+        Some(master) => chunks.zip(master.par_chunks_mut(ELEMENT_BLOCK)).for_each(
+            |((((param, m), v), grad), master)| {
+                for i in 0..param.len() {
+                    master[i] = step(master[i], grad[i], &mut m[i], &mut v[i]);
+                    param[i] = E::from_f32(master[i]);
+                }
+            },
+        ),
+        None => chunks.for_each(|(((param, m), v), grad)| {
+            for i in 0..param.len() {
+                param[i] = E::from_f32(step(param[i].to_f32(), grad[i], &mut m[i], &mut v[i]));
+            }
+        }),
+    }
+}
+
+/// A mutable slice shared by tasks that each write a disjoint, data-independent set of
+/// elements (column blocks of a scatter).
+struct SharedMut<E> {
+    ptr: *mut E,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint elements (the caller's contract on `add`).
+unsafe impl<E: Send> Send for SharedMut<E> {}
+unsafe impl<E: Send> Sync for SharedMut<E> {}
+
+impl<E: Elem> SharedMut<E> {
+    fn new(slice: &mut [E]) -> SharedMut<E> {
+        SharedMut {
+            ptr: slice.as_mut_ptr(),
+            len: slice.len(),
+        }
+    }
+
+    /// `self[index] += value`.
+    ///
+    /// # Safety
+    /// No other task reads or writes `index` concurrently.
+    unsafe fn add(&self, index: usize, value: f32) {
+        assert!(index < self.len, "invariant: scatter index in bounds");
+        // SAFETY: in bounds (checked); exclusive per the caller's contract.
+        unsafe {
+            let e = self.ptr.add(index);
+            *e = E::from_f32((*e).to_f32() + value);
+        }
+    }
+}

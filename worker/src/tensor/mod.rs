@@ -1,0 +1,327 @@
+//! The `Backend` trait: the closed list of kernels a GPT needs, written once per device.
+//!
+//! Buffers are not owned tensors but [`Tensor`] handles: a typed range of one of the backend's
+//! arenas (see `crate::arena`). The model asks the arena for handles by region name and passes
+//! them to backend methods; the backend resolves them to memory. There is no autograd: the
+//! model calls each `*_fwd` in order and each `*_bwd` in reverse.
+//!
+//! Conventions every implementation keeps:
+//! - Argument order: outputs, inputs, saved statistics, then the sizes (`Dims` or `Linear`).
+//! - Backward *adds* (`+=`) into parameter gradients, so accumulating over microbatches is
+//!   free; it *overwrites* (`=`) activation gradients, except the residual stream, where
+//!   LayerNorm backward adds into the gradient flowing down.
+//! - Storage dtypes are f32, bf16 or f16 (the region's dtype in the plan); arithmetic is f32.
+//!   LayerNorm statistics, log-sum-exps and losses are always f32.
+//! - An output never overlaps an input unless the method says it is in place.
+//! - Results are deterministic: the same inputs give the same bits, whatever the thread count.
+
+pub mod cpu;
+
+use half::{bf16, f16};
+use tessera_plan::memory::{Dtype, Place};
+
+use crate::error::Result;
+
+/// A storage element type. Kernels load it as f32, compute in f32 and store it back.
+pub trait Elem: bytemuck::Pod + Send + Sync + 'static {
+    const DTYPE: Dtype;
+    fn to_f32(self) -> f32;
+    fn from_f32(value: f32) -> Self;
+}
+
+impl Elem for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(value: f32) -> f32 {
+        value
+    }
+}
+
+impl Elem for bf16 {
+    const DTYPE: Dtype = Dtype::Bf16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(value: f32) -> bf16 {
+        bf16::from_f32(value)
+    }
+}
+
+impl Elem for f16 {
+    const DTYPE: Dtype = Dtype::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(value: f32) -> f16 {
+        f16::from_f32(value)
+    }
+}
+
+/// A typed range of an arena: `len` elements of `dtype` starting `offset` bytes into the arena
+/// of `place`. Copying a handle does not copy data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tensor {
+    pub place: Place,
+    /// Bytes from the start of the arena; a multiple of the element size.
+    pub offset: usize,
+    pub len: usize,
+    pub dtype: Dtype,
+}
+
+impl Tensor {
+    pub fn bytes(self) -> usize {
+        self.len * self.dtype.size() as usize
+    }
+
+    /// Elements `start..start + len` of this tensor.
+    pub fn slice(self, start: usize, len: usize) -> Tensor {
+        assert!(
+            start + len <= self.len,
+            "invariant: slice {start}+{len} of a tensor of {}",
+            self.len
+        );
+        Tensor {
+            offset: self.offset + start * self.dtype.size() as usize,
+            len,
+            ..self
+        }
+    }
+
+    /// Whether two handles share any byte.
+    pub fn overlaps(self, other: Tensor) -> bool {
+        self.place == other.place
+            && self.len > 0
+            && other.len > 0
+            && self.offset < other.offset + other.bytes()
+            && other.offset < self.offset + self.bytes()
+    }
+}
+
+/// The sizes of one microbatch on one rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    /// Sequences in the microbatch.
+    pub b: usize,
+    /// Sequence length.
+    pub t: usize,
+    /// Hidden width (the residual stream's, never split).
+    pub c: usize,
+    /// Attention heads on this rank.
+    pub nh: usize,
+    /// Head size.
+    pub hs: usize,
+    /// Real vocabulary: logits at or past it are padding and get no probability.
+    pub v: usize,
+    /// Padded vocabulary rows on this rank (the embedding's and the logits' width).
+    pub vp: usize,
+}
+
+impl Dims {
+    /// Tokens in the microbatch, `b * t`.
+    pub fn tokens(&self) -> usize {
+        self.b * self.t
+    }
+}
+
+/// The sizes of a linear layer applied to `rows` vectors: `out (rows, out) = inp (rows, in)
+/// @ weight (out, in)^T + bias (out)`, with PyTorch's `(out, in)` weight layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Linear {
+    pub rows: usize,
+    pub inp: usize,
+    pub out: usize,
+}
+
+/// AdamW's hyperparameters for one step (see `crate::optim`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Decoupled weight decay for this tensor (0 for biases and LayerNorm).
+    pub weight_decay: f32,
+    /// `1 - beta1^t` and `1 - beta2^t` for this step `t` (1-based).
+    pub bias_correction1: f32,
+    pub bias_correction2: f32,
+    /// Multiplies every gradient before use: gradient clipping and loss-scale removal.
+    pub grad_scale: f32,
+}
+
+/// The kernels of a GPT on one device. See the module docs for the conventions.
+pub trait Backend: Sized {
+    /// Bytes allocated for the arena of `place`.
+    fn arena_bytes(&self, place: Place) -> usize;
+
+    // --- host <-> arena ---
+
+    /// Converts `src` to `dst`'s float dtype and stores it.
+    fn write(&mut self, dst: Tensor, src: &[f32]) -> Result<()>;
+    /// Stores token ids into an i32 tensor.
+    fn write_i32(&mut self, dst: Tensor, src: &[i32]) -> Result<()>;
+    /// Loads a float tensor as f32.
+    fn read(&self, src: Tensor, dst: &mut [f32]) -> Result<()>;
+    /// Stores raw bytes (`dst.bytes()` of them): checkpoints restore exact bits.
+    fn write_bytes(&mut self, dst: Tensor, src: &[u8]) -> Result<()>;
+    /// Loads raw bytes (`src.bytes()` of them).
+    fn read_bytes(&self, src: Tensor, dst: &mut [u8]) -> Result<()>;
+
+    // --- element-wise ---
+
+    /// `dst = value` for every element.
+    fn fill(&mut self, dst: Tensor, value: f32) -> Result<()>;
+    /// `dst = src`, converting between float dtypes.
+    fn copy(&mut self, dst: Tensor, src: Tensor) -> Result<()>;
+    /// `dst *= factor`.
+    fn scale(&mut self, dst: Tensor, factor: f32) -> Result<()>;
+    /// `out = a + b` (the residual connection).
+    fn residual_fwd(&mut self, out: Tensor, a: Tensor, b: Tensor) -> Result<()>;
+
+    // --- embedding ---
+
+    /// `out (b t, c) = wte[tokens] + wpe[position]`. `tokens (b t)` i32, `wte (vp, c)`,
+    /// `wpe (t_max, c)`.
+    fn embedding_fwd(
+        &mut self,
+        out: Tensor,
+        tokens: Tensor,
+        wte: Tensor,
+        wpe: Tensor,
+        dims: Dims,
+    ) -> Result<()>;
+    /// `dwte[tokens] += dout`, `dwpe[position] += dout`.
+    fn embedding_bwd(
+        &mut self,
+        dwte: Tensor,
+        dwpe: Tensor,
+        dout: Tensor,
+        tokens: Tensor,
+        dims: Dims,
+    ) -> Result<()>;
+
+    // --- LayerNorm over the last dim, eps 1e-5 ---
+
+    /// `out (rows, c) = (inp - mean) * rstd * weight + bias`, saving `mean (rows)` and
+    /// `rstd (rows)` (f32).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_fwd(
+        &mut self,
+        out: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()>;
+    /// `dinp += ...` (the residual stream), `dweight += ...`, `dbias += ...`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd(
+        &mut self,
+        dinp: Tensor,
+        dweight: Tensor,
+        dbias: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()>;
+
+    // --- matmul ---
+
+    /// `out (rows, out) = inp (rows, in) @ weight (out, in)^T + bias (out)`.
+    fn matmul_fwd(
+        &mut self,
+        out: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        shape: Linear,
+    ) -> Result<()>;
+    /// `dinp = dout @ weight` (skipped when `None`), `dweight += dout^T @ inp`,
+    /// `dbias += sum over rows of dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_bwd(
+        &mut self,
+        dinp: Option<Tensor>,
+        dweight: Tensor,
+        dbias: Option<Tensor>,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        shape: Linear,
+    ) -> Result<()>;
+
+    // --- causal self-attention, flash-style: no (t, t) matrix is kept ---
+
+    /// `out (b t, nh hs)` from `qkv (b t, 3 nh hs)` laid out `[q heads | k heads | v heads]`,
+    /// scale `1/sqrt(hs)`, saving the log-sum-exp of each query row, `lse (b t, nh)` (f32).
+    fn attention_fwd(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, dims: Dims) -> Result<()>;
+    /// `dqkv = ...` from `dout`, recomputing probabilities from `qkv` and `lse`; `delta
+    /// (b t, nh)` (f32) is scratch for `rowsum(dout * out)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &mut self,
+        dqkv: Tensor,
+        delta: Tensor,
+        dout: Tensor,
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        dims: Dims,
+    ) -> Result<()>;
+
+    // --- GELU, tanh approximation ---
+
+    /// `out = gelu(inp)`.
+    fn gelu_fwd(&mut self, out: Tensor, inp: Tensor) -> Result<()>;
+    /// In place: `dinout = dinout * gelu'(inp)`.
+    fn gelu_bwd(&mut self, dinout: Tensor, inp: Tensor) -> Result<()>;
+
+    // --- fused softmax cross-entropy over one chunk of rows ---
+
+    /// In place: `logits (rows, vp)` become `dlogits = (softmax - onehot(target)) * dloss`
+    /// over the real vocabulary (padding columns get 0). Writes `losses (rows)` (f32, the
+    /// unscaled `-log p[target]`) and the row statistics `max`, `sumexp` (f32). `targets
+    /// (rows)` i32.
+    #[allow(clippy::too_many_arguments)]
+    fn crossentropy_fwd_bwd(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dloss: f32,
+        dims: Dims,
+    ) -> Result<()>;
+
+    // --- optimizer ---
+
+    /// Sum of squares of `grads` (its float dtype), accumulated in f64 on the host: the
+    /// gradient norm's contribution of one tensor.
+    fn sum_squares(&mut self, grads: Tensor, partials: Tensor) -> Result<f64>;
+    /// One AdamW step on a flat buffer: updates `master` (f32) when present, else `param`
+    /// (then f32), and the moments `m`, `v` (f32); stores the result in `param`'s dtype.
+    fn adamw(
+        &mut self,
+        param: Tensor,
+        master: Option<Tensor>,
+        m: Tensor,
+        v: Tensor,
+        grad: Tensor,
+        hyper: AdamW,
+    ) -> Result<()>;
+}
