@@ -1,0 +1,358 @@
+//! Checkpoints of a rank: its parameters, fp32 master weights and Adam moments in a safetensors
+//! file, and a JSON manifest with what resuming needs (step, data position, loss scale) and
+//! what must match (model, precision, batch, mesh).
+//!
+//! A checkpoint is written into `DIR/step-NNNNNNNN.partial-PID`, every file fsynced, then the
+//! directory is renamed to `DIR/step-NNNNNNNN` and `DIR` fsynced: the rename is the commit, so
+//! a crash at any point leaves the previous checkpoint intact and a `.partial-*` directory
+//! that the next save removes. Only directories without that suffix count as checkpoints.
+//!
+//! Resuming restores every byte of the model and optimizer state; the data order is a
+//! function of (seed, step) and there is no other random state, so the losses that follow
+//! are bit-identical to an uninterrupted run.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::TensorView;
+use serde::{Deserialize, Serialize};
+use tessera_plan::Config;
+use tessera_plan::config::Choice as _;
+use tessera_plan::memory::Dtype;
+
+use crate::error::{Error, Result};
+use crate::model::Unit;
+use crate::optim::LossScale;
+use crate::tensor::{Backend, Tensor};
+
+const FORMAT: u32 = 1;
+const MANIFEST: &str = "manifest.json";
+const PREFIX: &str = "step-";
+const PARTIAL: &str = ".partial-";
+
+/// What a checkpoint says about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    /// Optimizer steps completed; training resumes at this step.
+    pub step: u64,
+    /// Global samples consumed: `step x global_batch` (the data position).
+    pub samples: u64,
+    pub loss_scale: LossScale,
+    /// Must match the config that resumes.
+    pub run: RunIdentity,
+    /// The tensor files, one per rank.
+    pub files: Vec<String>,
+}
+
+/// Everything that must be equal for a checkpoint to be resumable by a config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunIdentity {
+    pub arch: String,
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub vocab: usize,
+    pub seq_len: usize,
+    pub ffn_hidden: usize,
+    pub precision: String,
+    pub global_batch: usize,
+    pub seed: u64,
+    pub mesh: [usize; 3],
+}
+
+impl RunIdentity {
+    pub fn of(config: &Config) -> RunIdentity {
+        let m = &config.model;
+        let p = &config.parallel;
+        RunIdentity {
+            arch: m.arch.name().into(),
+            layers: m.layers,
+            hidden: m.hidden,
+            heads: m.heads,
+            vocab: m.vocab,
+            seq_len: m.seq_len,
+            ffn_hidden: m.ffn_hidden,
+            precision: config.training.precision.name().into(),
+            global_batch: config.training.global_batch,
+            seed: config.training.seed,
+            mesh: [p.data, p.tensor, p.pipeline],
+        }
+    }
+}
+
+/// The directory of the checkpoint after `step` steps.
+pub fn step_dir(dir: &Path, step: u64) -> PathBuf {
+    dir.join(format!("{PREFIX}{step:08}"))
+}
+
+/// Complete checkpoints in `dir`, oldest first. A missing `dir` has none.
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(dir)(e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(Error::io(dir))?;
+        let name = entry.file_name();
+        let Some(step) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if entry.path().join(MANIFEST).is_file() {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The newest complete checkpoint in `dir`.
+pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(dir)?.pop().map(|(_, path)| path))
+}
+
+fn safetensors_dtype(dtype: Dtype) -> safetensors::Dtype {
+    match dtype {
+        Dtype::F32 => safetensors::Dtype::F32,
+        Dtype::Bf16 => safetensors::Dtype::BF16,
+        Dtype::F16 => safetensors::Dtype::F16,
+        Dtype::I32 => safetensors::Dtype::I32,
+        Dtype::U8 => safetensors::Dtype::U8,
+    }
+}
+
+/// Every tensor of a rank's state: (name, handle, shape).
+fn state_tensors(units: &[Unit]) -> Vec<(String, Tensor, Vec<usize>)> {
+    let mut tensors = Vec::new();
+    for unit in units {
+        for placed in &unit.layout.params {
+            let name = unit.param_name(placed.spec.name);
+            let view = |buffer: Tensor| unit.view(buffer, placed.spec.name);
+            let shape = placed.local_shape.clone();
+            tensors.push((name.clone(), view(unit.params), shape.clone()));
+            if let Some(master) = unit.master {
+                tensors.push((format!("master.{name}"), view(master), shape.clone()));
+            }
+            tensors.push((format!("adam_m.{name}"), view(unit.adam_m), shape.clone()));
+            tensors.push((format!("adam_v.{name}"), view(unit.adam_v), shape));
+        }
+    }
+    tensors
+}
+
+fn rank_file(rank: usize) -> String {
+    format!("rank-{rank:05}.safetensors")
+}
+
+/// Writes the checkpoint of `step` atomically and keeps the newest `keep`.
+pub fn save<B: Backend>(
+    dir: &Path,
+    step: u64,
+    config: &Config,
+    backend: &B,
+    units: &[Unit],
+    loss_scale: LossScale,
+) -> Result<PathBuf> {
+    fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    remove_stale_partials(dir)?;
+    let target = step_dir(dir, step);
+    let partial = dir.join(format!("{PREFIX}{step:08}{PARTIAL}{}", std::process::id()));
+    fs::create_dir(&partial).map_err(Error::io(&partial))?;
+
+    let tensors = state_tensors(units);
+    let mut data = Vec::with_capacity(tensors.len());
+    for (_, tensor, _) in &tensors {
+        let mut bytes = vec![0u8; tensor.bytes()];
+        backend.read_bytes(*tensor, &mut bytes)?;
+        data.push(bytes);
+    }
+    let views = tensors
+        .iter()
+        .zip(&data)
+        .map(|((name, tensor, shape), bytes)| {
+            let view = TensorView::new(safetensors_dtype(tensor.dtype), shape.clone(), bytes)
+                .expect("invariant: the shape matches the bytes");
+            (name.as_str(), view)
+        });
+    let encoded = safetensors::serialize(views, None).map_err(|e| Error::Checkpoint {
+        path: partial.clone(),
+        what: format!("cannot encode tensors: {e}"),
+        help: "this is a bug in tessera; please report it".into(),
+    })?;
+    let file = rank_file(0);
+    write_synced(&partial.join(&file), &encoded)?;
+    let manifest = Manifest {
+        format: FORMAT,
+        step,
+        samples: step * config.training.global_batch as u64,
+        loss_scale,
+        run: RunIdentity::of(config),
+        files: vec![file],
+    };
+    let json = serde_json::to_vec_pretty(&manifest).expect("invariant: a manifest serialises");
+    write_synced(&partial.join(MANIFEST), &json)?;
+    sync_dir(&partial)?;
+
+    if target.exists() {
+        // A run restarted from an older checkpoint saves this step again: replace it.
+        fs::remove_dir_all(&target).map_err(Error::io(&target))?;
+    }
+    fs::rename(&partial, &target).map_err(Error::io(&target))?;
+    sync_dir(dir)?;
+    Ok(target)
+}
+
+/// Deletes all but the newest `keep` complete checkpoints.
+pub fn prune(dir: &Path, keep: usize) -> Result<()> {
+    let all = list(dir)?;
+    for (_, path) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        fs::remove_dir_all(path).map_err(Error::io(path))?;
+    }
+    Ok(())
+}
+
+/// Removes `.partial-*` directories left by crashed saves.
+fn remove_stale_partials(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(Error::io(dir))? {
+        let entry = entry.map_err(Error::io(dir))?;
+        let name = entry.file_name();
+        if name
+            .to_str()
+            .is_some_and(|n| n.starts_with(PREFIX) && n.contains(PARTIAL))
+        {
+            fs::remove_dir_all(entry.path()).map_err(Error::io(entry.path()))?;
+        }
+    }
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = File::create(path).map_err(Error::io(path))?;
+    file.write_all(bytes).map_err(Error::io(path))?;
+    file.sync_all().map_err(Error::io(path))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(Error::io(dir))
+}
+
+/// Restores the checkpoint in `path` into the arena; returns its manifest.
+pub fn load<B: Backend>(
+    path: &Path,
+    config: &Config,
+    backend: &mut B,
+    units: &[Unit],
+) -> Result<Manifest> {
+    let bad = |what: String, help: &str| Error::Checkpoint {
+        path: path.to_path_buf(),
+        what,
+        help: help.into(),
+    };
+    let manifest_path = path.join(MANIFEST);
+    let text = fs::read(&manifest_path).map_err(Error::io(&manifest_path))?;
+    let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| {
+        bad(
+            format!("{MANIFEST} is not a tessera manifest: {e}"),
+            "remove this directory or point checkpoint.dir elsewhere",
+        )
+    })?;
+    if manifest.format != FORMAT {
+        return Err(bad(
+            format!("format {} (this build reads {FORMAT})", manifest.format),
+            "resume with the tessera version that wrote it",
+        ));
+    }
+    let expected = RunIdentity::of(config);
+    if manifest.run != expected {
+        return Err(bad(
+            format!(
+                "it was written by a different run: {} but the config has {}",
+                describe(&manifest.run),
+                describe(&expected)
+            ),
+            "point checkpoint.dir at a new directory to start fresh, or restore the config that wrote it",
+        ));
+    }
+    let file = path.join(rank_file(0));
+    let bytes = fs::read(&file).map_err(Error::io(&file))?;
+    let stored = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        bad(
+            format!("{} is not a valid safetensors file: {e}", rank_file(0)),
+            "the checkpoint is damaged; remove it to resume from the one before",
+        )
+    })?;
+    for (name, tensor, shape) in state_tensors(units) {
+        let view = stored.tensor(&name).map_err(|_| {
+            bad(
+                format!("{} has no tensor `{name}`", rank_file(0)),
+                "the checkpoint is damaged; remove it to resume from the one before",
+            )
+        })?;
+        if view.dtype() != safetensors_dtype(tensor.dtype) || view.shape() != shape.as_slice() {
+            return Err(bad(
+                format!(
+                    "`{name}` is {:?} {:?}, expected {:?} {shape:?}",
+                    view.dtype(),
+                    view.shape(),
+                    safetensors_dtype(tensor.dtype)
+                ),
+                "the checkpoint is damaged; remove it to resume from the one before",
+            ));
+        }
+        backend.write_bytes(tensor, view.data())?;
+    }
+    Ok(manifest)
+}
+
+fn describe(run: &RunIdentity) -> String {
+    format!(
+        "{} layers x {} hidden, {} heads, vocab {}, seq {}, ffn {}, {}, global batch {}, seed {}, mesh {:?}",
+        run.layers,
+        run.hidden,
+        run.heads,
+        run.vocab,
+        run.seq_len,
+        run.ffn_hidden,
+        run.precision,
+        run.global_batch,
+        run.seed,
+        run.mesh
+    )
+}
+
+/// Tensors of a checkpoint file by name, as f32 (for tests and tools).
+pub fn read_f32(file: &Path) -> Result<HashMap<String, Vec<f32>>> {
+    let bytes = fs::read(file).map_err(Error::io(file))?;
+    let stored = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Checkpoint {
+        path: file.to_path_buf(),
+        what: format!("not a valid safetensors file: {e}"),
+        help: "pass a checkpoint's rank-*.safetensors file".into(),
+    })?;
+    let mut out = HashMap::new();
+    for (name, view) in stored.iter() {
+        let values = match view.dtype() {
+            safetensors::Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(view.data()),
+            safetensors::Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(view.data())
+                .into_iter()
+                .map(f32::from)
+                .collect(),
+            safetensors::Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(view.data())
+                .into_iter()
+                .map(f32::from)
+                .collect(),
+            _ => continue,
+        };
+        out.insert(name.to_string(), values);
+    }
+    Ok(out)
+}
