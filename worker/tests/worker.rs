@@ -1,0 +1,326 @@
+//! `tessera-worker` as a user runs it: training, metrics, checkpoints, resume, crashes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+/// A scratch directory removed when the test ends.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir =
+            std::env::temp_dir().join(format!("tessera-worker-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// The default demo config reduced to one rank.
+const ONE_RANK: [&str; 4] = [
+    "parallel.data=1",
+    "parallel.tensor=1",
+    "parallel.pipeline=1",
+    "cluster.gpus_per_node=1",
+];
+
+fn worker(config: &Path, sets: &[&str], extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tessera-worker"));
+    command.arg("--config").arg(config);
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    command.args(extra);
+    command
+}
+
+fn run(mut command: Command) -> Output {
+    command.output().expect("tessera-worker starts")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The `loss` of each line of a metrics file.
+fn losses(metrics: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            for key in [
+                "step",
+                "loss",
+                "lr",
+                "grad_norm",
+                "tokens_per_s",
+                "mfu",
+                "peak_bytes",
+            ] {
+                assert!(value.get(key).is_some(), "metrics line lacks {key}: {line}");
+            }
+            (
+                value["step"].as_u64().unwrap(),
+                value["loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_default_config_learns_text_well_below_uniform_loss() {
+    let scratch = Scratch::new("learns");
+    let metrics = scratch.path("metrics.jsonl");
+    let ckpt = format!("checkpoint.dir={}", scratch.path("ckpt").display());
+    let text = format!("data.path={}", repo("plan/src/**/*.rs").display());
+    let mut sets = ONE_RANK.to_vec();
+    sets.extend([
+        "data.kind=text",
+        &text,
+        "training.steps=60",
+        &ckpt,
+        "checkpoint.every=0",
+    ]);
+    let output = run(worker(
+        &repo("configs/tiny-cpu.yaml"),
+        &sets,
+        &["--metrics", metrics.to_str().unwrap()],
+    ));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let losses = losses(&metrics);
+    assert_eq!(losses.len(), 60);
+    let uniform = 256f64.ln();
+    let (first, last) = (losses[0].1, losses[59].1);
+    assert!(
+        (first - uniform).abs() < 0.3,
+        "starts near ln(256) = {uniform:.3}: {first}"
+    );
+    // Byte-level source code: a 4-layer model gets well under 3 nats in 60 steps.
+    assert!(
+        last < 3.0,
+        "after 60 steps the loss is {last}, expected < 3.0 (uniform {uniform:.3})"
+    );
+}
+
+#[test]
+fn a_resumed_run_continues_with_bit_identical_losses() {
+    let scratch = Scratch::new("resume");
+    let config = repo("configs/tiny-cpu.yaml");
+    let mut sets = ONE_RANK.to_vec();
+    sets.extend([
+        "model.layers=2",
+        "training.steps=6",
+        "training.global_batch=4",
+        "checkpoint.every=3",
+    ]);
+    let dir_a = format!("checkpoint.dir={}", scratch.path("a").display());
+    let dir_b = format!("checkpoint.dir={}", scratch.path("b").display());
+    let metrics_a = scratch.path("a.jsonl");
+    let metrics_b = scratch.path("b.jsonl");
+
+    let mut sets_a = sets.clone();
+    sets_a.push(&dir_a);
+    let output = run(worker(
+        &config,
+        &sets_a,
+        &["--metrics", metrics_a.to_str().unwrap()],
+    ));
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let mut sets_b = sets.clone();
+    sets_b.push(&dir_b);
+    let metrics_flag = ["--metrics", metrics_b.to_str().unwrap()];
+    let output = run(worker(
+        &config,
+        &sets_b,
+        &[&metrics_flag[..], &["--until-step", "3"]].concat(),
+    ));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = run(worker(&config, &sets_b, &metrics_flag));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("resuming from"), "{stdout}");
+
+    let (a, b) = (losses(&metrics_a), losses(&metrics_b));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "same steps, same losses, to the bit");
+}
+
+#[test]
+fn a_kill_during_a_checkpoint_write_leaves_the_previous_one_resumable() {
+    let scratch = Scratch::new("kill");
+    let config = repo("configs/tiny-cpu.yaml");
+    // A wide, short model: a step is quick and a checkpoint (~20 MB, fsynced) is not, so most
+    // kills land inside a save.
+    let mut sets = ONE_RANK.to_vec();
+    sets.extend([
+        "model.layers=2",
+        "model.hidden=256",
+        "model.heads=4",
+        "model.ffn_hidden=1024",
+        "model.seq_len=16",
+        "training.global_batch=2",
+        "training.micro_batch=2",
+        "training.steps=40",
+        "checkpoint.every=1",
+        "checkpoint.keep=2",
+    ]);
+    let dir = scratch.path("ckpt");
+    let dir_set = format!("checkpoint.dir={}", dir.display());
+    sets.push(&dir_set);
+
+    let mut killed_mid_save = false;
+    for attempt in 0..30 {
+        let mut child = worker(&config, &sets, &[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300 + 37 * attempt));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+        let partial = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().contains(".partial-"))
+            })
+            .unwrap_or(false);
+        if partial {
+            killed_mid_save = true;
+            break;
+        }
+    }
+    assert!(
+        killed_mid_save,
+        "no kill landed inside a checkpoint write in 30 tries"
+    );
+
+    let metrics = scratch.path("metrics.jsonl");
+    let output = run(worker(
+        &config,
+        &sets,
+        &["--metrics", metrics.to_str().unwrap()],
+    ));
+    assert!(
+        output.status.success(),
+        "resume after the kill: {}",
+        stderr(&output)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("resuming from"), "{stdout}");
+    let resumed = losses(&metrics);
+    assert_eq!(resumed.last().map(|l| l.0), Some(40));
+
+    // The same steps from scratch give the same losses.
+    let fresh_dir = format!("checkpoint.dir={}", scratch.path("fresh").display());
+    let mut fresh_sets = sets.clone();
+    fresh_sets.push(&fresh_dir);
+    fresh_sets.push("checkpoint.every=0");
+    let fresh_metrics = scratch.path("fresh.jsonl");
+    let output = run(worker(
+        &config,
+        &fresh_sets,
+        &["--metrics", fresh_metrics.to_str().unwrap()],
+    ));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let fresh = losses(&fresh_metrics);
+    assert_eq!(&fresh[fresh.len() - resumed.len()..], &resumed[..]);
+    assert!(
+        !std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains(".partial-")),
+        "the next save removes the dead partial directory"
+    );
+}
+
+#[test]
+fn a_multi_rank_config_is_refused_with_the_fix() {
+    let output = run(worker(&repo("configs/tiny-cpu.yaml"), &[], &[]));
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(err.contains("runs one rank") && err.contains("8"), "{err}");
+    assert!(err.contains("--set parallel.data=1"), "{err}");
+}
+
+#[test]
+fn a_cuda_config_says_this_build_has_the_cpu_backend() {
+    let mut sets = ONE_RANK.to_vec();
+    sets.extend(["cluster.device=cuda", "cluster.backend=nccl"]);
+    let output = run(worker(&repo("configs/tiny-cpu.yaml"), &sets, &[]));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("CPU backend"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn bad_config_input_exits_2_without_a_panic() {
+    let scratch = Scratch::new("bad-config");
+    let output = run(worker(&scratch.path("missing.yaml"), &[], &[]));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("missing.yaml"),
+        "{}",
+        stderr(&output)
+    );
+    let output = run(worker(
+        &repo("configs/tiny-cpu.yaml"),
+        &["parallel.tensr=1"],
+        &[],
+    ));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("did you mean"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!stderr(&output).contains("panicked"));
+}
+
+#[test]
+fn resuming_with_a_different_model_is_refused() {
+    let scratch = Scratch::new("mismatch");
+    let dir = format!("checkpoint.dir={}", scratch.path("ckpt").display());
+    let mut sets = ONE_RANK.to_vec();
+    sets.extend([
+        "model.layers=2",
+        "training.steps=2",
+        "training.global_batch=2",
+        "checkpoint.every=1",
+        &dir,
+    ]);
+    let config = repo("configs/tiny-cpu.yaml");
+    assert!(run(worker(&config, &sets, &[])).status.success());
+    sets.push("model.hidden=64");
+    let output = run(worker(&config, &sets, &[]));
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(
+        err.contains("different run") && err.contains("checkpoint.dir"),
+        "{err}"
+    );
+}
