@@ -32,16 +32,22 @@ pub const LOGITS_CHUNK_BYTES: u64 = 128 << 20;
 /// fp32 partial sums for the global gradient norm (one per GPU thread block / CPU thread).
 pub const NORM_PARTIALS: u64 = 1024;
 
-/// Device memory a CUDA context takes before any allocation (an estimate on H100 with CUDA 13
-/// and lazy module loading; the worker measures it and reports it beside the plan).
-pub const CUDA_CONTEXT_BYTES: u64 = 512 << 20;
+/// Device memory a CUDA context takes before any allocation: measured on an H100 80GB with
+/// driver 580.159 and CUDA 13.0, lazy module loading (bench/gpu_runtime; 527 MiB). Other
+/// drivers and GPUs differ by tens of MiB, so the row stays marked as an estimate.
+pub const CUDA_CONTEXT_BYTES: u64 = 552_402_944;
 
 /// The workspace cudarc's `CudaBlasLT::new` allocates (exact, see shared/GPU.md).
 pub const CUBLASLT_WORKSPACE_BYTES: u64 = 32 << 20;
 
-/// Device memory one NCCL communicator reserves for its channels' buffers (an estimate; the
-/// worker measures it).
-pub const NCCL_COMMUNICATOR_BYTES: u64 = 128 << 20;
+/// Device memory each NCCL communicator takes: measured for a second single-rank communicator
+/// with NCCL 2.28 on an H100 (bench/gpu_runtime; 388 MiB). Communicators of more ranks size
+/// their channel buffers by topology, so this stays an estimate until the worker measures it.
+pub const NCCL_COMMUNICATOR_BYTES: u64 = 406_847_488;
+
+/// Device memory NCCL takes once per process with its first communicator (its kernels and
+/// shared state): the first communicator's 584 MiB less the second's, measured as above.
+pub const NCCL_LIBRARY_BYTES: u64 = 205_520_896;
 
 /// What a region holds, as the dry-run groups it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -933,6 +939,7 @@ impl<'a> Builder<'a> {
                 .count()
                 + usize::from(embedding_stage && parallel.pipeline > 1);
             if groups > 0 {
+                self.add_estimate("runtime.nccl_library", NCCL_LIBRARY_BYTES, Per::Rank);
                 self.add_estimate("runtime.nccl", NCCL_COMMUNICATOR_BYTES, Per::Copies(groups));
             }
         }
