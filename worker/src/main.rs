@@ -18,7 +18,7 @@ use tessera_worker::train::{self, Rank, RunOptions};
 ///
 /// Alone it runs a single-rank config (data, tensor and pipeline degrees 1) on CPU workers:
 /// it resumes from the newest checkpoint in checkpoint.dir, prints one line per step, and
-/// writes checkpoints as the config says. Exit status: 0 done, 2 bad config or usage, 1 a
+/// writes checkpoints as the config says. Exit status: 0 done, 2 bad config, data or usage, 1 a
 /// failure while training.
 #[derive(Debug, Parser)]
 #[command(name = "tessera-worker", version)]
@@ -67,7 +67,12 @@ fn usage(error: impl ToString) -> (u8, String) {
 
 fn failure(error: Error) -> (u8, String) {
     let code = match error {
-        Error::Plan(_) | Error::Unsupported { .. } => 2,
+        // Bad input the user can fix before training: the same status as a bad config.
+        Error::Plan(_)
+        | Error::Unsupported { .. }
+        | Error::DataIo { .. }
+        | Error::DataNoFiles { .. }
+        | Error::DataFormat { .. } => 2,
         _ => 1,
     };
     (code, error.to_string())

@@ -106,15 +106,19 @@ fn the_default_config_learns_text_well_below_uniform_loss() {
     let losses = losses(&metrics);
     assert_eq!(losses.len(), 60);
     let uniform = 256f64.ln();
-    let (first, last) = (losses[0].1, losses[59].1);
+    // Before any update the model is near uniform (indentation repeats bytes, which tied
+    // embeddings already favour a little, so a bit under ln 256).
+    let first = losses[0].1;
     assert!(
-        (first - uniform).abs() < 0.3,
+        first > uniform - 1.0,
         "starts near ln(256) = {uniform:.3}: {first}"
     );
-    // Byte-level source code: a 4-layer model gets well under 3 nats in 60 steps.
+    // Byte-level source code: a 4-layer model gets well under 3 nats in 60 steps. Averaged
+    // over the last 5 steps, as single batches vary by a few tenths.
+    let last: f64 = losses[55..].iter().map(|l| l.1).sum::<f64>() / 5.0;
     assert!(
         last < 3.0,
-        "after 60 steps the loss is {last}, expected < 3.0 (uniform {uniform:.3})"
+        "the last 5 steps average {last}, expected < 3.0 (uniform {uniform:.3})"
     );
 }
 
@@ -177,7 +181,7 @@ fn a_kill_during_a_checkpoint_write_leaves_the_previous_one_resumable() {
         "model.seq_len=16",
         "training.global_batch=2",
         "training.micro_batch=2",
-        "training.steps=40",
+        "training.steps=100",
         "checkpoint.every=1",
         "checkpoint.keep=2",
     ]);
@@ -206,7 +210,9 @@ fn a_kill_during_a_checkpoint_write_leaves_the_previous_one_resumable() {
                     .any(|e| e.file_name().to_string_lossy().contains(".partial-"))
             })
             .unwrap_or(false);
-        if partial {
+        // A kill inside the very first save has no previous checkpoint to fall back on.
+        let previous = tessera_worker::checkpoint::latest(&dir).unwrap().is_some();
+        if partial && previous {
             killed_mid_save = true;
             break;
         }
@@ -230,7 +236,7 @@ fn a_kill_during_a_checkpoint_write_leaves_the_previous_one_resumable() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("resuming from"), "{stdout}");
     let resumed = losses(&metrics);
-    assert_eq!(resumed.last().map(|l| l.0), Some(40));
+    assert_eq!(resumed.last().map(|l| l.0), Some(100));
 
     // The same steps from scratch give the same losses.
     let fresh_dir = format!("checkpoint.dir={}", scratch.path("fresh").display());
@@ -323,4 +329,25 @@ fn resuming_with_a_different_model_is_refused() {
         err.contains("different run") && err.contains("checkpoint.dir"),
         "{err}"
     );
+}
+
+#[test]
+fn bad_data_exits_2_naming_the_file_and_offset() {
+    let scratch = Scratch::new("bad-data");
+    let shard = scratch.path("train.bin");
+    let mut tokens = vec![7u16; 400];
+    tokens[300] = 999; // past the vocabulary of 256
+    tessera_worker::data::write_shard(&shard, &tokens).unwrap();
+    let path = format!("data.path={}", shard.display());
+    let mut sets = ONE_RANK.to_vec();
+    sets.extend(["data.kind=tokens", &path]);
+    let output = run(worker(&repo("configs/tiny-cpu.yaml"), &sets, &[]));
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    // The header is 1024 bytes, then 2 bytes per token.
+    assert!(
+        err.contains("train.bin") && err.contains(&format!("{}", 1024 + 2 * 300)),
+        "{err}"
+    );
+    assert!(err.contains("999"), "{err}");
 }
