@@ -43,8 +43,11 @@ impl Arena {
 }
 
 impl CpuBackend {
-    /// Allocates the device and host arenas (the host one holds offloaded optimizer states).
+    /// Allocates the device and host arenas (the host one holds offloaded optimizer states)
+    /// and each kernel thread's GEMM packing buffers, so that the step loop allocates nothing.
+    /// Call it from inside the rayon pool that will run the steps.
     pub fn new(device_bytes: usize, host_bytes: usize) -> Result<CpuBackend> {
+        gemm::warm_up();
         Ok(CpuBackend {
             device: Arena::new("device", device_bytes)?,
             host: Arena::new("host", host_bytes)?,
