@@ -281,13 +281,13 @@ pub fn attention_fwd<E: Elem>(out: &mut [E], lse: &mut [f32], qkv: &[E], d: Dims
                         block_max = block_max.max(*s);
                     }
                     if block_max > max {
-                        let correction = (max - block_max).exp();
+                        let correction = exp_fast(max - block_max);
                         acc.iter_mut().for_each(|a| *a *= correction);
                         sum *= correction;
                         max = block_max;
                     }
                     for (&s, j) in scores.iter().zip(keys) {
-                        let p = (s - max).exp();
+                        let p = exp_fast(s - max);
                         sum += p;
                         let v = &key_row(j)[2 * width + h * hs..][..hs];
                         for (a, v) in acc.iter_mut().zip(v) {
@@ -354,7 +354,7 @@ pub fn attention_bwd<E: Elem>(
                 for i in j..t {
                     let q = &qkv_row(b, i)[h * hs..][..hs];
                     let g = &dout_row(b, i)[h * hs..][..hs];
-                    let p = (dot(k, q) * scale - lse[(b * t + i) * nh + h]).exp();
+                    let p = exp_fast(dot(k, q) * scale - lse[(b * t + i) * nh + h]);
                     let dp = dot(v, g);
                     let ds = p * (dp - delta[(b * t + i) * nh + h]) * scale;
                     for c in 0..hs {
@@ -379,7 +379,7 @@ pub fn attention_bwd<E: Elem>(
                 for j in 0..=i {
                     let k = &qkv_row(b, j)[width + h * hs..][..hs];
                     let v = &qkv_row(b, j)[2 * width + h * hs..][..hs];
-                    let p = (dot(q, k) * scale - lse_i).exp();
+                    let p = exp_fast(dot(q, k) * scale - lse_i);
                     let ds = p * (dot(g, v) - delta_i) * scale;
                     for c in 0..hs {
                         dq[c] += ds * k[c].to_f32();
@@ -401,15 +401,41 @@ fn store<E: Elem>(dst: &mut [E], src: &[f32]) {
 const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2 / pi)
 const GELU_CUBIC: f32 = 0.044_715;
 
+/// `e^x` without a libm call, so that loops over it vectorise: `2^n e^r` with `n = round(x /
+/// ln 2)`, `|r| <= ln 2 / 2` and a degree-6 Taylor polynomial (error about 1 ulp). Inputs are
+/// clamped to where the result is a normal f32.
+#[inline(always)]
+fn exp_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding and subtracting 1.5 x 2^23 rounds to the nearest integer with plain SSE2.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (1.0 / 2.0
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `tanh(u) = 1 - 2 / (e^{2u} + 1)`, through [`exp_fast`].
+#[inline(always)]
+fn tanh_fast(u: f32) -> f32 {
+    1.0 - 2.0 / (exp_fast(2.0 * u) + 1.0)
+}
+
 #[inline]
 pub fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + (GELU_SCALE * (x + GELU_CUBIC * x * x * x)).tanh())
+    0.5 * x * (1.0 + tanh_fast(GELU_SCALE * (x + GELU_CUBIC * x * x * x)))
 }
 
 #[inline]
 pub fn gelu_grad(x: f32) -> f32 {
     let u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
-    let tanh_u = u.tanh();
+    let tanh_u = tanh_fast(u);
     let sech2 = 1.0 - tanh_u * tanh_u;
     0.5 * (1.0 + tanh_u) + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
 }
@@ -460,11 +486,11 @@ pub fn crossentropy_fwd_bwd<E: Elem>(
                 .iter()
                 .map(|l| l.to_f32())
                 .fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = real.iter().map(|l| (l.to_f32() - m).exp()).sum();
+            let sum: f32 = real.iter().map(|l| exp_fast(l.to_f32() - m)).sum();
             let target = target as usize;
             *loss = m + sum.ln() - real[target].to_f32();
             for (j, l) in real.iter_mut().enumerate() {
-                let p = (l.to_f32() - m).exp() / sum;
+                let p = exp_fast(l.to_f32() - m) / sum;
                 let onehot = if j == target { 1.0 } else { 0.0 };
                 *l = E::from_f32((p - onehot) * dloss);
             }
@@ -566,6 +592,42 @@ impl<E: Elem> SharedMut<E> {
         unsafe {
             let e = self.ptr.add(index);
             *e = E::from_f32((*e).to_f32() + value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_fast_is_within_two_ulps_of_exp() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (ours, exact) = (exp_fast(x), (x as f64).exp());
+            assert!(
+                ((ours as f64 - exact) / exact).abs() < 2.5e-7,
+                "exp({x}) = {ours}, not {exact}"
+            );
+            x += 0.0137;
+        }
+        assert_eq!(
+            exp_fast(-1000.0),
+            exp_fast(-87.0),
+            "clamped, never 0 or NaN"
+        );
+        assert!(exp_fast(f32::NEG_INFINITY) > 0.0);
+    }
+
+    #[test]
+    fn tanh_fast_matches_tanh() {
+        let mut u = -12.0f32;
+        while u < 12.0 {
+            assert!(
+                (tanh_fast(u) as f64 - (u as f64).tanh()).abs() < 3e-7,
+                "tanh({u})"
+            );
+            u += 0.00731;
         }
     }
 }
