@@ -5,6 +5,7 @@
 //! dtype and length, and that no output overlaps another argument; that check is what makes
 //! handing out several slices of one allocation at once sound.
 
+pub mod attention;
 pub mod gemm;
 pub mod ops;
 
@@ -503,7 +504,7 @@ impl Backend for CpuBackend {
         disjoint(op, &[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
-            unsafe { ops::attention_fwd::<E>(self.slice_mut(out), self.slice_mut(lse), self.slice(qkv), dims) }
+            unsafe { attention::attention_fwd::<E>(self.slice_mut(out), self.slice_mut(lse), self.slice(qkv), dims) }
         });
         Ok(())
     }
@@ -535,7 +536,7 @@ impl Backend for CpuBackend {
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
             unsafe {
-                ops::attention_bwd::<E>(
+                attention::attention_bwd::<E>(
                     self.slice_mut(dqkv), self.slice_mut(delta),
                     self.slice(dout), self.slice(qkv), self.slice(out), self.slice(lse), dims,
                 )
@@ -667,12 +668,12 @@ impl CpuBackend {
     }
 
     fn head_size(&self, op: &'static str, dims: Dims) -> Result<()> {
-        if dims.hs > ops::MAX_HEAD_SIZE {
+        if dims.hs > attention::MAX_HEAD_SIZE {
             return Err(Error::Unsupported {
                 what: format!(
                     "{op}: head size {} is larger than the CPU kernels' {}",
                     dims.hs,
-                    ops::MAX_HEAD_SIZE
+                    attention::MAX_HEAD_SIZE
                 ),
                 help: "use more attention heads (model.heads) for this hidden size".into(),
             });

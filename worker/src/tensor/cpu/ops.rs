@@ -11,13 +11,6 @@ use rayon::prelude::*;
 use super::gemm::{Mat, MatMut, gemm};
 use crate::tensor::{AdamW, Dims, Elem, Linear};
 
-/// Largest head size the attention kernels support: their per-row accumulators live on the
-/// stack. FlashAttention has the same limit.
-pub const MAX_HEAD_SIZE: usize = 256;
-
-/// Keys scored at once by attention: one block of scores lives on the stack.
-const KEY_BLOCK: usize = 64;
-
 /// Columns per task in sums over rows (bias and LayerNorm weight gradients).
 const COLUMN_BLOCK: usize = 64;
 
@@ -218,184 +211,6 @@ fn sum_rows_into<E: Elem>(acc: &mut [E], x: &[E], rows: usize, cols: usize) {
         });
 }
 
-// --- attention ---
-
-fn load<E: Elem>(dst: &mut [f32], src: &[E]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.to_f32();
-    }
-}
-
-/// Lanes of the dot product: eight independent partial sums let the compiler use one SIMD
-/// register instead of a chain of dependent scalar adds (a strict left-to-right sum cannot be
-/// vectorised). The order is fixed, so results stay deterministic.
-const DOT_LANES: usize = 8;
-
-#[inline]
-fn dot<E: Elem>(a: &[f32], b: &[E]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut lanes = [0.0f32; DOT_LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y.to_f32())
-        .sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for lane in 0..DOT_LANES {
-            lanes[lane] += x[lane] * y[lane].to_f32();
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
-/// Causal attention, one query row at a time with an online softmax over blocks of keys
-/// (FlashAttention's forward on a CPU): `out[i] = sum_j softmax_j(q_i k_j / sqrt(hs)) v_j`,
-/// `lse[i] = log sum_j exp(q_i k_j / sqrt(hs))`. `lse` is laid out `(b t, nh)`.
-pub fn attention_fwd<E: Elem>(out: &mut [E], lse: &mut [f32], qkv: &[E], d: Dims) {
-    let (hs, nh, t) = (d.hs, d.nh, d.t);
-    let width = nh * hs;
-    let scale = 1.0 / (hs as f32).sqrt();
-    out.par_chunks_mut(width)
-        .zip(lse.par_chunks_mut(nh))
-        .enumerate()
-        .for_each(|(row, (out, lse))| {
-            let (b, i) = (row / t, row % t);
-            let key_row = |j: usize| &qkv[(b * t + j) * 3 * width..][..3 * width];
-            let mut q = [0.0f32; MAX_HEAD_SIZE];
-            let mut acc = [0.0f32; MAX_HEAD_SIZE];
-            let mut scores = [0.0f32; KEY_BLOCK];
-            for h in 0..nh {
-                let q = &mut q[..hs];
-                load(q, &key_row(i)[h * hs..][..hs]);
-                let acc = &mut acc[..hs];
-                acc.fill(0.0);
-                let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
-                for first in (0..=i).step_by(KEY_BLOCK) {
-                    let keys = first..(first + KEY_BLOCK).min(i + 1);
-                    let mut block_max = f32::NEG_INFINITY;
-                    for (s, j) in scores.iter_mut().zip(keys.clone()) {
-                        *s = dot(q, &key_row(j)[width + h * hs..][..hs]) * scale;
-                        block_max = block_max.max(*s);
-                    }
-                    if block_max > max {
-                        let correction = exp_fast(max - block_max);
-                        acc.iter_mut().for_each(|a| *a *= correction);
-                        sum *= correction;
-                        max = block_max;
-                    }
-                    for (&s, j) in scores.iter().zip(keys) {
-                        let p = exp_fast(s - max);
-                        sum += p;
-                        let v = &key_row(j)[2 * width + h * hs..][..hs];
-                        for (a, v) in acc.iter_mut().zip(v) {
-                            *a += p * v.to_f32();
-                        }
-                    }
-                }
-                for (o, a) in out[h * hs..][..hs].iter_mut().zip(acc.iter()) {
-                    *o = E::from_f32(a / sum);
-                }
-                lse[h] = max + sum.ln();
-            }
-        });
-}
-
-/// FlashAttention's backward without atomics: with `p_ij = exp(q_i k_j s - lse_i)`, `dp_ij =
-/// dout_i . v_j` and `ds_ij = p_ij (dp_ij - delta_i)`, one pass over key rows computes `dv_j =
-/// sum_i p_ij dout_i` and `dk_j = s sum_i ds_ij q_i`, and a second pass over query rows
-/// computes `dq_i = s sum_j ds_ij k_j`. `delta_i = dout_i . out_i` first, `(b t, nh)`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_bwd<E: Elem>(
-    dqkv: &mut [E],
-    delta: &mut [f32],
-    dout: &[E],
-    qkv: &[E],
-    out: &[E],
-    lse: &[f32],
-    d: Dims,
-) {
-    let (hs, nh, t) = (d.hs, d.nh, d.t);
-    let width = nh * hs;
-    let scale = 1.0 / (hs as f32).sqrt();
-    delta
-        .par_chunks_mut(nh)
-        .enumerate()
-        .for_each(|(row, delta)| {
-            for (h, dl) in delta.iter_mut().enumerate() {
-                let range = row * width + h * hs..row * width + (h + 1) * hs;
-                *dl = dout[range.clone()]
-                    .iter()
-                    .zip(&out[range])
-                    .map(|(a, b)| a.to_f32() * b.to_f32())
-                    .sum();
-            }
-        });
-    let delta = &*delta;
-    let qkv_row = |b: usize, j: usize| &qkv[(b * t + j) * 3 * width..][..3 * width];
-    let dout_row = |b: usize, i: usize| &dout[(b * t + i) * width..][..width];
-    dqkv.par_chunks_mut(3 * width)
-        .enumerate()
-        .for_each(|(row, dqkv)| {
-            let (b, j) = (row / t, row % t);
-            let mut k = [0.0f32; MAX_HEAD_SIZE];
-            let mut v = [0.0f32; MAX_HEAD_SIZE];
-            let mut dk = [0.0f32; MAX_HEAD_SIZE];
-            let mut dv = [0.0f32; MAX_HEAD_SIZE];
-            for h in 0..nh {
-                let (k, v) = (&mut k[..hs], &mut v[..hs]);
-                load(k, &qkv_row(b, j)[width + h * hs..][..hs]);
-                load(v, &qkv_row(b, j)[2 * width + h * hs..][..hs]);
-                let (dk, dv) = (&mut dk[..hs], &mut dv[..hs]);
-                dk.fill(0.0);
-                dv.fill(0.0);
-                for i in j..t {
-                    let q = &qkv_row(b, i)[h * hs..][..hs];
-                    let g = &dout_row(b, i)[h * hs..][..hs];
-                    let p = exp_fast(dot(k, q) * scale - lse[(b * t + i) * nh + h]);
-                    let dp = dot(v, g);
-                    let ds = p * (dp - delta[(b * t + i) * nh + h]) * scale;
-                    for c in 0..hs {
-                        dv[c] += p * g[c].to_f32();
-                        dk[c] += ds * q[c].to_f32();
-                    }
-                }
-                store(&mut dqkv[width + h * hs..][..hs], dk);
-                store(&mut dqkv[2 * width + h * hs..][..hs], dv);
-            }
-            let i = j;
-            let mut q = [0.0f32; MAX_HEAD_SIZE];
-            let mut g = [0.0f32; MAX_HEAD_SIZE];
-            let mut dq = [0.0f32; MAX_HEAD_SIZE];
-            for h in 0..nh {
-                let (q, g) = (&mut q[..hs], &mut g[..hs]);
-                load(q, &qkv_row(b, i)[h * hs..][..hs]);
-                load(g, &dout_row(b, i)[h * hs..][..hs]);
-                let dq = &mut dq[..hs];
-                dq.fill(0.0);
-                let (lse_i, delta_i) = (lse[row * nh + h], delta[row * nh + h]);
-                for j in 0..=i {
-                    let k = &qkv_row(b, j)[width + h * hs..][..hs];
-                    let v = &qkv_row(b, j)[2 * width + h * hs..][..hs];
-                    let p = exp_fast(dot(q, k) * scale - lse_i);
-                    let ds = p * (dot(g, v) - delta_i) * scale;
-                    for c in 0..hs {
-                        dq[c] += ds * k[c].to_f32();
-                    }
-                }
-                store(&mut dqkv[h * hs..][..hs], dq);
-            }
-        });
-}
-
-fn store<E: Elem>(dst: &mut [E], src: &[f32]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = E::from_f32(s);
-    }
-}
-
 // --- GELU (tanh approximation) ---
 
 const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2 / pi)
@@ -405,7 +220,7 @@ const GELU_CUBIC: f32 = 0.044_715;
 /// ln 2)`, `|r| <= ln 2 / 2` and a degree-6 Taylor polynomial (error about 1 ulp). Inputs are
 /// clamped to where the result is a normal f32.
 #[inline(always)]
-fn exp_fast(x: f32) -> f32 {
+pub(super) fn exp_fast(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;

@@ -95,6 +95,17 @@ impl<'a, E> Mat<'a, E> {
         }
     }
 
+    /// The same elements seen as `(cols, rows)`: no data moves, the strides swap.
+    pub fn t(self) -> Self {
+        Mat {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
     /// Panics unless every element index lies inside `data`.
     fn check(&self, what: &str) {
         if self.rows == 0 || self.cols == 0 {
@@ -172,7 +183,18 @@ pub fn gemm<A: Elem, B: Elem, C: Elem>(
     b: Mat<'_, B>,
     accumulate: bool,
 ) {
-    gemm_with(arch(), c, a, b, accumulate);
+    gemm_with(arch(), c, a, b, accumulate, rayon::current_num_threads());
+}
+
+/// [`gemm`] entirely on the calling thread, for small products inside a task that is already
+/// one of many in parallel (attention's tiles). Same bits as [`gemm`].
+pub fn gemm_on_this_thread<A: Elem, B: Elem, C: Elem>(
+    c: MatMut<'_, C>,
+    a: Mat<'_, A>,
+    b: Mat<'_, B>,
+    accumulate: bool,
+) {
+    gemm_with(arch(), c, a, b, accumulate, 1);
 }
 
 /// An `MR`x`NR` microkernel: `c = acc` (`overwrite`) or `c += acc`, where `acc` is the
@@ -212,6 +234,7 @@ fn gemm_with<A: Elem, B: Elem, C: Elem>(
     a: Mat<'_, A>,
     b: Mat<'_, B>,
     accumulate: bool,
+    threads: usize,
 ) {
     assert!(
         a.rows == c.rows && b.cols == c.cols && a.cols == b.rows,
@@ -250,7 +273,7 @@ fn gemm_with<A: Elem, B: Elem, C: Elem>(
         accumulate,
         out_is_f32: TypeId::of::<C>() == TypeId::of::<f32>(),
     };
-    let tiling = Tiling::new(m, n, k, rayon::current_num_threads(), job.out_is_f32);
+    let tiling = Tiling::new(m, n, k, threads, job.out_is_f32);
     let run = |task: usize| {
         let tile = tiling.tile(task);
         WORKSPACE.with(|workspace| {
@@ -265,8 +288,8 @@ fn gemm_with<A: Elem, B: Elem, C: Elem>(
         });
     };
     let tasks = tiling.count();
-    if tasks == 1 {
-        run(0);
+    if threads == 1 || tasks == 1 {
+        (0..tasks).for_each(run);
     } else {
         (0..tasks).into_par_iter().for_each(run);
     }

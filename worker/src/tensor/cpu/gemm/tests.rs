@@ -136,7 +136,14 @@ fn check<A: Elem, B: Elem, C: Elem>(
         cols: n,
         row_stride: c_stride,
     };
-    gemm_with(arch, out, a.mat(), b.mat(), accumulate);
+    gemm_with(
+        arch,
+        out,
+        a.mat(),
+        b.mat(),
+        accumulate,
+        rayon::current_num_threads(),
+    );
     let gamma = (k + 2) as f64 * 2f64.powi(-24);
     let unit = unit_roundoff::<C>();
     for i in 0..m {
@@ -280,6 +287,7 @@ fn simd_packing_changes_no_bits() {
             a.mat(),
             b.mat(),
             false,
+            rayon::current_num_threads(),
         );
         c.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
     };
@@ -406,6 +414,10 @@ fn same_bits_for_any_thread_count() {
         (bits, bits16)
     };
     let one = run(1);
+    let mut serial = initial.clone();
+    gemm_on_this_thread(MatMut::row_major(&mut serial, m, n), a.mat(), b.mat(), true);
+    let serial: Vec<u32> = serial.iter().map(|x| x.to_bits()).collect();
+    assert!(serial == one.0, "gemm_on_this_thread changed the result");
     for threads in [2, 3, 8] {
         assert!(run(threads) == one, "{threads} threads changed the result");
     }
