@@ -10,6 +10,7 @@
 
 pub mod arena;
 pub mod checkpoint;
+pub mod comm;
 pub mod data;
 pub mod error;
 pub mod model;

@@ -1,0 +1,361 @@
+//! Collectives between ranks: the [`Communicator`] trait the data-parallel, tensor-parallel
+//! and pipeline code are written against once, and its backends ([`tcp`] on CPU; NCCL on GPU).
+//!
+//! A communicator belongs to one process group ([`Group`]: a mesh axis's ranks, such as the
+//! data-parallel group of pipeline stage 0) and runs that group's collectives in the order
+//! they were started, each numbered by a sequence number that every member agrees on. Starting
+//! a collective returns a [`Work`] handle at once, so communication can overlap compute;
+//! [`CommunicatorExt`] has the blocking, slice-typed calls most code wants.
+//!
+//! Buffers are raw ranges ([`CommBuf`]) because they are slices of the arena that the backend
+//! owns (host memory on CPU, device memory on GPU). Reductions are done in f32 whatever the
+//! storage dtype, in the same order on every rank, so every member ends with the same bits.
+//!
+//! Failure: every collective has a timeout. A timeout, a peer that closes its connection, or a
+//! bad handshake fails the collective with a [`CommError`] naming the group, the op, its
+//! sequence number and the peers it did not hear from; the communicator is then poisoned
+//! (every later call fails with the first error), and a backend closes its connections so that
+//! its peers fail quickly too instead of waiting out their own timeout.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tessera_plan::memory::Dtype;
+
+use crate::tensor::Elem;
+
+/// How a reduction combines the members' values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    /// The sum divided by the group's size.
+    Avg,
+}
+
+/// Where a buffer's memory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    Host,
+    /// Device memory (a CUDA device pointer); only device backends accept it.
+    Device,
+}
+
+/// `len` elements of `dtype` at address `addr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommBuf {
+    pub addr: usize,
+    pub len: usize,
+    pub dtype: Dtype,
+    pub memory: Memory,
+}
+
+impl CommBuf {
+    /// A host slice's range. The caller keeps the slice alive and untouched until the
+    /// collective completes (see [`Communicator::start`]).
+    pub fn host<T: Elem>(slice: &[T]) -> CommBuf {
+        CommBuf {
+            addr: slice.as_ptr() as usize,
+            len: slice.len(),
+            dtype: T::DTYPE,
+            memory: Memory::Host,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size() as usize
+    }
+
+    /// Elements `start..start + len`.
+    pub fn slice(&self, start: usize, len: usize) -> CommBuf {
+        assert!(
+            start + len <= self.len,
+            "invariant: slice {start}+{len} of a buffer of {}",
+            self.len
+        );
+        CommBuf {
+            addr: self.addr + start * self.dtype.size() as usize,
+            len,
+            ..*self
+        }
+    }
+}
+
+/// One collective. Peers and roots are indices in the group (0..size), not global ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collective {
+    /// Every member's `buf` becomes the reduction of all members' `buf`.
+    AllReduce { buf: CommBuf, op: ReduceOp },
+    /// `input` is `size` equal chunks; member i's `output` (one chunk) becomes the reduction
+    /// of every member's chunk i. `output` may be the member's own chunk of `input` (in place);
+    /// the rest of `input` is scratch afterwards.
+    ReduceScatter {
+        input: CommBuf,
+        output: CommBuf,
+        op: ReduceOp,
+    },
+    /// `output` is `size` chunks of `input`'s length; chunk i becomes member i's `input`.
+    /// `input` may be the member's own chunk of `output` (in place).
+    AllGather { input: CommBuf, output: CommBuf },
+    /// Every member's `buf` becomes member `root`'s.
+    Broadcast { buf: CommBuf, root: usize },
+    /// `buf` goes to member `peer`, which must start a matching `Recv` of the same length.
+    Send { buf: CommBuf, peer: usize },
+    /// `buf` is filled from member `peer`'s matching `Send`.
+    Recv { buf: CommBuf, peer: usize },
+    /// Completes once every member has started its barrier.
+    Barrier,
+}
+
+impl Collective {
+    /// The op's name in errors and traces.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Collective::AllReduce { .. } => "all_reduce",
+            Collective::ReduceScatter { .. } => "reduce_scatter",
+            Collective::AllGather { .. } => "all_gather",
+            Collective::Broadcast { .. } => "broadcast",
+            Collective::Send { .. } => "send",
+            Collective::Recv { .. } => "recv",
+            Collective::Barrier => "barrier",
+        }
+    }
+}
+
+/// A process group: the global ranks of its members, in group order, and this process's index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// Shown in errors: "dp 0" is the data-parallel group of the first (pp, tp) coordinate.
+    pub name: String,
+    pub ranks: Vec<usize>,
+    pub index: usize,
+}
+
+impl Group {
+    pub fn size(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// A group of one: every collective is a no-op (or a copy).
+    pub fn solo(name: impl Into<String>, rank: usize) -> Group {
+        Group {
+            name: name.into(),
+            ranks: vec![rank],
+            index: 0,
+        }
+    }
+}
+
+/// Why a collective failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommError {
+    #[error(
+        "{op} #{seq} in group {group} failed after {waited:.1?}: {cause}{}\n  help: {help}",
+        silent_ranks(silent)
+    )]
+    Collective {
+        group: String,
+        op: &'static str,
+        /// The collective's sequence number in its group, counted from 0.
+        seq: u64,
+        /// Global ranks this rank was still waiting for.
+        silent: Vec<usize>,
+        waited: Duration,
+        cause: String,
+        help: String,
+    },
+
+    #[error("cannot set up group {group}: {what}\n  help: {help}")]
+    Setup {
+        group: String,
+        what: String,
+        help: String,
+    },
+
+    #[error("{op} in group {group}: {what}; this is a bug in tessera")]
+    Invalid {
+        group: String,
+        op: &'static str,
+        what: String,
+    },
+}
+
+fn silent_ranks(silent: &[usize]) -> String {
+    match silent {
+        [] => String::new(),
+        [one] => format!("; not heard from rank {one}"),
+        many => format!(
+            "; not heard from ranks {}",
+            many.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// A started collective. Dropping it waits for it to finish (the buffers stay borrowed until
+/// then); `wait` also returns its result.
+#[must_use = "a collective's result is only known after wait()"]
+pub struct Work {
+    state: WorkState,
+}
+
+enum WorkState {
+    Pending(mpsc::Receiver<Result<(), CommError>>),
+    Done(Option<Result<(), CommError>>),
+}
+
+impl Work {
+    /// A collective that already finished with `result`.
+    pub fn done(result: Result<(), CommError>) -> Work {
+        Work {
+            state: WorkState::Done(Some(result)),
+        }
+    }
+
+    /// A collective that finishes when the backend sends its result on the other end of
+    /// `receiver`. A backend that drops the sender without sending fails the collective.
+    pub fn pending(receiver: mpsc::Receiver<Result<(), CommError>>) -> Work {
+        Work {
+            state: WorkState::Pending(receiver),
+        }
+    }
+
+    /// Whether the collective has finished (successfully or not); never blocks.
+    pub fn is_done(&mut self) -> bool {
+        if let WorkState::Pending(receiver) = &self.state {
+            match receiver.try_recv() {
+                Ok(result) => self.state = WorkState::Done(Some(result)),
+                Err(mpsc::TryRecvError::Empty) => return false,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    self.state = WorkState::Done(Some(Err(lost())))
+                }
+            }
+        }
+        true
+    }
+
+    /// Blocks until the collective finishes and returns its result.
+    pub fn wait(mut self) -> Result<(), CommError> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<(), CommError> {
+        let result = match &mut self.state {
+            WorkState::Pending(receiver) => receiver.recv().unwrap_or_else(|_| Err(lost())),
+            WorkState::Done(result) => result.take().unwrap_or(Ok(())),
+        };
+        self.state = WorkState::Done(None);
+        result
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+fn lost() -> CommError {
+    CommError::Setup {
+        group: "?".into(),
+        what: "the communicator's thread stopped before the collective finished".into(),
+        help: "an earlier error of this rank says why".into(),
+    }
+}
+
+/// A process group's collectives on one backend.
+pub trait Communicator: Send {
+    fn group(&self) -> &Group;
+
+    /// Starts `op` after every op started before it on this communicator and returns at once.
+    ///
+    /// # Safety
+    /// Every buffer of `op` must stay valid until the returned [`Work`] is waited for or
+    /// dropped; nobody else may write them (nor read the ones the op writes) meanwhile.
+    unsafe fn start(&mut self, op: Collective) -> Result<Work, CommError>;
+}
+
+/// Blocking collectives on typed slices, for every communicator.
+pub trait CommunicatorExt: Communicator {
+    /// Runs `op` to completion.
+    ///
+    /// # Safety
+    /// As [`Communicator::start`], for the duration of this call.
+    unsafe fn run(&mut self, op: Collective) -> Result<(), CommError> {
+        // SAFETY: the caller's contract; we wait before returning.
+        unsafe { self.start(op)?.wait() }
+    }
+
+    fn all_reduce<T: Elem>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<(), CommError> {
+        let buf = CommBuf::host(buf);
+        // SAFETY: the exclusive borrow outlives the wait inside `run`.
+        unsafe { self.run(Collective::AllReduce { buf, op }) }
+    }
+
+    /// `input` holds `size` chunks; `output` (one chunk) receives the reduction of chunk
+    /// `index` over the group.
+    fn reduce_scatter<T: Elem>(
+        &mut self,
+        input: &mut [T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        let (input, output) = (CommBuf::host(input), CommBuf::host(output));
+        // SAFETY: both borrows outlive the wait inside `run`.
+        unsafe { self.run(Collective::ReduceScatter { input, output, op }) }
+    }
+
+    /// Reduce-scatter whose result lands in this member's own chunk of `buf`.
+    fn reduce_scatter_in_place<T: Elem>(
+        &mut self,
+        buf: &mut [T],
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        let input = CommBuf::host(buf);
+        let chunk = buf.len() / self.group().size();
+        let output = input.slice(self.group().index * chunk, chunk);
+        // SAFETY: the exclusive borrow outlives the wait inside `run`.
+        unsafe { self.run(Collective::ReduceScatter { input, output, op }) }
+    }
+
+    fn all_gather<T: Elem>(&mut self, input: &[T], output: &mut [T]) -> Result<(), CommError> {
+        let (input, output) = (CommBuf::host(input), CommBuf::host(output));
+        // SAFETY: both borrows outlive the wait inside `run`.
+        unsafe { self.run(Collective::AllGather { input, output }) }
+    }
+
+    /// All-gather whose input is this member's own chunk of `buf`.
+    fn all_gather_in_place<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
+        let output = CommBuf::host(buf);
+        let chunk = buf.len() / self.group().size();
+        let input = output.slice(self.group().index * chunk, chunk);
+        // SAFETY: the exclusive borrow outlives the wait inside `run`.
+        unsafe { self.run(Collective::AllGather { input, output }) }
+    }
+
+    fn broadcast<T: Elem>(&mut self, buf: &mut [T], root: usize) -> Result<(), CommError> {
+        let buf = CommBuf::host(buf);
+        // SAFETY: the exclusive borrow outlives the wait inside `run`.
+        unsafe { self.run(Collective::Broadcast { buf, root }) }
+    }
+
+    fn send<T: Elem>(&mut self, buf: &[T], peer: usize) -> Result<(), CommError> {
+        let buf = CommBuf::host(buf);
+        // SAFETY: the shared borrow outlives the wait inside `run`; send only reads.
+        unsafe { self.run(Collective::Send { buf, peer }) }
+    }
+
+    fn recv<T: Elem>(&mut self, buf: &mut [T], peer: usize) -> Result<(), CommError> {
+        let buf = CommBuf::host(buf);
+        // SAFETY: the exclusive borrow outlives the wait inside `run`.
+        unsafe { self.run(Collective::Recv { buf, peer }) }
+    }
+
+    fn barrier(&mut self) -> Result<(), CommError> {
+        // SAFETY: no buffers.
+        unsafe { self.run(Collective::Barrier) }
+    }
+}
+
+impl<C: Communicator + ?Sized> CommunicatorExt for C {}
