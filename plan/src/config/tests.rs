@@ -659,3 +659,27 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn one_node_may_run_fewer_ranks_than_it_has_devices_with_a_warning() {
+    let config = load(&with(
+        "parallel: {data: 4, tensor: 1, pipeline: 1}\ncluster: {nodes: 1, gpus_per_node: 8}\n",
+    ))
+    .unwrap();
+    assert_eq!(config.parallel.world_size(), 4);
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.contains("uses 4 of the node's 8 devices")),
+        "{:?}",
+        config.warnings
+    );
+    let message = error(&with(
+        "parallel: {data: 4, tensor: 1, pipeline: 1}\ncluster: {nodes: 2, gpus_per_node: 8}\n",
+    ));
+    assert!(
+        message.contains("= 4 ranks, but cluster has 16 GPUs"),
+        "{message}"
+    );
+}

@@ -310,6 +310,13 @@ impl Reader<'_> {
                     violation.help,
                 );
             }
+            let ranks = parallel.world_size();
+            if cluster.nodes == 1 && ranks < cluster.gpus_per_node {
+                self.warnings.push(format!(
+                    "the job uses {ranks} of the node's {} devices (cluster.gpus_per_node)",
+                    cluster.gpus_per_node
+                ));
+            }
             if parallel.sequence_parallel && parallel.tensor == 1 {
                 self.warnings.push(
                     "parallel.sequence_parallel has no effect with tensor 1 (there is no tensor group to shard across)"
@@ -812,7 +819,10 @@ pub(crate) fn layout_violations(
     } = *parallel;
     let world = nodes * gpus_per_node;
     let ranks = data * tensor * pipeline;
-    if ranks != world {
+    // One machine may run fewer ranks than it has devices (torchrun's --nproc-per-node);
+    // across nodes every device of every node is used.
+    let part_of_one_node = nodes == 1 && ranks < gpus_per_node;
+    if ranks != world && !part_of_one_node {
         let cluster = format!(
             "{world} GPUs ({nodes} node{} x {gpus_per_node})",
             if nodes == 1 { "" } else { "s" }
