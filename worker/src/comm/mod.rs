@@ -17,6 +17,9 @@
 //! (every later call fails with the first error), and a backend closes its connections so that
 //! its peers fail quickly too instead of waiting out their own timeout.
 
+pub mod solo;
+pub mod tcp;
+
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -149,7 +152,8 @@ impl Group {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CommError {
     #[error(
-        "{op} #{seq} in group {group} failed after {waited:.1?}: {cause}{}\n  help: {help}",
+        "{op} #{seq} in group {group} failed after {waited:.1?}: {cause}{}\n  help: a peer may \
+         have died or hung; its log says why (every rank stops at the first failed collective)",
         silent_ranks(silent)
     )]
     Collective {
@@ -161,7 +165,6 @@ pub enum CommError {
         silent: Vec<usize>,
         waited: Duration,
         cause: String,
-        help: String,
     },
 
     #[error("cannot set up group {group}: {what}\n  help: {help}")]

@@ -1,0 +1,954 @@
+//! Collectives over TCP: the CPU backend's data plane, and the fallback for several ranks on
+//! one GPU.
+//!
+//! One [`TcpEndpoint`] per process listens on an OS-chosen port; its address is what the
+//! worker registers with the coordinator. Each [`TcpCommunicator`] (one per process group)
+//! keeps one full-duplex connection per peer it talks to: the ring neighbours from the start,
+//! other members on the first send/recv between them. The member with the lower index
+//! connects; a connection opens with a handshake (magic, version, the run's token, group,
+//! sender) that the endpoint checks before routing it to its communicator.
+//!
+//! Reductions are rings: reduce-scatter then all-gather, each step cut into pieces so that a
+//! piece is forwarded while the next is still arriving (a sender thread writes while the
+//! communicator's thread reads). The final value of each segment is computed once, by its
+//! owner, and then copied around the ring, so every rank ends with the same bits. bf16 and
+//! f16 partial sums are added in f32 and rounded back at each hop.
+//!
+//! Every op starts with a small header on each link it uses (sequence number, op, dtype,
+//! length): a peer running a different collective is reported instead of corrupting data.
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use half::{bf16, f16};
+use tessera_plan::memory::Dtype;
+
+use super::{Collective, CommBuf, CommError, Communicator, Group, Memory, ReduceOp, Work};
+
+const MAGIC: &[u8; 4] = b"TSRA";
+const VERSION: u8 = 1;
+/// Bytes per pipelined piece: large enough to amortise a system call, small enough that a
+/// ring step overlaps its send and receive.
+const PIECE: usize = 256 << 10;
+const HEADER: usize = 18;
+
+/// A process's listening socket for collective connections.
+pub struct TcpEndpoint {
+    address: SocketAddr,
+    token: Arc<str>,
+    inbox: Arc<Inbox>,
+}
+
+/// Accepted, authenticated connections waiting for their communicator.
+#[derive(Default)]
+struct Inbox {
+    streams: Mutex<HashMap<(String, usize), TcpStream>>,
+    arrived: Condvar,
+}
+
+impl TcpEndpoint {
+    /// Listens on `host`, port chosen by the OS; connections must present `token`.
+    pub fn bind(host: &str, token: &str) -> Result<TcpEndpoint, CommError> {
+        let setup = |what: String| CommError::Setup {
+            group: "endpoint".into(),
+            what,
+            help: "check TESSERA_COMM_HOST (this node's address as its peers reach it)".into(),
+        };
+        let listener = TcpListener::bind((host, 0))
+            .map_err(|e| setup(format!("cannot listen on {host}: {e}")))?;
+        let address = listener
+            .local_addr()
+            .map_err(|e| setup(format!("cannot read the listening address: {e}")))?;
+        let token: Arc<str> = token.into();
+        let inbox = Arc::new(Inbox::default());
+        let (accept_token, accept_inbox) = (token.clone(), inbox.clone());
+        std::thread::Builder::new()
+            .name("tessera-accept".into())
+            .spawn(move || accept(listener, accept_token, accept_inbox))
+            .map_err(|e| setup(format!("cannot start the accept thread: {e}")))?;
+        Ok(TcpEndpoint {
+            address,
+            token,
+            inbox,
+        })
+    }
+
+    /// The address peers connect to.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The communicator of `group`, whose member `i` listens at `peers[i]`. Connects to the
+    /// ring neighbours, retrying until `timeout` (peers start at different moments).
+    pub fn communicator(
+        &self,
+        group: Group,
+        peers: &[SocketAddr],
+        timeout: Duration,
+    ) -> Result<TcpCommunicator, CommError> {
+        assert_eq!(
+            peers.len(),
+            group.size(),
+            "invariant: one address per member"
+        );
+        let mut links = Links {
+            group: group.clone(),
+            peers: peers.to_vec(),
+            streams: vec![None; group.size()],
+            token: self.token.clone(),
+            inbox: self.inbox.clone(),
+            timeout,
+        };
+        let n = group.size();
+        if n > 1 {
+            let (next, prev) = ((group.index + 1) % n, (group.index + n - 1) % n);
+            // Lower indices connect first, so the order cannot deadlock.
+            let mut neighbours = vec![next, prev];
+            neighbours.sort_unstable();
+            neighbours.dedup();
+            for peer in neighbours {
+                links.ensure(peer).map_err(|e| CommError::Setup {
+                    group: group.name.clone(),
+                    what: format!(
+                        "cannot connect to member {peer} (rank {}) at {}: {e}",
+                        group.ranks[peer], peers[peer]
+                    ),
+                    help: "that rank may have failed to start; see its log".into(),
+                })?;
+            }
+        }
+        let (ops, queue) = mpsc::channel::<Queued>();
+        let name = format!("tessera-comm {}", group.name);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || serve(links, queue))
+            .map_err(|e| CommError::Setup {
+                group: group.name.clone(),
+                what: format!("cannot start the communicator's thread: {e}"),
+                help: "the process may be out of threads or memory".into(),
+            })?;
+        Ok(TcpCommunicator {
+            group,
+            ops: Some(ops),
+            thread: Some(thread),
+        })
+    }
+}
+
+/// Accepts connections forever, routing authenticated ones to the inbox.
+fn accept(listener: TcpListener, token: Arc<str>, inbox: Arc<Inbox>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let (token, inbox) = (token.clone(), inbox.clone());
+        // A slow or hostile client must not hold up the others.
+        std::thread::spawn(move || {
+            let peer = stream.peer_addr().ok();
+            match handshake_in(&stream, &token) {
+                Ok(key) => {
+                    let mut streams = inbox.streams.lock().unwrap_or_else(|e| e.into_inner());
+                    streams.insert(key, stream);
+                    inbox.arrived.notify_all();
+                }
+                Err(reason) => eprintln!(
+                    "warning: refused a collective connection{}: {reason}",
+                    peer.map(|p| format!(" from {p}")).unwrap_or_default()
+                ),
+            }
+        });
+    }
+}
+
+/// Reads and checks a connection's handshake; answers 1 (accepted) or 0.
+fn handshake_in(mut stream: &TcpStream, token: &str) -> Result<(String, usize), String> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut fixed = [0u8; 4 + 1 + 2 + 2 + 4];
+    stream
+        .read_exact(&mut fixed)
+        .map_err(|e| format!("no handshake: {e}"))?;
+    if &fixed[..4] != MAGIC || fixed[4] != VERSION {
+        let _ = stream.write_all(&[0]);
+        return Err("not a tessera collective connection (or another version)".into());
+    }
+    let token_len = u16::from_le_bytes([fixed[5], fixed[6]]) as usize;
+    let group_len = u16::from_le_bytes([fixed[7], fixed[8]]) as usize;
+    let sender = u32::from_le_bytes(fixed[9..13].try_into().expect("4 bytes")) as usize;
+    let mut rest = vec![0u8; token_len + group_len];
+    stream
+        .read_exact(&mut rest)
+        .map_err(|e| format!("truncated handshake: {e}"))?;
+    if &rest[..token_len] != token.as_bytes() {
+        let _ = stream.write_all(&[0]);
+        return Err(format!("rank {sender} presented the wrong run token"));
+    }
+    let group = String::from_utf8_lossy(&rest[token_len..]).into_owned();
+    stream.write_all(&[1]).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    Ok((group, sender))
+}
+
+/// A communicator's connections, by member.
+struct Links {
+    group: Group,
+    peers: Vec<SocketAddr>,
+    streams: Vec<Option<Arc<TcpStream>>>,
+    token: Arc<str>,
+    inbox: Arc<Inbox>,
+    timeout: Duration,
+}
+
+impl Links {
+    /// The connection to member `peer`, made now if there is none.
+    fn ensure(&mut self, peer: usize) -> Result<Arc<TcpStream>, String> {
+        if let Some(stream) = &self.streams[peer] {
+            return Ok(stream.clone());
+        }
+        let deadline = Instant::now() + self.timeout;
+        let stream = if self.group.index < peer {
+            self.connect(peer, deadline)?
+        } else {
+            self.wait_for(peer, deadline)?
+        };
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let stream = Arc::new(stream);
+        self.streams[peer] = Some(stream.clone());
+        Ok(stream)
+    }
+
+    fn connect(&self, peer: usize, deadline: Instant) -> Result<TcpStream, String> {
+        let mut hello = Vec::with_capacity(64);
+        hello.extend_from_slice(MAGIC);
+        hello.push(VERSION);
+        hello.extend_from_slice(&(self.token.len() as u16).to_le_bytes());
+        hello.extend_from_slice(&(self.group.name.len() as u16).to_le_bytes());
+        hello.extend_from_slice(&(self.group.ranks[self.group.index] as u32).to_le_bytes());
+        hello.extend_from_slice(self.token.as_bytes());
+        hello.extend_from_slice(self.group.name.as_bytes());
+        loop {
+            let attempt = (|| -> std::io::Result<TcpStream> {
+                let mut stream =
+                    TcpStream::connect_timeout(&self.peers[peer], Duration::from_secs(2))?;
+                stream.write_all(&hello)?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut answer = [0u8; 1];
+                stream.read_exact(&mut answer)?;
+                if answer[0] != 1 {
+                    return Err(std::io::Error::new(
+                        ErrorKind::PermissionDenied,
+                        "the peer refused this run's token",
+                    ));
+                }
+                stream.set_read_timeout(None)?;
+                Ok(stream)
+            })();
+            match attempt {
+                Ok(stream) => return Ok(stream),
+                Err(e) if e.kind() == ErrorKind::PermissionDenied => return Err(e.to_string()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!("gave up after {:.0?}: {e}", self.timeout));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn wait_for(&self, peer: usize, deadline: Instant) -> Result<TcpStream, String> {
+        let key = (self.group.name.clone(), self.group.ranks[peer]);
+        let mut streams = self.inbox.streams.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(stream) = streams.remove(&key) {
+                return Ok(stream);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!("it did not connect within {:.0?}", self.timeout));
+            }
+            streams = self
+                .inbox
+                .arrived
+                .wait_timeout(streams, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Closes every connection, so that peers blocked on us fail at once.
+    fn shut_all(&self) {
+        for stream in self.streams.iter().flatten() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// An op and where its result goes.
+type Queued = (Collective, mpsc::Sender<Result<(), CommError>>);
+
+/// A process group's collectives over TCP; ops run in start order on the group's thread.
+pub struct TcpCommunicator {
+    group: Group,
+    ops: Option<mpsc::Sender<Queued>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Communicator for TcpCommunicator {
+    fn group(&self) -> &Group {
+        &self.group
+    }
+
+    unsafe fn start(&mut self, op: Collective) -> Result<Work, CommError> {
+        let (reply, result) = mpsc::channel();
+        let ops = self.ops.as_ref().expect("invariant: open until dropped");
+        if ops.send((op, reply)).is_err() {
+            return Err(CommError::Setup {
+                group: self.group.name.clone(),
+                what: "the communicator's thread has stopped".into(),
+                help: "an earlier error of this rank says why".into(),
+            });
+        }
+        Ok(Work::pending(result))
+    }
+}
+
+impl Drop for TcpCommunicator {
+    fn drop(&mut self) {
+        self.ops = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Why an op failed, before it becomes a [`CommError`].
+struct Failure {
+    /// Group members the op was waiting on.
+    silent: Vec<usize>,
+    cause: String,
+}
+
+/// A send the sender thread performs: bytes at an address, on one link.
+enum Job {
+    Bytes {
+        stream: Arc<TcpStream>,
+        peer: usize,
+        addr: usize,
+        len: usize,
+    },
+    Header {
+        stream: Arc<TcpStream>,
+        peer: usize,
+        header: [u8; HEADER],
+    },
+    /// Reply once every job before it is done (or with the first failure).
+    Flush(mpsc::Sender<Result<(), (usize, String)>>),
+}
+
+/// Writes jobs in order; after a failure skips to the next flush and closes the links.
+fn send_loop(jobs: mpsc::Receiver<Job>, streams: Vec<Arc<TcpStream>>) {
+    let mut failed: Option<(usize, String)> = None;
+    for job in jobs {
+        match job {
+            Job::Flush(reply) => {
+                let _ = reply.send(failed.take().map_or(Ok(()), Err));
+            }
+            _ if failed.is_some() => {}
+            Job::Header {
+                stream,
+                peer,
+                header,
+            } => {
+                if let Err(e) = (&*stream).write_all(&header) {
+                    failed = Some((peer, describe_io(&e)));
+                }
+            }
+            Job::Bytes {
+                stream,
+                peer,
+                addr,
+                len,
+            } => {
+                // SAFETY: the op that queued this job keeps the buffer alive and unwritten
+                // until its flush, which comes after this job.
+                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                if let Err(e) = (&*stream).write_all(bytes) {
+                    failed = Some((peer, describe_io(&e)));
+                }
+            }
+        }
+        if failed.is_some() {
+            for stream in &streams {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+fn describe_io(e: &std::io::Error) -> String {
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => "timed out".into(),
+        ErrorKind::UnexpectedEof => "the peer closed the connection".into(),
+        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => "the connection was reset".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// The communicator's thread: runs ops in order until the communicator is dropped.
+fn serve(links: Links, queue: mpsc::Receiver<(Collective, mpsc::Sender<Result<(), CommError>>)>) {
+    let mut state = Ring {
+        links,
+        sender: None,
+        scratch: vec![0u64; PIECE / 8],
+        barrier: Vec::new(),
+        seq: 0,
+        poisoned: None,
+    };
+    for (op, reply) in queue {
+        let result = match &state.poisoned {
+            Some(error) => Err(error.clone()),
+            None => {
+                let start = Instant::now();
+                let seq = state.seq;
+                state.seq += 1;
+                state.run(op, seq).map_err(|failure| {
+                    state.links.shut_all();
+                    let group = &state.links.group;
+                    let error = CommError::Collective {
+                        group: group.name.clone(),
+                        op: op.name(),
+                        seq,
+                        silent: failure.silent.iter().map(|&m| group.ranks[m]).collect(),
+                        waited: start.elapsed(),
+                        cause: failure.cause,
+                    };
+                    state.poisoned = Some(error.clone());
+                    error
+                })
+            }
+        };
+        let _ = reply.send(result);
+    }
+    state.links.shut_all();
+}
+
+/// The state of one communicator's thread.
+struct Ring {
+    links: Links,
+    /// The sender thread's queue (started with the first op that sends).
+    sender: Option<mpsc::Sender<Job>>,
+    /// One piece, for data being reduced (u64 words: aligned for every dtype).
+    scratch: Vec<u64>,
+    /// The barrier's one-element-per-member all-reduce buffer.
+    barrier: Vec<f32>,
+    seq: u64,
+    poisoned: Option<CommError>,
+}
+
+/// `len` elements cut into `n` near-equal segments: segment `i` is `[i len / n, (i+1) len / n)`.
+fn segment(len: usize, n: usize, i: usize) -> (usize, usize) {
+    let start = i * len / n;
+    (start, (i + 1) * len / n - start)
+}
+
+fn reducible(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F32 | Dtype::Bf16 | Dtype::F16)
+}
+
+impl Ring {
+    fn n(&self) -> usize {
+        self.links.group.size()
+    }
+
+    fn index(&self) -> usize {
+        self.links.group.index
+    }
+
+    fn invalid(&self, what: String) -> Failure {
+        Failure {
+            silent: Vec::new(),
+            cause: format!("invalid call ({what}); this is a bug in tessera"),
+        }
+    }
+
+    fn link(&mut self, peer: usize) -> Result<Arc<TcpStream>, Failure> {
+        let stream = self.links.ensure(peer).map_err(|cause| Failure {
+            silent: vec![peer],
+            cause,
+        })?;
+        let timeout = Some(self.links.timeout);
+        let _ = stream.set_read_timeout(timeout);
+        let _ = stream.set_write_timeout(timeout);
+        Ok(stream)
+    }
+
+    fn sender(&mut self) -> mpsc::Sender<Job> {
+        if let Some(sender) = &self.sender {
+            return sender.clone();
+        }
+        let (sender, jobs) = mpsc::channel();
+        let streams = self.links.streams.iter().flatten().cloned().collect();
+        std::thread::Builder::new()
+            .name(format!("tessera-send {}", self.links.group.name))
+            .spawn(move || send_loop(jobs, streams))
+            .expect("invariant: a thread starts");
+        self.sender = Some(sender.clone());
+        sender
+    }
+
+    fn queue(&mut self, job: Job) {
+        // The sender thread lives as long as this state; a closed queue cannot happen.
+        let _ = self.sender().send(job);
+    }
+
+    fn flush(&mut self) -> Result<(), Failure> {
+        let (reply, done) = mpsc::channel();
+        self.queue(Job::Flush(reply));
+        match done.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((peer, cause))) => Err(Failure {
+                silent: vec![peer],
+                cause: format!("sending to member {peer}: {cause}"),
+            }),
+            Err(_) => Err(Failure {
+                silent: Vec::new(),
+                cause: "the sender thread stopped".into(),
+            }),
+        }
+    }
+
+    fn read(&mut self, peer: usize, stream: &TcpStream, into: &mut [u8]) -> Result<(), Failure> {
+        let mut reader = stream;
+        reader.read_exact(into).map_err(|e| Failure {
+            silent: vec![peer],
+            cause: format!("receiving from member {peer}: {}", describe_io(&e)),
+        })
+    }
+
+    /// Sends this op's header to `to` and checks the one `from` sent.
+    fn headers(
+        &mut self,
+        op: &Collective,
+        seq: u64,
+        len: usize,
+        dtype: Dtype,
+        to: Option<usize>,
+        from: Option<usize>,
+    ) -> Result<(), Failure> {
+        let mut header = [0u8; HEADER];
+        header[..8].copy_from_slice(&seq.to_le_bytes());
+        header[8] = kind_code(op);
+        header[9] = dtype as u8;
+        header[10..].copy_from_slice(&(len as u64).to_le_bytes());
+        if let Some(peer) = to {
+            let stream = self.link(peer)?;
+            self.queue(Job::Header {
+                stream,
+                peer,
+                header,
+            });
+        }
+        if let Some(peer) = from {
+            let stream = self.link(peer)?;
+            let mut theirs = [0u8; HEADER];
+            self.read(peer, &stream, &mut theirs)?;
+            let mut expected = header;
+            if let Collective::Recv { .. } = op {
+                // The sender's header says "send". Point-to-point ops are numbered per
+                // member, so their sequence numbers differ between the two ends.
+                expected[8] = SEND;
+                expected[..8].copy_from_slice(&theirs[..8]);
+            }
+            if theirs != expected {
+                let their_seq = u64::from_le_bytes(theirs[..8].try_into().expect("8 bytes"));
+                let their_len = u64::from_le_bytes(theirs[10..].try_into().expect("8 bytes"));
+                return Err(Failure {
+                    silent: Vec::new(),
+                    cause: format!(
+                        "member {peer} is out of step: it started op {} #{their_seq} on {their_len} \
+                         elements, this rank {} #{seq} on {len}",
+                        kind_name(theirs[8]),
+                        op.name()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, op: Collective, seq: u64) -> Result<(), Failure> {
+        let (n, me) = (self.n(), self.index());
+        for buf in buffers(&op) {
+            if buf.memory != Memory::Host {
+                return Err(self.invalid("the TCP backend moves host memory only".into()));
+            }
+        }
+        let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
+        let ring = (n > 1).then_some((next, prev));
+        match op {
+            Collective::AllReduce { buf, op: reduce } => {
+                if !reducible(buf.dtype) {
+                    return Err(self.invalid(format!("cannot reduce {}", buf.dtype.name())));
+                }
+                if n == 1 {
+                    return Ok(());
+                }
+                self.headers(
+                    &op,
+                    seq,
+                    buf.len,
+                    buf.dtype,
+                    ring.map(|r| r.0),
+                    ring.map(|r| r.1),
+                )?;
+                let seg = |i| segment(buf.len, n, i);
+                self.reduce_scatter(buf, &seg, next, prev)?;
+                if reduce == ReduceOp::Avg {
+                    let (start, len) = seg(me);
+                    scale(buf.slice(start, len), 1.0 / n as f32);
+                }
+                self.all_gather(buf, &seg, next, prev)?;
+                self.flush()
+            }
+            Collective::ReduceScatter {
+                input,
+                output,
+                op: reduce,
+            } => {
+                if !reducible(input.dtype) || input.dtype != output.dtype {
+                    return Err(self.invalid("reduce_scatter needs equal float dtypes".into()));
+                }
+                if input.len != output.len * n {
+                    return Err(self.invalid(format!(
+                        "input of {} elements is not {n} chunks of {}",
+                        input.len, output.len
+                    )));
+                }
+                let chunk = output.len;
+                let seg = |i: usize| (i * chunk, chunk);
+                if n > 1 {
+                    self.headers(&op, seq, input.len, input.dtype, Some(next), Some(prev))?;
+                    self.reduce_scatter(input, &seg, next, prev)?;
+                    self.flush()?;
+                }
+                let own = input.slice(me * chunk, chunk);
+                if reduce == ReduceOp::Avg {
+                    scale(own, 1.0 / n as f32);
+                }
+                copy(own, output);
+                Ok(())
+            }
+            Collective::AllGather { input, output } => {
+                if input.dtype != output.dtype || output.len != input.len * n {
+                    return Err(self.invalid(format!(
+                        "output of {} elements is not {n} chunks of {}",
+                        output.len, input.len
+                    )));
+                }
+                let chunk = input.len;
+                copy(input, output.slice(me * chunk, chunk));
+                if n == 1 {
+                    return Ok(());
+                }
+                self.headers(&op, seq, output.len, output.dtype, Some(next), Some(prev))?;
+                self.all_gather(output, &|i| (i * chunk, chunk), next, prev)?;
+                self.flush()
+            }
+            Collective::Broadcast { buf, root } => {
+                if root >= n {
+                    return Err(self.invalid(format!("root {root} of a group of {n}")));
+                }
+                if n == 1 {
+                    return Ok(());
+                }
+                // A pipelined chain from the root around the ring.
+                let to = (next != root).then_some(next);
+                let from = (me != root).then_some(prev);
+                self.headers(&op, seq, buf.len, buf.dtype, to, from)?;
+                self.forward(buf, from, to)?;
+                self.flush()
+            }
+            Collective::Send { buf, peer } => {
+                if peer >= n || peer == me {
+                    return Err(self.invalid(format!("send to member {peer} of {n}")));
+                }
+                self.headers(&op, seq, buf.len, buf.dtype, Some(peer), None)?;
+                self.forward(buf, None, Some(peer))?;
+                self.flush()
+            }
+            Collective::Recv { buf, peer } => {
+                if peer >= n || peer == me {
+                    return Err(self.invalid(format!("recv from member {peer} of {n}")));
+                }
+                self.headers(&op, seq, buf.len, buf.dtype, None, Some(peer))?;
+                self.forward(buf, Some(peer), None)
+            }
+            Collective::Barrier => {
+                if n == 1 {
+                    return Ok(());
+                }
+                // An all-reduce completes only once every member has contributed.
+                self.barrier.resize(n, 0.0);
+                let buf = CommBuf::host(&self.barrier);
+                self.run(
+                    Collective::AllReduce {
+                        buf,
+                        op: ReduceOp::Sum,
+                    },
+                    seq,
+                )
+            }
+        }
+    }
+
+    /// Ring reduce-scatter over the segments of `buf`: after it, this member's segment holds
+    /// the reduction over the group. Pieces received in step `s` are reduced and forwarded as
+    /// step `s + 1` while the rest of step `s` still arrives.
+    fn reduce_scatter(
+        &mut self,
+        buf: CommBuf,
+        seg: &dyn Fn(usize) -> (usize, usize),
+        next: usize,
+        prev: usize,
+    ) -> Result<(), Failure> {
+        let (n, me) = (self.n(), self.index());
+        let (to, from) = (self.link(next)?, self.link(prev)?);
+        let size = buf.dtype.size() as usize;
+        let piece = PIECE / size;
+        let send_seg = |s: usize| (me + 2 * n - s - 1) % n;
+        let recv_seg = |s: usize| (me + 2 * n - s - 2) % n;
+        let (start, len) = seg(send_seg(0));
+        self.queue_pieces(&to, next, buf.slice(start, len), piece);
+        for s in 0..n - 1 {
+            let (start, len) = seg(recv_seg(s));
+            for first in (0..len).step_by(piece.max(1)) {
+                let count = piece.min(len - first);
+                let target = buf.slice(start + first, count);
+                let mut scratch = std::mem::take(&mut self.scratch);
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut scratch);
+                let result = self.read(prev, &from, &mut bytes[..count * size]);
+                if result.is_ok() {
+                    add(target, &bytes[..count * size]);
+                }
+                self.scratch = scratch;
+                result?;
+                if s + 1 < n - 1 {
+                    self.queue(Job::Bytes {
+                        stream: to.clone(),
+                        peer: next,
+                        addr: target.addr,
+                        len: target.bytes(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ring all-gather: each member's segment travels around the ring, received straight into
+    /// place and forwarded piece by piece.
+    fn all_gather(
+        &mut self,
+        buf: CommBuf,
+        seg: &dyn Fn(usize) -> (usize, usize),
+        next: usize,
+        prev: usize,
+    ) -> Result<(), Failure> {
+        let (n, me) = (self.n(), self.index());
+        let (to, from) = (self.link(next)?, self.link(prev)?);
+        let piece = PIECE / buf.dtype.size() as usize;
+        let (start, len) = seg(me);
+        self.queue_pieces(&to, next, buf.slice(start, len), piece);
+        for s in 0..n - 1 {
+            let (start, len) = seg((me + 2 * n - s - 1) % n);
+            for first in (0..len).step_by(piece.max(1)) {
+                let target = buf.slice(start + first, piece.min(len - first));
+                // SAFETY: the op's buffer is valid and ours until it completes (start's
+                // contract); the sender thread reads only pieces already received.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts_mut(target.addr as *mut u8, target.bytes())
+                };
+                self.read(prev, &from, bytes)?;
+                if s + 1 < n - 1 {
+                    self.queue(Job::Bytes {
+                        stream: to.clone(),
+                        peer: next,
+                        addr: target.addr,
+                        len: target.bytes(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives `buf` from `from` (if any) and forwards it to `to` (if any), piece by piece.
+    fn forward(
+        &mut self,
+        buf: CommBuf,
+        from: Option<usize>,
+        to: Option<usize>,
+    ) -> Result<(), Failure> {
+        let piece = (PIECE / buf.dtype.size() as usize).max(1);
+        let to = match to {
+            Some(peer) => Some((self.link(peer)?, peer)),
+            None => None,
+        };
+        let Some(from) = from else {
+            if let Some((stream, peer)) = &to {
+                self.queue_pieces(stream, *peer, buf, piece);
+            }
+            return Ok(());
+        };
+        let source = self.link(from)?;
+        for first in (0..buf.len).step_by(piece) {
+            let target = buf.slice(first, piece.min(buf.len - first));
+            // SAFETY: as in `all_gather`.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(target.addr as *mut u8, target.bytes()) };
+            self.read(from, &source, bytes)?;
+            if let Some((stream, peer)) = &to {
+                self.queue(Job::Bytes {
+                    stream: stream.clone(),
+                    peer: *peer,
+                    addr: target.addr,
+                    len: target.bytes(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn queue_pieces(&mut self, stream: &Arc<TcpStream>, peer: usize, buf: CommBuf, piece: usize) {
+        for first in (0..buf.len).step_by(piece.max(1)) {
+            let part = buf.slice(first, piece.min(buf.len - first));
+            self.queue(Job::Bytes {
+                stream: stream.clone(),
+                peer,
+                addr: part.addr,
+                len: part.bytes(),
+            });
+        }
+    }
+}
+
+fn buffers(op: &Collective) -> Vec<CommBuf> {
+    match *op {
+        Collective::AllReduce { buf, .. }
+        | Collective::Broadcast { buf, .. }
+        | Collective::Send { buf, .. }
+        | Collective::Recv { buf, .. } => vec![buf],
+        Collective::ReduceScatter { input, output, .. }
+        | Collective::AllGather { input, output } => vec![input, output],
+        Collective::Barrier => Vec::new(),
+    }
+}
+
+const SEND: u8 = 5;
+
+fn kind_code(op: &Collective) -> u8 {
+    match op {
+        Collective::AllReduce { .. } => 1,
+        Collective::ReduceScatter { .. } => 2,
+        Collective::AllGather { .. } => 3,
+        Collective::Broadcast { .. } => 4,
+        Collective::Send { .. } => SEND,
+        Collective::Recv { .. } => 6,
+        Collective::Barrier => 7,
+    }
+}
+
+fn kind_name(code: u8) -> &'static str {
+    match code {
+        1 => "all_reduce",
+        2 => "reduce_scatter",
+        3 => "all_gather",
+        4 => "broadcast",
+        5 => "send",
+        6 => "recv",
+        7 => "barrier",
+        _ => "unknown",
+    }
+}
+
+/// `target += bytes` element-wise (bytes hold `target.len` elements of its dtype).
+fn add(target: CommBuf, bytes: &[u8]) {
+    // SAFETY: the op's buffer is valid and ours (start's contract) and aligned for its dtype
+    // (arena regions and their slices are); `bytes` is the u64-aligned scratch.
+    unsafe {
+        match target.dtype {
+            Dtype::F32 => add_elems::<f32>(target, bytes, |a, b| a + b),
+            Dtype::Bf16 => add_elems::<bf16>(target, bytes, |a, b| {
+                bf16::from_f32(a.to_f32() + b.to_f32())
+            }),
+            Dtype::F16 => {
+                add_elems::<f16>(target, bytes, |a, b| f16::from_f32(a.to_f32() + b.to_f32()))
+            }
+            _ => unreachable!("invariant: checked by `reducible`"),
+        }
+    }
+}
+
+/// # Safety
+/// `target` is a valid, exclusively owned range of `T`s.
+unsafe fn add_elems<T: bytemuck::Pod>(target: CommBuf, bytes: &[u8], f: impl Fn(T, T) -> T) {
+    // SAFETY: the caller's contract.
+    let dst = unsafe { std::slice::from_raw_parts_mut(target.addr as *mut T, target.len) };
+    let src: &[T] = bytemuck::cast_slice(bytes);
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f(*d, s);
+    }
+}
+
+/// `buf *= factor`, computed in f32.
+fn scale(buf: CommBuf, factor: f32) {
+    // SAFETY: as in `add`.
+    unsafe {
+        match buf.dtype {
+            Dtype::F32 => map::<f32>(buf, |v| v * factor),
+            Dtype::Bf16 => map::<bf16>(buf, |v| bf16::from_f32(v.to_f32() * factor)),
+            Dtype::F16 => map::<f16>(buf, |v| f16::from_f32(v.to_f32() * factor)),
+            _ => unreachable!("invariant: checked by `reducible`"),
+        }
+    }
+}
+
+/// # Safety
+/// `buf` is a valid, exclusively owned range of `T`s.
+unsafe fn map<T: Copy>(buf: CommBuf, f: impl Fn(T) -> T) {
+    // SAFETY: the caller's contract.
+    let values = unsafe { std::slice::from_raw_parts_mut(buf.addr as *mut T, buf.len) };
+    for v in values {
+        *v = f(*v);
+    }
+}
+
+/// Copies `from` to `to` (same length), unless they are the same memory.
+fn copy(from: CommBuf, to: CommBuf) {
+    if from.addr != to.addr && from.len > 0 {
+        // SAFETY: both are valid ranges of the op (start's contract); `copy` allows overlap.
+        unsafe { std::ptr::copy(from.addr as *const u8, to.addr as *mut u8, from.bytes()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_cover_the_buffer_in_order_for_any_length_and_size() {
+        for n in 1..=9 {
+            for len in [0, 1, 2, 7, 8, 9, 1001] {
+                let mut next = 0;
+                for i in 0..n {
+                    let (start, count) = segment(len, n, i);
+                    assert_eq!(start, next, "len {len} n {n}");
+                    next = start + count;
+                }
+                assert_eq!(next, len);
+            }
+        }
+    }
+}
