@@ -87,6 +87,10 @@ pub enum Error {
     )]
     Diverged { step: u64, loss: f32 },
 
+    // --- collectives ---
+    #[error(transparent)]
+    Comm(Box<crate::comm::CommError>),
+
     // --- checkpoints ---
     #[error("checkpoint {}: {what}\n  help: {help}", path.display())]
     Checkpoint {
@@ -107,5 +111,11 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { path, source }
+    }
+}
+
+impl From<crate::comm::CommError> for Error {
+    fn from(error: crate::comm::CommError) -> Error {
+        Error::Comm(Box::new(error))
     }
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tessera_plan::Config;
 use tessera_plan::memory::{Place, StagePlan};
-use tessera_plan::model::ModelShape;
+use tessera_plan::model::{ModelShape, Unit as UnitKind};
 use tessera_plan::schedule::{Op, PipelineSchedule};
 
 use crate::arena::ArenaLayout;
@@ -18,6 +18,8 @@ use crate::error::{Error, Result};
 use crate::model::init::initial_values;
 use crate::model::{Gpt, Unit, units};
 use crate::optim::Optimizer;
+use crate::parallel::Comms;
+use crate::parallel::data::{DataParallel, sum_over_group};
 use crate::tensor::Backend;
 
 /// What one optimizer step reports (one line of `--metrics`).
@@ -45,6 +47,8 @@ pub struct Rank<B: Backend> {
     pub units: Vec<Unit>,
     pub model: Gpt,
     pub optimizer: Optimizer,
+    pub comms: Comms,
+    data_parallel: DataParallel,
     ops: Vec<Op>,
     slots: usize,
     /// Steps completed so far (the next step to run is `step`).
@@ -54,7 +58,27 @@ pub struct Rank<B: Backend> {
     targets: Vec<i32>,
 }
 
-/// Fails unless the config is a single rank: collectives come with the multi-process runtime.
+/// Fails unless the mesh is one this build's worker trains: data parallelism only (tensor and
+/// pipeline parallelism arrive with issue 6).
+pub fn check_supported_mesh(config: &Config) -> Result<()> {
+    let p = &config.parallel;
+    if p.tensor != 1 || p.pipeline != 1 {
+        return Err(Error::Unsupported {
+            what: format!(
+                "this build's worker trains data-parallel meshes only, but the config has tensor {} x pipeline {}",
+                p.tensor, p.pipeline
+            ),
+            help: format!(
+                "add --set parallel.tensor=1 --set parallel.pipeline=1 (and e.g. --set parallel.data={}); \
+                 tensor and pipeline parallelism arrive with issue 6",
+                p.world_size()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Fails unless the config is a single rank (the worker run alone, without `launch`).
 pub fn check_single_rank(config: &Config) -> Result<()> {
     let p = &config.parallel;
     if p.world_size() != 1 {
@@ -75,10 +99,16 @@ pub fn check_single_rank(config: &Config) -> Result<()> {
 }
 
 impl<B: Backend> Rank<B> {
-    /// Lays out the rank from the memory plan of pipeline stage 0 and checks that the backend
-    /// allocated exactly what the plan says.
+    /// A rank of a single-process run: lays out the rank from the memory plan of pipeline
+    /// stage 0 and checks that the backend allocated exactly what the plan says.
     pub fn new(config: Config, backend: B) -> Result<Rank<B>> {
         check_single_rank(&config)?;
+        Rank::in_mesh(config, backend, Comms::solo())
+    }
+
+    /// A rank of a multi-process run, taking part through `comms`.
+    pub fn in_mesh(config: Config, backend: B, comms: Comms) -> Result<Rank<B>> {
+        check_supported_mesh(&config)?;
         let stage = StagePlan::new(&config, 0);
         let layout = ArenaLayout::new(&stage);
         for place in [Place::Device, Place::Host] {
@@ -88,7 +118,7 @@ impl<B: Backend> Rank<B> {
                 "invariant: the backend allocated the planned arena"
             );
         }
-        let units = units(&layout, &config, &stage)?;
+        let units = units(&layout, &config, &stage, comms.dp_rank())?;
         let model = Gpt::new(&layout, &config, &stage, &units)?;
         let training = &config.training;
         let optimizer = Optimizer::new(
@@ -111,6 +141,8 @@ impl<B: Backend> Rank<B> {
             units,
             model,
             optimizer,
+            data_parallel: DataParallel::new(config.parallel.zero),
+            comms,
             backend,
             step: 0,
             inputs: vec![0; tokens],
@@ -129,8 +161,10 @@ impl<B: Backend> Rank<B> {
                     initial_values(placed, unit.layer, &shape, 0, self.config.training.seed);
                 let name = placed.spec.name;
                 self.backend.write(unit.view(unit.params, name), &values)?;
-                if let Some(master) = unit.master {
-                    self.backend.write(unit.view(master, name), &values)?;
+                if let (Some(master), Some(range)) = (unit.master, unit.shard_of(name)) {
+                    let offset = placed.offset as usize;
+                    let part = &values[range.start - offset..range.end - offset];
+                    self.backend.write(unit.state_view(master, &range), part)?;
                 }
             }
         }
@@ -149,6 +183,10 @@ impl<B: Backend> Rank<B> {
         let dloss = (self.optimizer.loss_scale.scale as f64 / tokens_per_step) as f32;
         let mut loss = 0.0;
         let mut microbatches = 0;
+        let last_backward = self
+            .ops
+            .iter()
+            .rposition(|op| matches!(op, Op::Backward { .. }));
         for i in 0..self.ops.len() {
             match self.ops[i] {
                 Op::Forward { microbatch, .. } => {
@@ -163,13 +201,43 @@ impl<B: Backend> Rank<B> {
                     loss += self.model.forward(&mut self.backend, slot, dloss)?;
                     microbatches += 1;
                 }
+                Op::Backward { microbatch, .. } if Some(i) == last_backward => {
+                    self.last_backward(microbatch % self.slots)?;
+                }
                 Op::Backward { microbatch, .. } => {
                     self.model
                         .backward(&mut self.backend, microbatch % self.slots)?;
                 }
             }
         }
-        Ok(loss / (microbatches * self.inputs.len()) as f64)
+        let tokens = (microbatches * self.inputs.len()) as f64;
+        let global = sum_over_group(self.comms.dp.as_mut(), loss / tokens)?;
+        Ok(global / self.comms.dp.group().size() as f64)
+    }
+
+    /// The step's last backward, piece by piece: each unit's gradients start their
+    /// data-parallel reduction as soon as they are final, while the layers below compute.
+    fn last_backward(&mut self, slot: usize) -> Result<()> {
+        let first_layer = usize::from(self.units[0].kind == UnitKind::Embedding);
+        let (dp, comm) = (&mut self.data_parallel, self.comms.dp.as_mut());
+        // The head's gradients were finished by the last forward.
+        for unit in self
+            .units
+            .iter()
+            .filter(|u| matches!(u.kind, UnitKind::Head { .. }))
+        {
+            dp.reduce(comm, &self.backend, unit)?;
+        }
+        self.model.backward_begin(&mut self.backend, slot)?;
+        for l in (0..self.model.layers()).rev() {
+            self.model.backward_layer(&mut self.backend, slot, l)?;
+            dp.reduce(comm, &self.backend, &self.units[first_layer + l])?;
+        }
+        self.model.backward_end(&mut self.backend, slot)?;
+        if first_layer == 1 {
+            dp.reduce(comm, &self.backend, &self.units[0])?;
+        }
+        Ok(())
     }
 
     /// One whole optimizer step on the rank's share of the global batch.
@@ -198,12 +266,19 @@ impl<B: Backend> Rank<B> {
                 loss: loss as f32,
             });
         }
-        let norm =
-            self.optimizer
-                .grad_norm(&mut self.backend, &self.units, self.model.norm_partials())?;
+        self.data_parallel.finish()?;
+        let local = self.optimizer.sum_squares(
+            &mut self.backend,
+            &self.units,
+            self.model.norm_partials(),
+        )?;
+        let comm = self.comms.dp.as_mut();
+        let norm = self.data_parallel.total_sum_squares(comm, local)?.sqrt();
         let report = self
             .optimizer
             .step(&mut self.backend, &self.units, self.step, norm)?;
+        self.data_parallel
+            .gather_params(comm, &self.backend, &self.units)?;
         self.step += 1;
         let seconds = start.elapsed().as_secs_f64();
         let tokens = self.config.tokens_per_step() as f64;
@@ -257,7 +332,7 @@ pub fn run<B: Backend>(
         global_batch: config.training.global_batch,
         micro_batch: config.training.micro_batch,
         dp: config.parallel.data,
-        dp_rank: 0,
+        dp_rank: rank.comms.dp_rank(),
     };
     let dir = PathBuf::from(&config.checkpoint.dir);
     let resumed_from = if options.fresh {
@@ -267,7 +342,8 @@ pub fn run<B: Backend>(
     };
     match &resumed_from {
         Some(path) => {
-            let manifest = checkpoint::load(path, &config, &mut rank.backend, &rank.units)?;
+            let manifest =
+                checkpoint::load(path, &config, &mut rank.backend, &rank.units, &rank.comms)?;
             rank.step = manifest.step;
             rank.optimizer.loss_scale = manifest.loss_scale;
         }
@@ -304,8 +380,11 @@ pub fn run<B: Backend>(
                 &rank.backend,
                 &rank.units,
                 rank.optimizer.loss_scale,
+                &mut rank.comms,
             )?;
-            checkpoint::prune(&dir, config.checkpoint.keep)?;
+            if rank.comms.rank == 0 {
+                checkpoint::prune(&dir, config.checkpoint.keep)?;
+            }
         }
         on_step(&rank, &metrics);
         all.push(metrics);

@@ -22,9 +22,11 @@ use tessera_plan::Config;
 use tessera_plan::config::Choice as _;
 use tessera_plan::memory::Dtype;
 
+use crate::comm::CommunicatorExt as _;
 use crate::error::{Error, Result};
 use crate::model::Unit;
 use crate::optim::LossScale;
+use crate::parallel::Comms;
 use crate::tensor::{Backend, Tensor};
 
 const FORMAT: u32 = 1;
@@ -129,30 +131,90 @@ fn safetensors_dtype(dtype: Dtype) -> safetensors::Dtype {
     }
 }
 
-/// Every tensor of a rank's state: (name, handle, shape).
-fn state_tensors(units: &[Unit]) -> Vec<(String, Tensor, Vec<usize>)> {
+/// What a tensor of a checkpoint holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A parameter: equal on every data-parallel rank, written by the first.
+    Param,
+    /// Master weights or Adam moments: written by the first data-parallel rank, or by every
+    /// rank as flat per-unit shards (`adam_m.layers.3`) under ZeRO.
+    State,
+}
+
+/// Every tensor of a rank's state: (name, handle, shape, kind).
+fn state_tensors(units: &[Unit]) -> Vec<(String, Tensor, Vec<usize>, Kind)> {
     let mut tensors = Vec::new();
     for unit in units {
         for placed in &unit.layout.params {
             let name = unit.param_name(placed.spec.name);
-            let view = |buffer: Tensor| unit.view(buffer, placed.spec.name);
             let shape = placed.local_shape.clone();
-            tensors.push((name.clone(), view(unit.params), shape.clone()));
-            if let Some(master) = unit.master {
-                tensors.push((format!("master.{name}"), view(master), shape.clone()));
+            tensors.push((
+                name.clone(),
+                unit.view(unit.params, placed.spec.name),
+                shape.clone(),
+                Kind::Param,
+            ));
+            if !unit.is_whole() {
+                continue;
             }
-            tensors.push((format!("adam_m.{name}"), view(unit.adam_m), shape.clone()));
-            tensors.push((format!("adam_v.{name}"), view(unit.adam_v), shape));
+            let view = |buffer: Tensor| unit.view(buffer, placed.spec.name);
+            if let Some(master) = unit.master {
+                tensors.push((
+                    format!("master.{name}"),
+                    view(master),
+                    shape.clone(),
+                    Kind::State,
+                ));
+            }
+            tensors.push((
+                format!("adam_m.{name}"),
+                view(unit.adam_m),
+                shape.clone(),
+                Kind::State,
+            ));
+            tensors.push((
+                format!("adam_v.{name}"),
+                view(unit.adam_v),
+                shape,
+                Kind::State,
+            ));
+        }
+        if !unit.is_whole() {
+            let name = unit.name();
+            let states = [
+                ("master", unit.master),
+                ("adam_m", Some(unit.adam_m)),
+                ("adam_v", Some(unit.adam_v)),
+            ];
+            for (state, buffer) in states {
+                if let Some(buffer) = buffer {
+                    tensors.push((
+                        format!("{state}.{name}"),
+                        buffer,
+                        vec![buffer.len],
+                        Kind::State,
+                    ));
+                }
+            }
         }
     }
     tensors
+}
+
+/// Whether the rank's optimizer states are ZeRO shards (then every data-parallel rank writes
+/// its own file).
+fn sharded(units: &[Unit]) -> bool {
+    !units.iter().all(Unit::is_whole)
 }
 
 fn rank_file(rank: usize) -> String {
     format!("rank-{rank:05}.safetensors")
 }
 
-/// Writes the checkpoint of `step` atomically and keeps the newest `keep`.
+/// Writes the checkpoint of `step` atomically. Every rank of the run calls it at the same
+/// step: rank 0 prepares the directory, each rank that holds state no other rank holds writes
+/// its file into the shared partial directory, and once all have (a barrier) rank 0 writes
+/// the manifest and renames the directory, which commits the checkpoint for all of them.
 pub fn save<B: Backend>(
     dir: &Path,
     step: u64,
@@ -160,16 +222,67 @@ pub fn save<B: Backend>(
     backend: &B,
     units: &[Unit],
     loss_scale: LossScale,
+    comms: &mut Comms,
 ) -> Result<PathBuf> {
-    fs::create_dir_all(dir).map_err(Error::io(dir))?;
-    remove_stale_partials(dir)?;
+    let leader = comms.rank == 0;
     let target = step_dir(dir, step);
-    let partial = dir.join(format!("{PREFIX}{step:08}{PARTIAL}{}", std::process::id()));
-    fs::create_dir(&partial).map_err(Error::io(&partial))?;
+    let partial = dir.join(format!("{PREFIX}{step:08}{PARTIAL}{}", comms.run_id));
+    if leader {
+        fs::create_dir_all(dir).map_err(Error::io(dir))?;
+        remove_stale_partials(dir)?;
+        fs::create_dir(&partial).map_err(Error::io(&partial))?;
+    }
+    comms.world.barrier()?;
 
-    let tensors = state_tensors(units);
+    let first = comms.dp_rank() == 0;
+    let sharded = sharded(units);
+    if first || sharded {
+        let tensors: Vec<_> = state_tensors(units)
+            .into_iter()
+            .filter(|t| t.3 == Kind::State || first)
+            .collect();
+        write_tensors(&partial, &rank_file(comms.rank), backend, &tensors)?;
+    }
+    comms.world.barrier()?;
+
+    if leader {
+        let ranks = comms.world.group().ranks.len();
+        let files = if sharded {
+            (0..ranks).map(rank_file).collect()
+        } else {
+            vec![rank_file(0)]
+        };
+        let manifest = Manifest {
+            format: FORMAT,
+            step,
+            samples: step * config.training.global_batch as u64,
+            loss_scale,
+            run: RunIdentity::of(config),
+            files,
+        };
+        let json = serde_json::to_vec_pretty(&manifest).expect("invariant: a manifest serialises");
+        write_synced(&partial.join(MANIFEST), &json)?;
+        sync_dir(&partial)?;
+        if target.exists() {
+            // A run restarted from an older checkpoint saves this step again: replace it.
+            fs::remove_dir_all(&target).map_err(Error::io(&target))?;
+        }
+        fs::rename(&partial, &target).map_err(Error::io(&target))?;
+        sync_dir(dir)?;
+    }
+    comms.world.barrier()?;
+    Ok(target)
+}
+
+/// Writes `tensors` into `partial/file`, fsynced.
+fn write_tensors<B: Backend>(
+    partial: &Path,
+    file: &str,
+    backend: &B,
+    tensors: &[(String, Tensor, Vec<usize>, Kind)],
+) -> Result<()> {
     let mut data = Vec::with_capacity(tensors.len());
-    for (_, tensor, _) in &tensors {
+    for (_, tensor, _, _) in tensors {
         let mut bytes = vec![0u8; tensor.bytes()];
         backend.read_bytes(*tensor, &mut bytes)?;
         data.push(bytes);
@@ -177,37 +290,17 @@ pub fn save<B: Backend>(
     let views = tensors
         .iter()
         .zip(&data)
-        .map(|((name, tensor, shape), bytes)| {
+        .map(|((name, tensor, shape, _), bytes)| {
             let view = TensorView::new(safetensors_dtype(tensor.dtype), shape.clone(), bytes)
                 .expect("invariant: the shape matches the bytes");
             (name.as_str(), view)
         });
     let encoded = safetensors::serialize(views, None).map_err(|e| Error::Checkpoint {
-        path: partial.clone(),
+        path: partial.to_path_buf(),
         what: format!("cannot encode tensors: {e}"),
         help: "this is a bug in tessera; please report it".into(),
     })?;
-    let file = rank_file(0);
-    write_synced(&partial.join(&file), &encoded)?;
-    let manifest = Manifest {
-        format: FORMAT,
-        step,
-        samples: step * config.training.global_batch as u64,
-        loss_scale,
-        run: RunIdentity::of(config),
-        files: vec![file],
-    };
-    let json = serde_json::to_vec_pretty(&manifest).expect("invariant: a manifest serialises");
-    write_synced(&partial.join(MANIFEST), &json)?;
-    sync_dir(&partial)?;
-
-    if target.exists() {
-        // A run restarted from an older checkpoint saves this step again: replace it.
-        fs::remove_dir_all(&target).map_err(Error::io(&target))?;
-    }
-    fs::rename(&partial, &target).map_err(Error::io(&target))?;
-    sync_dir(dir)?;
-    Ok(target)
+    write_synced(&partial.join(file), &encoded)
 }
 
 /// Deletes all but the newest `keep` complete checkpoints.
@@ -252,6 +345,7 @@ pub fn load<B: Backend>(
     config: &Config,
     backend: &mut B,
     units: &[Unit],
+    comms: &Comms,
 ) -> Result<Manifest> {
     let bad = |what: String, help: &str| Error::Checkpoint {
         path: path.to_path_buf(),
@@ -283,18 +377,25 @@ pub fn load<B: Backend>(
             "point checkpoint.dir at a new directory to start fresh, or restore the config that wrote it",
         ));
     }
-    let file = path.join(rank_file(0));
-    let bytes = fs::read(&file).map_err(Error::io(&file))?;
-    let stored = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-        bad(
-            format!("{} is not a valid safetensors file: {e}", rank_file(0)),
-            "the checkpoint is damaged; remove it to resume from the one before",
-        )
-    })?;
-    for (name, tensor, shape) in state_tensors(units) {
+    // Parameters (and unsharded states) come from the first data-parallel rank's file,
+    // sharded states from this rank's own.
+    let own = if sharded(units) { comms.rank } else { 0 };
+    let first = read_file(path, 0, &bad)?;
+    let mine = if own == 0 {
+        None
+    } else {
+        Some(read_file(path, own, &bad)?)
+    };
+    for (name, tensor, shape, kind) in state_tensors(units) {
+        let (rank, bytes) = match (&mine, kind) {
+            (Some(mine), Kind::State) => (own, mine),
+            _ => (0, &first),
+        };
+        let stored = safetensors::SafeTensors::deserialize(bytes)
+            .expect("invariant: read_file checked the file");
         let view = stored.tensor(&name).map_err(|_| {
             bad(
-                format!("{} has no tensor `{name}`", rank_file(0)),
+                format!("{} has no tensor `{name}`", rank_file(rank)),
                 "the checkpoint is damaged; remove it to resume from the one before",
             )
         })?;
@@ -312,6 +413,19 @@ pub fn load<B: Backend>(
         backend.write_bytes(tensor, view.data())?;
     }
     Ok(manifest)
+}
+
+/// The bytes of rank `rank`'s tensor file, checked to be safetensors.
+fn read_file(path: &Path, rank: usize, bad: &impl Fn(String, &str) -> Error) -> Result<Vec<u8>> {
+    let file = path.join(rank_file(rank));
+    let bytes = fs::read(&file).map_err(Error::io(&file))?;
+    if let Err(e) = safetensors::SafeTensors::deserialize(&bytes) {
+        return Err(bad(
+            format!("{} is not a valid safetensors file: {e}", rank_file(rank)),
+            "the checkpoint is damaged; remove it to resume from the one before",
+        ));
+    }
+    Ok(bytes)
 }
 
 fn describe(run: &RunIdentity) -> String {

@@ -318,20 +318,47 @@ impl Gpt {
     }
 
     /// Backward of the microbatch in `slot`, from the gradient of the stage output (the head's
-    /// on the last stage) down to the embedding (first stage).
+    /// on the last stage) down to the embedding (first stage): `backward_begin`, then
+    /// `backward_layer` for each layer from the last, then `backward_end`. The runtime calls
+    /// the pieces itself when it starts reducing each layer's gradients as soon as they are done.
     pub fn backward<B: Backend>(&mut self, backend: &mut B, slot: usize) -> Result<()> {
-        let dresid = self.scratch.dresid;
-        if let Some(dhead) = &self.dhead {
-            backend.copy(dresid, dhead[slot])?;
-        }
+        self.backward_begin(backend, slot)?;
         for l in (0..self.params.layers.len()).rev() {
-            self.recompute(backend, slot, l)?;
-            self.layer_backward(backend, slot, l)?;
+            self.backward_layer(backend, slot, l)?;
         }
+        self.backward_end(backend, slot)
+    }
+
+    /// Layers of this stage.
+    pub fn layers(&self) -> usize {
+        self.params.layers.len()
+    }
+
+    /// Takes the gradient of the stage output (last stage: from the head's forward).
+    pub fn backward_begin<B: Backend>(&mut self, backend: &mut B, slot: usize) -> Result<()> {
+        if let Some(dhead) = &self.dhead {
+            backend.copy(self.scratch.dresid, dhead[slot])?;
+        }
+        Ok(())
+    }
+
+    /// Backward of the stage's layer `l` (after layer `l + 1`'s).
+    pub fn backward_layer<B: Backend>(
+        &mut self,
+        backend: &mut B,
+        slot: usize,
+        l: usize,
+    ) -> Result<()> {
+        self.recompute(backend, slot, l)?;
+        self.layer_backward(backend, slot, l)
+    }
+
+    /// The embedding's backward (first stage; nothing elsewhere).
+    pub fn backward_end<B: Backend>(&mut self, backend: &mut B, slot: usize) -> Result<()> {
         if let (Some(tokens), Some(dwte), Some(dwpe)) =
             (&self.tokens, self.grads.wte, self.grads.wpe)
         {
-            backend.embedding_bwd(dwte, dwpe, dresid, tokens[slot], self.dims)?;
+            backend.embedding_bwd(dwte, dwpe, self.scratch.dresid, tokens[slot], self.dims)?;
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ pub mod init;
 use std::ops::Range;
 
 use tessera_plan::Config;
+use tessera_plan::config::Zero;
 use tessera_plan::memory::StagePlan;
 use tessera_plan::model::{ModelShape, Unit as UnitKind, UnitLayout};
 
@@ -22,16 +23,29 @@ use crate::tensor::Tensor;
 pub use gpt::Gpt;
 
 /// One unit's buffers on this rank.
+///
+/// Under ZeRO the flat buffers are longer than the unit (`S x dp` elements, see
+/// `tessera_plan::memory`) so that reduce-scatter and all-gather work in place, and the fp32
+/// states hold only this rank's `shard` of them.
 #[derive(Debug, Clone)]
 pub struct Unit {
     pub kind: UnitKind,
     /// The global layer index of a `Unit::Layer`.
     pub layer: Option<usize>,
     pub layout: UnitLayout,
+    /// The unit's parameters (`layout.elems`), the start of `flat_params`.
     pub params: Tensor,
+    /// The unit's gradients (`layout.elems`), the start of `flat_grads`.
     pub grads: Tensor,
-    /// fp32 master weights (mixed precision only).
+    /// The whole parameter region: what collectives move.
+    pub flat_params: Tensor,
+    pub flat_grads: Tensor,
+    /// The elements of the flat buffers whose optimizer state this rank holds: all of them
+    /// without ZeRO, chunk `dp_rank` of `dp` equal chunks with it.
+    pub shard: Range<usize>,
+    /// fp32 master weights of the shard (mixed precision only).
     pub master: Option<Tensor>,
+    /// Adam moments of the shard.
     pub adam_m: Tensor,
     pub adam_v: Tensor,
 }
@@ -45,6 +59,22 @@ impl Unit {
         }
     }
 
+    /// The unit's own name: `embedding`, `layers.3`, `head`.
+    pub fn name(&self) -> String {
+        match (self.kind, self.layer) {
+            (UnitKind::Embedding, _) => "embedding".into(),
+            (UnitKind::Head { .. }, _) => "head".into(),
+            (UnitKind::Layer, layer) => format!("layers.{}", layer.unwrap_or(0)),
+        }
+    }
+
+    /// Whether this rank holds the optimizer state of the whole unit (no ZeRO, or one rank).
+    /// The same on every rank of a data-parallel group, which is what lets them agree on
+    /// all-reduce or reduce-scatter.
+    pub fn is_whole(&self) -> bool {
+        self.shard.len() == self.flat_params.len
+    }
+
     /// The handle of parameter `name` inside a flat buffer laid out like this unit.
     pub fn view(&self, buffer: Tensor, name: &str) -> Tensor {
         let placed = self
@@ -53,13 +83,54 @@ impl Unit {
             .expect("invariant: the unit has this parameter");
         buffer.slice(placed.offset as usize, placed.numel() as usize)
     }
+
+    /// The part of parameter `name` inside this rank's shard, as a range of the flat buffer.
+    pub fn shard_of(&self, name: &str) -> Option<Range<usize>> {
+        let placed = self
+            .layout
+            .get(name)
+            .expect("invariant: the unit has this parameter");
+        let (start, end) = (
+            placed.offset as usize,
+            (placed.offset + placed.numel()) as usize,
+        );
+        let (start, end) = (start.max(self.shard.start), end.min(self.shard.end));
+        (start < end).then_some(start..end)
+    }
+
+    /// `range` (of the flat buffer, inside the shard) of a shard-sized state buffer.
+    pub fn state_view(&self, state: Tensor, range: &Range<usize>) -> Tensor {
+        state.slice(range.start - self.shard.start, range.len())
+    }
 }
 
 /// The units of this rank in storage order: embedding (first stage), the stage's layers, head
-/// (last stage).
-pub fn units(layout: &ArenaLayout, config: &Config, stage: &StagePlan) -> Result<Vec<Unit>> {
+/// (last stage). `dp_rank` picks the ZeRO shard.
+pub fn units(
+    layout: &ArenaLayout,
+    config: &Config,
+    stage: &StagePlan,
+    dp_rank: usize,
+) -> Result<Vec<Unit>> {
     let shape = ModelShape::new(&config.model, config.parallel.tensor);
     let p = config.parallel.pipeline;
+    let dp = config.parallel.data;
+    if config.parallel.zero > Zero::Optimizer && dp > 1 {
+        return Err(Error::Unsupported {
+            what: format!(
+                "parallel.zero {} (sharded gradients{}) is not in this build's worker yet",
+                config.parallel.zero.stage(),
+                if config.parallel.zero == Zero::Parameters {
+                    " and parameters"
+                } else {
+                    ""
+                }
+            ),
+            help: "use --set parallel.zero=1 (sharded optimizer states) or 0; stages 2 and 3 \
+                   arrive with 3D parallelism (issue 6)"
+                .into(),
+        });
+    }
     let mut kinds: Vec<(UnitKind, &str, Option<usize>, usize)> = Vec::new();
     if stage.pp_rank == 0 {
         kinds.push((UnitKind::Embedding, "embedding", None, 0));
@@ -80,31 +151,37 @@ pub fn units(layout: &ArenaLayout, config: &Config, stage: &StagePlan) -> Result
         .map(|(kind, suffix, layer, index)| {
             let unit_layout = shape.layout(kind);
             let elems = unit_layout.elems as usize;
-            let whole = |t: Tensor| -> Result<Tensor> {
-                if t.len < elems {
-                    return Err(Error::Unsupported {
-                        what: format!(
-                            "unit `{suffix}` is sharded by ZeRO ({} of {elems} elements on this rank)",
-                            t.len
-                        ),
-                        help: "ZeRO sharding needs the data-parallel runtime: run with parallel.data=1 here".into(),
-                    });
-                }
-                Ok(t.slice(0, elems))
+            let flat_params = get("params", suffix, index)?;
+            let flat_grads = get("grads", suffix, index)?;
+            let adam_m = get("adam_m", suffix, index)?;
+            let chunk = adam_m.len;
+            let shard = if flat_params.len == chunk {
+                0..chunk
+            } else {
+                dp_rank * chunk..(dp_rank + 1) * chunk
             };
+            assert!(
+                flat_params.len >= elems
+                    && flat_grads.len == flat_params.len
+                    && shard.end <= flat_params.len,
+                "invariant: the plan holds the whole unit and its shards"
+            );
             let master_name = format!("master.{suffix}");
             Ok(Unit {
                 kind,
                 layer,
-                params: whole(get("params", suffix, index)?)?,
-                grads: whole(get("grads", suffix, index)?)?,
+                params: flat_params.slice(0, elems),
+                grads: flat_grads.slice(0, elems),
+                flat_params,
+                flat_grads,
+                shard,
                 master: if layout.contains(&master_name) {
-                    Some(whole(get("master", suffix, index)?)?)
+                    Some(get("master", suffix, index)?)
                 } else {
                     None
                 },
-                adam_m: whole(get("adam_m", suffix, index)?)?,
-                adam_v: whole(get("adam_v", suffix, index)?)?,
+                adam_m,
+                adam_v: get("adam_v", suffix, index)?,
                 layout: unit_layout,
             })
         })

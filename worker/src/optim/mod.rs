@@ -93,8 +93,9 @@ impl Optimizer {
         }
     }
 
-    /// The global gradient norm of `units`' gradients (of the scaled loss).
-    pub fn grad_norm<B: Backend>(
+    /// The sum of squares of this rank's shard of `units`' gradients (of the scaled loss);
+    /// the global norm is the square root of its sum over the data-parallel shards.
+    pub fn sum_squares<B: Backend>(
         &self,
         backend: &mut B,
         units: &[Unit],
@@ -102,15 +103,17 @@ impl Optimizer {
     ) -> Result<f64> {
         let mut sum = 0.0f64;
         for unit in units {
-            // Gaps between parameters in a unit's flat buffer are never written, so they
-            // stay 0 and the whole buffer can be summed at once.
-            sum += backend.sum_squares(unit.grads, partials)?;
+            // Gaps between parameters in a unit's flat buffer (and ZeRO's padding) are never
+            // written, so they stay 0 and the whole shard can be summed at once.
+            let shard = unit.flat_grads.slice(unit.shard.start, unit.shard.len());
+            sum += backend.sum_squares(shard, partials)?;
         }
-        Ok(sum.sqrt())
+        Ok(sum)
     }
 
-    /// Applies AdamW step `step` (0-based) to every parameter of `units` given the gradient
-    /// norm of the scaled loss, then zeroes the gradients for the next step.
+    /// Applies AdamW step `step` (0-based) to this rank's shard of every parameter of `units`
+    /// given the global gradient norm of the scaled loss, then zeroes the gradients for the
+    /// next step. Under ZeRO the other shards' parameters arrive by all-gather afterwards.
     pub fn step<B: Backend>(
         &mut self,
         backend: &mut B,
@@ -131,7 +134,9 @@ impl Optimizer {
             let t = (step + 1) as i32;
             for unit in units {
                 for placed in &unit.layout.params {
-                    let name = placed.spec.name;
+                    let Some(range) = unit.shard_of(placed.spec.name) else {
+                        continue;
+                    };
                     let hyper = AdamW {
                         lr: lr as f32,
                         beta1: self.hyper.beta1 as f32,
@@ -146,19 +151,20 @@ impl Optimizer {
                         bias_correction2: (1.0 - self.hyper.beta2.powi(t)) as f32,
                         grad_scale: (clip / scale) as f32,
                     };
+                    let flat = |buffer: Tensor| buffer.slice(range.start, range.len());
                     backend.adamw(
-                        unit.view(unit.params, name),
-                        unit.master.map(|m| unit.view(m, name)),
-                        unit.view(unit.adam_m, name),
-                        unit.view(unit.adam_v, name),
-                        unit.view(unit.grads, name),
+                        flat(unit.flat_params),
+                        unit.master.map(|m| unit.state_view(m, &range)),
+                        unit.state_view(unit.adam_m, &range),
+                        unit.state_view(unit.adam_v, &range),
+                        flat(unit.flat_grads),
                         hyper,
                     )?;
                 }
             }
         }
         for unit in units {
-            backend.fill(unit.grads, 0.0)?;
+            backend.fill(unit.flat_grads, 0.0)?;
         }
         Ok(StepReport {
             lr,

@@ -20,6 +20,7 @@ pub mod cpu;
 use half::{bf16, f16};
 use tessera_plan::memory::{Dtype, Place};
 
+use crate::comm::CommBuf;
 use crate::error::Result;
 
 /// A storage element type. Kernels load it as f32, compute in f32 and store it back.
@@ -160,6 +161,11 @@ pub struct AdamW {
 pub trait Backend: Sized {
     /// Bytes allocated for the arena of `place`.
     fn arena_bytes(&self, place: Place) -> usize;
+
+    /// The memory of `t` as a communicator sees it (host or device addresses). Collectives
+    /// write it from another thread, so the caller must not pass `t` to a kernel until the
+    /// collective has finished.
+    fn comm_buf(&self, t: Tensor) -> CommBuf;
 
     // --- host <-> arena ---
 

@@ -12,6 +12,7 @@ pub mod ops;
 use half::{bf16, f16};
 use tessera_plan::memory::{Dtype, Place};
 
+use crate::comm::{CommBuf, Memory};
 use crate::error::{Error, Result};
 use crate::tensor::{AdamW, Backend, Dims, Elem, Linear, Tensor};
 
@@ -169,6 +170,20 @@ const F32: Dtype = Dtype::F32;
 impl Backend for CpuBackend {
     fn arena_bytes(&self, place: Place) -> usize {
         self.arena(place).bytes
+    }
+
+    fn comm_buf(&self, t: Tensor) -> CommBuf {
+        assert!(
+            t.offset + t.bytes() <= self.arena(t.place).bytes,
+            "invariant: handles come from this backend's arena layout"
+        );
+        CommBuf {
+            // Both arenas are host memory on the CPU backend.
+            addr: self.base(t.place) as usize + t.offset,
+            len: t.len,
+            dtype: t.dtype,
+            memory: Memory::Host,
+        }
     }
 
     fn write(&mut self, dst: Tensor, src: &[f32]) -> Result<()> {
