@@ -6,10 +6,17 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Plans, starts and supervises tessera training jobs.
 ///
+/// `launch --config job.yaml` trains the job on this machine: it starts a coordinator, one
+/// worker process per rank (their output prefixed `[rank N]`), shows progress, checkpoints as
+/// the config says and resumes from the newest checkpoint in checkpoint.dir. The first worker
+/// that fails, or Ctrl-C, stops them all.
+///
 /// `launch --config job.yaml --dry-run` prints every rank's exact memory plan: parameters,
 /// gradients, optimizer states, activations, workspace and communication buffers, against the
-/// device's capacity. Exit status: 0 it fits, 3 it does not, 2 the config or the command line
-/// is wrong, 1 anything else failed.
+/// device's capacity.
+///
+/// Exit status: 0 success (or the plan fits), 1 a failure while running, 2 the config or the
+/// command line is wrong, 3 the plan does not fit, 130 interrupted.
 #[derive(Debug, Parser)]
 #[command(
     name = "launch",
@@ -26,6 +33,40 @@ pub struct Cli {
 
     #[command(flatten)]
     pub report: ReportArgs,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// How a run (without --dry-run) behaves.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Append one JSON line per optimizer step to FILE: step, loss, lr, grad_norm,
+    /// tokens_per_s, mfu, peak_bytes.
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
+
+    /// Start from the initial weights even if checkpoint.dir has a checkpoint.
+    #[arg(long)]
+    pub fresh: bool,
+
+    /// Seconds a collective waits for a silent peer before the rank fails, naming it.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60,
+        env = "TESSERA_COLLECTIVE_TIMEOUT"
+    )]
+    pub collective_timeout: u64,
+
+    /// Seconds the coordinator waits for every rank to register before giving up, naming
+    /// the ranks that never came.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub rendezvous_timeout: u64,
+
+    /// Kernel threads per CPU worker [default: the machine's cores divided among the workers].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]

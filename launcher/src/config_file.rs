@@ -20,6 +20,9 @@ pub struct Loaded {
     /// The name used in messages and reports.
     pub name: String,
     pub config: Config,
+    /// The YAML as read and the `--set` overrides: workers rebuild the same config from them.
+    pub text: String,
+    pub sets: Vec<String>,
 }
 
 /// Reads and validates `path` (or the built-in default) with `sets` applied.
@@ -30,7 +33,12 @@ pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Loaded, Failure> {
     };
     let config =
         Config::from_yaml(&name, &text, sets).map_err(|e| Failure::usage(e.to_string()))?;
-    Ok(Loaded { name, config })
+    Ok(Loaded {
+        name,
+        config,
+        text,
+        sets: sets.to_vec(),
+    })
 }
 
 fn read(path: &Path) -> Result<String, Failure> {

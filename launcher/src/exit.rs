@@ -1,5 +1,5 @@
 //! Exit statuses, as other tools rely on them: 0 success, 1 a run-time failure, 2 a bad config
-//! or command line, 3 a plan that does not fit.
+//! or command line, 3 a plan that does not fit, 130 interrupted (Ctrl-C).
 
 use std::fmt;
 use std::process::ExitCode;
@@ -13,6 +13,8 @@ pub enum Failure {
     DoesNotFit(String),
     /// Anything else (status 1).
     Runtime(anyhow::Error),
+    /// Ctrl-C or SIGTERM stopped the run (status 130, as shells report SIGINT).
+    Interrupted,
 }
 
 impl Failure {
@@ -25,6 +27,7 @@ impl Failure {
             Failure::Runtime(_) => 1,
             Failure::Usage(_) => 2,
             Failure::DoesNotFit(_) => 3,
+            Failure::Interrupted => 130,
         })
     }
 }
@@ -34,6 +37,7 @@ impl fmt::Display for Failure {
         match self {
             Failure::Usage(message) | Failure::DoesNotFit(message) => f.write_str(message),
             Failure::Runtime(error) => write!(f, "{error:#}"),
+            Failure::Interrupted => f.write_str("interrupted; every worker was stopped"),
         }
     }
 }

@@ -1,20 +1,26 @@
 //! `launch`: plans, starts and supervises tessera training jobs.
 //!
-//! Today it plans: `--dry-run` prints every rank's exact memory plan (table, JSON or SVG) and
-//! `search` ranks the layouts that fit. The coordinator, agents and progress display that run
-//! a job come with the runtime (issue 5). The logic lives in `tessera-plan`; this crate reads
-//! files, renders, and maps outcomes to exit statuses (`exit.rs`).
+//! `--dry-run` prints every rank's exact memory plan (table, JSON or SVG) and `search` ranks
+//! the layouts that fit; the logic lives in `tessera-plan`. Without `--dry-run`, `run` starts
+//! the gRPC `coordinator`, spawns and watches the workers (`agent`) and shows `progress`.
+//! The workers are this same binary (`launch worker`, the code of `tessera_worker::cli`), so
+//! one executable is all a machine needs. `exit.rs` maps outcomes to exit statuses.
 
+mod agent;
 mod cli;
 mod config_file;
+mod coordinator;
 mod dryrun;
 mod exit;
+mod progress;
+mod run;
 mod search;
 mod svg;
 
 use std::fs;
 use std::io::Write as _;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -24,6 +30,12 @@ use cli::{Cli, Command, Format};
 use exit::Failure;
 
 fn main() -> ExitCode {
+    // `launch worker ...` is how `launch` starts its workers: the worker's own command line.
+    let mut args = std::env::args_os();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "worker") {
+        let program = args.next().unwrap_or_default();
+        return tessera_worker::cli::main(std::iter::once(program).chain(args.skip(1)));
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -44,10 +56,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 eprintln!("warning: {warning}");
             }
             if !cli.report.dry_run {
-                return Err(Failure::usage(
-                    "running a job is not available yet: this build plans only (training arrives with the worker and the \
-                     runtime). Add --dry-run to print the memory plan, or use `launch search` to find layouts that fit",
-                ));
+                let options = run::RunOptions {
+                    metrics: cli.run.metrics.clone(),
+                    fresh: cli.run.fresh,
+                    collective_timeout: Duration::from_secs(cli.run.collective_timeout.max(1)),
+                    rendezvous_timeout: Duration::from_secs(cli.run.rendezvous_timeout.max(1)),
+                    threads: cli.run.threads,
+                };
+                return run::run_local(&loaded, &options);
             }
             dry_run(&loaded, &cli.report)
         }

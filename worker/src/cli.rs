@@ -43,7 +43,12 @@ struct Cli {
     config: Option<PathBuf>,
 
     /// Started by `launch`: set from TESSERA_COORDINATOR, not meant to be given by hand.
-    #[arg(long, hide = true, env = "TESSERA_COORDINATOR", value_name = "HOST:PORT")]
+    #[arg(
+        long,
+        hide = true,
+        env = "TESSERA_COORDINATOR",
+        value_name = "HOST:PORT"
+    )]
     launched: Option<String>,
 
     /// Override a config key, validated like the file (repeatable): --set training.steps=50
@@ -115,8 +120,8 @@ fn run(cli: &Cli) -> Result<(), (u8, String)> {
         .as_ref()
         .ok_or_else(|| usage("--config FILE is required"))?;
     let shown = path.display();
-    let bytes = std::fs::read(path)
-        .map_err(|e| usage(format!("cannot read config file {shown}: {e}")))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| usage(format!("cannot read config file {shown}: {e}")))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         usage(format!(
             "config file {shown} is not UTF-8 text (invalid byte at offset {})",
@@ -143,7 +148,7 @@ fn run(cli: &Cli) -> Result<(), (u8, String)> {
     );
     if !cli.fresh {
         let dir = std::path::Path::new(&rank.config.checkpoint.dir);
-        if let Some(path) = tessera_worker::checkpoint::latest(dir).map_err(failure)? {
+        if let Some(path) = crate::checkpoint::latest(dir).map_err(failure)? {
             println!("resuming from {}", path.display());
         }
     }
@@ -249,7 +254,10 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
     };
     let world = group("world".into(), (0..mesh.world_size()).collect())?;
     let coord = mesh.coord(rank).map_err(usage)?;
-    let dp_name = format!("dp {}", coord.pp_rank * config.parallel.tensor + coord.tp_rank);
+    let dp_name = format!(
+        "dp {}",
+        coord.pp_rank * config.parallel.tensor + coord.tp_rank
+    );
     let dp = group(dp_name, mesh.group(rank, Axis::Data).map_err(usage)?)?;
     let comms = Comms {
         rank,
@@ -297,8 +305,8 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
         last_collective: String::new(),
         finished,
     };
-    let summary = train::run(rank_state, &options, |_, m| control.beat(beat(m, false)))
-        .map_err(failure)?;
+    let summary =
+        train::run(rank_state, &options, |_, m| control.beat(beat(m, false))).map_err(failure)?;
     let last = summary.metrics.last().copied();
     control.finish(match last {
         Some(m) => beat(&m, true),

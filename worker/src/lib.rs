@@ -5,16 +5,20 @@
 //! per device; [`model`] is GPT-2 with explicit forward and backward written once against the
 //! backend; [`optim`] is AdamW with fp32 master weights; [`data`] reads token shards, text or
 //! synthetic tokens; [`checkpoint`] saves and restores a rank atomically; [`train`] runs the
-//! step loop and writes metrics. Collectives, the pipeline executor and ZeRO come with the
-//! multi-process runtime; this crate never reads the mesh inside the model.
+//! step loop and writes metrics. [`comm`] runs collectives between ranks and [`parallel`]
+//! uses them for data parallelism with ZeRO; [`control`] talks to the launcher's coordinator
+//! and [`cli`] is the `tessera-worker` command. The model never reads the mesh.
 
 pub mod arena;
 pub mod checkpoint;
+pub mod cli;
 pub mod comm;
+pub mod control;
 pub mod data;
 pub mod error;
 pub mod model;
 pub mod optim;
+pub mod parallel;
 pub mod tensor;
 pub mod train;
 

@@ -1,0 +1,528 @@
+//! The coordinator: the gRPC service every worker (and, on a cluster, every node agent) calls.
+//!
+//! It runs on a tokio runtime of its own, beside the supervisor's main thread. Workers register
+//! and wait at the rendezvous barrier until every rank has arrived; each then gets its
+//! assignment (rank, mesh coordinates, every peer's collective endpoint, the config). Their
+//! heartbeats and the rendezvous outcome flow to the supervisor as [`Event`]s over a channel;
+//! the supervisor sends [`Command`]s back with [`Coordinator::broadcast`].
+//!
+//! Every call must carry the run's token (`authorization: Bearer <token>`); one without it is
+//! refused with UNAUTHENTICATED and reported as [`Event::Refused`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tessera_plan::mesh::Mesh;
+use tessera_proto::v1::coordinator_server::{Coordinator as Service, CoordinatorServer};
+use tessera_proto::v1::{Abort, Ack};
+use tessera_proto::v1::{
+    AgentAssignment, AgentHello, Beat, Command, Coord, WorkerAssignment, WorkerExit, WorkerHello,
+    command,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+/// What the coordinator hands every worker, besides its rank.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub config_name: String,
+    pub config_yaml: String,
+    pub config_sets: Vec<String>,
+    pub mesh: Mesh,
+    /// Planned device bytes of each rank.
+    pub planned_device_bytes: Vec<u64>,
+    pub collective_timeout: Duration,
+    /// How long the barrier waits for every rank to register, from the coordinator's start.
+    pub rendezvous_timeout: Duration,
+    pub run_id: String,
+    pub token: String,
+}
+
+/// What the supervisor hears from the coordinator.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Registered {
+        rank: u32,
+        hostname: String,
+        pid: u32,
+    },
+    /// Every rank registered; assignments are on their way.
+    RendezvousComplete,
+    /// The barrier's deadline passed without these ranks.
+    RendezvousFailed {
+        missing: Vec<u32>,
+    },
+    Beat(Beat),
+    /// A call without the run's token.
+    Refused {
+        peer: Option<SocketAddr>,
+    },
+    Exit(WorkerExit),
+}
+
+/// A running coordinator.
+pub struct Coordinator {
+    shared: Arc<Shared>,
+    pub address: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+struct Shared {
+    spec: JobSpec,
+    events: Mutex<std_mpsc::Sender<Event>>,
+    deadline: Instant,
+    hellos: Mutex<BTreeMap<u32, WorkerHello>>,
+    /// How many ranks have registered; the barrier waits for it to reach the world size.
+    registered: watch::Sender<usize>,
+    /// The command stream of each worker's heartbeat call.
+    commands: Mutex<Vec<mpsc::Sender<Result<Command, Status>>>>,
+}
+
+impl Shared {
+    fn send(&self, event: Event) {
+        // The supervisor stopped listening only when the run is over.
+        let _ = self
+            .events
+            .lock()
+            .expect("invariant: no panic while holding the events lock")
+            .send(event);
+    }
+
+    fn world(&self) -> usize {
+        self.spec.mesh.world_size()
+    }
+
+    fn missing(&self) -> Vec<u32> {
+        let hellos = self.hellos.lock().expect("invariant: no panic under lock");
+        (0..self.world() as u32)
+            .filter(|r| !hellos.contains_key(r))
+            .collect()
+    }
+
+    fn assignment(&self, rank: u32) -> WorkerAssignment {
+        let hellos = self.hellos.lock().expect("invariant: no panic under lock");
+        let coord = self
+            .spec
+            .mesh
+            .coord(rank as usize)
+            .expect("invariant: registered ranks are in the mesh");
+        WorkerAssignment {
+            rank,
+            world_size: self.world() as u32,
+            coord: Some(Coord {
+                dp: coord.dp_rank as u32,
+                tp: coord.tp_rank as u32,
+                pp: coord.pp_rank as u32,
+            }),
+            peer_addresses: hellos.values().map(|h| h.comm_address.clone()).collect(),
+            nccl_ids: Vec::new(),
+            config_name: self.spec.config_name.clone(),
+            config_yaml: self.spec.config_yaml.clone(),
+            config_sets: self.spec.config_sets.clone(),
+            planned_device_bytes: self.spec.planned_device_bytes[rank as usize],
+            collective_timeout_ms: self.spec.collective_timeout.as_millis() as u32,
+            run_id: self.spec.run_id.clone(),
+        }
+    }
+}
+
+struct Handler {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl Service for Handler {
+    async fn register_agent(
+        &self,
+        _request: Request<AgentHello>,
+    ) -> Result<Response<AgentAssignment>, Status> {
+        Err(Status::unimplemented(
+            "node agents join runs on a cluster, which this build does not start yet (issue 7); \
+             run `launch --config F` on one machine",
+        ))
+    }
+
+    async fn register_worker(
+        &self,
+        request: Request<WorkerHello>,
+    ) -> Result<Response<WorkerAssignment>, Status> {
+        let hello = request.into_inner();
+        let shared = &self.shared;
+        let world = shared.world();
+        if hello.rank as usize >= world {
+            return Err(Status::invalid_argument(format!(
+                "rank {} is outside this run's {world} ranks",
+                hello.rank
+            )));
+        }
+        let count = {
+            let mut hellos = shared
+                .hellos
+                .lock()
+                .expect("invariant: no panic under lock");
+            if let Some(earlier) = hellos.get(&hello.rank) {
+                return Err(Status::already_exists(format!(
+                    "rank {} already registered (pid {} on {})",
+                    hello.rank, earlier.pid, earlier.hostname
+                )));
+            }
+            hellos.insert(hello.rank, hello.clone());
+            hellos.len()
+        };
+        shared.send(Event::Registered {
+            rank: hello.rank,
+            hostname: hello.hostname,
+            pid: hello.pid,
+        });
+        shared.registered.send_replace(count);
+        if count == world {
+            shared.send(Event::RendezvousComplete);
+        }
+        let mut registered = shared.registered.subscribe();
+        let wait = registered.wait_for(|&n| n >= world);
+        let remaining = shared.deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, wait).await {
+            Ok(Ok(_)) => Ok(Response::new(shared.assignment(hello.rank))),
+            _ => {
+                let missing = shared.missing();
+                shared.send(Event::RendezvousFailed {
+                    missing: missing.clone(),
+                });
+                Err(Status::deadline_exceeded(format!(
+                    "rendezvous timed out after {:.0?}: {} never registered",
+                    shared.spec.rendezvous_timeout,
+                    describe_ranks(&missing)
+                )))
+            }
+        }
+    }
+
+    type HeartbeatStream = ReceiverStream<Result<Command, Status>>;
+
+    async fn heartbeat(
+        &self,
+        request: Request<Streaming<Beat>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        let mut beats = request.into_inner();
+        let (commands, receiver) = mpsc::channel(4);
+        self.shared
+            .commands
+            .lock()
+            .expect("invariant: no panic under lock")
+            .push(commands);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(beat)) = beats.message().await {
+                shared.send(Event::Beat(beat));
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn report_exit(&self, request: Request<WorkerExit>) -> Result<Response<Ack>, Status> {
+        self.shared.send(Event::Exit(request.into_inner()));
+        Ok(Response::new(Ack {}))
+    }
+}
+
+/// "rank 3" or "ranks 1, 4".
+pub fn describe_ranks(ranks: &[u32]) -> String {
+    let list = ranks
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    match ranks.len() {
+        1 => format!("rank {list}"),
+        _ => format!("ranks {list}"),
+    }
+}
+
+impl Coordinator {
+    /// Starts serving on `bind` (port 0: any free port) on `runtime`; events go to `events`.
+    pub fn start(
+        runtime: &tokio::runtime::Runtime,
+        bind: SocketAddr,
+        spec: JobSpec,
+        events: std_mpsc::Sender<Event>,
+    ) -> std::io::Result<Coordinator> {
+        let listener = runtime.block_on(tokio::net::TcpListener::bind(bind))?;
+        let address = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            deadline: Instant::now() + spec.rendezvous_timeout,
+            spec,
+            events: Mutex::new(events),
+            hellos: Mutex::new(BTreeMap::new()),
+            registered: watch::Sender::new(0),
+            commands: Mutex::new(Vec::new()),
+        });
+        let expected = tessera_proto::bearer(&shared.spec.token);
+        let refused = shared.clone();
+        let check = move |request: Request<()>| -> Result<Request<()>, Status> {
+            let given = request
+                .metadata()
+                .get(tessera_proto::TOKEN_HEADER)
+                .and_then(|v| v.to_str().ok());
+            if given == Some(expected.as_str()) {
+                return Ok(request);
+            }
+            let peer = request.remote_addr();
+            eprintln!(
+                "warning: refused a call{} without this run's token",
+                peer.map(|p| format!(" from {p}")).unwrap_or_default()
+            );
+            refused.send(Event::Refused { peer });
+            Err(Status::unauthenticated(
+                "this call lacks the run's token (metadata `authorization: Bearer <TESSERA_TOKEN>`)",
+            ))
+        };
+        let service = CoordinatorServer::with_interceptor(
+            Handler {
+                shared: shared.clone(),
+            },
+            check,
+        );
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let incoming = TcpListenerStream::new(listener);
+        let server = runtime.spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop.await;
+                })
+                .await;
+            if let Err(e) = served {
+                eprintln!("error: the coordinator stopped serving: {e}");
+            }
+        });
+        Ok(Coordinator {
+            shared,
+            address,
+            shutdown: Some(shutdown),
+            server: Some(server),
+        })
+    }
+
+    /// Sends `command` on every worker's heartbeat stream (workers not connected yet miss it;
+    /// the supervisor kills what does not stop).
+    pub fn broadcast(&self, command: command::Kind) {
+        let streams = self
+            .shared
+            .commands
+            .lock()
+            .expect("invariant: no panic under lock");
+        for stream in streams.iter() {
+            let _ = stream.try_send(Ok(Command {
+                kind: Some(command.clone()),
+            }));
+        }
+    }
+
+    pub fn abort(&self, reason: &str) {
+        self.broadcast(command::Kind::Abort(Abort {
+            reason: reason.to_string(),
+        }));
+    }
+
+    /// Ranks that have not registered yet.
+    #[cfg(test)]
+    pub fn missing(&self) -> Vec<u32> {
+        self.shared.missing()
+    }
+
+    /// Stops serving and waits for the server task.
+    pub fn stop(mut self, runtime: &tokio::runtime::Runtime) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        // Close the command streams so the server's graceful shutdown does not wait on them.
+        self.shared
+            .commands
+            .lock()
+            .expect("invariant: no panic under lock")
+            .clear();
+        if let Some(server) = self.server.take() {
+            let _ = runtime
+                .block_on(async { tokio::time::timeout(Duration::from_secs(2), server).await });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_proto::v1::coordinator_client::CoordinatorClient;
+
+    fn spec(world: usize, rendezvous: Duration) -> JobSpec {
+        JobSpec {
+            config_name: "test.yaml".into(),
+            config_yaml: "model: {}".into(),
+            config_sets: vec!["training.steps=3".into()],
+            mesh: Mesh::new(world, 1, 1, 8).unwrap(),
+            planned_device_bytes: vec![1000; world],
+            collective_timeout: Duration::from_secs(5),
+            rendezvous_timeout: rendezvous,
+            run_id: "run".into(),
+            token: "secret".into(),
+        }
+    }
+
+    fn hello(rank: u32) -> WorkerHello {
+        WorkerHello {
+            rank,
+            comm_address: format!("127.0.0.1:{}", 9000 + rank),
+            hostname: "here".into(),
+            pid: 100 + rank,
+        }
+    }
+
+    async fn client(
+        address: SocketAddr,
+        token: &str,
+    ) -> CoordinatorClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            impl tonic::service::Interceptor,
+        >,
+    > {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let value: tonic::metadata::MetadataValue<_> =
+            tessera_proto::bearer(token).parse().unwrap();
+        CoordinatorClient::with_interceptor(channel, move |mut request: Request<()>| {
+            request
+                .metadata_mut()
+                .insert(tessera_proto::TOKEN_HEADER, value.clone());
+            Ok(request)
+        })
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_rank_gets_its_assignment_once_all_have_registered() {
+        let runtime = runtime();
+        let (events, received) = std_mpsc::channel();
+        let localhost = "127.0.0.1:0".parse().unwrap();
+        let coordinator = Coordinator::start(
+            &runtime,
+            localhost,
+            spec(3, Duration::from_secs(20)),
+            events,
+        )
+        .unwrap();
+        let address = coordinator.address;
+        let assignments = runtime.block_on(async move {
+            let calls = (0..3u32).rev().map(|rank| async move {
+                let mut client = client(address, "secret").await;
+                client
+                    .register_worker(hello(rank))
+                    .await
+                    .unwrap()
+                    .into_inner()
+            });
+            futures_join(calls).await
+        });
+        for (i, assignment) in assignments.iter().enumerate() {
+            assert_eq!(assignment.rank, 2 - i as u32);
+            assert_eq!(assignment.world_size, 3);
+            assert_eq!(
+                assignment.peer_addresses,
+                ["127.0.0.1:9000", "127.0.0.1:9001", "127.0.0.1:9002"]
+            );
+            assert_eq!(assignment.coord.unwrap().dp, 2 - i as u32);
+            assert_eq!(assignment.config_sets, ["training.steps=3"]);
+            assert_eq!(assignment.collective_timeout_ms, 5000);
+        }
+        let events: Vec<Event> = received.try_iter().collect();
+        assert!(events.contains(&Event::RendezvousComplete), "{events:?}");
+        coordinator.stop(&runtime);
+    }
+
+    #[test]
+    fn the_barrier_times_out_naming_the_ranks_that_never_came() {
+        let runtime = runtime();
+        let (events, received) = std_mpsc::channel();
+        let localhost = "127.0.0.1:0".parse().unwrap();
+        let coordinator = Coordinator::start(
+            &runtime,
+            localhost,
+            spec(4, Duration::from_millis(500)),
+            events,
+        )
+        .unwrap();
+        let address = coordinator.address;
+        let status = runtime.block_on(async move {
+            let mut client = client(address, "secret").await;
+            client.register_worker(hello(1)).await.unwrap_err()
+        });
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(
+            status.message().contains("ranks 0, 2, 3 never registered"),
+            "{}",
+            status.message()
+        );
+        let events: Vec<Event> = received.try_iter().collect();
+        assert!(events.contains(&Event::RendezvousFailed {
+            missing: vec![0, 2, 3]
+        }));
+        coordinator.stop(&runtime);
+    }
+
+    #[test]
+    fn a_call_without_the_token_is_refused_and_reported() {
+        let runtime = runtime();
+        let (events, received) = std_mpsc::channel();
+        let localhost = "127.0.0.1:0".parse().unwrap();
+        let coordinator =
+            Coordinator::start(&runtime, localhost, spec(2, Duration::from_secs(5)), events)
+                .unwrap();
+        let address = coordinator.address;
+        let status = runtime.block_on(async move {
+            let mut client = client(address, "wrong").await;
+            client.register_worker(hello(0)).await.unwrap_err()
+        });
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert!(
+            coordinator.missing().contains(&0),
+            "the call did not register"
+        );
+        let events: Vec<Event> = received.try_iter().collect();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Refused { peer: Some(p) } if p.ip().is_loopback())),
+            "{events:?}"
+        );
+        coordinator.stop(&runtime);
+    }
+
+    /// Runs futures concurrently and returns their outputs in order.
+    async fn futures_join<F: std::future::Future + Send + 'static>(
+        futures: impl Iterator<Item = F>,
+    ) -> Vec<F::Output>
+    where
+        F::Output: Send + 'static,
+    {
+        let handles: Vec<_> = futures.map(tokio::spawn).collect();
+        let mut outputs = Vec::new();
+        for handle in handles {
+            outputs.push(handle.await.unwrap());
+        }
+        outputs
+    }
+}

@@ -1,0 +1,328 @@
+//! A run on this machine: start the coordinator, spawn one worker per rank, show progress,
+//! write `--metrics`, and stop everything on the first failure or on Ctrl-C.
+//!
+//! The main thread is the supervisor: it spawns the workers (so their parent-death signal is
+//! tied to a thread that lives as long as the launcher), polls their exits, and reads the
+//! coordinator's events. The coordinator itself runs on a small tokio runtime.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use tessera_plan::config::{Backend, Device};
+use tessera_plan::memory::{MemoryPlan, Place};
+use tessera_plan::mesh::Mesh;
+use tessera_worker::arena::ArenaLayout;
+
+use crate::agent::{Worker, WorkerSpec, describe_status};
+use crate::config_file::Loaded;
+use crate::coordinator::{Coordinator, Event, JobSpec, describe_ranks};
+use crate::exit::Failure;
+use crate::progress::{Progress, StepLine};
+
+/// How the run behaves beyond the config.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub metrics: Option<PathBuf>,
+    pub fresh: bool,
+    pub collective_timeout: Duration,
+    pub rendezvous_timeout: Duration,
+    /// Kernel threads per worker (default: the machine's cores shared among the workers).
+    pub threads: Option<usize>,
+}
+
+/// How long workers get to exit on their own after a failure or a Ctrl-C before SIGKILL.
+const GRACE: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(20);
+/// How long after a failure the coordinator tells the remaining workers to abort.
+const ABORT_AFTER: Duration = Duration::from_secs(1);
+
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_signal(_: nix::libc::c_int) {
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Ctrl-C, SIGTERM and SIGHUP are counted instead of killing the launcher, so that it can
+/// stop its workers first.
+fn catch_signals() -> anyhow::Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only increments an atomic, which is async-signal-safe.
+        unsafe { sigaction(signal, &action) }.context("cannot install signal handlers")?;
+    }
+    Ok(())
+}
+
+/// 32 random hex digits from the kernel.
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .context("cannot read /dev/urandom for the run's token")?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Trains the job in `loaded` with one worker process per rank on this machine.
+pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
+    let config = &loaded.config;
+    let world = config.parallel.world_size();
+    if config.cluster.nodes > 1 {
+        return Err(Failure::usage(format!(
+            "cluster.nodes is {}: a run across nodes needs `launch agent` on each node, which arrives with issue 7; \
+             for a run on this machine use --set cluster.nodes=1 --set cluster.gpus_per_node={world}",
+            config.cluster.nodes
+        )));
+    }
+    if config.cluster.device != Device::Cpu || config.cluster.backend != Backend::Tcp {
+        return Err(Failure::usage(
+            "this build trains on CPU workers over TCP only (the CUDA backend is issue 8); use \
+             --set cluster.device=cpu --set cluster.backend=tcp",
+        ));
+    }
+    // What each worker must allocate: the arena its plan lays out (checked again by the worker).
+    tessera_worker::train::check_supported_mesh(config)
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    let plan = MemoryPlan::new(config);
+    let planned_device_bytes = (0..world)
+        .map(|rank| {
+            let stage = plan.rank(rank).expect("invariant: rank < world");
+            ArenaLayout::new(stage).bytes(Place::Device) as u64
+        })
+        .collect::<Vec<_>>();
+    let mesh = Mesh::from_config(config);
+    let token = random_hex(16)?;
+    let run_id = random_hex(4)?;
+    let spec = JobSpec {
+        config_name: loaded.name.clone(),
+        config_yaml: loaded.text.clone(),
+        config_sets: loaded.sets.clone(),
+        mesh,
+        planned_device_bytes,
+        collective_timeout: options.collective_timeout,
+        rendezvous_timeout: options.rendezvous_timeout,
+        run_id,
+        token: token.clone(),
+    };
+    catch_signals()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tessera-coordinator")
+        .enable_all()
+        .build()
+        .context("cannot start the coordinator's runtime")?;
+    let (events, received) = mpsc::channel();
+    let localhost = "127.0.0.1:0".parse().expect("invariant: a valid address");
+    let coordinator = Coordinator::start(&runtime, localhost, spec, events)
+        .context("cannot start the coordinator on 127.0.0.1")?;
+    let progress = Progress::new(config.training.steps);
+    progress.status(&format!(
+        "coordinator on {}; starting {world} workers",
+        coordinator.address
+    ));
+
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = options.threads.unwrap_or((cores / world).max(1));
+    let mut args = vec!["--threads".to_string(), threads.to_string()];
+    if options.fresh {
+        args.push("--fresh".into());
+    }
+    let mut workers = Vec::with_capacity(world);
+    let mut outcome = Ok(());
+    for rank in 0..world {
+        let env = vec![
+            ("RANK".into(), rank.to_string()),
+            ("WORLD_SIZE".into(), world.to_string()),
+            ("LOCAL_RANK".into(), rank.to_string()),
+            ("LOCAL_WORLD_SIZE".into(), world.to_string()),
+            ("MASTER_ADDR".into(), coordinator.address.ip().to_string()),
+            ("MASTER_PORT".into(), coordinator.address.port().to_string()),
+            (
+                "TESSERA_COORDINATOR".into(),
+                coordinator.address.to_string(),
+            ),
+            ("TESSERA_TOKEN".into(), token.clone()),
+        ];
+        let spec = WorkerSpec {
+            rank,
+            env,
+            args: args.clone(),
+        };
+        match Worker::spawn(&spec, &progress) {
+            Ok(worker) => workers.push(worker),
+            Err(e) => {
+                outcome = Err(Failure::Runtime(e));
+                break;
+            }
+        }
+    }
+    if outcome.is_ok() {
+        outcome = supervise(&mut workers, &coordinator, &received, &progress, options);
+    }
+    // Whatever happened, nothing outlives the launcher.
+    for worker in &workers {
+        worker.signal(Signal::SIGKILL);
+    }
+    for worker in workers {
+        worker.reap();
+    }
+    progress.finish();
+    coordinator.stop(&runtime);
+    outcome
+}
+
+/// Why the run is stopping.
+enum Stop {
+    Failed(String),
+    Interrupted,
+}
+
+fn supervise(
+    workers: &mut [Worker],
+    coordinator: &Coordinator,
+    events: &mpsc::Receiver<Event>,
+    progress: &Progress,
+    options: &RunOptions,
+) -> Result<(), Failure> {
+    let mut metrics = match &options.metrics {
+        Some(path) => Some((
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open the metrics file {}", path.display()))?,
+            path.clone(),
+        )),
+        None => None,
+    };
+    let mut stopping: Option<(Stop, Instant)> = None;
+    let mut aborted = false;
+    let mut last_step = 0;
+    loop {
+        while let Ok(event) = events.try_recv() {
+            match event {
+                Event::Beat(beat) if beat.rank == 0 && beat.step > last_step => {
+                    last_step = beat.step;
+                    progress.step(StepLine {
+                        step: beat.step,
+                        loss: beat.loss,
+                        lr: beat.lr,
+                        grad_norm: beat.grad_norm,
+                        tokens_per_s: beat.tokens_per_s,
+                    });
+                    if let Some((file, path)) = &mut metrics {
+                        let line = serde_json::json!({
+                            "step": beat.step,
+                            "loss": beat.loss,
+                            "lr": beat.lr,
+                            "grad_norm": beat.grad_norm,
+                            "tokens_per_s": beat.tokens_per_s,
+                            "mfu": beat.mfu,
+                            "peak_bytes": beat.peak_bytes,
+                        });
+                        writeln!(file, "{line}")
+                            .with_context(|| format!("cannot write {}", path.display()))?;
+                    }
+                }
+                Event::RendezvousComplete => {
+                    progress.status(&format!("all {} ranks joined; training", workers.len()));
+                }
+                Event::RendezvousFailed { missing } if stopping.is_none() => {
+                    stopping = Some((
+                        Stop::Failed(format!(
+                            "{} never reached the rendezvous within {:.0?}",
+                            describe_ranks(&missing),
+                            options.rendezvous_timeout
+                        )),
+                        Instant::now(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+
+        if SIGNALS.load(Ordering::SeqCst) > 0 && !matches!(stopping, Some((Stop::Interrupted, _))) {
+            progress.status("interrupted: stopping the workers (again to kill them now)");
+            for worker in workers.iter() {
+                worker.signal(Signal::SIGTERM);
+            }
+            stopping = Some((Stop::Interrupted, Instant::now()));
+        }
+
+        let mut failed: Vec<(usize, String, bool)> = Vec::new();
+        for worker in workers.iter_mut() {
+            let already = worker.status.is_some();
+            if let Some(status) = worker.poll()
+                && !already
+                && !status.success()
+            {
+                let killed = status.code().is_none();
+                failed.push((worker.rank, describe_status(status), killed));
+            }
+        }
+        if stopping.is_none() && !failed.is_empty() {
+            // The root cause is a rank killed by a signal if there is one (the others then
+            // failed because it went silent), else the lowest rank that failed.
+            failed.sort_by_key(|&(rank, _, killed)| (!killed, rank));
+            let (rank, how, _) = &failed[0];
+            let pid = workers[*rank].pid();
+            stopping = Some((
+                Stop::Failed(format!(
+                    "rank {rank} (pid {pid}) {how}{}; stopped the other ranks",
+                    if last_step > 0 {
+                        format!(" after step {last_step}")
+                    } else {
+                        String::new()
+                    }
+                )),
+                Instant::now(),
+            ));
+        }
+
+        if workers.iter().all(|w| w.status.is_some()) {
+            return match stopping {
+                None => {
+                    progress.finish();
+                    progress.println(
+                        &format!(
+                            "done: {last_step} steps on {} rank{}",
+                            workers.len(),
+                            if workers.len() == 1 { "" } else { "s" }
+                        ),
+                        false,
+                    );
+                    Ok(())
+                }
+                Some((Stop::Failed(message), _)) => Err(Failure::Runtime(anyhow::anyhow!(message))),
+                Some((Stop::Interrupted, _)) => Err(Failure::Interrupted),
+            };
+        }
+
+        if let Some((stop, since)) = &stopping {
+            // Let the other ranks fail on their own first: their errors name what they saw.
+            if let Stop::Failed(reason) = stop
+                && !aborted
+                && since.elapsed() > ABORT_AFTER
+            {
+                coordinator.abort(reason);
+                aborted = true;
+            }
+            let hurry = SIGNALS.load(Ordering::SeqCst) > 1;
+            if since.elapsed() > GRACE || hurry {
+                for worker in workers.iter() {
+                    worker.signal(Signal::SIGKILL);
+                }
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+}

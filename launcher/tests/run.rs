@@ -1,0 +1,308 @@
+//! `launch` training for real: a coordinator, worker processes on 127.0.0.1, collectives over
+//! TCP. Checks data parallelism against one process, failure handling, and that no worker
+//! outlives the launcher.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Losses of different meshes may differ by float summation order only.
+const MESH_TOLERANCE: f64 = 1e-5;
+
+/// A scratch directory removed when the test ends.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("tessera-run-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("launcher/ has a parent")
+        .to_path_buf()
+}
+
+/// `launch --config configs/tiny-cpu.yaml` with `sets` (each `key=value`) and `extra` flags,
+/// checkpoints in `scratch/ckpt`, metrics in `scratch/metrics.jsonl`.
+fn launch(scratch: &Scratch, sets: &[&str], extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_launch"));
+    command
+        .current_dir(repo())
+        .env_remove("TESSERA_CONFIG")
+        .env_remove("TESSERA_COORDINATOR")
+        .args(["--config", "configs/tiny-cpu.yaml", "--threads", "1"])
+        .arg("--metrics")
+        .arg(scratch.path("metrics.jsonl"))
+        .args(["--set", "parallel.tensor=1", "--set", "parallel.pipeline=1"])
+        .arg("--set")
+        .arg(format!("checkpoint.dir={}", scratch.path("ckpt").display()));
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    command.args(extra);
+    command
+}
+
+fn output(mut command: Command) -> Output {
+    command.output().expect("launch runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// (step, loss) of each line of a metrics file.
+fn losses(metrics: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(metrics)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            (
+                value["step"].as_u64().expect("step"),
+                value["loss"].as_f64().expect("loss"),
+            )
+        })
+        .collect()
+}
+
+fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], tolerance: f64) {
+    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    for (&(step_a, loss_a), &(step_b, loss_b)) in a.iter().zip(b) {
+        assert_eq!(step_a, step_b);
+        let relative = (loss_a - loss_b).abs() / loss_b.abs();
+        assert!(
+            relative <= tolerance,
+            "step {step_a}: {loss_a} vs {loss_b} ({relative:e} relative)"
+        );
+    }
+}
+
+/// Processes whose parent is `parent`.
+fn children(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let ppid = after.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if ppid == Some(parent) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// The RANK a worker process was started with.
+fn rank_of(pid: u32) -> Option<u32> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ
+        .split(|&b| b == 0)
+        .find_map(|var| var.strip_prefix(b"RANK="))
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is dead for our purposes; /proc/PID/stat's state is after the name.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
+}
+
+/// Polls `condition` every 50 ms for up to `limit`.
+fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Starts `launch` in the background and waits until rank 0 has reported `step` steps.
+fn start_and_wait_for_step(scratch: &Scratch, sets: &[&str], step: u64) -> (Child, Vec<u32>) {
+    let mut command = launch(scratch, sets, &[]);
+    command.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("launch starts");
+    let metrics = scratch.path("metrics.jsonl");
+    let reached = wait_for(Duration::from_secs(120), || {
+        losses(&metrics).last().is_some_and(|&(s, _)| s >= step)
+    });
+    if !reached {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!("the run never reached step {step}: {}", text(&out.stderr));
+    }
+    let workers = children(child.id());
+    (child, workers)
+}
+
+#[test]
+fn data_parallel_over_four_processes_trains_like_one_process() {
+    let steps = "training.steps=6";
+    let single = Scratch::new("dp1");
+    let out = output(launch(&single, &[steps, "parallel.data=1"], &[]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let four = Scratch::new("dp4");
+    let out = output(launch(
+        &four,
+        &[steps, "parallel.data=4", "checkpoint.every=3"],
+        &[],
+    ));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(stdout.contains("done: 6 steps on 4 ranks"), "{stdout}");
+    let reference = losses(&single.path("metrics.jsonl"));
+    let parallel = losses(&four.path("metrics.jsonl"));
+    assert_eq!(reference.len(), 6);
+    assert_close(&parallel, &reference, MESH_TOLERANCE);
+    assert!(
+        reference[5].1 < reference[0].1,
+        "the loss falls: {reference:?}"
+    );
+
+    // ZeRO 1 shards resume on the same mesh with the same losses: restart from step 3.
+    let resumed = Scratch::new("dp4-resume");
+    let source = four.path("ckpt").join("step-00000003");
+    let target = resumed.path("ckpt").join("step-00000003");
+    std::fs::create_dir_all(&target).unwrap();
+    for file in std::fs::read_dir(&source).unwrap().flatten() {
+        std::fs::copy(file.path(), target.join(file.file_name())).unwrap();
+    }
+    let out = output(launch(
+        &resumed,
+        &[steps, "parallel.data=4", "checkpoint.every=3"],
+        &[],
+    ));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("[rank 0] resuming from"));
+    assert_eq!(
+        losses(&resumed.path("metrics.jsonl")),
+        parallel[3..],
+        "a resumed run continues with the same bits"
+    );
+}
+
+#[test]
+fn a_killed_worker_stops_every_rank_and_the_launcher_names_it() {
+    let scratch = Scratch::new("kill");
+    let sets = [
+        "parallel.data=4",
+        "training.steps=100000",
+        "checkpoint.every=0",
+    ];
+    let (child, workers) = start_and_wait_for_step(&scratch, &sets, 2);
+    assert_eq!(workers.len(), 4, "one process per rank");
+    let victim = *workers
+        .iter()
+        .find(|&&pid| rank_of(pid) == Some(2))
+        .expect("a worker with RANK=2");
+    let killed = Instant::now();
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let elapsed = killed.elapsed();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "error: rank 2 (pid {victim}) was killed by SIGKILL"
+        )),
+        "{stderr}"
+    );
+    for rank in [0, 1, 3] {
+        assert!(
+            stderr
+                .lines()
+                .any(
+                    |l| l.starts_with(&format!("[rank {rank}] ")) && l.contains("failed after")
+                        || l.starts_with(&format!("[rank {rank}] rank {rank}: stopping"))
+                ),
+            "rank {rank} reported its failure: {stderr}"
+        );
+    }
+    assert!(elapsed < Duration::from_secs(30), "stopped in {elapsed:?}");
+    assert!(workers.iter().all(|&pid| !alive(pid)), "no worker survives");
+}
+
+#[test]
+fn no_worker_outlives_a_sigkilled_launcher() {
+    let scratch = Scratch::new("orphans");
+    let sets = [
+        "parallel.data=2",
+        "training.steps=100000",
+        "checkpoint.every=0",
+    ];
+    let (mut child, workers) = start_and_wait_for_step(&scratch, &sets, 1);
+    assert_eq!(workers.len(), 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || workers
+            .iter()
+            .all(|&pid| !alive(pid))),
+        "workers {workers:?} survived the launcher"
+    );
+}
+
+#[test]
+fn ctrl_c_stops_every_worker_and_exits_130() {
+    let scratch = Scratch::new("ctrl-c");
+    let sets = [
+        "parallel.data=2",
+        "training.steps=100000",
+        "checkpoint.every=0",
+    ];
+    let (child, workers) = start_and_wait_for_step(&scratch, &sets, 1);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("interrupted; every worker was stopped"));
+    assert!(workers.iter().all(|&pid| !alive(pid)), "no worker survives");
+}
+
+#[test]
+fn a_mesh_the_worker_cannot_train_yet_is_refused_before_anything_starts() {
+    let scratch = Scratch::new("unsupported");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_launch"));
+    command
+        .current_dir(repo())
+        .args(["--config", "configs/tiny-cpu.yaml"])
+        .arg("--set")
+        .arg(format!("checkpoint.dir={}", scratch.path("ckpt").display()));
+    let out = output(command);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("data-parallel meshes only"), "{stderr}");
+    assert!(stderr.contains("issue 6"), "{stderr}");
+    assert!(!scratch.path("ckpt").exists(), "nothing ran");
+}

@@ -1,0 +1,195 @@
+//! The worker's side of the control plane: register with the coordinator, wait at the
+//! rendezvous for the assignment, then stream one heartbeat per step and obey the
+//! coordinator's commands.
+//!
+//! gRPC runs on a small tokio runtime of its own; the training loop stays synchronous and only
+//! hands beats to a channel. If the heartbeat stream breaks before the run is finished, the
+//! launcher is gone, and the worker exits instead of training on as an orphan.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tessera_proto::v1::coordinator_client::CoordinatorClient;
+use tessera_proto::v1::{Beat, WorkerAssignment, WorkerHello, command};
+use tokio::sync::mpsc;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+/// Where the launcher told this worker to find the coordinator (the environment of
+/// DESIGN.md).
+#[derive(Debug, Clone)]
+pub struct LaunchEnv {
+    pub coordinator: String,
+    pub token: String,
+    pub rank: u32,
+    pub world_size: u32,
+    pub local_rank: u32,
+}
+
+impl LaunchEnv {
+    /// Reads TESSERA_COORDINATOR, TESSERA_TOKEN, RANK, WORLD_SIZE and LOCAL_RANK; `None`
+    /// when TESSERA_COORDINATOR is unset (the worker runs alone).
+    pub fn from_env() -> Result<Option<LaunchEnv>, String> {
+        let Ok(coordinator) = std::env::var("TESSERA_COORDINATOR") else {
+            return Ok(None);
+        };
+        let var = |name: &str| {
+            std::env::var(name).map_err(|_| {
+                format!(
+                    "TESSERA_COORDINATOR is set but {name} is not; workers started by `launch` get \
+                     both (unset TESSERA_COORDINATOR to run this worker alone)"
+                )
+            })
+        };
+        let number = |name: &str| -> Result<u32, String> {
+            let text = var(name)?;
+            text.parse()
+                .map_err(|_| format!("{name}={text} is not a non-negative integer"))
+        };
+        Ok(Some(LaunchEnv {
+            coordinator,
+            token: var("TESSERA_TOKEN")?,
+            rank: number("RANK")?,
+            world_size: number("WORLD_SIZE")?,
+            local_rank: number("LOCAL_RANK").unwrap_or(0),
+        }))
+    }
+}
+
+/// Adds the run's token to every call.
+type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+type Client = CoordinatorClient<InterceptedService<Channel, AddToken>>;
+
+/// A registered worker's link to the coordinator.
+pub struct Control {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+    beats: Option<mpsc::UnboundedSender<Beat>>,
+    /// Set once the run is over, so that the coordinator closing the stream is expected.
+    finished: Arc<AtomicBool>,
+}
+
+impl Control {
+    /// Connects to the coordinator (retrying for `patience`: it may still be starting).
+    pub fn connect(env: &LaunchEnv, patience: Duration) -> Result<Control, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tessera-control")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the control-plane runtime: {e}"))?;
+        let url = format!("http://{}", env.coordinator);
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| {
+                format!(
+                    "TESSERA_COORDINATOR={} is not an address: {e}",
+                    env.coordinator
+                )
+            })?
+            .connect_timeout(Duration::from_secs(5));
+        let channel = runtime.block_on(async {
+            let start = tokio::time::Instant::now();
+            loop {
+                match endpoint.connect().await {
+                    Ok(channel) => return Ok(channel),
+                    Err(e) if start.elapsed() > patience => {
+                        return Err(format!(
+                            "cannot reach the coordinator at {} after {patience:.0?}: {e}",
+                            env.coordinator
+                        ));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })?;
+        let token: MetadataValue<_> = tessera_proto::bearer(&env.token)
+            .parse()
+            .map_err(|_| "TESSERA_TOKEN has characters a gRPC header cannot carry".to_string())?;
+        let add_token: AddToken = Box::new(move |mut request: Request<()>| {
+            request
+                .metadata_mut()
+                .insert(tessera_proto::TOKEN_HEADER, token.clone());
+            Ok(request)
+        });
+        Ok(Control {
+            client: CoordinatorClient::with_interceptor(channel, add_token),
+            runtime,
+            beats: None,
+            finished: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Registers and waits at the rendezvous barrier for the assignment.
+    pub fn register(&mut self, hello: WorkerHello) -> Result<WorkerAssignment, String> {
+        let rank = hello.rank;
+        self.runtime
+            .block_on(self.client.register_worker(hello))
+            .map(tonic::Response::into_inner)
+            .map_err(|status| {
+                format!(
+                    "rank {rank} could not join the run: {} ({:?})",
+                    status.message(),
+                    status.code()
+                )
+            })
+    }
+
+    /// Opens the heartbeat stream. An Abort command, or the stream breaking before
+    /// [`Self::finish`], ends the process with status 1.
+    pub fn start_heartbeat(&mut self, rank: u32) -> Result<(), String> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver);
+        let mut commands = self
+            .runtime
+            .block_on(self.client.heartbeat(stream))
+            .map_err(|s| format!("cannot open the heartbeat stream: {}", s.message()))?
+            .into_inner();
+        let finished = self.finished.clone();
+        self.runtime.spawn(async move {
+            loop {
+                match commands.message().await {
+                    Ok(Some(command)) => match command.kind {
+                        Some(command::Kind::Abort(abort)) => {
+                            eprintln!("rank {rank}: stopping: {}", abort.reason);
+                            std::process::exit(1);
+                        }
+                        // Clean shutdown between steps is not implemented; the launcher
+                        // stops workers with signals instead.
+                        Some(command::Kind::Shutdown(_)) | None => {}
+                    },
+                    Ok(None) | Err(_) => {
+                        if !finished.load(Ordering::SeqCst) {
+                            eprintln!(
+                                "rank {rank}: lost the coordinator (the launcher exited); stopping"
+                            );
+                            std::process::exit(1);
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        self.beats = Some(sender);
+        Ok(())
+    }
+
+    /// Sends one beat (dropped silently if the stream is gone: the reader exits the process).
+    pub fn beat(&self, beat: Beat) {
+        if let Some(beats) = &self.beats {
+            let _ = beats.send(beat);
+        }
+    }
+
+    /// Sends the final beat and closes the stream.
+    pub fn finish(mut self, beat: Beat) {
+        self.finished.store(true, Ordering::SeqCst);
+        self.beat(beat);
+        self.beats = None;
+        // The runtime's thread sends beats as they come; give it a moment for the last one.
+        self.runtime
+            .block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });
+    }
+}
