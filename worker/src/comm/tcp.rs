@@ -33,7 +33,7 @@ const MAGIC: &[u8; 4] = b"TSRA";
 const VERSION: u8 = 1;
 /// Bytes per pipelined piece: large enough to amortise a system call, small enough that a
 /// ring step overlaps its send and receive.
-const PIECE: usize = 256 << 10;
+const PIECE: usize = 1 << 20;
 const HEADER: usize = 18;
 
 /// A process's listening socket for collective connections.

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# All-reduce bus bandwidth (nccl-tests' busbw) of tessera's TCP collectives against
+# torch.distributed's gloo, same machine, same run, for 2, 4 and 8 processes at 1 KiB - 256 MiB.
+# Prints a table with the ratio tessera/gloo (target: >= 1.0 at 1 MiB and above); with --record
+# also writes bench/results/<date>-comm.md. See bench/comm/README.md.
+#
+#   bench/comm/run.sh [--record]
+#   WORLDS="2 4" SIZES="1048576 16777216" bench/comm/run.sh
+set -euo pipefail
+
+cd -- "$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)/../.."
+VENV=bench/.venv
+PY="$VENV/bin/python"
+RECORD=""
+for arg in "$@"; do
+  case "$arg" in
+    --record) RECORD=1 ;;
+    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $arg (the only flag is --record)" >&2; exit 2 ;;
+  esac
+done
+WORLDS=${WORLDS:-"2 4 8"}
+SIZES=${SIZES:-"1024 16384 262144 1048576 4194304 16777216 67108864 268435456"}
+
+# The peer's torch (CPU build is enough for gloo), in the venv the other benches share.
+if ! "$PY" -c 'import torch' 2>/dev/null; then
+  echo "== installing torch into $VENV (log: $VENV/install.log)"
+  [ -x "$PY" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --retries 1 --timeout 30 torch \
+    --index-url https://download.pytorch.org/whl/cpu >"$VENV/install.log" 2>&1 ||
+    "$VENV/bin/pip" install torch >>"$VENV/install.log" 2>&1
+fi
+
+cargo build --release -q -p tessera-bench-comm
+OUT=$(mktemp)
+trap 'rm -f "$OUT"' EXIT
+for world in $WORLDS; do
+  echo "== $world processes" >&2
+  target/release/tessera-bench-comm "$world" $SIZES >>"$OUT"
+  "$PY" bench/comm/gloo.py "$world" $SIZES >>"$OUT"
+done
+
+TABLE=$(python3 - "$OUT" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+by = {(r["impl"], r["world"], r["bytes"]): r for r in rows}
+def size(b):
+    return f"{b >> 20} MiB" if b >= 1 << 20 else f"{b >> 10} KiB"
+print("| processes | size | tessera GB/s | gloo GB/s | tessera / gloo |")
+print("|---|---|---|---|---|")
+for (impl, world, b) in sorted(k for k in by if k[0] == "tessera"):
+    t, g = by[("tessera", world, b)], by.get(("gloo", world, b))
+    if g is None:
+        continue
+    print(f"| {world} | {size(b)} | {t['busbw_gbps']:.3f} | {g['busbw_gbps']:.3f} | "
+          f"{t['busbw_gbps'] / g['busbw_gbps']:.2f} |")
+PY
+)
+echo "$TABLE"
+if [ -n "$RECORD" ]; then
+  FILE="bench/results/$(date +%F)-comm.md"
+  {
+    echo "# All-reduce bus bandwidth: tessera TCP vs gloo ($(date +%F))"
+    echo
+    echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); processes on 127.0.0.1;"
+    echo "torch $("$PY" -c 'import torch; print(torch.__version__)'). busbw = bytes / time x 2(n-1)/n (nccl-tests)."
+    echo "Command: bench/comm/run.sh --record"
+    echo
+    echo "$TABLE"
+  } >"$FILE"
+  echo "wrote $FILE"
+fi
