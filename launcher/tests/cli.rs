@@ -435,15 +435,6 @@ fn rank_lists_every_region_of_one_rank() {
 }
 
 #[test]
-fn running_without_dry_run_says_what_this_build_can_do() {
-    fails(
-        &words("--config configs/tiny-cpu.yaml"),
-        2,
-        "Add --dry-run to print the memory plan",
-    );
-}
-
-#[test]
 fn help_explains_the_exit_statuses_and_overrides() {
     let text = succeeds(&["--help"]);
     assert_contains(
@@ -452,7 +443,10 @@ fn help_explains_the_exit_statuses_and_overrides() {
             "--dry-run",
             "--set <KEY=VALUE>",
             "--svg <FILE>",
-            "Exit status: 0 it fits, 3 it does not, 2",
+            "Exit status: 0 success (or the plan fits), 1 a failure while running, 2",
+            "130 interrupted",
+            "--metrics <FILE>",
+            "--collective-timeout <SECS>",
             "search",
         ],
     );
