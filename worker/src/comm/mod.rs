@@ -1,5 +1,6 @@
 //! Collectives between ranks: the [`Communicator`] trait the data-parallel, tensor-parallel
-//! and pipeline code are written against once, and its backends ([`tcp`] on CPU; NCCL on GPU).
+//! and pipeline code are written against once, and its backends ([`tcp`] on CPU, [`nccl`] on
+//! GPU, [`solo`] for groups of one).
 //!
 //! A communicator belongs to one process group ([`Group`]: a mesh axis's ranks, such as the
 //! data-parallel group of pipeline stage 0) and runs that group's collectives in the order
@@ -17,6 +18,7 @@
 //! (every later call fails with the first error), and a backend closes its connections so that
 //! its peers fail quickly too instead of waiting out their own timeout.
 
+pub mod nccl;
 pub mod solo;
 pub mod tcp;
 
