@@ -111,7 +111,37 @@ pub enum Collective {
     Barrier,
 }
 
+/// Copies host range `from` to `to` (same length), unless they are the same memory.
+///
+/// # Safety
+/// Both are valid host ranges of `from.bytes()` bytes that nobody else uses meanwhile.
+pub(crate) unsafe fn copy_host(from: CommBuf, to: CommBuf) {
+    debug_assert_eq!(from.bytes(), to.bytes(), "invariant: equal lengths");
+    if from.addr != to.addr && from.len > 0 {
+        // SAFETY: the caller's contract; `ptr::copy` allows overlap.
+        unsafe { std::ptr::copy(from.addr as *const u8, to.addr as *mut u8, from.bytes()) }
+    }
+}
+
+/// Whether collectives can reduce `dtype` (the float dtypes; sums are taken in f32 or better).
+pub fn reducible(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F32 | Dtype::Bf16 | Dtype::F16)
+}
+
 impl Collective {
+    /// The buffers the op reads or writes.
+    pub fn buffers(&self) -> Vec<CommBuf> {
+        match *self {
+            Collective::AllReduce { buf, .. }
+            | Collective::Broadcast { buf, .. }
+            | Collective::Send { buf, .. }
+            | Collective::Recv { buf, .. } => vec![buf],
+            Collective::ReduceScatter { input, output, .. }
+            | Collective::AllGather { input, output } => vec![input, output],
+            Collective::Barrier => Vec::new(),
+        }
+    }
+
     /// The op's name in errors and traces.
     pub fn name(&self) -> &'static str {
         match self {

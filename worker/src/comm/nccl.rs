@@ -53,7 +53,9 @@ use cudarc::nccl::result::{self as nccl, NcclError};
 use cudarc::nccl::sys;
 use tessera_plan::memory::Dtype;
 
-use super::{Collective, CommBuf, CommError, Communicator, Group, Memory, ReduceOp, Work};
+use super::{
+    Collective, CommBuf, CommError, Communicator, Group, Memory, ReduceOp, Work, reducible,
+};
 
 /// Bytes in NCCL's unique id (`NCCL_UNIQUE_ID_BYTES`).
 pub const NCCL_ID_BYTES: usize = 128;
@@ -290,22 +292,6 @@ fn nccl_op(op: ReduceOp) -> sys::ncclRedOp_t {
     }
 }
 
-fn reducible(dtype: Dtype) -> bool {
-    matches!(dtype, Dtype::F32 | Dtype::Bf16 | Dtype::F16)
-}
-
-fn buffers(op: &Collective) -> Vec<CommBuf> {
-    match *op {
-        Collective::AllReduce { buf, .. }
-        | Collective::Broadcast { buf, .. }
-        | Collective::Send { buf, .. }
-        | Collective::Recv { buf, .. } => vec![buf],
-        Collective::ReduceScatter { input, output, .. }
-        | Collective::AllGather { input, output } => vec![input, output],
-        Collective::Barrier => Vec::new(),
-    }
-}
-
 /// Checks `op` against what NCCL accepts, on the caller's thread (nothing is queued if not).
 fn check(group: &Group, op: &Collective) -> Result<(), CommError> {
     let (n, me) = (group.size(), group.index);
@@ -314,7 +300,7 @@ fn check(group: &Group, op: &Collective) -> Result<(), CommError> {
         op: op.name(),
         what,
     };
-    for buf in buffers(op) {
+    for buf in op.buffers() {
         if buf.memory != Memory::Device {
             return Err(invalid(
                 "a host buffer: the NCCL backend moves device memory only (the TCP backend \

@@ -2,7 +2,7 @@
 //! Reductions over one member are the identity, so collectives only copy where the output is
 //! not the input.
 
-use super::{Collective, CommBuf, CommError, Communicator, Group, Memory, Work};
+use super::{Collective, CommBuf, CommError, Communicator, Group, Memory, Work, copy_host};
 
 pub struct Solo {
     group: Group,
@@ -36,12 +36,8 @@ impl Solo {
         if from.memory != Memory::Host || to.memory != Memory::Host {
             return Err(self.invalid(op, "device memory needs a device backend".into()));
         }
-        if from.addr != to.addr && from.len > 0 {
-            // SAFETY: both ranges are valid for `bytes()` (caller); `copy` allows overlap.
-            unsafe {
-                std::ptr::copy(from.addr as *const u8, to.addr as *mut u8, from.bytes());
-            }
-        }
+        // SAFETY: the caller's contract.
+        unsafe { copy_host(from, to) };
         Ok(())
     }
 }

@@ -27,7 +27,10 @@ use std::time::{Duration, Instant};
 use half::{bf16, f16};
 use tessera_plan::memory::Dtype;
 
-use super::{Collective, CommBuf, CommError, Communicator, Group, Memory, ReduceOp, Work};
+use super::{
+    Collective, CommBuf, CommError, Communicator, Group, Memory, ReduceOp, Work, copy_host,
+    reducible,
+};
 
 const MAGIC: &[u8; 4] = b"TSRA";
 const VERSION: u8 = 1;
@@ -453,10 +456,6 @@ fn segment(len: usize, n: usize, i: usize) -> (usize, usize) {
     (start, (i + 1) * len / n - start)
 }
 
-fn reducible(dtype: Dtype) -> bool {
-    matches!(dtype, Dtype::F32 | Dtype::Bf16 | Dtype::F16)
-}
-
 impl Ring {
     fn n(&self) -> usize {
         self.links.group.size()
@@ -580,7 +579,7 @@ impl Ring {
 
     fn run(&mut self, op: Collective, seq: u64) -> Result<(), Failure> {
         let (n, me) = (self.n(), self.index());
-        for buf in buffers(&op) {
+        for buf in op.buffers() {
             if buf.memory != Memory::Host {
                 return Err(self.invalid("the TCP backend moves host memory only".into()));
             }
@@ -637,7 +636,8 @@ impl Ring {
                 if reduce == ReduceOp::Avg {
                     scale(own, 1.0 / n as f32);
                 }
-                copy(own, output);
+                // SAFETY: both are ranges of the op (start's contract).
+                unsafe { copy_host(own, output) };
                 Ok(())
             }
             Collective::AllGather { input, output } => {
@@ -648,7 +648,8 @@ impl Ring {
                     )));
                 }
                 let chunk = input.len;
-                copy(input, output.slice(me * chunk, chunk));
+                // SAFETY: both are ranges of the op (start's contract).
+                unsafe { copy_host(input, output.slice(me * chunk, chunk)) };
                 if n == 1 {
                     return Ok(());
                 }
@@ -735,12 +736,7 @@ impl Ring {
                 self.scratch = scratch;
                 result?;
                 if s + 1 < n - 1 {
-                    self.queue(Job::Bytes {
-                        stream: to.clone(),
-                        peer: next,
-                        addr: target.addr,
-                        len: target.bytes(),
-                    });
+                    self.send_piece(&to, next, target);
                 }
             }
         }
@@ -772,12 +768,7 @@ impl Ring {
                 };
                 self.read(prev, &from, bytes)?;
                 if s + 1 < n - 1 {
-                    self.queue(Job::Bytes {
-                        stream: to.clone(),
-                        peer: next,
-                        addr: target.addr,
-                        len: target.bytes(),
-                    });
+                    self.send_piece(&to, next, target);
                 }
             }
         }
@@ -810,12 +801,7 @@ impl Ring {
                 unsafe { std::slice::from_raw_parts_mut(target.addr as *mut u8, target.bytes()) };
             self.read(from, &source, bytes)?;
             if let Some((stream, peer)) = &to {
-                self.queue(Job::Bytes {
-                    stream: stream.clone(),
-                    peer: *peer,
-                    addr: target.addr,
-                    len: target.bytes(),
-                });
+                self.send_piece(stream, *peer, target);
             }
         }
         Ok(())
@@ -823,26 +809,18 @@ impl Ring {
 
     fn queue_pieces(&mut self, stream: &Arc<TcpStream>, peer: usize, buf: CommBuf, piece: usize) {
         for first in (0..buf.len).step_by(piece.max(1)) {
-            let part = buf.slice(first, piece.min(buf.len - first));
-            self.queue(Job::Bytes {
-                stream: stream.clone(),
-                peer,
-                addr: part.addr,
-                len: part.bytes(),
-            });
+            self.send_piece(stream, peer, buf.slice(first, piece.min(buf.len - first)));
         }
     }
-}
 
-fn buffers(op: &Collective) -> Vec<CommBuf> {
-    match *op {
-        Collective::AllReduce { buf, .. }
-        | Collective::Broadcast { buf, .. }
-        | Collective::Send { buf, .. }
-        | Collective::Recv { buf, .. } => vec![buf],
-        Collective::ReduceScatter { input, output, .. }
-        | Collective::AllGather { input, output } => vec![input, output],
-        Collective::Barrier => Vec::new(),
+    /// Queues `part` for the sender thread to write to `peer`.
+    fn send_piece(&mut self, stream: &Arc<TcpStream>, peer: usize, part: CommBuf) {
+        self.queue(Job::Bytes {
+            stream: stream.clone(),
+            peer,
+            addr: part.addr,
+            len: part.bytes(),
+        });
     }
 }
 
@@ -922,14 +900,6 @@ unsafe fn map<T: Copy>(buf: CommBuf, f: impl Fn(T) -> T) {
     let values = unsafe { std::slice::from_raw_parts_mut(buf.addr as *mut T, buf.len) };
     for v in values {
         *v = f(*v);
-    }
-}
-
-/// Copies `from` to `to` (same length), unless they are the same memory.
-fn copy(from: CommBuf, to: CommBuf) {
-    if from.addr != to.addr && from.len > 0 {
-        // SAFETY: both are valid ranges of the op (start's contract); `copy` allows overlap.
-        unsafe { std::ptr::copy(from.addr as *const u8, to.addr as *mut u8, from.bytes()) }
     }
 }
 
