@@ -9,8 +9,7 @@
 set -euo pipefail
 
 cd -- "$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)/../.."
-VENV=bench/.venv
-PY="$VENV/bin/python"
+source bench/torch_venv.sh
 RECORD=""
 for arg in "$@"; do
   case "$arg" in
@@ -23,13 +22,7 @@ WORLDS=${WORLDS:-"2 4 8"}
 SIZES=${SIZES:-"1024 16384 262144 1048576 4194304 16777216 67108864 268435456"}
 
 # The peer's torch (CPU build is enough for gloo), in the venv the other benches share.
-if ! "$PY" -c 'import torch' 2>/dev/null; then
-  echo "== installing torch into $VENV (log: $VENV/install.log)"
-  [ -x "$PY" ] || python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --retries 1 --timeout 30 torch \
-    --index-url https://download.pytorch.org/whl/cpu >"$VENV/install.log" 2>&1 ||
-    "$VENV/bin/pip" install torch >>"$VENV/install.log" 2>&1
-fi
+ensure_torch
 
 cargo build --release -q -p tessera-bench-comm
 OUT=$(mktemp)

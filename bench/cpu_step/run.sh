@@ -11,8 +11,7 @@ set -euo pipefail
 
 cd -- "$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)/../.."
 HARNESS=bench/cpu_step/harness.py
-VENV=bench/.venv
-PY="$VENV/bin/python"
+source bench/torch_venv.sh
 
 RECORD=""
 for arg in "$@"; do
@@ -32,22 +31,8 @@ command -v python3 >/dev/null || { echo "python3 is needed for the harness" >&2;
 SIZES_GIVEN=${SIZES:-}
 SIZES=${SIZES:-$(python3 "$HARNESS" sizes | tr '\n' ' ')}
 
-# The peer's torch, in the venv bench/dryrun shares. Installed only when the venv lacks it.
-if ! "$PY" -c 'import torch' 2>/dev/null; then
-  echo "== installing torch into $VENV (log: $VENV/install.log)"
-  [ -x "$PY" ] || python3 -m venv "$VENV"
-  if "$VENV/bin/pip" install --retries 1 --timeout 30 torch \
-       --index-url https://download.pytorch.org/whl/cpu >"$VENV/install.log" 2>&1; then
-    echo "CPU wheel index" >"$VENV/torch-source"
-  else
-    echo "the CPU wheel index (download.pytorch.org) could not be used; installing torch from" \
-         "PyPI (its Linux wheel is the CUDA build; it runs on the CPU all the same)"
-    "$VENV/bin/pip" install torch >>"$VENV/install.log" 2>&1 \
-      || { echo "pip install torch failed; see $VENV/install.log" >&2; exit 1; }
-    echo "PyPI, CUDA build: the CPU wheel index was unreachable" >"$VENV/torch-source"
-  fi
-fi
-TORCH_SOURCE=$(cat "$VENV/torch-source" 2>/dev/null || echo "unknown source")
+# The peer's torch, in the venv the benches share.
+ensure_torch
 
 echo "== building the release worker"
 cargo build --release -p tessera-worker

@@ -9,8 +9,7 @@
 set -euo pipefail
 
 cd -- "$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)/../.."
-VENV=bench/.venv
-PY="$VENV/bin/python"
+source bench/torch_venv.sh
 RUNS=${RUNS:-5}
 RECORD=""
 for arg in "$@"; do
@@ -20,13 +19,7 @@ for arg in "$@"; do
     *) echo "unknown argument: $arg (the only flag is --record)" >&2; exit 2 ;;
   esac
 done
-if ! "$PY" -c 'import torch' 2>/dev/null; then
-  echo "== installing torch into $VENV (log: $VENV/install.log)"
-  [ -x "$PY" ] || python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --retries 1 --timeout 30 torch \
-    --index-url https://download.pytorch.org/whl/cpu >"$VENV/install.log" 2>&1 ||
-    "$VENV/bin/pip" install torch >>"$VENV/install.log" 2>&1
-fi
+ensure_torch
 cargo build --release -q -p tessera-launcher
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
