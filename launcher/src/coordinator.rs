@@ -405,26 +405,30 @@ mod tests {
         })
     }
 
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
+    /// A coordinator for `world` ranks on 127.0.0.1, its runtime and its events.
+    fn started(
+        world: usize,
+        rendezvous: Duration,
+    ) -> (
+        tokio::runtime::Runtime,
+        Coordinator,
+        std_mpsc::Receiver<Event>,
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
-            .unwrap()
+            .unwrap();
+        let (events, received) = std_mpsc::channel();
+        let localhost = "127.0.0.1:0".parse().unwrap();
+        let coordinator =
+            Coordinator::start(&runtime, localhost, spec(world, rendezvous), events).unwrap();
+        (runtime, coordinator, received)
     }
 
     #[test]
     fn every_rank_gets_its_assignment_once_all_have_registered() {
-        let runtime = runtime();
-        let (events, received) = std_mpsc::channel();
-        let localhost = "127.0.0.1:0".parse().unwrap();
-        let coordinator = Coordinator::start(
-            &runtime,
-            localhost,
-            spec(3, Duration::from_secs(20)),
-            events,
-        )
-        .unwrap();
+        let (runtime, coordinator, received) = started(3, Duration::from_secs(20));
         let address = coordinator.address;
         let assignments = runtime.block_on(async move {
             let calls = (0..3u32).rev().map(|rank| async move {
@@ -455,16 +459,7 @@ mod tests {
 
     #[test]
     fn the_barrier_times_out_naming_the_ranks_that_never_came() {
-        let runtime = runtime();
-        let (events, received) = std_mpsc::channel();
-        let localhost = "127.0.0.1:0".parse().unwrap();
-        let coordinator = Coordinator::start(
-            &runtime,
-            localhost,
-            spec(4, Duration::from_millis(500)),
-            events,
-        )
-        .unwrap();
+        let (runtime, coordinator, received) = started(4, Duration::from_millis(500));
         let address = coordinator.address;
         let status = runtime.block_on(async move {
             let mut client = client(address, "secret").await;
@@ -485,12 +480,7 @@ mod tests {
 
     #[test]
     fn a_call_without_the_token_is_refused_and_reported() {
-        let runtime = runtime();
-        let (events, received) = std_mpsc::channel();
-        let localhost = "127.0.0.1:0".parse().unwrap();
-        let coordinator =
-            Coordinator::start(&runtime, localhost, spec(2, Duration::from_secs(5)), events)
-                .unwrap();
+        let (runtime, coordinator, received) = started(2, Duration::from_secs(5));
         let address = coordinator.address;
         let status = runtime.block_on(async move {
             let mut client = client(address, "wrong").await;

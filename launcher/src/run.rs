@@ -137,7 +137,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
         args.push("--fresh".into());
     }
     let mut workers = Vec::with_capacity(world);
-    let mut outcome = Ok(());
+    let mut outcome = Ok(0);
     for rank in 0..world {
         let env = vec![
             ("RANK".into(), rank.to_string()),
@@ -175,9 +175,15 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     for worker in workers {
         worker.reap();
     }
+    // After every worker's output has been relayed (reap joins the relays) and the bar is gone.
     progress.finish();
     coordinator.stop(&runtime);
-    outcome
+    let steps = outcome?;
+    println!(
+        "done: {steps} steps on {world} rank{}",
+        if world == 1 { "" } else { "s" }
+    );
+    Ok(())
 }
 
 /// Why the run is stopping.
@@ -186,13 +192,14 @@ enum Stop {
     Interrupted,
 }
 
+/// Watches the workers until all have exited; returns the steps rank 0 reported.
 fn supervise(
     workers: &mut [Worker],
     coordinator: &Coordinator,
     events: &mpsc::Receiver<Event>,
     progress: &Progress,
     options: &RunOptions,
-) -> Result<(), Failure> {
+) -> Result<u64, Failure> {
     let mut metrics = match &options.metrics {
         Some(path) => Some((
             OpenOptions::new()
@@ -290,18 +297,7 @@ fn supervise(
 
         if workers.iter().all(|w| w.status.is_some()) {
             return match stopping {
-                None => {
-                    progress.finish();
-                    progress.println(
-                        &format!(
-                            "done: {last_step} steps on {} rank{}",
-                            workers.len(),
-                            if workers.len() == 1 { "" } else { "s" }
-                        ),
-                        false,
-                    );
-                    Ok(())
-                }
+                None => Ok(last_step),
                 Some((Stop::Failed(message), _)) => Err(Failure::Runtime(anyhow::anyhow!(message))),
                 Some((Stop::Interrupted, _)) => Err(Failure::Interrupted),
             };
