@@ -309,6 +309,15 @@ fn suite(comm: &mut TcpCommunicator, rank: usize, n: usize) -> Result<(), CommEr
                 "avg of {len}"
             );
         }
+        let mut buf = values(rank, len, salt);
+        comm.all_reduce(&mut buf, ReduceOp::Max)?;
+        let mut max = vec![f32::MIN; len];
+        for r in 0..n {
+            for (m, v) in max.iter_mut().zip(values(r, len, salt)) {
+                *m = m.max(v);
+            }
+        }
+        assert_eq!(buf, max, "all_reduce max of {len}");
 
         // reduce_scatter: out of place and in place, chunks of `len`.
         let whole = summed(n, len * n, salt);

@@ -35,6 +35,8 @@ pub enum ReduceOp {
     Sum,
     /// The sum divided by the group's size.
     Avg,
+    /// The largest value (vocabulary-parallel softmax takes its row maximum this way).
+    Max,
 }
 
 /// Where a buffer's memory is.

@@ -289,6 +289,7 @@ fn nccl_op(op: ReduceOp) -> sys::ncclRedOp_t {
     match op {
         ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
         ReduceOp::Avg => sys::ncclRedOp_t::ncclAvg,
+        ReduceOp::Max => sys::ncclRedOp_t::ncclMax,
     }
 }
 
@@ -1138,6 +1139,7 @@ mod tests {
         }
         assert_eq!(nccl_op(ReduceOp::Sum), R::ncclSum);
         assert_eq!(nccl_op(ReduceOp::Avg), R::ncclAvg);
+        assert_eq!(nccl_op(ReduceOp::Max), R::ncclMax);
         assert_eq!((R::ncclSum as u32, R::ncclAvg as u32), (0, 4));
     }
 

@@ -603,7 +603,7 @@ impl Ring {
                     ring.map(|r| r.1),
                 )?;
                 let seg = |i| segment(buf.len, n, i);
-                self.reduce_scatter(buf, &seg, next, prev)?;
+                self.reduce_scatter(buf, reduce, &seg, next, prev)?;
                 if reduce == ReduceOp::Avg {
                     let (start, len) = seg(me);
                     scale(buf.slice(start, len), 1.0 / n as f32);
@@ -629,7 +629,7 @@ impl Ring {
                 let seg = |i: usize| (i * chunk, chunk);
                 if n > 1 {
                     self.headers(&op, seq, input.len, input.dtype, Some(next), Some(prev))?;
-                    self.reduce_scatter(input, &seg, next, prev)?;
+                    self.reduce_scatter(input, reduce, &seg, next, prev)?;
                     self.flush()?;
                 }
                 let own = input.slice(me * chunk, chunk);
@@ -710,6 +710,7 @@ impl Ring {
     fn reduce_scatter(
         &mut self,
         buf: CommBuf,
+        reduce: ReduceOp,
         seg: &dyn Fn(usize) -> (usize, usize),
         next: usize,
         prev: usize,
@@ -731,7 +732,7 @@ impl Ring {
                 let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut scratch);
                 let result = self.read(prev, &from, &mut bytes[..count * size]);
                 if result.is_ok() {
-                    add(target, &bytes[..count * size]);
+                    combine(target, &bytes[..count * size], reduce);
                 }
                 self.scratch = scratch;
                 result?;
@@ -851,19 +852,24 @@ fn kind_name(code: u8) -> &'static str {
     }
 }
 
-/// `target += bytes` element-wise (bytes hold `target.len` elements of its dtype).
-fn add(target: CommBuf, bytes: &[u8]) {
+/// `target = target (op) bytes` element-wise (bytes hold `target.len` elements of its dtype):
+/// a sum for `Sum` and `Avg` (scaled afterwards), the larger value for `Max`.
+fn combine(target: CommBuf, bytes: &[u8], op: ReduceOp) {
+    let f = match op {
+        ReduceOp::Sum | ReduceOp::Avg => |a: f32, b: f32| a + b,
+        ReduceOp::Max => f32::max,
+    };
     // SAFETY: the op's buffer is valid and ours (start's contract) and aligned for its dtype
     // (arena regions and their slices are); `bytes` is the u64-aligned scratch.
     unsafe {
         match target.dtype {
-            Dtype::F32 => add_elems::<f32>(target, bytes, |a, b| a + b),
-            Dtype::Bf16 => add_elems::<bf16>(target, bytes, |a, b| {
-                bf16::from_f32(a.to_f32() + b.to_f32())
+            Dtype::F32 => combine_elems::<f32>(target, bytes, f),
+            Dtype::Bf16 => combine_elems::<bf16>(target, bytes, |a, b| {
+                bf16::from_f32(f(a.to_f32(), b.to_f32()))
             }),
-            Dtype::F16 => {
-                add_elems::<f16>(target, bytes, |a, b| f16::from_f32(a.to_f32() + b.to_f32()))
-            }
+            Dtype::F16 => combine_elems::<f16>(target, bytes, |a, b| {
+                f16::from_f32(f(a.to_f32(), b.to_f32()))
+            }),
             _ => unreachable!("invariant: checked by `reducible`"),
         }
     }
@@ -871,7 +877,7 @@ fn add(target: CommBuf, bytes: &[u8]) {
 
 /// # Safety
 /// `target` is a valid, exclusively owned range of `T`s.
-unsafe fn add_elems<T: bytemuck::Pod>(target: CommBuf, bytes: &[u8], f: impl Fn(T, T) -> T) {
+unsafe fn combine_elems<T: bytemuck::Pod>(target: CommBuf, bytes: &[u8], f: impl Fn(T, T) -> T) {
     // SAFETY: the caller's contract.
     let dst = unsafe { std::slice::from_raw_parts_mut(target.addr as *mut T, target.len) };
     let src: &[T] = bytemuck::cast_slice(bytes);
