@@ -305,6 +305,7 @@ fn check_attention<B: Backend>(bump: &mut Bump<B>) {
             hs,
             v: 1,
             vp: 1,
+            vocab_start: 0,
         };
         let n = b * t;
         let (qkv, qkvv) = bump.input(n * 3 * nh * hs, 1.5);
@@ -351,6 +352,7 @@ fn check_crossentropy<B: Backend>(bump: &mut Bump<B>) {
         hs: 1,
         v,
         vp,
+        vocab_start: 0,
     };
     let (logits, logitsv) = bump.input(rows * vp, 3.0);
     let targets: Vec<i32> = (0..rows as i32).map(|r| (r * 7) % v as i32).collect();
@@ -385,6 +387,7 @@ fn check_embedding<B: Backend>(bump: &mut Bump<B>) {
         hs: c,
         v: vp,
         vp,
+        vocab_start: 0,
     };
     let tokens = [1, 5, 1, 0, 3, 3, 3, 2];
     let tok = bump.tensor(b * t, Dtype::I32);
@@ -393,7 +396,7 @@ fn check_embedding<B: Backend>(bump: &mut Bump<B>) {
     let (wpe, wpev) = bump.input(t * c, 1.0);
     let out = bump.zeros(b * t * c, Dtype::F32);
     bump.backend
-        .embedding_fwd(out, tok, wte, wpe, dims)
+        .embedding_fwd(out, tok, wte, Some(wpe), dims)
         .unwrap();
     let forward = |wte: &[f64], wpe: &[f64]| -> Vec<f64> {
         (0..b * t)
@@ -413,7 +416,7 @@ fn check_embedding<B: Backend>(bump: &mut Bump<B>) {
         bump.zeros(t * c, Dtype::F32),
     );
     bump.backend
-        .embedding_bwd(dwte, dwpe, dout, tok, dims)
+        .embedding_bwd(dwte, Some(dwpe), dout, tok, dims)
         .unwrap();
     let fd_wte = finite_differences(&wtev, &doutv, |w| forward(w, &wpev));
     let fd_wpe = finite_differences(&wpev, &doutv, |w| forward(&wtev, w));

@@ -123,12 +123,26 @@ pub struct Dims {
     pub v: usize,
     /// Padded vocabulary rows on this rank (the embedding's and the logits' width).
     pub vp: usize,
+    /// The token id of this rank's first vocabulary row: its tensor-parallel shard is ids
+    /// `vocab_start..vocab_start + vp` (0 without tensor parallelism).
+    pub vocab_start: usize,
 }
 
 impl Dims {
     /// Tokens in the microbatch, `b * t`.
     pub fn tokens(&self) -> usize {
         self.b * self.t
+    }
+
+    /// This rank's vocabulary rows that are real tokens (the rest is padding).
+    pub fn real_vocab(&self) -> usize {
+        self.v.saturating_sub(self.vocab_start).min(self.vp)
+    }
+
+    /// The row of token `id` in this rank's shard, if it has it.
+    pub fn local_token(&self, id: usize) -> Option<usize> {
+        id.checked_sub(self.vocab_start)
+            .filter(|&row| row < self.vp)
     }
 }
 
@@ -193,21 +207,23 @@ pub trait Backend: Sized {
 
     // --- embedding ---
 
-    /// `out (b t, c) = wte[tokens] + wpe[position]`. `tokens (b t)` i32, `wte (vp, c)`,
-    /// `wpe (t_max, c)`.
+    /// `out (b t, c) = wte[tokens] + wpe[position]`. `tokens (b t)` i32 (ids below `dims.v`),
+    /// `wte (vp, c)` the shard of ids `dims.vocab_start..`: a token outside it contributes 0
+    /// (tensor-parallel ranks sum their outputs). `wpe (t_max, c)` is added when given.
     fn embedding_fwd(
         &mut self,
         out: Tensor,
         tokens: Tensor,
         wte: Tensor,
-        wpe: Tensor,
+        wpe: Option<Tensor>,
         dims: Dims,
     ) -> Result<()>;
-    /// `dwte[tokens] += dout`, `dwpe[position] += dout`.
+    /// `dwte[tokens] += dout` for the tokens in this rank's shard, `dwpe[position] += dout`
+    /// when given.
     fn embedding_bwd(
         &mut self,
         dwte: Tensor,
-        dwpe: Tensor,
+        dwpe: Option<Tensor>,
         dout: Tensor,
         tokens: Tensor,
         dims: Dims,
@@ -304,6 +320,42 @@ pub trait Backend: Sized {
     /// (rows)` i32.
     #[allow(clippy::too_many_arguments)]
     fn crossentropy_fwd_bwd(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dloss: f32,
+        dims: Dims,
+    ) -> Result<()>;
+
+    // --- the same, with the vocabulary split over tensor-parallel ranks ---
+    //
+    // Each rank holds the logits of its vocabulary shard (`dims.vocab_start..`); between the
+    // steps the caller all-reduces over the ranks: `max` with Max after step 1, `sumexp` and
+    // `losses` with Sum after step 2. Together they compute what `crossentropy_fwd_bwd` does,
+    // without any rank holding a whole row of logits.
+
+    /// Step 1: `max (rows)` = each row's largest logit among this rank's real tokens.
+    fn crossentropy_max(&mut self, logits: Tensor, max: Tensor, dims: Dims) -> Result<()>;
+    /// Step 2, `max` being the maximum over every rank: `sumexp (rows)` = the sum of `exp(l -
+    /// max)` over this rank's real tokens; `losses (rows)` = the target's logit where this rank
+    /// holds the target, else 0.
+    fn crossentropy_sumexp(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dims: Dims,
+    ) -> Result<()>;
+    /// Step 3, `sumexp` and `losses` summed over every rank: `losses = max + ln(sumexp) -
+    /// losses` (in place), and the logits become `(softmax - onehot(target)) * dloss`, 0 in the
+    /// padding.
+    #[allow(clippy::too_many_arguments)]
+    fn crossentropy_finish(
         &mut self,
         logits: Tensor,
         losses: Tensor,

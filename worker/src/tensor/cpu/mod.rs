@@ -309,23 +309,27 @@ impl Backend for CpuBackend {
         out: Tensor,
         tokens: Tensor,
         wte: Tensor,
-        wpe: Tensor,
+        wpe: Option<Tensor>,
         dims: Dims,
     ) -> Result<()> {
         let (op, dt, n) = ("embedding_fwd", out.dtype, dims.tokens());
         self.check(op, "out", out, dt, n * dims.c)?;
         self.check(op, "tokens", tokens, Dtype::I32, n)?;
         self.check(op, "wte", wte, dt, dims.vp * dims.c)?;
-        self.check(op, "wpe", wpe, dt, dims.t * dims.c)?;
-        disjoint(
-            op,
-            &[("out", out)],
-            &[("tokens", tokens), ("wte", wte), ("wpe", wpe)],
-        )?;
-        let tokens = self.tokens(op, tokens, dims.vp)?;
+        let mut inputs = vec![("tokens", tokens), ("wte", wte)];
+        if let Some(wpe) = wpe {
+            self.check(op, "wpe", wpe, dt, dims.t * dims.c)?;
+            inputs.push(("wpe", wpe));
+        }
+        disjoint(op, &[("out", out)], &inputs)?;
+        let tokens = self.tokens(op, tokens, dims.v)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
-            unsafe { ops::embedding_fwd::<E>(self.slice_mut(out), tokens, self.slice(wte), self.slice(wpe), dims) }
+            unsafe {
+                ops::embedding_fwd::<E>(
+                    self.slice_mut(out), tokens, self.slice(wte), wpe.map(|w| self.slice(w)), dims,
+                )
+            }
         });
         Ok(())
     }
@@ -333,25 +337,29 @@ impl Backend for CpuBackend {
     fn embedding_bwd(
         &mut self,
         dwte: Tensor,
-        dwpe: Tensor,
+        dwpe: Option<Tensor>,
         dout: Tensor,
         tokens: Tensor,
         dims: Dims,
     ) -> Result<()> {
         let (op, dt, n) = ("embedding_bwd", dout.dtype, dims.tokens());
         self.check(op, "dwte", dwte, dt, dims.vp * dims.c)?;
-        self.check(op, "dwpe", dwpe, dt, dims.t * dims.c)?;
+        let mut outputs = vec![("dwte", dwte)];
+        if let Some(dwpe) = dwpe {
+            self.check(op, "dwpe", dwpe, dt, dims.t * dims.c)?;
+            outputs.push(("dwpe", dwpe));
+        }
         self.check(op, "dout", dout, dt, n * dims.c)?;
         self.check(op, "tokens", tokens, Dtype::I32, n)?;
-        disjoint(
-            op,
-            &[("dwte", dwte), ("dwpe", dwpe)],
-            &[("dout", dout), ("tokens", tokens)],
-        )?;
-        let tokens = self.tokens(op, tokens, dims.vp)?;
+        disjoint(op, &outputs, &[("dout", dout), ("tokens", tokens)])?;
+        let tokens = self.tokens(op, tokens, dims.v)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
-            unsafe { ops::embedding_bwd::<E>(self.slice_mut(dwte), self.slice_mut(dwpe), self.slice(dout), tokens, dims) }
+            unsafe {
+                ops::embedding_bwd::<E>(
+                    self.slice_mut(dwte), dwpe.map(|w| self.slice_mut(w)), self.slice(dout), tokens, dims,
+                )
+            }
         });
         Ok(())
     }
@@ -596,6 +604,12 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let op = "crossentropy_fwd_bwd";
         let rows = losses.len;
+        if dims.vocab_start != 0 || dims.vp < dims.v {
+            return Err(Error::Unsupported {
+                what: format!("{op}: the logits hold a shard of the vocabulary"),
+                help: "use crossentropy_max, crossentropy_sumexp and crossentropy_finish".into(),
+            });
+        }
         self.check(op, "logits", logits, logits.dtype, rows * dims.vp)?;
         self.check(op, "max", max, F32, rows)?;
         self.check(op, "sumexp", sumexp, F32, rows)?;
@@ -617,6 +631,88 @@ impl Backend for CpuBackend {
                 ops::crossentropy_fwd_bwd::<E>(
                     self.slice_mut(logits), self.slice_mut(losses), self.slice_mut(max),
                     self.slice_mut(sumexp), targets, dloss, dims,
+                )
+            }
+        });
+        Ok(())
+    }
+
+    fn crossentropy_max(&mut self, logits: Tensor, max: Tensor, dims: Dims) -> Result<()> {
+        let op = "crossentropy_max";
+        let rows = max.len;
+        self.check(op, "logits", logits, logits.dtype, rows * dims.vp)?;
+        self.check(op, "max", max, F32, rows)?;
+        disjoint(op, &[("max", max)], &[("logits", logits)])?;
+        with_elem!(op, logits.dtype, E => {
+            // SAFETY: checked and disjoint.
+            unsafe { ops::crossentropy_max::<E>(self.slice(logits), self.slice_mut(max), dims) }
+        });
+        Ok(())
+    }
+
+    fn crossentropy_sumexp(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dims: Dims,
+    ) -> Result<()> {
+        let op = "crossentropy_sumexp";
+        let rows = losses.len;
+        self.check(op, "logits", logits, logits.dtype, rows * dims.vp)?;
+        self.check(op, "losses", losses, F32, rows)?;
+        self.check(op, "max", max, F32, rows)?;
+        self.check(op, "sumexp", sumexp, F32, rows)?;
+        self.check(op, "targets", targets, Dtype::I32, rows)?;
+        disjoint(
+            op,
+            &[("losses", losses), ("sumexp", sumexp)],
+            &[("logits", logits), ("max", max), ("targets", targets)],
+        )?;
+        let targets = self.tokens(op, targets, dims.v)?;
+        with_elem!(op, logits.dtype, E => {
+            // SAFETY: checked and disjoint.
+            unsafe {
+                ops::crossentropy_sumexp::<E>(
+                    self.slice(logits), self.slice_mut(losses), self.slice(max),
+                    self.slice_mut(sumexp), targets, dims,
+                )
+            }
+        });
+        Ok(())
+    }
+
+    fn crossentropy_finish(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dloss: f32,
+        dims: Dims,
+    ) -> Result<()> {
+        let op = "crossentropy_finish";
+        let rows = losses.len;
+        self.check(op, "logits", logits, logits.dtype, rows * dims.vp)?;
+        self.check(op, "losses", losses, F32, rows)?;
+        self.check(op, "max", max, F32, rows)?;
+        self.check(op, "sumexp", sumexp, F32, rows)?;
+        self.check(op, "targets", targets, Dtype::I32, rows)?;
+        disjoint(
+            op,
+            &[("logits", logits), ("losses", losses)],
+            &[("max", max), ("sumexp", sumexp), ("targets", targets)],
+        )?;
+        let targets = self.tokens(op, targets, dims.v)?;
+        with_elem!(op, logits.dtype, E => {
+            // SAFETY: checked and disjoint.
+            unsafe {
+                ops::crossentropy_finish::<E>(
+                    self.slice_mut(logits), self.slice_mut(losses), self.slice(max),
+                    self.slice(sumexp), targets, dloss, dims,
                 )
             }
         });

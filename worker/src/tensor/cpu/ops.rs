@@ -21,36 +21,55 @@ pub const LAYERNORM_EPS: f32 = 1e-5;
 
 // --- embedding ---
 
-pub fn embedding_fwd<E: Elem>(out: &mut [E], tokens: &[i32], wte: &[E], wpe: &[E], d: Dims) {
+/// Rows of tokens outside this rank's vocabulary shard get 0 (plus the position's row).
+pub fn embedding_fwd<E: Elem>(
+    out: &mut [E],
+    tokens: &[i32],
+    wte: &[E],
+    wpe: Option<&[E]>,
+    d: Dims,
+) {
     let c = d.c;
     out.par_chunks_mut(c).enumerate().for_each(|(row, out)| {
-        let token = tokens[row] as usize;
+        let token = d.local_token(tokens[row] as usize);
         let position = row % d.t;
-        let wte = &wte[token * c..][..c];
-        let wpe = &wpe[position * c..][..c];
-        for ((o, &a), &b) in out.iter_mut().zip(wte).zip(wpe) {
-            *o = E::from_f32(a.to_f32() + b.to_f32());
+        let wpe = wpe.map(|wpe| &wpe[position * c..][..c]);
+        for (j, o) in out.iter_mut().enumerate() {
+            let a = token.map_or(0.0, |t| wte[t * c + j].to_f32());
+            let b = wpe.map_or(0.0, |wpe| wpe[j].to_f32());
+            *o = E::from_f32(a + b);
         }
     });
 }
 
 /// Scatter-adds into the embedding rows. Tasks own column blocks and walk the tokens in order,
 /// so repeated tokens are summed in the same order every time.
-pub fn embedding_bwd<E: Elem>(dwte: &mut [E], dwpe: &mut [E], dout: &[E], tokens: &[i32], d: Dims) {
+pub fn embedding_bwd<E: Elem>(
+    dwte: &mut [E],
+    dwpe: Option<&mut [E]>,
+    dout: &[E],
+    tokens: &[i32],
+    d: Dims,
+) {
     let c = d.c;
     let column_tasks = c.div_ceil(COLUMN_BLOCK);
     let dwte = SharedMut::new(dwte);
-    let dwpe = SharedMut::new(dwpe);
+    let dwpe = dwpe.map(SharedMut::new);
     (0..column_tasks).into_par_iter().for_each(|task| {
         let columns = task * COLUMN_BLOCK..((task + 1) * COLUMN_BLOCK).min(c);
         for (row, &token) in tokens.iter().enumerate().take(d.tokens()) {
             let position = row % d.t;
+            let token = d.local_token(token as usize);
             for j in columns.clone() {
                 let g = dout[row * c + j].to_f32();
                 // SAFETY: this task alone touches columns `columns` of both tables.
                 unsafe {
-                    dwte.add(token as usize * c + j, g);
-                    dwpe.add(position * c + j, g);
+                    if let Some(t) = token {
+                        dwte.add(t * c + j, g);
+                    }
+                    if let Some(dwpe) = &dwpe {
+                        dwpe.add(position * c + j, g);
+                    }
                 }
             }
         }
@@ -312,6 +331,75 @@ pub fn crossentropy_fwd_bwd<E: Elem>(
             row[d.v..].fill(E::from_f32(0.0));
             *max = m;
             *sumexp = sum;
+        });
+}
+
+/// Vocabulary-parallel cross-entropy, step 1: each row's largest logit among this rank's real
+/// tokens (see `Backend::crossentropy_max`).
+pub fn crossentropy_max<E: Elem>(logits: &[E], max: &mut [f32], d: Dims) {
+    let real = d.real_vocab();
+    logits
+        .par_chunks(d.vp)
+        .zip(max.par_iter_mut())
+        .for_each(|(row, max)| {
+            *max = row[..real]
+                .iter()
+                .map(|l| l.to_f32())
+                .fold(f32::NEG_INFINITY, f32::max);
+        });
+}
+
+/// Step 2: the row's sum of `exp(l - max)` over this rank's real tokens, and the target's
+/// logit if this rank holds it (else 0).
+pub fn crossentropy_sumexp<E: Elem>(
+    logits: &[E],
+    picked: &mut [f32],
+    max: &[f32],
+    sumexp: &mut [f32],
+    targets: &[i32],
+    d: Dims,
+) {
+    let real = d.real_vocab();
+    logits
+        .par_chunks(d.vp)
+        .zip(picked.par_iter_mut().zip(sumexp.par_iter_mut()))
+        .zip(max.par_iter().zip(targets.par_iter()))
+        .for_each(|((row, (picked, sumexp)), (&m, &target))| {
+            *sumexp = row[..real].iter().map(|l| exp_fast(l.to_f32() - m)).sum();
+            *picked = d
+                .local_token(target as usize)
+                .filter(|&t| t < real)
+                .map_or(0.0, |t| row[t].to_f32());
+        });
+}
+
+/// Step 3: `losses = max + ln(sumexp) - picked` in place, and the logits become `(softmax -
+/// onehot) * dloss`, 0 in the padding.
+#[allow(clippy::too_many_arguments)]
+pub fn crossentropy_finish<E: Elem>(
+    logits: &mut [E],
+    losses: &mut [f32],
+    max: &[f32],
+    sumexp: &[f32],
+    targets: &[i32],
+    dloss: f32,
+    d: Dims,
+) {
+    let real = d.real_vocab();
+    logits
+        .par_chunks_mut(d.vp)
+        .zip(losses.par_iter_mut())
+        .zip(max.par_iter().zip(sumexp.par_iter()))
+        .zip(targets.par_iter())
+        .for_each(|(((row, loss), (&m, &sum)), &target)| {
+            *loss = m + sum.ln() - *loss;
+            let target = d.local_token(target as usize);
+            for (j, l) in row[..real].iter_mut().enumerate() {
+                let p = exp_fast(l.to_f32() - m) / sum;
+                let onehot = if Some(j) == target { 1.0 } else { 0.0 };
+                *l = E::from_f32((p - onehot) * dloss);
+            }
+            row[real..].fill(E::from_f32(0.0));
         });
 }
 
