@@ -291,18 +291,23 @@ fn ctrl_c_stops_every_worker_and_exits_130() {
 }
 
 #[test]
-fn a_mesh_the_worker_cannot_train_yet_is_refused_before_anything_starts() {
+fn a_layout_the_worker_cannot_train_yet_is_refused_before_anything_starts() {
     let scratch = Scratch::new("unsupported");
     let mut command = Command::new(env!("CARGO_BIN_EXE_launch"));
     command
         .current_dir(repo())
-        .args(["--config", "configs/tiny-cpu.yaml"])
+        .args([
+            "--config",
+            "configs/tiny-cpu.yaml",
+            "--set",
+            "parallel.zero=2",
+        ])
         .arg("--set")
         .arg(format!("checkpoint.dir={}", scratch.path("ckpt").display()));
     let out = output(command);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("data-parallel meshes only"), "{stderr}");
-    assert!(stderr.contains("issue 6"), "{stderr}");
+    assert!(stderr.contains("parallel.zero 2"), "{stderr}");
+    assert!(stderr.contains("--set parallel.zero=1"), "{stderr}");
     assert!(!scratch.path("ckpt").exists(), "nothing ran");
 }

@@ -17,13 +17,13 @@ use clap::Parser;
 use tessera_plan::Config;
 use tessera_plan::config::Device;
 use tessera_plan::memory::{Place, StagePlan};
-use tessera_plan::mesh::{Axis, Mesh};
+use tessera_plan::mesh::Mesh;
 use tessera_proto::v1::{Beat, WorkerHello};
 
 use crate::Error;
 use crate::arena::ArenaLayout;
-use crate::comm::Group;
 use crate::comm::tcp::TcpEndpoint;
+use crate::comm::{Communicator, Group};
 use crate::control::{Control, LaunchEnv};
 use crate::parallel::Comms;
 use crate::tensor::cpu::CpuBackend;
@@ -217,7 +217,6 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
     )
     .map_err(usage)?;
     check_device(&config)?;
-    train::check_supported_mesh(&config).map_err(failure)?;
     start_threads(cli.threads)?;
 
     let rank = assignment.rank as usize;
@@ -241,30 +240,18 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let timeout = Duration::from_millis(assignment.collective_timeout_ms.into());
-    let group = |name: String, ranks: Vec<usize>| -> Result<_, (u8, String)> {
-        let index = ranks
-            .iter()
-            .position(|&r| r == rank)
-            .expect("invariant: a rank is in its own groups");
-        let addresses: Vec<SocketAddr> = ranks.iter().map(|&r| peers[r]).collect();
-        let group = Group { name, ranks, index };
-        endpoint
-            .communicator(group, &addresses, timeout)
-            .map_err(runtime_error)
-    };
-    let world = group("world".into(), (0..mesh.world_size()).collect())?;
-    let coord = mesh.coord(rank).map_err(usage)?;
-    let dp_name = format!(
-        "dp {}",
-        coord.pp_rank * config.parallel.tensor + coord.tp_rank
-    );
-    let dp = group(dp_name, mesh.group(rank, Axis::Data).map_err(usage)?)?;
-    let comms = Comms {
+    let comms = Comms::connect(
         rank,
-        world: Box::new(world),
-        dp: Box::new(dp),
-        run_id: assignment.run_id.clone(),
-    };
+        &config,
+        assignment.run_id.clone(),
+        &mut |group: Group| {
+            let addresses: Vec<SocketAddr> = group.ranks.iter().map(|&r| peers[r]).collect();
+            let communicator = endpoint.communicator(group, &addresses, timeout)?;
+            Ok(Box::new(communicator) as Box<dyn Communicator>)
+        },
+    )
+    .map_err(runtime_error)?;
+    let coord = comms.coord;
 
     let plan = StagePlan::new(&config, coord.pp_rank);
     let layout = ArenaLayout::new(&plan);

@@ -8,11 +8,12 @@ use std::time::Instant;
 
 use tessera_plan::Config;
 use tessera_plan::memory::{Place, StagePlan};
-use tessera_plan::model::{ModelShape, Unit as UnitKind};
+use tessera_plan::model::{ModelShape, ParamSpec, Split, Unit as UnitKind};
 use tessera_plan::schedule::{Op, PipelineSchedule};
 
 use crate::arena::ArenaLayout;
 use crate::checkpoint;
+use crate::comm::{Collective, CommunicatorExt as _, ReduceOp};
 use crate::data::{Dataset, Sampler};
 use crate::error::{Error, Result};
 use crate::model::init::initial_values;
@@ -20,6 +21,7 @@ use crate::model::{Gpt, Unit, units};
 use crate::optim::Optimizer;
 use crate::parallel::Comms;
 use crate::parallel::data::{DataParallel, sum_over_group};
+use crate::parallel::pipeline::Slots;
 use crate::tensor::Backend;
 
 /// What one optimizer step reports (one line of `--metrics`).
@@ -49,33 +51,16 @@ pub struct Rank<B: Backend> {
     pub optimizer: Optimizer,
     pub comms: Comms,
     data_parallel: DataParallel,
+    /// This stage's part of the pipeline schedule, and for each chunk the index of its last
+    /// backward (when its layers' gradients are final for the step).
     ops: Vec<Op>,
-    slots: usize,
+    last_backward: Vec<Option<usize>>,
+    slots: Slots,
     /// Steps completed so far (the next step to run is `step`).
     pub step: u64,
     /// Host staging for one microbatch's token ids and targets.
     inputs: Vec<i32>,
     targets: Vec<i32>,
-}
-
-/// Fails unless the mesh is one this build's worker trains: data parallelism only (tensor and
-/// pipeline parallelism arrive with issue 6).
-pub fn check_supported_mesh(config: &Config) -> Result<()> {
-    let p = &config.parallel;
-    if p.tensor != 1 || p.pipeline != 1 {
-        return Err(Error::Unsupported {
-            what: format!(
-                "this build's worker trains data-parallel meshes only, but the config has tensor {} x pipeline {}",
-                p.tensor, p.pipeline
-            ),
-            help: format!(
-                "add --set parallel.tensor=1 --set parallel.pipeline=1 (and e.g. --set parallel.data={}); \
-                 tensor and pipeline parallelism arrive with issue 6",
-                p.world_size()
-            ),
-        });
-    }
-    Ok(())
 }
 
 /// Fails unless the config is a single rank (the worker run alone, without `launch`).
@@ -108,8 +93,7 @@ impl<B: Backend> Rank<B> {
 
     /// A rank of a multi-process run, taking part through `comms`.
     pub fn in_mesh(config: Config, backend: B, comms: Comms) -> Result<Rank<B>> {
-        check_supported_mesh(&config)?;
-        let stage = StagePlan::new(&config, 0);
+        let stage = StagePlan::new(&config, comms.coord.pp_rank);
         let layout = ArenaLayout::new(&stage);
         for place in [Place::Device, Place::Host] {
             assert_eq!(
@@ -119,29 +103,38 @@ impl<B: Backend> Rank<B> {
             );
         }
         let units = units(&layout, &config, &stage, comms.dp_rank())?;
-        let model = Gpt::new(&layout, &config, &stage, &units)?;
+        let model = Gpt::new(&layout, &config, &stage, &units, comms.coord.tp_rank)?;
         let training = &config.training;
         let optimizer = Optimizer::new(
             training.optimizer.clone(),
             training.steps,
             training.precision,
         );
+        let parallel = &config.parallel;
         let schedule = PipelineSchedule::new(
-            config.parallel.schedule,
-            1,
-            config.parallel.virtual_stages,
+            parallel.schedule,
+            parallel.pipeline,
+            parallel.virtual_stages,
             config.microbatches(),
         );
+        let ops = schedule.ops[comms.coord.pp_rank].clone();
+        let last_backward = (0..parallel.virtual_stages)
+            .map(|chunk| {
+                ops.iter()
+                    .rposition(|op| matches!(op, Op::Backward { chunk: c, .. } if *c == chunk))
+            })
+            .collect();
         let tokens = training.micro_batch * config.model.seq_len;
         Ok(Rank {
-            ops: schedule.ops[0].clone(),
-            slots: stage.in_flight.total,
+            ops,
+            last_backward,
+            slots: Slots::new(stage.in_flight.total, &stage.in_flight.per_chunk),
             stage,
             layout,
             units,
             model,
             optimizer,
-            data_parallel: DataParallel::new(config.parallel.zero),
+            data_parallel: DataParallel::new(),
             comms,
             backend,
             step: 0,
@@ -155,10 +148,16 @@ impl<B: Backend> Rank<B> {
     /// gradients are already 0.
     pub fn initialize(&mut self) -> Result<()> {
         let shape = ModelShape::new(&self.config.model, self.config.parallel.tensor);
+        let tp_rank = self.comms.coord.tp_rank;
         for unit in &self.units {
             for placed in &unit.layout.params {
-                let values =
-                    initial_values(placed, unit.layer, &shape, 0, self.config.training.seed);
+                let values = initial_values(
+                    placed,
+                    unit.layer,
+                    &shape,
+                    tp_rank,
+                    self.config.training.seed,
+                );
                 let name = placed.spec.name;
                 self.backend.write(unit.view(unit.params, name), &values)?;
                 if let (Some(master), Some(range)) = (unit.master, unit.shard_of(name)) {
@@ -171,9 +170,11 @@ impl<B: Backend> Rank<B> {
         Ok(())
     }
 
-    /// Forward and backward of every microbatch of step `self.step`; returns the mean loss.
-    /// `fill(microbatch, inputs, targets)` provides each microbatch's token ids and targets
-    /// (`micro_batch x seq_len` each). Gradients accumulate in the arena.
+    /// Forward and backward of every microbatch of step `self.step`, in this stage's order of
+    /// the pipeline schedule; returns the mean loss over the global batch (the same on every
+    /// rank). `fill(microbatch, inputs, targets)` provides each microbatch's token ids and
+    /// targets (`micro_batch x seq_len` each). Gradients accumulate in the arena, and each
+    /// unit's reduction starts as soon as its gradients are final.
     pub fn forward_backward(
         &mut self,
         mut fill: impl FnMut(usize, &mut [i32], &mut [i32]) -> Result<()>,
@@ -181,63 +182,158 @@ impl<B: Backend> Rank<B> {
         let t = self.config.model.seq_len;
         let tokens_per_step = (self.config.training.global_batch * t) as f64;
         let dloss = (self.optimizer.loss_scale.scale as f64 / tokens_per_step) as f32;
-        let mut loss = 0.0;
-        let mut microbatches = 0;
-        let last_backward = self
+        let last_chunk = self.model.chunks() - 1;
+        let last_forward = self
             .ops
             .iter()
-            .rposition(|op| matches!(op, Op::Backward { .. }));
+            .rposition(|op| matches!(op, Op::Forward { chunk, .. } if *chunk == last_chunk));
+        let mut loss = 0.0;
         for i in 0..self.ops.len() {
             match self.ops[i] {
-                Op::Forward { microbatch, .. } => {
-                    fill(microbatch, &mut self.inputs, &mut self.targets)?;
-                    let slot = microbatch % self.slots;
-                    if let Some(tokens) = self.model.tokens(slot) {
+                Op::Forward { microbatch, chunk } => {
+                    let (slot, io) = self.slots.take(microbatch, chunk);
+                    let (embeds, head) = (self.model.embeds(chunk), self.model.has_head(chunk));
+                    self.comms.pipeline.receive_input(
+                        &self.backend,
+                        chunk,
+                        self.model.chunk_input(slot),
+                    )?;
+                    if embeds || head {
+                        fill(microbatch, &mut self.inputs, &mut self.targets)?;
+                    }
+                    if embeds {
+                        let tokens = self.model.tokens(io).expect("invariant: first stage");
                         self.backend.write_i32(tokens, &self.inputs)?;
                     }
-                    if let Some(targets) = self.model.targets() {
+                    if let Some(targets) = self.model.targets().filter(|_| head) {
                         self.backend.write_i32(targets, &self.targets)?;
                     }
-                    loss += self.model.forward(&mut self.backend, slot, dloss)?;
-                    microbatches += 1;
+                    let model = &mut self.model;
+                    loss += model.forward(
+                        &mut self.backend,
+                        &mut self.comms.tp,
+                        chunk,
+                        slot,
+                        io,
+                        dloss,
+                    )?;
+                    self.comms.pipeline.send_output(
+                        &self.backend,
+                        chunk,
+                        self.model.chunk_output(),
+                    )?;
+                    if head
+                        && Some(i) == last_forward
+                        && !self.tied_to_embedding(self.units.len() - 1)
+                    {
+                        // The head's gradients are finished by its forward.
+                        self.reduce_unit(self.units.len() - 1)?;
+                    }
                 }
-                Op::Backward { microbatch, .. } if Some(i) == last_backward => {
-                    self.last_backward(microbatch % self.slots)?;
-                }
-                Op::Backward { microbatch, .. } => {
-                    self.model
-                        .backward(&mut self.backend, microbatch % self.slots)?;
+                Op::Backward { microbatch, chunk } => {
+                    let (slot, io) = self.slots.give_back(microbatch, chunk);
+                    self.backward(chunk, slot, io, self.last_backward[chunk] == Some(i))?;
                 }
             }
         }
-        let tokens = (microbatches * self.inputs.len()) as f64;
-        let global = sum_over_group(self.comms.dp.as_mut(), loss / tokens)?;
-        Ok(global / self.comms.dp.group().size() as f64)
+        self.comms.pipeline.finish()?;
+        self.reduce_tied_embedding()?;
+        let local = if self.model.has_head(last_chunk) && self.comms.tp.index() == 0 {
+            loss / tokens_per_step
+        } else {
+            0.0
+        };
+        sum_over_group(self.comms.world.as_mut(), local)
     }
 
-    /// The step's last backward, piece by piece: each unit's gradients start their
-    /// data-parallel reduction as soon as they are final, while the layers below compute.
-    fn last_backward(&mut self, slot: usize) -> Result<()> {
+    /// Backward of `chunk` for the microbatch in (`slot`, `io`). When it is the chunk's last
+    /// backward of the step, each layer's gradients start their data-parallel reduction as
+    /// soon as they are final, while the layers below compute.
+    fn backward(&mut self, chunk: usize, slot: usize, io: usize, last: bool) -> Result<()> {
+        let dresid = self.model.dresid();
+        self.comms
+            .pipeline
+            .receive_gradient(&self.backend, chunk, dresid)?;
+        self.model.backward_begin(&mut self.backend, chunk, io)?;
         let first_layer = usize::from(self.units[0].kind == UnitKind::Embedding);
-        let (dp, comm) = (&mut self.data_parallel, self.comms.dp.as_mut());
-        // The head's gradients were finished by the last forward.
-        for unit in self
-            .units
-            .iter()
-            .filter(|u| matches!(u.kind, UnitKind::Head { .. }))
-        {
-            dp.reduce(comm, &self.backend, unit)?;
+        let per_chunk = self.model.layers_per_chunk();
+        for i in (0..per_chunk).rev() {
+            self.model
+                .backward_layer(&mut self.backend, &mut self.comms.tp, chunk, slot, i)?;
+            if last {
+                self.reduce_unit(first_layer + chunk * per_chunk + i)?;
+            }
         }
-        self.model.backward_begin(&mut self.backend, slot)?;
-        for l in (0..self.model.layers()).rev() {
-            self.model.backward_layer(&mut self.backend, slot, l)?;
-            dp.reduce(comm, &self.backend, &self.units[first_layer + l])?;
+        self.model
+            .backward_end(&mut self.backend, &mut self.comms.tp, chunk, io)?;
+        if last && self.model.embeds(chunk) && !self.tied_to_embedding(0) {
+            self.reduce_unit(0)?;
         }
-        self.model.backward_end(&mut self.backend, slot)?;
-        if first_layer == 1 {
-            dp.reduce(comm, &self.backend, &self.units[0])?;
+        self.comms
+            .pipeline
+            .send_gradient(&self.backend, chunk, dresid)
+    }
+
+    /// Whether unit `index` holds a copy of the tied token embedding that another stage also
+    /// holds (the first and last stage of a pipeline): its gradient is summed with the other
+    /// copy's at the end of the step, before its reduction.
+    fn tied_to_embedding(&self, index: usize) -> bool {
+        self.comms.embedding.is_some()
+            && matches!(
+                self.units[index].kind,
+                UnitKind::Embedding | UnitKind::Head { tied_copy: true }
+            )
+    }
+
+    /// Sums the tied embedding's gradient over its two copies (first and last stage), then
+    /// starts the reduction of the units holding them.
+    fn reduce_tied_embedding(&mut self) -> Result<()> {
+        let Some(group) = self.comms.embedding.as_mut() else {
+            return Ok(());
+        };
+        let tied: Vec<usize> = (0..self.units.len())
+            .filter(|&i| {
+                matches!(
+                    self.units[i].kind,
+                    UnitKind::Embedding | UnitKind::Head { tied_copy: true }
+                )
+            })
+            .collect();
+        for &index in &tied {
+            let unit = &self.units[index];
+            let buf = self.backend.comm_buf(unit.view(unit.grads, "wte"));
+            // SAFETY: the gradients live in the arena and no kernel runs during this call.
+            unsafe {
+                group.run(Collective::AllReduce {
+                    buf,
+                    op: ReduceOp::Sum,
+                })
+            }?;
+        }
+        for index in tied {
+            self.reduce_unit(index)?;
         }
         Ok(())
+    }
+
+    /// Starts reducing unit `index`'s gradients, final for the step: first its sequence-
+    /// parallel partial sums over the tensor group, then over the data-parallel group.
+    fn reduce_unit(&mut self, index: usize) -> Result<()> {
+        let unit = &self.units[index];
+        self.comms.tp.reduce_partial_grads(&self.backend, unit)?;
+        self.data_parallel
+            .reduce(self.comms.dp.as_mut(), &self.backend, unit)
+    }
+
+    /// Whether this rank counts `name` of `unit` in the global gradient norm: every element is
+    /// counted by exactly one rank of the mesh (tensor-parallel replicas by the first, the tied
+    /// embedding's copy on the last stage not at all, whole data-parallel replicas by the first).
+    fn counts_in_norm(&self, unit: &Unit, spec: &ParamSpec) -> bool {
+        let replicated = spec.split == Split::Replicated;
+        let tied_copy =
+            matches!(unit.kind, UnitKind::Head { tied_copy: true }) && spec.name == "wte";
+        let replica = unit.is_whole() && self.comms.dp_rank() != 0;
+        !(tied_copy || replica || (replicated && self.comms.coord.tp_rank != 0))
     }
 
     /// One whole optimizer step on the rank's share of the global batch.
@@ -267,18 +363,29 @@ impl<B: Backend> Rank<B> {
             });
         }
         self.data_parallel.finish()?;
+        let counted: Vec<Vec<bool>> = self
+            .units
+            .iter()
+            .map(|u| {
+                u.layout
+                    .params
+                    .iter()
+                    .map(|p| self.counts_in_norm(u, &p.spec))
+                    .collect()
+            })
+            .collect();
         let local = self.optimizer.sum_squares(
             &mut self.backend,
             &self.units,
             self.model.norm_partials(),
+            |unit, param| counted[unit][param],
         )?;
-        let comm = self.comms.dp.as_mut();
-        let norm = self.data_parallel.total_sum_squares(comm, local)?.sqrt();
+        let norm = sum_over_group(self.comms.world.as_mut(), local)?.sqrt();
         let report = self
             .optimizer
             .step(&mut self.backend, &self.units, self.step, norm)?;
         self.data_parallel
-            .gather_params(comm, &self.backend, &self.units)?;
+            .gather_params(self.comms.dp.as_mut(), &self.backend, &self.units)?;
         self.step += 1;
         let seconds = start.elapsed().as_secs_f64();
         let tokens = self.config.tokens_per_step() as f64;

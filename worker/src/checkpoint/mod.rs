@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tessera_plan::Config;
 use tessera_plan::config::Choice as _;
 use tessera_plan::memory::Dtype;
+use tessera_plan::mesh::Mesh;
 
 use crate::comm::CommunicatorExt as _;
 use crate::error::{Error, Result};
@@ -246,12 +247,13 @@ pub fn save<B: Backend>(
     comms.world.barrier()?;
 
     if leader {
-        let ranks = comms.world.group().ranks.len();
-        let files = if sharded {
-            (0..ranks).map(rank_file).collect()
-        } else {
-            vec![rank_file(0)]
-        };
+        // Every rank's file under ZeRO, else those of the first data-parallel rank of each
+        // (pipeline, tensor) coordinate.
+        let mesh = Mesh::from_config(config);
+        let files = (0..mesh.world_size())
+            .filter(|&r| sharded || mesh.coord(r).is_ok_and(|c| c.dp_rank == 0))
+            .map(rank_file)
+            .collect();
         let manifest = Manifest {
             format: FORMAT,
             step,
@@ -377,11 +379,12 @@ pub fn load<B: Backend>(
             "point checkpoint.dir at a new directory to start fresh, or restore the config that wrote it",
         ));
     }
-    // Parameters (and unsharded states) come from the first data-parallel rank's file,
-    // sharded states from this rank's own.
-    let own = if sharded(units) { comms.rank } else { 0 };
-    let first = read_file(path, 0, &bad)?;
-    let mine = if own == 0 {
+    // Parameters (and unsharded states) come from the file of the first rank of this rank's
+    // data-parallel group, sharded states from this rank's own.
+    let leader = comms.dp.group().ranks[0];
+    let own = if sharded(units) { comms.rank } else { leader };
+    let first = read_file(path, leader, &bad)?;
+    let mine = if own == leader {
         None
     } else {
         Some(read_file(path, own, &bad)?)
@@ -389,7 +392,7 @@ pub fn load<B: Backend>(
     for (name, tensor, shape, kind) in state_tensors(units) {
         let (rank, bytes) = match (&mine, kind) {
             (Some(mine), Kind::State) => (own, mine),
-            _ => (0, &first),
+            _ => (leader, &first),
         };
         let stored = safetensors::SafeTensors::deserialize(bytes)
             .expect("invariant: read_file checked the file");

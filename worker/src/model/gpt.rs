@@ -18,7 +18,9 @@ use tessera_plan::model::ModelShape;
 
 use super::{Activations, HeadBuffers, LayerActs, Scratch, Unit, Weights};
 use crate::arena::ArenaLayout;
+use crate::comm::ReduceOp;
 use crate::error::Result;
+use crate::parallel::tensor::TensorParallel;
 use crate::tensor::{Backend, Dims, Linear, Tensor};
 
 /// GPT-2 on one pipeline stage of one rank.
@@ -27,6 +29,10 @@ pub struct Gpt {
     pub recompute: Recompute,
     /// Hidden width `C`, MLP width on this rank `F'`, attention width on this rank `C'`.
     widths: Widths,
+    /// Model chunks on this rank (interleaved pipeline schedules have more than one).
+    chunks: usize,
+    /// The tensor degree under sequence parallelism, else 1.
+    sequence_split: usize,
     pub params: Weights,
     pub grads: Weights,
     acts: Activations,
@@ -55,6 +61,7 @@ impl Gpt {
         config: &Config,
         stage: &StagePlan,
         units: &[Unit],
+        tp_rank: usize,
     ) -> Result<Gpt> {
         let tp = config.parallel.tensor;
         let shape = ModelShape::new(&config.model, tp);
@@ -66,6 +73,7 @@ impl Gpt {
             hs: shape.head_dim(),
             v: config.model.vocab,
             vp: shape.vocab_padded / tp,
+            vocab_start: tp_rank * (shape.vocab_padded / tp),
         };
         let widths = Widths {
             c: dims.c,
@@ -110,6 +118,12 @@ impl Gpt {
         Ok(Gpt {
             dims,
             recompute: config.parallel.recompute,
+            chunks: stage.layers.len(),
+            sequence_split: if config.parallel.sequence_sharded() {
+                tp
+            } else {
+                1
+            },
             widths,
             params: Weights::new(units, |u| u.params),
             grads: Weights::new(units, |u| u.grads),
@@ -146,8 +160,9 @@ impl Gpt {
         self.scratch.norm_partials
     }
 
+    /// Tokens of the residual stream on this rank: `N / t` under sequence parallelism.
     fn tokens_held(&self) -> usize {
-        self.dims.tokens()
+        self.dims.tokens() / self.sequence_split
     }
 
     fn linear(&self, inp: usize, out: usize) -> Linear {
@@ -158,86 +173,167 @@ impl Gpt {
         }
     }
 
-    /// Forward of the microbatch in `slot`. On the last stage this includes the loss and the
-    /// head's backward with `dloss` as the gradient of each token's loss; returns the sum of
-    /// the token losses (0 on other stages).
-    pub fn forward<B: Backend>(&mut self, backend: &mut B, slot: usize, dloss: f32) -> Result<f64> {
-        if let (Some(tokens), Some(wte), Some(wpe)) =
-            (&self.tokens, self.params.wte, self.params.wpe)
-        {
-            let resid = self.acts.layer(slot, 0).resid;
-            backend.embedding_fwd(resid, tokens[slot], wte, wpe, self.dims)?;
+    /// Model chunks on this rank (`virtual_stages`); chunk `c` runs layers
+    /// `c * layers_per_chunk..` of the rank's layers.
+    pub fn chunks(&self) -> usize {
+        self.chunks
+    }
+
+    /// Layers of one chunk.
+    pub fn layers_per_chunk(&self) -> usize {
+        self.params.layers.len() / self.chunks
+    }
+
+    /// Whether `chunk` is the model's first virtual stage (it embeds the tokens).
+    pub fn embeds(&self, chunk: usize) -> bool {
+        chunk == 0 && self.tokens.is_some()
+    }
+
+    /// Whether `chunk` is the model's last virtual stage (it runs the LM head and the loss).
+    pub fn has_head(&self, chunk: usize) -> bool {
+        chunk + 1 == self.chunks && self.head.is_some()
+    }
+
+    /// Where the input activations of `chunk`'s microbatch in `slot` go when they come from
+    /// the previous virtual stage (the first layer's saved input).
+    pub fn chunk_input(&self, slot: usize) -> Tensor {
+        self.acts.layer(slot, 0).resid
+    }
+
+    /// A chunk's output, sent on to the next virtual stage.
+    pub fn chunk_output(&self) -> Tensor {
+        self.scratch.stage_out
+    }
+
+    /// The gradient of the residual stream: filled from the next virtual stage before a
+    /// backward, holding the gradient of the chunk's input after it.
+    pub fn dresid(&self) -> Tensor {
+        self.scratch.dresid
+    }
+
+    /// Forward of `chunk` for the microbatch in activation slot `slot` (`io` indexes the
+    /// token ids of the first chunk and the head gradient of the last). The model's last chunk
+    /// also runs the loss and the head's backward with `dloss` as the gradient of each token's
+    /// loss, and returns the sum of the token losses (0 elsewhere).
+    pub fn forward<B: Backend>(
+        &mut self,
+        backend: &mut B,
+        tp: &mut TensorParallel,
+        chunk: usize,
+        slot: usize,
+        io: usize,
+        dloss: f32,
+    ) -> Result<f64> {
+        if self.embeds(chunk) {
+            self.embed(backend, tp, slot, io)?;
         }
-        let layers = self.params.layers.len();
-        for l in 0..layers {
-            let out = if l + 1 < layers {
-                self.acts.layer(slot, l + 1).resid
+        let per_chunk = self.layers_per_chunk();
+        for i in 0..per_chunk {
+            let out = if i + 1 < per_chunk {
+                self.acts.layer(slot, i + 1).resid
             } else {
                 self.scratch.stage_out
             };
-            self.layer_forward(backend, slot, l, Some(out))?;
+            self.layer_forward(backend, tp, slot, chunk * per_chunk + i, i, Some(out))?;
         }
-        match self.head {
-            Some(_) => self.head_forward_backward(backend, slot, dloss),
-            None => Ok(0.0),
+        if self.has_head(chunk) {
+            self.head_forward_backward(backend, tp, io, dloss)
+        } else {
+            Ok(0.0)
         }
     }
 
-    /// One layer's forward. With `out = None` it stops before the last matmul: what `full`
-    /// recompute needs to rebuild the layer's tensors.
+    /// Token and position embeddings into the first layer's input. Each tensor-parallel rank
+    /// looks up the tokens of its vocabulary shard (and the first adds the positions); the sum
+    /// over the group is the embedding.
+    fn embed<B: Backend>(
+        &self,
+        backend: &mut B,
+        tp: &mut TensorParallel,
+        slot: usize,
+        io: usize,
+    ) -> Result<()> {
+        let tokens = self.tokens.as_ref().expect("invariant: first stage")[io];
+        let wte = self.params.wte.expect("invariant: first stage");
+        let wpe = self.params.wpe.expect("invariant: first stage");
+        let resid = self.acts.layer(slot, 0).resid;
+        if tp.size() == 1 {
+            return backend.embedding_fwd(resid, tokens, wte, Some(wpe), self.dims);
+        }
+        let partial = self.scratch.btc[0];
+        let wpe = tp.adds_replicated().then_some(wpe);
+        backend.embedding_fwd(partial, tokens, wte, wpe, self.dims)?;
+        let summed = tp.reduce(backend, partial)?;
+        backend.copy(resid, summed)
+    }
+
+    /// One layer's forward: rank-local layer `l`, `i`-th of its chunk. With `out = None` it
+    /// stops before the last matmul: what `full` recompute needs to rebuild the layer's
+    /// tensors.
     fn layer_forward<B: Backend>(
         &self,
         backend: &mut B,
+        tp: &mut TensorParallel,
         slot: usize,
         l: usize,
+        i: usize,
         out: Option<Tensor>,
     ) -> Result<()> {
-        let (p, a) = (&self.params.layers[l], self.acts.layer(slot, l));
+        let (p, a) = (&self.params.layers[l], self.acts.layer(slot, i));
         let (n, w) = (self.tokens_held(), self.widths);
-        let proj = self.scratch.btc[0];
+        let [partial, gathered] = self.scratch.btc;
+        // Row-parallel biases are added by one rank, so the sum over ranks has them once.
+        let adds = tp.adds_replicated();
+        let once = |bias: Tensor| adds.then_some(bias);
         backend.layernorm_fwd(
             a.ln1, a.ln1_mean, a.ln1_rstd, a.resid, p.ln1_w, p.ln1_b, n, w.c,
         )?;
+        let x = tp.gather(backend, a.ln1, gathered)?;
         backend.matmul_fwd(
             a.qkv,
-            a.ln1,
+            x,
             p.qkv_w,
             Some(p.qkv_b),
             self.linear(w.c, 3 * w.attention),
         )?;
         backend.attention_fwd(a.atty, a.att_lse, a.qkv, self.dims)?;
         backend.matmul_fwd(
-            proj,
+            partial,
             a.atty,
             p.attproj_w,
-            Some(p.attproj_b),
+            once(p.attproj_b),
             self.linear(w.attention, w.c),
         )?;
+        let proj = tp.reduce(backend, partial)?;
         backend.residual_fwd(a.resid2, a.resid, proj)?;
         backend.layernorm_fwd(
             a.ln2, a.ln2_mean, a.ln2_rstd, a.resid2, p.ln2_w, p.ln2_b, n, w.c,
         )?;
-        backend.matmul_fwd(a.fch, a.ln2, p.fc_w, Some(p.fc_b), self.linear(w.c, w.ffn))?;
+        let x = tp.gather(backend, a.ln2, gathered)?;
+        backend.matmul_fwd(a.fch, x, p.fc_w, Some(p.fc_b), self.linear(w.c, w.ffn))?;
         backend.gelu_fwd(a.fch_gelu, a.fch)?;
         if let Some(out) = out {
             backend.matmul_fwd(
-                proj,
+                partial,
                 a.fch_gelu,
                 p.fcproj_w,
-                Some(p.fcproj_b),
+                once(p.fcproj_b),
                 self.linear(w.ffn, w.c),
             )?;
+            let proj = tp.reduce(backend, partial)?;
             backend.residual_fwd(out, a.resid2, proj)?;
         }
         Ok(())
     }
 
     /// Final LayerNorm, then logits, loss and their gradients chunk by chunk, then the final
-    /// LayerNorm's backward into `act.dhead[slot]`.
+    /// LayerNorm's backward into `act.dhead[io]`. Under tensor parallelism each rank holds the
+    /// logits of its vocabulary shard and the softmax's statistics are combined over the group.
     fn head_forward_backward<B: Backend>(
         &mut self,
         backend: &mut B,
-        slot: usize,
+        tp: &mut TensorParallel,
+        io: usize,
         dloss: f32,
     ) -> Result<f64> {
         let h = self.head.expect("invariant: last stage");
@@ -248,7 +344,7 @@ impl Gpt {
         let wte = self.params.head_wte.expect("invariant: last stage");
         let dwte = self.grads.head_wte.expect("invariant: last stage");
         let (n, c) = (self.tokens_held(), self.widths.c);
-        let dlnf = self.scratch.btc[1];
+        let [gathered, dlnf] = self.scratch.btc;
         backend.layernorm_fwd(
             h.lnf,
             h.lnf_mean,
@@ -259,12 +355,13 @@ impl Gpt {
             n,
             c,
         )?;
+        let lnf_all = tp.gather(backend, h.lnf, gathered)?;
         let mut loss = 0.0f64;
-        let vp = self.dims.vp;
-        for first in (0..n).step_by(self.chunk_rows) {
-            let rows = self.chunk_rows.min(n - first);
+        let (vp, rows_all) = (self.dims.vp, self.dims.tokens());
+        for first in (0..rows_all).step_by(self.chunk_rows) {
+            let rows = self.chunk_rows.min(rows_all - first);
             let logits = h.logits.slice(0, rows * vp);
-            let lnf = h.lnf.slice(first * c, rows * c);
+            let lnf = lnf_all.slice(first * c, rows * c);
             let shape = Linear {
                 rows,
                 inp: c,
@@ -272,15 +369,20 @@ impl Gpt {
             };
             backend.matmul_fwd(logits, lnf, wte, None, shape)?;
             let losses = h.losses.slice(0, rows);
-            backend.crossentropy_fwd_bwd(
-                logits,
-                losses,
-                h.logit_max.slice(0, rows),
-                h.logit_sumexp.slice(0, rows),
-                h.targets.slice(first, rows),
-                dloss,
-                self.dims,
-            )?;
+            let (max, sumexp) = (h.logit_max.slice(0, rows), h.logit_sumexp.slice(0, rows));
+            let targets = h.targets.slice(first, rows);
+            if tp.size() == 1 {
+                backend
+                    .crossentropy_fwd_bwd(logits, losses, max, sumexp, targets, dloss, self.dims)?;
+            } else {
+                backend.crossentropy_max(logits, max, self.dims)?;
+                tp.all_reduce(backend, max, ReduceOp::Max)?;
+                backend.crossentropy_sumexp(logits, losses, max, sumexp, targets, self.dims)?;
+                tp.all_reduce(backend, sumexp, ReduceOp::Sum)?;
+                tp.all_reduce(backend, losses, ReduceOp::Sum)?;
+                backend
+                    .crossentropy_finish(logits, losses, max, sumexp, targets, dloss, self.dims)?;
+            }
             backend.read(losses, &mut self.chunk_losses[..rows])?;
             loss += self.chunk_losses[..rows]
                 .iter()
@@ -296,7 +398,8 @@ impl Gpt {
                 shape,
             )?;
         }
-        let dhead = self.dhead.as_ref().expect("invariant: last stage")[slot];
+        let dlnf = tp.reduce(backend, dlnf)?;
+        let dhead = self.dhead.as_ref().expect("invariant: last stage")[io];
         let (dlnf_w, dlnf_b) = (
             self.grads.lnf_w.expect("invariant: last stage"),
             self.grads.lnf_b.expect("invariant: last stage"),
@@ -317,55 +420,91 @@ impl Gpt {
         Ok(loss)
     }
 
-    /// Backward of the microbatch in `slot`, from the gradient of the stage output (the head's
-    /// on the last stage) down to the embedding (first stage): `backward_begin`, then
-    /// `backward_layer` for each layer from the last, then `backward_end`. The runtime calls
-    /// the pieces itself when it starts reducing each layer's gradients as soon as they are done.
-    pub fn backward<B: Backend>(&mut self, backend: &mut B, slot: usize) -> Result<()> {
-        self.backward_begin(backend, slot)?;
-        for l in (0..self.params.layers.len()).rev() {
-            self.backward_layer(backend, slot, l)?;
+    /// Backward of `chunk` for the microbatch in `slot`, from the gradient of the chunk's
+    /// output (the head's on the model's last chunk, else what the runtime put in `dresid`)
+    /// down to the gradient of its input in `dresid` (or into the embedding on the first):
+    /// `backward_begin`, `backward_layer` for each of the chunk's layers from the last, then
+    /// `backward_end`. The runtime calls the pieces itself when it starts reducing each
+    /// layer's gradients as soon as they are done.
+    pub fn backward<B: Backend>(
+        &mut self,
+        backend: &mut B,
+        tp: &mut TensorParallel,
+        chunk: usize,
+        slot: usize,
+        io: usize,
+    ) -> Result<()> {
+        self.backward_begin(backend, chunk, io)?;
+        for i in (0..self.layers_per_chunk()).rev() {
+            self.backward_layer(backend, tp, chunk, slot, i)?;
         }
-        self.backward_end(backend, slot)
+        self.backward_end(backend, tp, chunk, io)
     }
 
-    /// Layers of this stage.
+    /// Layers of this rank, over all its chunks.
     pub fn layers(&self) -> usize {
         self.params.layers.len()
     }
 
-    /// Takes the gradient of the stage output (last stage: from the head's forward).
-    pub fn backward_begin<B: Backend>(&mut self, backend: &mut B, slot: usize) -> Result<()> {
-        if let Some(dhead) = &self.dhead {
-            backend.copy(self.scratch.dresid, dhead[slot])?;
+    /// Takes the gradient of the chunk's output from the head (the model's last chunk).
+    pub fn backward_begin<B: Backend>(
+        &mut self,
+        backend: &mut B,
+        chunk: usize,
+        io: usize,
+    ) -> Result<()> {
+        if self.has_head(chunk) {
+            let dhead = self.dhead.as_ref().expect("invariant: last stage")[io];
+            backend.copy(self.scratch.dresid, dhead)?;
         }
         Ok(())
     }
 
-    /// Backward of the stage's layer `l` (after layer `l + 1`'s).
+    /// Backward of the `i`-th layer of `chunk` (after the `i + 1`-th's).
     pub fn backward_layer<B: Backend>(
         &mut self,
         backend: &mut B,
+        tp: &mut TensorParallel,
+        chunk: usize,
+        slot: usize,
+        i: usize,
+    ) -> Result<()> {
+        let l = chunk * self.layers_per_chunk() + i;
+        self.recompute(backend, tp, slot, l, i)?;
+        self.layer_backward(backend, tp, slot, l, i)
+    }
+
+    /// The embedding's backward (the model's first chunk; nothing elsewhere).
+    pub fn backward_end<B: Backend>(
+        &mut self,
+        backend: &mut B,
+        tp: &mut TensorParallel,
+        chunk: usize,
+        io: usize,
+    ) -> Result<()> {
+        if !self.embeds(chunk) {
+            return Ok(());
+        }
+        let tokens = self.tokens.as_ref().expect("invariant: first stage")[io];
+        let (dwte, dwpe) = (
+            self.grads.wte.expect("invariant: first stage"),
+            self.grads.wpe.expect("invariant: first stage"),
+        );
+        let dout = tp.gather(backend, self.scratch.dresid, self.scratch.btc[1])?;
+        backend.embedding_bwd(dwte, Some(dwpe), dout, tokens, self.dims)
+    }
+
+    /// Rebuilds the tensors of layer `l` (`i`-th of its chunk) that the recompute mode did
+    /// not keep.
+    fn recompute<B: Backend>(
+        &self,
+        backend: &mut B,
+        tp: &mut TensorParallel,
         slot: usize,
         l: usize,
+        i: usize,
     ) -> Result<()> {
-        self.recompute(backend, slot, l)?;
-        self.layer_backward(backend, slot, l)
-    }
-
-    /// The embedding's backward (first stage; nothing elsewhere).
-    pub fn backward_end<B: Backend>(&mut self, backend: &mut B, slot: usize) -> Result<()> {
-        if let (Some(tokens), Some(dwte), Some(dwpe)) =
-            (&self.tokens, self.grads.wte, self.grads.wpe)
-        {
-            backend.embedding_bwd(dwte, dwpe, self.scratch.dresid, tokens[slot], self.dims)?;
-        }
-        Ok(())
-    }
-
-    /// Rebuilds the tensors of layer `l` that the recompute mode did not keep.
-    fn recompute<B: Backend>(&self, backend: &mut B, slot: usize, l: usize) -> Result<()> {
-        let (p, a) = (&self.params.layers[l], self.acts.layer(slot, l));
+        let (p, a) = (&self.params.layers[l], self.acts.layer(slot, i));
         let (n, c) = (self.tokens_held(), self.widths.c);
         match self.recompute {
             Recompute::None => Ok(()),
@@ -379,47 +518,62 @@ impl Gpt {
                 )?;
                 backend.gelu_fwd(a.fch_gelu, a.fch)
             }
-            Recompute::Full => self.layer_forward(backend, slot, l, None),
+            Recompute::Full => self.layer_forward(backend, tp, slot, l, i, None),
         }
     }
 
-    fn layer_backward<B: Backend>(&self, backend: &mut B, slot: usize, l: usize) -> Result<()> {
+    /// Backward of rank-local layer `l`, the `i`-th of its chunk. Under tensor parallelism the
+    /// gradient entering each row-parallel matmul is gathered and the one leaving each
+    /// column-parallel matmul reduced (see `parallel::tensor`).
+    fn layer_backward<B: Backend>(
+        &self,
+        backend: &mut B,
+        tp: &mut TensorParallel,
+        slot: usize,
+        l: usize,
+        i: usize,
+    ) -> Result<()> {
         let (p, g, a): (_, _, LayerActs) = (
             &self.params.layers[l],
             &self.grads.layers[l],
-            self.acts.layer(slot, l),
+            self.acts.layer(slot, i),
         );
         let (n, w, s) = (self.tokens_held(), self.widths, self.scratch);
-        let (dresid, dln) = (s.dresid, s.btc[0]);
+        let dresid = s.dresid;
+        let [partial, gathered] = s.btc;
         // MLP: out = resid2 + fcproj(gelu(fc(ln2(resid2)))).
+        let dout = tp.gather(backend, dresid, gathered)?;
         backend.matmul_bwd(
             Some(s.dfch),
             g.fcproj_w,
             Some(g.fcproj_b),
-            dresid,
+            dout,
             a.fch_gelu,
             p.fcproj_w,
             self.linear(w.ffn, w.c),
         )?;
         backend.gelu_bwd(s.dfch, a.fch)?;
+        let x = tp.gather(backend, a.ln2, gathered)?;
         backend.matmul_bwd(
-            Some(dln),
+            Some(partial),
             g.fc_w,
             Some(g.fc_b),
             s.dfch,
-            a.ln2,
+            x,
             p.fc_w,
             self.linear(w.c, w.ffn),
         )?;
+        let dln = tp.reduce(backend, partial)?;
         backend.layernorm_bwd(
             dresid, g.ln2_w, g.ln2_b, dln, a.resid2, p.ln2_w, a.ln2_mean, a.ln2_rstd, n, w.c,
         )?;
         // Attention: resid2 = resid + attproj(attention(qkv(ln1(resid)))).
+        let dout = tp.gather(backend, dresid, gathered)?;
         backend.matmul_bwd(
             Some(s.datty),
             g.attproj_w,
             Some(g.attproj_b),
-            dresid,
+            dout,
             a.atty,
             p.attproj_w,
             self.linear(w.attention, w.c),
@@ -433,15 +587,17 @@ impl Gpt {
             a.att_lse,
             self.dims,
         )?;
+        let x = tp.gather(backend, a.ln1, gathered)?;
         backend.matmul_bwd(
-            Some(dln),
+            Some(partial),
             g.qkv_w,
             Some(g.qkv_b),
             s.dqkv,
-            a.ln1,
+            x,
             p.qkv_w,
             self.linear(w.c, 3 * w.attention),
         )?;
+        let dln = tp.reduce(backend, partial)?;
         backend.layernorm_bwd(
             dresid, g.ln1_w, g.ln1_b, dln, a.resid, p.ln1_w, a.ln1_mean, a.ln1_rstd, n, w.c,
         )

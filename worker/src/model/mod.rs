@@ -104,6 +104,27 @@ impl Unit {
     }
 }
 
+/// Fails unless this build's worker lays out the config's model states: ZeRO stages 2 and 3
+/// (sharded gradients and parameters) over more than one data-parallel rank are not in it yet.
+pub fn check_supported(config: &Config) -> Result<()> {
+    let zero = config.parallel.zero;
+    if zero > Zero::Optimizer && config.parallel.data > 1 {
+        return Err(Error::Unsupported {
+            what: format!(
+                "parallel.zero {} (sharded gradients{}) is not in this build's worker yet",
+                zero.stage(),
+                if zero == Zero::Parameters {
+                    " and parameters"
+                } else {
+                    ""
+                }
+            ),
+            help: "use --set parallel.zero=1 (sharded optimizer states) or 0".into(),
+        });
+    }
+    Ok(())
+}
+
 /// The units of this rank in storage order: embedding (first stage), the stage's layers, head
 /// (last stage). `dp_rank` picks the ZeRO shard.
 pub fn units(
@@ -114,23 +135,7 @@ pub fn units(
 ) -> Result<Vec<Unit>> {
     let shape = ModelShape::new(&config.model, config.parallel.tensor);
     let p = config.parallel.pipeline;
-    let dp = config.parallel.data;
-    if config.parallel.zero > Zero::Optimizer && dp > 1 {
-        return Err(Error::Unsupported {
-            what: format!(
-                "parallel.zero {} (sharded gradients{}) is not in this build's worker yet",
-                config.parallel.zero.stage(),
-                if config.parallel.zero == Zero::Parameters {
-                    " and parameters"
-                } else {
-                    ""
-                }
-            ),
-            help: "use --set parallel.zero=1 (sharded optimizer states) or 0; stages 2 and 3 \
-                   arrive with 3D parallelism (issue 6)"
-                .into(),
-        });
-    }
+    check_supported(config)?;
     let mut kinds: Vec<(UnitKind, &str, Option<usize>, usize)> = Vec::new();
     if stage.pp_rank == 0 {
         kinds.push((UnitKind::Embedding, "embedding", None, 0));

@@ -93,20 +93,28 @@ impl Optimizer {
         }
     }
 
-    /// The sum of squares of this rank's shard of `units`' gradients (of the scaled loss);
-    /// the global norm is the square root of its sum over the data-parallel shards.
+    /// The sum of squares of the gradients (of the scaled loss) this rank counts: of each
+    /// parameter `counts(unit, param)` accepts (indices into `units` and its layout), the part
+    /// in this rank's shard. The global norm is the square root of the sum over every rank,
+    /// each element counted by one of them.
     pub fn sum_squares<B: Backend>(
         &self,
         backend: &mut B,
         units: &[Unit],
         partials: Tensor,
+        counts: impl Fn(usize, usize) -> bool,
     ) -> Result<f64> {
         let mut sum = 0.0f64;
-        for unit in units {
-            // Gaps between parameters in a unit's flat buffer (and ZeRO's padding) are never
-            // written, so they stay 0 and the whole shard can be summed at once.
-            let shard = unit.flat_grads.slice(unit.shard.start, unit.shard.len());
-            sum += backend.sum_squares(shard, partials)?;
+        for (u, unit) in units.iter().enumerate() {
+            for (p, placed) in unit.layout.params.iter().enumerate() {
+                if !counts(u, p) {
+                    continue;
+                }
+                if let Some(range) = unit.shard_of(placed.spec.name) {
+                    let grads = unit.flat_grads.slice(range.start, range.len());
+                    sum += backend.sum_squares(grads, partials)?;
+                }
+            }
         }
         Ok(sum)
     }

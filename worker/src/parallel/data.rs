@@ -9,26 +9,21 @@
 //! so it overlaps the backward of the units below it; `finish` waits for all of them before
 //! the optimizer reads the gradients.
 
-use tessera_plan::config::Zero;
-
 use crate::comm::{Collective, CommBuf, Communicator, ReduceOp, Work};
 use crate::error::Result;
 use crate::model::Unit;
 use crate::tensor::Backend;
 
 /// The gradient and parameter traffic of one data-parallel group.
+#[derive(Default)]
 pub struct DataParallel {
-    zero: Zero,
     /// Reductions started this step, one per unit.
     pending: Vec<Work>,
 }
 
 impl DataParallel {
-    pub fn new(zero: Zero) -> DataParallel {
-        DataParallel {
-            zero,
-            pending: Vec::new(),
-        }
+    pub fn new() -> DataParallel {
+        DataParallel::default()
     }
 
     /// Starts combining `unit`'s gradients over the group. The unit's gradients must be final
@@ -73,15 +68,6 @@ impl DataParallel {
             }
         }
         Ok(first?)
-    }
-
-    /// The sum over the group of each rank's `local` sum of squares. Without ZeRO every rank
-    /// holds the same reduced gradients, so its own sum is already the total.
-    pub fn total_sum_squares(&mut self, comm: &mut dyn Communicator, local: f64) -> Result<f64> {
-        if self.zero == Zero::Off {
-            return Ok(local);
-        }
-        sum_over_group(comm, local)
     }
 
     /// Under ZeRO, gives every rank the parameters the other ranks updated.
