@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use tessera_plan::bytes::format_size;
 use tessera_plan::config::{Backend, Device};
 use tessera_plan::memory::{MemoryPlan, Place};
 use tessera_plan::mesh::Mesh;
@@ -92,12 +93,13 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     // What each worker must allocate: the arena its plan lays out (checked again by the worker).
     tessera_worker::model::check_supported(config).map_err(|e| Failure::usage(e.to_string()))?;
     let plan = MemoryPlan::new(config);
-    let planned_device_bytes = (0..world)
+    let planned_device_bytes: Vec<u64> = (0..world)
         .map(|rank| {
             let stage = plan.rank(rank).expect("invariant: rank < world");
             ArenaLayout::new(stage).bytes(Place::Device) as u64
         })
-        .collect::<Vec<_>>();
+        .collect();
+    let planned = planned_device_bytes.clone();
     let mesh = Mesh::from_config(config);
     let token = random_hex(16)?;
     let run_id = random_hex(4)?;
@@ -137,6 +139,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     }
     let mut workers = Vec::with_capacity(world);
     let mut outcome = Ok(0);
+    let mut measured = vec![None; world];
     for rank in 0..world {
         let env = vec![
             ("RANK".into(), rank.to_string()),
@@ -165,7 +168,14 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
         }
     }
     if outcome.is_ok() {
-        outcome = supervise(&mut workers, &coordinator, &received, &progress, options);
+        outcome = supervise(
+            &mut workers,
+            &coordinator,
+            &received,
+            &progress,
+            options,
+            &mut measured,
+        );
     }
     // Whatever happened, nothing outlives the launcher.
     for worker in &workers {
@@ -178,6 +188,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     progress.finish();
     coordinator.stop(&runtime);
     let steps = outcome?;
+    print_memory(&mesh, &planned, &measured);
     println!(
         "done: {steps} steps on {world} rank{}",
         if world == 1 { "" } else { "s" }
@@ -191,13 +202,59 @@ enum Stop {
     Interrupted,
 }
 
-/// Watches the workers until all have exited; returns the steps rank 0 reported.
+/// Prints, for each pipeline stage, the device bytes the plan gave its ranks and what they
+/// reported allocating.
+fn print_memory(mesh: &Mesh, planned: &[u64], measured: &[Option<u64>]) {
+    let mut lines = Vec::new();
+    for stage in 0..mesh.pp {
+        let ranks: Vec<usize> = (0..planned.len())
+            .filter(|&r| mesh.coord(r).is_ok_and(|c| c.pp_rank == stage))
+            .collect();
+        let Some(&first) = ranks.first() else {
+            continue;
+        };
+        let reported: Vec<u64> = ranks.iter().filter_map(|&r| measured[r]).collect();
+        let verdict = if reported.len() < ranks.len() {
+            format!("{} of {} ranks reported", reported.len(), ranks.len())
+        } else if reported.iter().all(|&b| b == planned[first]) {
+            "equal".to_string()
+        } else {
+            format!(
+                "DIFFERENT: {}",
+                reported
+                    .iter()
+                    .map(|&b| format_size(b))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let measured = reported
+            .iter()
+            .copied()
+            .max()
+            .map_or("-".into(), format_size);
+        lines.push(format!(
+            "  stage {stage} ({} rank{}): planned {}, measured {measured} ({verdict})",
+            ranks.len(),
+            if ranks.len() == 1 { "" } else { "s" },
+            format_size(planned[first]),
+        ));
+    }
+    println!("device memory per rank (the dry-run's plan against the workers' arenas):");
+    for line in lines {
+        println!("{line}");
+    }
+}
+
+/// Watches the workers until all have exited; returns the steps rank 0 reported. Each rank's
+/// reported device bytes land in `measured`.
 fn supervise(
     workers: &mut [Worker],
     coordinator: &Coordinator,
     events: &mpsc::Receiver<Event>,
     progress: &Progress,
     options: &RunOptions,
+    measured: &mut [Option<u64>],
 ) -> Result<u64, Failure> {
     let mut metrics = match &options.metrics {
         Some(path) => Some((
@@ -215,6 +272,12 @@ fn supervise(
     let mut last_step = 0;
     loop {
         while let Ok(event) = events.try_recv() {
+            if let Event::Beat(beat) = &event
+                && beat.peak_bytes > 0
+                && let Some(slot) = measured.get_mut(beat.rank as usize)
+            {
+                *slot = Some(beat.peak_bytes);
+            }
             match event {
                 Event::Beat(beat) if beat.rank == 0 && beat.step > last_step => {
                     last_step = beat.step;

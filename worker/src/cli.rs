@@ -297,12 +297,20 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
     let last = summary.metrics.last().copied();
     control.finish(match last {
         Some(m) => beat(&m, true),
-        None => Beat {
-            rank: env.rank,
-            step: steps,
-            finished: true,
-            ..Beat::default()
-        },
+        None => {
+            if env.rank == 0 {
+                println!(
+                    "nothing to train: the checkpoint is already at step {steps} of training.steps \
+                     {steps}; pass --fresh to start over, or raise training.steps"
+                );
+            }
+            // Step 0: no step was trained by this run.
+            Beat {
+                rank: env.rank,
+                finished: true,
+                ..Beat::default()
+            }
+        }
     });
     Ok(())
 }

@@ -396,7 +396,7 @@ impl<B: Backend> Rank<B> {
             grad_norm: report.grad_norm,
             tokens_per_s: tokens / seconds.max(1e-9),
             mfu: None,
-            peak_bytes: self.layout.bytes(Place::Device) as u64,
+            peak_bytes: self.backend.arena_bytes(Place::Device) as u64,
         })
     }
 }
