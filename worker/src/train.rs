@@ -22,7 +22,7 @@ use crate::optim::Optimizer;
 use crate::parallel::Comms;
 use crate::parallel::data::{DataParallel, sum_over_group};
 use crate::parallel::pipeline::Slots;
-use crate::tensor::Backend;
+use crate::tensor::{Backend, Tensor};
 
 /// What one optimizer step reports (one line of `--metrics`).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -125,6 +125,7 @@ impl<B: Backend> Rank<B> {
             })
             .collect();
         let tokens = training.micro_batch * config.model.seq_len;
+        let data_parallel = DataParallel::new(&layout)?;
         Ok(Rank {
             ops,
             last_backward,
@@ -134,7 +135,7 @@ impl<B: Backend> Rank<B> {
             units,
             model,
             optimizer,
-            data_parallel: DataParallel::new(),
+            data_parallel,
             comms,
             backend,
             step: 0,
@@ -159,11 +160,21 @@ impl<B: Backend> Rank<B> {
                     self.config.training.seed,
                 );
                 let name = placed.spec.name;
-                self.backend.write(unit.view(unit.params, name), &values)?;
-                if let (Some(master), Some(range)) = (unit.master, unit.shard_of(name)) {
-                    let offset = placed.offset as usize;
-                    let part = &values[range.start - offset..range.end - offset];
-                    self.backend.write(unit.state_view(master, &range), part)?;
+                let offset = placed.offset as usize;
+                let range = unit.shard_of(name);
+                let part = |range: &std::ops::Range<usize>| {
+                    &values[range.start - offset..range.end - offset]
+                };
+                match (unit.params(), &range) {
+                    (Some(params), _) => self.backend.write(unit.view(params, name), &values)?,
+                    (None, Some(range)) => {
+                        self.backend.write(unit.params_at(range), part(range))?
+                    }
+                    (None, None) => {}
+                }
+                if let (Some(master), Some(range)) = (unit.master, &range) {
+                    self.backend
+                        .write(unit.state_view(master, range), part(range))?;
                 }
             }
         }
@@ -204,31 +215,25 @@ impl<B: Backend> Rank<B> {
                     if embeds {
                         let tokens = self.model.tokens(io).expect("invariant: first stage");
                         self.backend.write_i32(tokens, &self.inputs)?;
+                        self.use_params(0)?;
+                        self.model
+                            .embed(&mut self.backend, &mut self.comms.tp, slot, io)?;
                     }
-                    if let Some(targets) = self.model.targets().filter(|_| head) {
+                    for layer in 0..self.model.layers_per_chunk() {
+                        self.use_params(self.layer_unit(chunk, layer))?;
+                        let (model, tp) = (&self.model, &mut self.comms.tp);
+                        model.forward_layer(&mut self.backend, tp, chunk, slot, layer)?;
+                    }
+                    if head {
+                        let targets = self.model.targets().expect("invariant: last stage");
                         self.backend.write_i32(targets, &self.targets)?;
+                        loss += self.head(io, dloss, Some(i) == last_forward)?;
                     }
-                    let model = &mut self.model;
-                    loss += model.forward(
-                        &mut self.backend,
-                        &mut self.comms.tp,
-                        chunk,
-                        slot,
-                        io,
-                        dloss,
-                    )?;
                     self.comms.pipeline.send_output(
                         &self.backend,
                         chunk,
                         self.model.chunk_output(),
                     )?;
-                    if head
-                        && Some(i) == last_forward
-                        && !self.tied_to_embedding(self.units.len() - 1)
-                    {
-                        // The head's gradients are finished by its forward.
-                        self.reduce_unit(self.units.len() - 1)?;
-                    }
                 }
                 Op::Backward { microbatch, chunk } => {
                     let (slot, io) = self.slots.give_back(microbatch, chunk);
@@ -246,6 +251,78 @@ impl<B: Backend> Rank<B> {
         sum_over_group(self.comms.world.as_mut(), local)
     }
 
+    /// The index in `units` of the `layer`-th layer of `chunk`.
+    fn layer_unit(&self, chunk: usize, layer: usize) -> usize {
+        let first_layer = usize::from(self.units[0].kind == UnitKind::Embedding);
+        first_layer + chunk * self.model.layers_per_chunk() + layer
+    }
+
+    /// The position of unit `index` among the rank's layers (0 for other units).
+    fn layer_position(&self, index: usize) -> usize {
+        let first_layer = usize::from(self.units[0].kind == UnitKind::Embedding);
+        index.saturating_sub(first_layer)
+    }
+
+    /// Points the model at unit `index`'s parameters for its next use (gathered under ZeRO 3).
+    fn use_params(&mut self, index: usize) -> Result<()> {
+        let unit = &self.units[index];
+        let params = self
+            .data_parallel
+            .params_for(self.comms.dp.as_mut(), &self.backend, unit)?;
+        self.model
+            .point_params(unit, self.layer_position(index), params);
+        Ok(())
+    }
+
+    /// Points the model at where unit `index`'s next gradients accumulate; returns it.
+    fn use_grads(&mut self, index: usize) -> Result<Tensor> {
+        let unit = &self.units[index];
+        let grads = self.data_parallel.grads_for(&mut self.backend, unit)?;
+        self.model
+            .point_grads(unit, self.layer_position(index), grads);
+        Ok(grads)
+    }
+
+    /// The model wrote unit `index`'s gradients into `grads`; `last` when they are final for
+    /// the step. Sequence-parallel partial sums are reduced over the tensor group first, once
+    /// per bucket (ZeRO 2 and 3) or once per step.
+    fn grads_done(&mut self, index: usize, grads: Tensor, last: bool) -> Result<()> {
+        let unit = &self.units[index];
+        if unit.grads_sharded || last {
+            self.comms
+                .tp
+                .reduce_partial_grads(&self.backend, unit, grads)?;
+        }
+        self.data_parallel
+            .grads_done(self.comms.dp.as_mut(), &self.backend, unit, grads, last)
+    }
+
+    /// The LM head of the microbatch whose buffers are `io`; `last` for the step's last.
+    fn head(&mut self, io: usize, dloss: f32, last: bool) -> Result<f64> {
+        let head = self.units.len() - 1;
+        // Without a pipeline the head's weights are the embedding's: that unit is in use too.
+        let shares_embedding = self.units[0].kind == UnitKind::Embedding;
+        self.use_params(head)?;
+        let head_grads = self.use_grads(head)?;
+        let embedding_grads = if shares_embedding {
+            self.use_params(0)?;
+            Some(self.use_grads(0)?)
+        } else {
+            None
+        };
+        let loss = self
+            .model
+            .head(&mut self.backend, &mut self.comms.tp, io, dloss)?;
+        // The head's gradients are final after the step's last head; a tied copy's wait for
+        // the other copy's at the end of the step.
+        let final_head = last && !self.tied_to_embedding(head);
+        self.grads_done(head, head_grads, final_head)?;
+        if let Some(grads) = embedding_grads {
+            self.grads_done(0, grads, false)?;
+        }
+        Ok(loss)
+    }
+
     /// Backward of `chunk` for the microbatch in (`slot`, `io`). When it is the chunk's last
     /// backward of the step, each layer's gradients start their data-parallel reduction as
     /// soon as they are final, while the layers below compute.
@@ -255,19 +332,19 @@ impl<B: Backend> Rank<B> {
             .pipeline
             .receive_gradient(&self.backend, chunk, dresid)?;
         self.model.backward_begin(&mut self.backend, chunk, io)?;
-        let first_layer = usize::from(self.units[0].kind == UnitKind::Embedding);
-        let per_chunk = self.model.layers_per_chunk();
-        for i in (0..per_chunk).rev() {
+        for layer in (0..self.model.layers_per_chunk()).rev() {
+            let index = self.layer_unit(chunk, layer);
+            self.use_params(index)?;
+            let grads = self.use_grads(index)?;
             self.model
-                .backward_layer(&mut self.backend, &mut self.comms.tp, chunk, slot, i)?;
-            if last {
-                self.reduce_unit(first_layer + chunk * per_chunk + i)?;
-            }
+                .backward_layer(&mut self.backend, &mut self.comms.tp, chunk, slot, layer)?;
+            self.grads_done(index, grads, last)?;
         }
-        self.model
-            .backward_end(&mut self.backend, &mut self.comms.tp, chunk, io)?;
-        if last && self.model.embeds(chunk) && !self.tied_to_embedding(0) {
-            self.reduce_unit(0)?;
+        if self.model.embeds(chunk) {
+            let grads = self.use_grads(0)?;
+            self.model
+                .backward_end(&mut self.backend, &mut self.comms.tp, chunk, io)?;
+            self.grads_done(0, grads, last && !self.tied_to_embedding(0))?;
         }
         self.comms
             .pipeline
@@ -285,23 +362,34 @@ impl<B: Backend> Rank<B> {
             )
     }
 
-    /// Sums the tied embedding's gradient over its two copies (first and last stage), then
-    /// starts the reduction of the units holding them.
+    /// Sums the tied embedding's gradient over its two copies (first and last stage). Under
+    /// ZeRO 0 and 1 that is before the units' data-parallel reduction, which starts here;
+    /// under ZeRO 2 and 3 the shards are already reduced, so the whole gradients are gathered,
+    /// summed and cut back into shards.
     fn reduce_tied_embedding(&mut self) -> Result<()> {
-        let Some(group) = self.comms.embedding.as_mut() else {
+        if self.comms.embedding.is_none() {
             return Ok(());
-        };
+        }
         let tied: Vec<usize> = (0..self.units.len())
-            .filter(|&i| {
-                matches!(
-                    self.units[i].kind,
-                    UnitKind::Embedding | UnitKind::Head { tied_copy: true }
-                )
-            })
+            .filter(|&i| self.tied_to_embedding(i))
             .collect();
-        for &index in &tied {
+        for index in tied {
             let unit = &self.units[index];
-            let buf = self.backend.comm_buf(unit.view(unit.grads, "wte"));
+            let dp = self.comms.dp.as_mut();
+            let whole = match unit.grads() {
+                Some(grads) => grads,
+                None => {
+                    self.data_parallel.finish(&mut self.backend)?;
+                    self.data_parallel
+                        .gather_grads(dp, &mut self.backend, unit)?
+                }
+            };
+            let buf = self.backend.comm_buf(unit.view(whole, "wte"));
+            let group = self
+                .comms
+                .embedding
+                .as_mut()
+                .expect("invariant: checked above");
             // SAFETY: the gradients live in the arena and no kernel runs during this call.
             unsafe {
                 group.run(Collective::AllReduce {
@@ -309,20 +397,15 @@ impl<B: Backend> Rank<B> {
                     op: ReduceOp::Sum,
                 })
             }?;
-        }
-        for index in tied {
-            self.reduce_unit(index)?;
+            if unit.grads_sharded {
+                let dp = self.comms.dp.as_ref();
+                self.data_parallel
+                    .scatter_back(dp, &mut self.backend, unit, whole)?;
+            } else {
+                self.grads_done(index, whole, true)?;
+            }
         }
         Ok(())
-    }
-
-    /// Starts reducing unit `index`'s gradients, final for the step: first its sequence-
-    /// parallel partial sums over the tensor group, then over the data-parallel group.
-    fn reduce_unit(&mut self, index: usize) -> Result<()> {
-        let unit = &self.units[index];
-        self.comms.tp.reduce_partial_grads(&self.backend, unit)?;
-        self.data_parallel
-            .reduce(self.comms.dp.as_mut(), &self.backend, unit)
     }
 
     /// Whether this rank counts `name` of `unit` in the global gradient norm: every element is
@@ -362,7 +445,7 @@ impl<B: Backend> Rank<B> {
                 loss: loss as f32,
             });
         }
-        self.data_parallel.finish()?;
+        self.data_parallel.finish(&mut self.backend)?;
         let counted: Vec<Vec<bool>> = self
             .units
             .iter()
@@ -385,7 +468,7 @@ impl<B: Backend> Rank<B> {
             .optimizer
             .step(&mut self.backend, &self.units, self.step, norm)?;
         self.data_parallel
-            .gather_params(self.comms.dp.as_mut(), &self.backend, &self.units)?;
+            .gather_params(self.comms.dp.as_mut(), &mut self.backend, &self.units)?;
         self.step += 1;
         let seconds = start.elapsed().as_secs_f64();
         let tokens = self.config.tokens_per_step() as f64;

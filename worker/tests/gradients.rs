@@ -577,14 +577,14 @@ fn the_whole_model_gradient_matches_finite_differences() {
             let name = unit.param_name(placed.spec.name);
             let mut values = vec![0f32; placed.numel() as usize];
             rank.backend
-                .read(unit.view(unit.params, placed.spec.name), &mut values)
+                .read(unit.view(unit.flat_params, placed.spec.name), &mut values)
                 .unwrap();
             params.insert(
                 name.clone(),
                 values.iter().map(|&v| v as f64).collect::<Vec<_>>(),
             );
             rank.backend
-                .read(unit.view(unit.grads, placed.spec.name), &mut values)
+                .read(unit.view(unit.flat_grads, placed.spec.name), &mut values)
                 .unwrap();
             grads.insert(name, values.iter().map(|&v| v as f64).collect::<Vec<_>>());
         }

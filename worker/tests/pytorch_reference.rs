@@ -70,7 +70,7 @@ fn load_weights(rank: &mut Rank<CpuBackend>, fixture: &SafeTensors, prefix: &str
             values.resize(placed.numel() as usize, 0.0); // the embedding's padding rows
             let name = placed.spec.name;
             rank.backend
-                .write(unit.view(unit.params, name), &values)
+                .write(unit.view(unit.flat_params, name), &values)
                 .unwrap();
             if let Some(master) = unit.master {
                 rank.backend
@@ -87,7 +87,7 @@ fn assert_matches(rank: &Rank<CpuBackend>, fixture: &SafeTensors, prefix: &str, 
         for placed in &unit.layout.params {
             let full = unit.param_name(placed.spec.name);
             let expected = tensor(fixture, &format!("{prefix}.{full}"));
-            let buffer = if grads { unit.grads } else { unit.params };
+            let buffer = if grads { unit.flat_grads } else { unit.flat_params };
             let mut ours = vec![0.0; placed.numel() as usize];
             rank.backend
                 .read(unit.view(buffer, placed.spec.name), &mut ours)

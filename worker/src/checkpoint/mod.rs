@@ -149,12 +149,14 @@ fn state_tensors(units: &[Unit]) -> Vec<(String, Tensor, Vec<usize>, Kind)> {
         for placed in &unit.layout.params {
             let name = unit.param_name(placed.spec.name);
             let shape = placed.local_shape.clone();
-            tensors.push((
-                name.clone(),
-                unit.view(unit.params, placed.spec.name),
-                shape.clone(),
-                Kind::Param,
-            ));
+            if let Some(params) = unit.params() {
+                tensors.push((
+                    name.clone(),
+                    unit.view(params, placed.spec.name),
+                    shape.clone(),
+                    Kind::Param,
+                ));
+            }
             if !unit.is_whole() {
                 continue;
             }
@@ -183,6 +185,8 @@ fn state_tensors(units: &[Unit]) -> Vec<(String, Tensor, Vec<usize>, Kind)> {
         if !unit.is_whole() {
             let name = unit.name();
             let states = [
+                // ZeRO 3 parameters are per-rank shards like the states.
+                ("params", unit.params_sharded.then_some(unit.flat_params)),
                 ("master", unit.master),
                 ("adam_m", Some(unit.adam_m)),
                 ("adam_v", Some(unit.adam_v)),

@@ -115,6 +115,12 @@ impl Gpt {
             None
         };
         let chunk_rows = head.map_or(0, |h| h.losses.len);
+        let placeholder = |name: &str| {
+            layout
+                .region(name)
+                .expect("invariant: the plan has ZeRO's buffers when units are sharded")
+                .get(0)
+        };
         Ok(Gpt {
             dims,
             recompute: config.parallel.recompute,
@@ -125,8 +131,15 @@ impl Gpt {
                 1
             },
             widths,
-            params: Weights::new(units, |u| u.params),
-            grads: Weights::new(units, |u| u.grads),
+            // Under ZeRO 2 and 3 the runtime points each unit at a bucket or gather buffer
+            // before every use (`point_params`, `point_grads`); until then, at the first one.
+            params: Weights::new(units, |u| {
+                u.params()
+                    .unwrap_or_else(|| placeholder("zero.param_gather"))
+            }),
+            grads: Weights::new(units, |u| {
+                u.grads().unwrap_or_else(|| placeholder("zero.grad_bucket"))
+            }),
             acts,
             scratch,
             tokens: if first {
@@ -173,6 +186,16 @@ impl Gpt {
         }
     }
 
+    /// Reads `unit`'s parameters (the `layer`-th of the rank's layers) from `buffer` from now on.
+    pub fn point_params(&mut self, unit: &Unit, layer: usize, buffer: Tensor) {
+        self.params.point(unit, layer, buffer);
+    }
+
+    /// Accumulates `unit`'s gradients into `buffer` from now on.
+    pub fn point_grads(&mut self, unit: &Unit, layer: usize, buffer: Tensor) {
+        self.grads.point(unit, layer, buffer);
+    }
+
     /// Model chunks on this rank (`virtual_stages`); chunk `c` runs layers
     /// `c * layers_per_chunk..` of the rank's layers.
     pub fn chunks(&self) -> usize {
@@ -211,42 +234,31 @@ impl Gpt {
         self.scratch.dresid
     }
 
-    /// Forward of `chunk` for the microbatch in activation slot `slot` (`io` indexes the
-    /// token ids of the first chunk and the head gradient of the last). The model's last chunk
-    /// also runs the loss and the head's backward with `dloss` as the gradient of each token's
-    /// loss, and returns the sum of the token losses (0 elsewhere).
-    pub fn forward<B: Backend>(
-        &mut self,
+    /// Forward of the `i`-th layer of `chunk` for the microbatch in activation slot `slot`:
+    /// a forward of a chunk is `embed` (the model's first chunk), this for each of its layers,
+    /// then `head` (the model's last chunk). The runtime calls the pieces so that it can fetch
+    /// each unit's parameters just before use (ZeRO 3).
+    pub fn forward_layer<B: Backend>(
+        &self,
         backend: &mut B,
         tp: &mut TensorParallel,
         chunk: usize,
         slot: usize,
-        io: usize,
-        dloss: f32,
-    ) -> Result<f64> {
-        if self.embeds(chunk) {
-            self.embed(backend, tp, slot, io)?;
-        }
+        i: usize,
+    ) -> Result<()> {
         let per_chunk = self.layers_per_chunk();
-        for i in 0..per_chunk {
-            let out = if i + 1 < per_chunk {
-                self.acts.layer(slot, i + 1).resid
-            } else {
-                self.scratch.stage_out
-            };
-            self.layer_forward(backend, tp, slot, chunk * per_chunk + i, i, Some(out))?;
-        }
-        if self.has_head(chunk) {
-            self.head_forward_backward(backend, tp, io, dloss)
+        let out = if i + 1 < per_chunk {
+            self.acts.layer(slot, i + 1).resid
         } else {
-            Ok(0.0)
-        }
+            self.scratch.stage_out
+        };
+        self.layer_forward(backend, tp, slot, chunk * per_chunk + i, i, Some(out))
     }
 
     /// Token and position embeddings into the first layer's input. Each tensor-parallel rank
     /// looks up the tokens of its vocabulary shard (and the first adds the positions); the sum
     /// over the group is the embedding.
-    fn embed<B: Backend>(
+    pub fn embed<B: Backend>(
         &self,
         backend: &mut B,
         tp: &mut TensorParallel,
@@ -326,10 +338,11 @@ impl Gpt {
         Ok(())
     }
 
-    /// Final LayerNorm, then logits, loss and their gradients chunk by chunk, then the final
-    /// LayerNorm's backward into `act.dhead[io]`. Under tensor parallelism each rank holds the
+    /// The model's last chunk, after its layers: final LayerNorm, then logits, loss and their
+    /// gradients chunk by chunk with `dloss` as the gradient of each token's loss, then the
+    /// final LayerNorm's backward into `act.dhead[io]`; returns the sum of the token losses. Under tensor parallelism each rank holds the
     /// logits of its vocabulary shard and the softmax's statistics are combined over the group.
-    fn head_forward_backward<B: Backend>(
+    pub fn head<B: Backend>(
         &mut self,
         backend: &mut B,
         tp: &mut TensorParallel,
@@ -420,33 +433,20 @@ impl Gpt {
         Ok(loss)
     }
 
-    /// Backward of `chunk` for the microbatch in `slot`, from the gradient of the chunk's
-    /// output (the head's on the model's last chunk, else what the runtime put in `dresid`)
-    /// down to the gradient of its input in `dresid` (or into the embedding on the first):
-    /// `backward_begin`, `backward_layer` for each of the chunk's layers from the last, then
-    /// `backward_end`. The runtime calls the pieces itself when it starts reducing each
-    /// layer's gradients as soon as they are done.
-    pub fn backward<B: Backend>(
-        &mut self,
-        backend: &mut B,
-        tp: &mut TensorParallel,
-        chunk: usize,
-        slot: usize,
-        io: usize,
-    ) -> Result<()> {
-        self.backward_begin(backend, chunk, io)?;
-        for i in (0..self.layers_per_chunk()).rev() {
-            self.backward_layer(backend, tp, chunk, slot, i)?;
-        }
-        self.backward_end(backend, tp, chunk, io)
-    }
-
     /// Layers of this rank, over all its chunks.
     pub fn layers(&self) -> usize {
         self.params.layers.len()
     }
 
-    /// Takes the gradient of the chunk's output from the head (the model's last chunk).
+    /// Backward of `chunk` for the microbatch in `slot` is `backward_begin`, `backward_layer`
+    /// for each of the chunk's layers from the last, then `backward_end`: from the gradient of
+    /// the chunk's output (the head's on the model's last chunk, else what the runtime put in
+    /// `dresid`) down to the gradient of its input in `dresid` (or into the embedding on the
+    /// first). The runtime calls the pieces so that each unit's gradients can be reduced as
+    /// soon as they are done.
+    ///
+    /// This piece takes the gradient of the chunk's output from the head (the model's last
+    /// chunk).
     pub fn backward_begin<B: Backend>(
         &mut self,
         backend: &mut B,

@@ -17,32 +17,34 @@ use tessera_plan::memory::StagePlan;
 use tessera_plan::model::{ModelShape, Unit as UnitKind, UnitLayout};
 
 use crate::arena::ArenaLayout;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 pub use gpt::Gpt;
 
 /// One unit's buffers on this rank.
 ///
-/// Under ZeRO the flat buffers are longer than the unit (`S x dp` elements, see
-/// `tessera_plan::memory`) so that reduce-scatter and all-gather work in place, and the fp32
-/// states hold only this rank's `shard` of them.
+/// A unit's flat buffer is `S x dp` elements under ZeRO (see `tessera_plan::memory`), cut into
+/// `dp` shards of `S`; this rank's `shard` is the part whose optimizer state it holds. What
+/// else is sharded depends on the stage: nothing else at ZeRO 1 (reduce-scatter and all-gather
+/// work in place on the whole buffers), the gradients at 2, the parameters too at 3. A sharded
+/// buffer holds just the shard; a whole one the full flat buffer.
 #[derive(Debug, Clone)]
 pub struct Unit {
     pub kind: UnitKind,
     /// The global layer index of a `Unit::Layer`.
     pub layer: Option<usize>,
     pub layout: UnitLayout,
-    /// The unit's parameters (`layout.elems`), the start of `flat_params`.
-    pub params: Tensor,
-    /// The unit's gradients (`layout.elems`), the start of `flat_grads`.
-    pub grads: Tensor,
-    /// The whole parameter region: what collectives move.
+    /// The parameters: the whole flat buffer, or this rank's shard (ZeRO 3).
     pub flat_params: Tensor,
+    /// The gradients: the whole flat buffer, or this rank's shard (ZeRO 2 and 3).
     pub flat_grads: Tensor,
-    /// The elements of the flat buffers whose optimizer state this rank holds: all of them
+    /// The elements of the flat buffer whose optimizer state this rank holds: all of them
     /// without ZeRO, chunk `dp_rank` of `dp` equal chunks with it.
     pub shard: Range<usize>,
+    pub states_sharded: bool,
+    pub grads_sharded: bool,
+    pub params_sharded: bool,
     /// fp32 master weights of the shard (mixed precision only).
     pub master: Option<Tensor>,
     /// Adam moments of the shard.
@@ -72,7 +74,36 @@ impl Unit {
     /// The same on every rank of a data-parallel group, which is what lets them agree on
     /// all-reduce or reduce-scatter.
     pub fn is_whole(&self) -> bool {
-        self.shard.len() == self.flat_params.len
+        !self.states_sharded
+    }
+
+    /// The whole parameters, laid out like the unit (`None` under ZeRO 3: gather them).
+    pub fn params(&self) -> Option<Tensor> {
+        (!self.params_sharded).then_some(self.flat_params)
+    }
+
+    /// The whole gradients (`None` under ZeRO 2 and 3, which accumulate in buckets).
+    pub fn grads(&self) -> Option<Tensor> {
+        (!self.grads_sharded).then_some(self.flat_grads)
+    }
+
+    /// Elements `range` of the flat buffer (inside the shard) in the parameters.
+    pub fn params_at(&self, range: &Range<usize>) -> Tensor {
+        self.at(self.flat_params, self.params_sharded, range)
+    }
+
+    /// Elements `range` of the flat buffer (inside the shard) in the gradients.
+    pub fn grads_at(&self, range: &Range<usize>) -> Tensor {
+        self.at(self.flat_grads, self.grads_sharded, range)
+    }
+
+    fn at(&self, buffer: Tensor, sharded: bool, range: &Range<usize>) -> Tensor {
+        let start = if sharded {
+            range.start - self.shard.start
+        } else {
+            range.start
+        };
+        buffer.slice(start, range.len())
     }
 
     /// The handle of parameter `name` inside a flat buffer laid out like this unit.
@@ -104,27 +135,6 @@ impl Unit {
     }
 }
 
-/// Fails unless this build's worker lays out the config's model states: ZeRO stages 2 and 3
-/// (sharded gradients and parameters) over more than one data-parallel rank are not in it yet.
-pub fn check_supported(config: &Config) -> Result<()> {
-    let zero = config.parallel.zero;
-    if zero > Zero::Optimizer && config.parallel.data > 1 {
-        return Err(Error::Unsupported {
-            what: format!(
-                "parallel.zero {} (sharded gradients{}) is not in this build's worker yet",
-                zero.stage(),
-                if zero == Zero::Parameters {
-                    " and parameters"
-                } else {
-                    ""
-                }
-            ),
-            help: "use --set parallel.zero=1 (sharded optimizer states) or 0".into(),
-        });
-    }
-    Ok(())
-}
-
 /// The units of this rank in storage order: embedding (first stage), the stage's layers, head
 /// (last stage). `dp_rank` picks the ZeRO shard.
 pub fn units(
@@ -135,7 +145,7 @@ pub fn units(
 ) -> Result<Vec<Unit>> {
     let shape = ModelShape::new(&config.model, config.parallel.tensor);
     let p = config.parallel.pipeline;
-    check_supported(config)?;
+    let dp = config.parallel.data;
     let mut kinds: Vec<(UnitKind, &str, Option<usize>, usize)> = Vec::new();
     if stage.pp_rank == 0 {
         kinds.push((UnitKind::Embedding, "embedding", None, 0));
@@ -160,26 +170,35 @@ pub fn units(
             let flat_grads = get("grads", suffix, index)?;
             let adam_m = get("adam_m", suffix, index)?;
             let chunk = adam_m.len;
-            let shard = if flat_params.len == chunk {
-                0..chunk
-            } else {
+            let sharded = |stage: Zero| config.parallel.zero >= stage && dp > 1;
+            let (states_sharded, grads_sharded, params_sharded) = (
+                sharded(Zero::Optimizer),
+                sharded(Zero::Gradients),
+                sharded(Zero::Parameters),
+            );
+            let shard = if states_sharded {
                 dp_rank * chunk..(dp_rank + 1) * chunk
+            } else {
+                0..chunk
             };
+            let whole = if states_sharded { chunk * dp } else { chunk };
+            let length = |sharded: bool| if sharded { chunk } else { whole };
             assert!(
-                flat_params.len >= elems
-                    && flat_grads.len == flat_params.len
-                    && shard.end <= flat_params.len,
+                whole >= elems
+                    && flat_params.len == length(params_sharded)
+                    && flat_grads.len == length(grads_sharded),
                 "invariant: the plan holds the whole unit and its shards"
             );
             let master_name = format!("master.{suffix}");
             Ok(Unit {
                 kind,
                 layer,
-                params: flat_params.slice(0, elems),
-                grads: flat_grads.slice(0, elems),
                 flat_params,
                 flat_grads,
                 shard,
+                states_sharded,
+                grads_sharded,
+                params_sharded,
                 master: if layout.contains(&master_name) {
                     Some(get("master", suffix, index)?)
                 } else {
@@ -250,38 +269,60 @@ impl Weights {
             lnf_w: None,
             lnf_b: None,
         };
+        let mut layer = 0;
         for unit in units {
-            let t = |name: &str| unit.view(buffer(unit), name);
-            match unit.kind {
-                UnitKind::Embedding => {
-                    weights.wte = Some(t("wte"));
-                    weights.wpe = Some(t("wpe"));
-                    weights.head_wte = Some(t("wte"));
-                }
-                UnitKind::Layer => weights.layers.push(LayerParams {
-                    ln1_w: t("ln1_w"),
-                    ln1_b: t("ln1_b"),
-                    qkv_w: t("qkv_w"),
-                    qkv_b: t("qkv_b"),
-                    attproj_w: t("attproj_w"),
-                    attproj_b: t("attproj_b"),
-                    ln2_w: t("ln2_w"),
-                    ln2_b: t("ln2_b"),
-                    fc_w: t("fc_w"),
-                    fc_b: t("fc_b"),
-                    fcproj_w: t("fcproj_w"),
-                    fcproj_b: t("fcproj_b"),
-                }),
-                UnitKind::Head { tied_copy } => {
-                    if tied_copy {
-                        weights.head_wte = Some(t("wte"));
-                    }
-                    weights.lnf_w = Some(t("lnf_w"));
-                    weights.lnf_b = Some(t("lnf_b"));
-                }
+            if unit.kind == UnitKind::Layer {
+                weights
+                    .layers
+                    .push(LayerParams::in_unit(unit, buffer(unit)));
+                layer += 1;
+            } else {
+                weights.point(unit, layer, buffer(unit));
             }
         }
         weights
+    }
+
+    /// Points the handles of `unit` at `buffer`, laid out like the unit; `layer` is the
+    /// position of a layer unit among the rank's layers. ZeRO 2 and 3 move a unit's gradients
+    /// and parameters between buffers from one use to the next.
+    pub fn point(&mut self, unit: &Unit, layer: usize, buffer: Tensor) {
+        let t = |name: &str| Some(unit.view(buffer, name));
+        match unit.kind {
+            UnitKind::Embedding => {
+                self.wte = t("wte");
+                self.wpe = t("wpe");
+                self.head_wte = t("wte");
+            }
+            UnitKind::Layer => self.layers[layer] = LayerParams::in_unit(unit, buffer),
+            UnitKind::Head { tied_copy } => {
+                if tied_copy {
+                    self.head_wte = t("wte");
+                }
+                self.lnf_w = t("lnf_w");
+                self.lnf_b = t("lnf_b");
+            }
+        }
+    }
+}
+
+impl LayerParams {
+    fn in_unit(unit: &Unit, buffer: Tensor) -> LayerParams {
+        let t = |name: &str| unit.view(buffer, name);
+        LayerParams {
+            ln1_w: t("ln1_w"),
+            ln1_b: t("ln1_b"),
+            qkv_w: t("qkv_w"),
+            qkv_b: t("qkv_b"),
+            attproj_w: t("attproj_w"),
+            attproj_b: t("attproj_b"),
+            ln2_w: t("ln2_w"),
+            ln2_b: t("ln2_b"),
+            fc_w: t("fc_w"),
+            fc_b: t("fc_b"),
+            fcproj_w: t("fcproj_w"),
+            fcproj_b: t("fcproj_b"),
+        }
     }
 }
 

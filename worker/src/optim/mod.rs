@@ -111,7 +111,7 @@ impl Optimizer {
                     continue;
                 }
                 if let Some(range) = unit.shard_of(placed.spec.name) {
-                    let grads = unit.flat_grads.slice(range.start, range.len());
+                    let grads = unit.grads_at(&range);
                     sum += backend.sum_squares(grads, partials)?;
                 }
             }
@@ -159,13 +159,12 @@ impl Optimizer {
                         bias_correction2: (1.0 - self.hyper.beta2.powi(t)) as f32,
                         grad_scale: (clip / scale) as f32,
                     };
-                    let flat = |buffer: Tensor| buffer.slice(range.start, range.len());
                     backend.adamw(
-                        flat(unit.flat_params),
+                        unit.params_at(&range),
                         unit.master.map(|m| unit.state_view(m, &range)),
                         unit.state_view(unit.adam_m, &range),
                         unit.state_view(unit.adam_v, &range),
-                        flat(unit.flat_grads),
+                        unit.grads_at(&range),
                         hyper,
                     )?;
                 }

@@ -2,64 +2,157 @@
 //! share of the global batch, then the group combines the gradients.
 //!
 //! The loss gradient is already divided by the global batch's token count, so the group
-//! *sums* the gradients. Without ZeRO each unit's gradients are all-reduced; with ZeRO 1
-//! (optimizer states and fp32 master weights sharded) they are reduce-scattered in place, each
-//! rank updates its shard, and the parameters are all-gathered in place afterwards. Each
-//! unit's reduction starts as soon as the unit's last backward of the step is done (`reduce`),
-//! so it overlaps the backward of the units below it; `finish` waits for all of them before
-//! the optimizer reads the gradients.
+//! *sums* the gradients. By ZeRO stage:
+//!
+//! - 0: each unit's gradients are all-reduced in place once final for the step.
+//! - 1 (optimizer states and fp32 master weights sharded): they are reduce-scattered in place
+//!   instead, each rank updates its shard, and the parameters are all-gathered in place after
+//!   the step ([`DataParallel::gather_params`]).
+//! - 2 (gradients sharded too): a unit's gradients of one microbatch accumulate in a bucket
+//!   (`zero.grad_bucket`, two of them), which is reduce-scattered and added into the rank's
+//!   gradient shard while the model goes on in the other bucket.
+//! - 3 (parameters sharded too): each unit's parameters are all-gathered into a gather buffer
+//!   (`zero.param_gather`, two) just before each use ([`DataParallel::params_for`]); nothing is
+//!   gathered after the step.
+//!
+//! Reductions start as soon as their gradients are ready, so they overlap the backward of the
+//! units below; [`DataParallel::finish`] waits for all of them before the optimizer.
 
-use crate::comm::{Collective, CommBuf, Communicator, ReduceOp, Work};
+use crate::arena::ArenaLayout;
+use crate::comm::{Collective, CommBuf, Communicator, CommunicatorExt as _, ReduceOp, Work};
 use crate::error::Result;
 use crate::model::Unit;
-use crate::tensor::Backend;
+use crate::tensor::{Backend, Tensor};
 
 /// The gradient and parameter traffic of one data-parallel group.
-#[derive(Default)]
 pub struct DataParallel {
-    /// Reductions started this step, one per unit.
+    /// In-place reductions and gathers started this step (ZeRO 0 and 1).
     pending: Vec<Work>,
+    /// ZeRO 2 and 3: the gradient buckets, used in turn, and what each one's reduce-scatter in
+    /// flight must be added into.
+    buckets: Vec<Tensor>,
+    in_flight: Vec<Option<Accumulation>>,
+    next_bucket: usize,
+    /// ZeRO 3: the parameter gather buffers, used in turn.
+    gathers: Vec<Tensor>,
+    next_gather: usize,
+}
+
+/// A bucket's reduce-scatter in flight: when done, `reduced` (the rank's chunk of the bucket)
+/// is added into `shard` (the unit's gradient shard).
+struct Accumulation {
+    work: Work,
+    reduced: Tensor,
+    shard: Tensor,
 }
 
 impl DataParallel {
-    pub fn new() -> DataParallel {
-        DataParallel::default()
+    /// Takes ZeRO's buffers from the arena when the plan has them.
+    pub fn new(layout: &ArenaLayout) -> Result<DataParallel> {
+        let copies = |name: &str| -> Result<Vec<Tensor>> {
+            if !layout.contains(name) {
+                return Ok(Vec::new());
+            }
+            let region = layout.region(name)?;
+            Ok((0..region.count()).map(|i| region.get(i)).collect())
+        };
+        let buckets = copies("zero.grad_bucket")?;
+        Ok(DataParallel {
+            pending: Vec::new(),
+            in_flight: buckets.iter().map(|_| None).collect(),
+            buckets,
+            next_bucket: 0,
+            gathers: copies("zero.param_gather")?,
+            next_gather: 0,
+        })
     }
 
-    /// Starts combining `unit`'s gradients over the group. The unit's gradients must be final
-    /// for this step and untouched until [`Self::finish`].
-    pub fn reduce<B: Backend>(
+    /// Where the model accumulates `unit`'s next gradients: the unit's own (ZeRO 0 and 1),
+    /// or the next bucket, zeroed (ZeRO 2 and 3; a bucket still in flight is settled first).
+    pub fn grads_for<B: Backend>(&mut self, backend: &mut B, unit: &Unit) -> Result<Tensor> {
+        if let Some(grads) = unit.grads() {
+            return Ok(grads);
+        }
+        let k = self.next_bucket;
+        self.next_bucket = (k + 1) % self.buckets.len();
+        self.settle(backend, k)?;
+        let bucket = self.buckets[k];
+        backend.fill(bucket, 0.0)?;
+        Ok(bucket)
+    }
+
+    /// The model is done writing `unit`'s gradients into `grads` (from [`Self::grads_for`]);
+    /// `last` says they are final for the step. ZeRO 2 and 3 start the bucket's
+    /// reduce-scatter; ZeRO 0 and 1 start the unit's reduction once `last`.
+    pub fn grads_done<B: Backend>(
         &mut self,
         comm: &mut dyn Communicator,
         backend: &B,
         unit: &Unit,
+        grads: Tensor,
+        last: bool,
     ) -> Result<()> {
-        if comm.group().size() == 1 {
+        let (size, index) = (comm.group().size(), comm.group().index);
+        if !unit.grads_sharded {
+            if !last || size == 1 {
+                return Ok(());
+            }
+            let grads = backend.comm_buf(unit.flat_grads);
+            let op = if unit.is_whole() {
+                Collective::AllReduce {
+                    buf: grads,
+                    op: ReduceOp::Sum,
+                }
+            } else {
+                Collective::ReduceScatter {
+                    input: grads,
+                    output: grads.slice(unit.shard.start, unit.shard.len()),
+                    op: ReduceOp::Sum,
+                }
+            };
+            // SAFETY: the gradients live in the arena for the whole run, and no kernel touches
+            // this unit's gradients until `finish` has waited: they are final for the step
+            // and the optimizer runs after `finish`.
+            let work = unsafe { comm.start(op) }?;
+            self.pending.push(work);
             return Ok(());
         }
-        let grads = backend.comm_buf(unit.flat_grads);
-        let op = if unit.is_whole() {
-            Collective::AllReduce {
-                buf: grads,
+        let k = self
+            .buckets
+            .iter()
+            .position(|b| b.offset == grads.offset)
+            .expect("invariant: ZeRO 2/3 gradients are in a bucket from grads_for");
+        let chunk = unit.flat_grads.len;
+        let whole = self.buckets[k].slice(0, chunk * size);
+        let input = backend.comm_buf(whole);
+        let output = input.slice(index * chunk, chunk);
+        // SAFETY: the bucket is not handed out again (nor read) before `settle` has waited.
+        let work = unsafe {
+            comm.start(Collective::ReduceScatter {
+                input,
+                output,
                 op: ReduceOp::Sum,
-            }
-        } else {
-            Collective::ReduceScatter {
-                input: grads,
-                output: grads.slice(unit.shard.start, unit.shard.len()),
-                op: ReduceOp::Sum,
-            }
-        };
-        // SAFETY: the gradients live in the backend's arena for the whole run, and no kernel
-        // touches this unit's gradients until `finish` has waited: its backward is done for
-        // the step and the optimizer runs after `finish`.
-        let work = unsafe { comm.start(op) }?;
-        self.pending.push(work);
+            })
+        }?;
+        self.in_flight[k] = Some(Accumulation {
+            work,
+            reduced: whole.slice(index * chunk, chunk),
+            shard: unit.flat_grads,
+        });
+        Ok(())
+    }
+
+    /// Waits for bucket `k`'s reduce-scatter, if any, and adds its result into its shard.
+    fn settle<B: Backend>(&mut self, backend: &mut B, k: usize) -> Result<()> {
+        if let Some(done) = self.in_flight[k].take() {
+            done.work.wait()?;
+            backend.add(done.shard, done.reduced)?;
+        }
         Ok(())
     }
 
     /// Waits for every reduction started this step.
-    pub fn finish(&mut self) -> Result<()> {
+    pub fn finish<B: Backend>(&mut self, backend: &mut B) -> Result<()> {
         let mut first = Ok(());
         for work in self.pending.drain(..) {
             let result = work.wait();
@@ -67,20 +160,80 @@ impl DataParallel {
                 first = result;
             }
         }
-        Ok(first?)
+        first?;
+        for k in 0..self.buckets.len() {
+            self.settle(backend, k)?;
+        }
+        Ok(())
     }
 
-    /// Under ZeRO, gives every rank the parameters the other ranks updated.
-    pub fn gather_params<B: Backend>(
+    /// Where the model reads `unit`'s parameters for its next use: the unit's own, or under
+    /// ZeRO 3 the next gather buffer, all-gathered from every rank's shard now.
+    pub fn params_for<B: Backend>(
         &mut self,
         comm: &mut dyn Communicator,
         backend: &B,
+        unit: &Unit,
+    ) -> Result<Tensor> {
+        if let Some(params) = unit.params() {
+            return Ok(params);
+        }
+        let k = self.next_gather;
+        self.next_gather = (k + 1) % self.gathers.len();
+        let size = comm.group().size();
+        let gathered = self.gathers[k].slice(0, unit.flat_params.len * size);
+        let (input, output) = (
+            backend.comm_buf(unit.flat_params),
+            backend.comm_buf(gathered),
+        );
+        // SAFETY: both are arena ranges no kernel touches during this blocking call.
+        unsafe { comm.run(Collective::AllGather { input, output }) }?;
+        Ok(gathered)
+    }
+
+    /// ZeRO 2 and 3: the whole gradients of `unit`, gathered from every rank's shard into a
+    /// bucket (to sum the tied embedding's two copies); [`Self::scatter_back`] returns them.
+    pub fn gather_grads<B: Backend>(
+        &mut self,
+        comm: &mut dyn Communicator,
+        backend: &mut B,
+        unit: &Unit,
+    ) -> Result<Tensor> {
+        let bucket = self.grads_for(backend, unit)?;
+        let size = comm.group().size();
+        let whole = bucket.slice(0, unit.flat_grads.len * size);
+        let (input, output) = (backend.comm_buf(unit.flat_grads), backend.comm_buf(whole));
+        // SAFETY: as in `params_for`.
+        unsafe { comm.run(Collective::AllGather { input, output }) }?;
+        Ok(bucket)
+    }
+
+    /// Copies this rank's chunk of `whole` (from [`Self::gather_grads`]) back into the shard.
+    pub fn scatter_back<B: Backend>(
+        &mut self,
+        comm: &dyn Communicator,
+        backend: &mut B,
+        unit: &Unit,
+        whole: Tensor,
+    ) -> Result<()> {
+        let chunk = unit.flat_grads.len;
+        backend.copy(
+            unit.flat_grads,
+            whole.slice(comm.group().index * chunk, chunk),
+        )
+    }
+
+    /// Under ZeRO 1 and 2, gives every rank the parameters the other ranks updated.
+    pub fn gather_params<B: Backend>(
+        &mut self,
+        comm: &mut dyn Communicator,
+        backend: &mut B,
         units: &[Unit],
     ) -> Result<()> {
         if comm.group().size() == 1 {
             return Ok(());
         }
-        for unit in units.iter().filter(|u| !u.is_whole()) {
+        for unit in units.iter().filter(|u| !u.is_whole() && !u.params_sharded) {
             let params = backend.comm_buf(unit.flat_params);
             let input = params.slice(unit.shard.start, unit.shard.len());
             // SAFETY: the parameters live in the arena for the whole run and no kernel runs
@@ -93,7 +246,7 @@ impl DataParallel {
             }?;
             self.pending.push(work);
         }
-        self.finish()
+        self.finish(backend)
     }
 }
 

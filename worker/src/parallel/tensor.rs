@@ -109,9 +109,15 @@ impl TensorParallel {
         Ok(())
     }
 
-    /// Under sequence parallelism, sums `unit`'s LayerNorm weight gradients over the group
-    /// (each rank's covered its own tokens). Call once per step, when they are final.
-    pub fn reduce_partial_grads<B: Backend>(&mut self, backend: &B, unit: &Unit) -> Result<()> {
+    /// Under sequence parallelism, sums `unit`'s LayerNorm weight gradients in `grads` (laid
+    /// out like the unit) over the group: each rank's covered its own tokens. Call on each
+    /// gradient once it is final for the step, or for the bucket (ZeRO 2 and 3).
+    pub fn reduce_partial_grads<B: Backend>(
+        &mut self,
+        backend: &B,
+        unit: &Unit,
+        grads: Tensor,
+    ) -> Result<()> {
         if !self.sequence {
             return Ok(());
         }
@@ -121,11 +127,7 @@ impl TensorParallel {
             .iter()
             .filter(|p| sequence_partial(p.spec.name))
         {
-            self.all_reduce(
-                backend,
-                unit.view(unit.grads, placed.spec.name),
-                ReduceOp::Sum,
-            )?;
+            self.all_reduce(backend, unit.view(grads, placed.spec.name), ReduceOp::Sum)?;
         }
         Ok(())
     }

@@ -202,6 +202,8 @@ pub trait Backend: Sized {
     fn copy(&mut self, dst: Tensor, src: Tensor) -> Result<()>;
     /// `dst *= factor`.
     fn scale(&mut self, dst: Tensor, factor: f32) -> Result<()>;
+    /// `dst += src` (same dtype and length: a reduced gradient shard into the accumulated one).
+    fn add(&mut self, dst: Tensor, src: Tensor) -> Result<()>;
     /// `out = a + b` (the residual connection).
     fn residual_fwd(&mut self, out: Tensor, a: Tensor, b: Tensor) -> Result<()>;
 

@@ -288,6 +288,20 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn add(&mut self, dst: Tensor, src: Tensor) -> Result<()> {
+        let (op, dt, n) = ("add", dst.dtype, dst.len);
+        self.check(op, "src", src, dt, n)?;
+        disjoint(op, &[("dst", dst)], &[("src", src)])?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            let (d, s) = unsafe { (self.slice_mut::<E>(dst), self.slice::<E>(src)) };
+            for (d, s) in d.iter_mut().zip(s) {
+                *d = E::from_f32(d.to_f32() + s.to_f32());
+            }
+        });
+        Ok(())
+    }
+
     fn residual_fwd(&mut self, out: Tensor, a: Tensor, b: Tensor) -> Result<()> {
         let (op, dt, n) = ("residual_fwd", out.dtype, out.len);
         self.check(op, "out", out, dt, n)?;
