@@ -444,7 +444,7 @@ fn check_adamw<B: Backend>(bump: &mut Bump<B>) {
         bias_correction2: 1.0 - 0.95f32.powi(3),
         grad_scale: 0.5,
     };
-    bump.backend.adamw(p, None, m, v, g, h).unwrap();
+    bump.backend.adamw(p, None, m, v, Some(g), h).unwrap();
     let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
     let mut expected = Vec::new();
     for i in 0..n {
@@ -457,6 +457,26 @@ fn check_adamw<B: Backend>(bump: &mut Bump<B>) {
         expected.push(decayed - 0.01 * update);
     }
     assert_close("adamw param", &bump.read(p), &expected, FORWARD_RTOL);
+
+    // Offload's form: the gradient arrives in the buffer that receives the new weights, and
+    // the fp32 master copy is what is updated.
+    let f32s = |values: &[f64]| values.iter().map(|&x| x as f32).collect::<Vec<_>>();
+    let staging = bump.zeros(n, Dtype::F32);
+    let master = bump.zeros(n, Dtype::F32);
+    let (m2, v2) = (bump.zeros(n, Dtype::F32), bump.zeros(n, Dtype::F32));
+    for (t, values) in [(staging, &gv), (master, &pv), (m2, &mv), (v2, &vv)] {
+        bump.backend.write(t, &f32s(values)).unwrap();
+    }
+    bump.backend
+        .adamw(staging, Some(master), m2, v2, None, h)
+        .unwrap();
+    assert_close(
+        "adamw in place",
+        &bump.read(staging),
+        &expected,
+        FORWARD_RTOL,
+    );
+    assert_close("adamw master", &bump.read(master), &expected, FORWARD_RTOL);
 }
 
 #[test]

@@ -50,6 +50,9 @@ pub struct Unit {
     /// Adam moments of the shard.
     pub adam_m: Tensor,
     pub adam_v: Tensor,
+    /// Optimizer offload: the host buffer (the shard, compute dtype) that carries the
+    /// gradients down to the host step and the updated weights back.
+    pub staging: Option<Tensor>,
 }
 
 impl Unit {
@@ -206,6 +209,11 @@ pub fn units(
                 },
                 adam_m,
                 adam_v: get("adam_v", suffix, index)?,
+                staging: if layout.contains(&format!("offload.{suffix}")) {
+                    Some(get("offload", suffix, index)?)
+                } else {
+                    None
+                },
                 layout: unit_layout,
             })
         })

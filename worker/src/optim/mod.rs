@@ -159,14 +159,22 @@ impl Optimizer {
                         bias_correction2: (1.0 - self.hyper.beta2.powi(t)) as f32,
                         grad_scale: (clip / scale) as f32,
                     };
-                    backend.adamw(
-                        unit.params_at(&range),
-                        unit.master.map(|m| unit.state_view(m, &range)),
+                    let (params, grads) = (unit.params_at(&range), unit.grads_at(&range));
+                    let master = unit.master.map(|m| unit.state_view(m, &range));
+                    let (m, v) = (
                         unit.state_view(unit.adam_m, &range),
                         unit.state_view(unit.adam_v, &range),
-                        unit.grads_at(&range),
-                        hyper,
-                    )?;
+                    );
+                    match unit.staging {
+                        // Offload: gradients down to the host, the step there, weights back.
+                        Some(staging) => {
+                            let staged = unit.state_view(staging, &range);
+                            backend.copy(staged, grads)?;
+                            backend.adamw(staged, master, m, v, None, hyper)?;
+                            backend.copy(params, staged)?;
+                        }
+                        None => backend.adamw(params, master, m, v, Some(grads), hyper)?,
+                    }
                 }
             }
         }

@@ -374,14 +374,17 @@ pub trait Backend: Sized {
     /// gradient norm's contribution of one tensor.
     fn sum_squares(&mut self, grads: Tensor, partials: Tensor) -> Result<f64>;
     /// One AdamW step on a flat buffer: updates `master` (f32) when present, else `param`
-    /// (then f32), and the moments `m`, `v` (f32); stores the result in `param`'s dtype.
+    /// (then f32), and the moments `m`, `v` (f32); stores the result in `param`'s dtype. With
+    /// `grad` `None` the gradient is read from `param` itself, which then receives the new
+    /// weights (optimizer offload: one host staging buffer carries the gradient down and the
+    /// weights back up; needs `master`).
     fn adamw(
         &mut self,
         param: Tensor,
         master: Option<Tensor>,
         m: Tensor,
         v: Tensor,
-        grad: Tensor,
+        grad: Option<Tensor>,
         hyper: AdamW,
     ) -> Result<()>;
 }

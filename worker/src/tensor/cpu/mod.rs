@@ -750,26 +750,35 @@ impl Backend for CpuBackend {
         master: Option<Tensor>,
         m: Tensor,
         v: Tensor,
-        grad: Tensor,
+        grad: Option<Tensor>,
         hyper: AdamW,
     ) -> Result<()> {
         let (op, dt, n) = ("adamw", param.dtype, param.len);
         self.check(op, "param", param, dt, n)?;
         self.check(op, "m", m, F32, n)?;
         self.check(op, "v", v, F32, n)?;
-        self.check(op, "grad", grad, dt, n)?;
         let mut outputs = vec![("param", param), ("m", m), ("v", v)];
         if let Some(master) = master {
             self.check(op, "master", master, F32, n)?;
             outputs.push(("master", master));
+        } else if grad.is_none() {
+            return Err(Error::Unsupported {
+                what: "adamw: a gradient read from the parameters needs master weights".into(),
+                help: "this is a bug in tessera; please report it with your config".into(),
+            });
         }
-        disjoint(op, &outputs, &[("grad", grad)])?;
+        let mut inputs = Vec::new();
+        if let Some(grad) = grad {
+            self.check(op, "grad", grad, dt, n)?;
+            inputs.push(("grad", grad));
+        }
+        disjoint(op, &outputs, &inputs)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
             unsafe {
                 ops::adamw::<E>(
                     self.slice_mut(param), master.map(|t| self.slice_mut(t)),
-                    self.slice_mut(m), self.slice_mut(v), self.slice(grad), hyper,
+                    self.slice_mut(m), self.slice_mut(v), grad.map(|g| self.slice(g)), hyper,
                 )
             }
         });

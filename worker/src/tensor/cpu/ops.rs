@@ -427,12 +427,14 @@ pub fn sum_squares<E: Elem>(grads: &[E], partials: &mut [f32]) -> f64 {
 
 /// AdamW (decoupled weight decay, bias-corrected moments) on one tensor. The fp32 `master`
 /// copy is updated when present and rounded into `param`; otherwise `param` itself.
+/// With `grad` `None` the gradient is read from `param` (then `master` is given), element
+/// by element before the new weight overwrites it.
 pub fn adamw<E: Elem>(
     param: &mut [E],
     master: Option<&mut [f32]>,
     m: &mut [f32],
     v: &mut [f32],
-    grad: &[E],
+    grad: Option<&[E]>,
     h: AdamW,
 ) {
     let step = move |p: f32, g: E, m: &mut f32, v: &mut f32| -> f32 {
@@ -447,22 +449,30 @@ pub fn adamw<E: Elem>(
     let chunks = param
         .par_chunks_mut(ELEMENT_BLOCK)
         .zip(m.par_chunks_mut(ELEMENT_BLOCK))
-        .zip(v.par_chunks_mut(ELEMENT_BLOCK))
-        .zip(grad.par_chunks(ELEMENT_BLOCK));
-    match master {
-        Some(master) => chunks.zip(master.par_chunks_mut(ELEMENT_BLOCK)).for_each(
-            |((((param, m), v), grad), master)| {
+        .zip(v.par_chunks_mut(ELEMENT_BLOCK));
+    match (master, grad) {
+        (Some(master), grad) => chunks
+            .zip(master.par_chunks_mut(ELEMENT_BLOCK))
+            .enumerate()
+            .for_each(|(block, (((param, m), v), master))| {
+                let grad = grad.map(|g| &g[block * ELEMENT_BLOCK..][..param.len()]);
                 for i in 0..param.len() {
-                    master[i] = step(master[i], grad[i], &mut m[i], &mut v[i]);
+                    let g = grad.map_or(param[i], |g| g[i]);
+                    master[i] = step(master[i], g, &mut m[i], &mut v[i]);
                     param[i] = E::from_f32(master[i]);
                 }
-            },
-        ),
-        None => chunks.for_each(|(((param, m), v), grad)| {
-            for i in 0..param.len() {
-                param[i] = E::from_f32(step(param[i].to_f32(), grad[i], &mut m[i], &mut v[i]));
-            }
-        }),
+            }),
+        (None, Some(grad)) => {
+            chunks
+                .zip(grad.par_chunks(ELEMENT_BLOCK))
+                .for_each(|(((param, m), v), grad)| {
+                    for i in 0..param.len() {
+                        param[i] =
+                            E::from_f32(step(param[i].to_f32(), grad[i], &mut m[i], &mut v[i]));
+                    }
+                })
+        }
+        (None, None) => unreachable!("invariant: checked by the backend"),
     }
 }
 
