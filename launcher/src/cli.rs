@@ -67,6 +67,11 @@ pub struct RunArgs {
     /// Kernel threads per CPU worker [default: the machine's cores divided among the workers].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+
+    /// Write a Chrome/Perfetto trace per rank to DIR/rank-NNNNN.json: forward, backward, each
+    /// collective (per process group) and the optimizer. Open in ui.perfetto.dev.
+    #[arg(long, value_name = "DIR")]
+    pub trace: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -62,6 +62,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     collective_timeout: Duration::from_secs(cli.run.collective_timeout.max(1)),
                     rendezvous_timeout: Duration::from_secs(cli.run.rendezvous_timeout.max(1)),
                     threads: cli.run.threads,
+                    trace: cli.run.trace.clone(),
                 };
                 return run::run_local(&loaded, &options);
             }

@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub rendezvous_timeout: Duration,
     /// Kernel threads per worker (default: the machine's cores shared among the workers).
     pub threads: Option<usize>,
+    /// Where each worker writes its trace.
+    pub trace: Option<PathBuf>,
 }
 
 /// How long workers get to exit on their own after a failure or a Ctrl-C before SIGKILL.
@@ -136,6 +138,13 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     if options.fresh {
         args.push("--fresh".into());
     }
+    if let Some(dir) = &options.trace {
+        // Absolute, so that it means the same whatever the workers' directory.
+        let dir = std::path::absolute(dir)
+            .with_context(|| format!("cannot resolve --trace {}", dir.display()))?;
+        args.push("--trace".into());
+        args.push(dir.display().to_string());
+    }
     let mut workers = Vec::with_capacity(world);
     let mut outcome = Ok(0);
     let mut measured = vec![None; world];
@@ -188,6 +197,12 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     coordinator.stop(&runtime);
     let steps = outcome?;
     print_memory(&mesh, &planned, &measured);
+    if let Some(dir) = &options.trace {
+        println!(
+            "traces: {}/rank-*.json (open in ui.perfetto.dev or chrome://tracing)",
+            dir.display()
+        );
+    }
     println!(
         "done: {steps} steps on {world} rank{}",
         if world == 1 { "" } else { "s" }

@@ -454,3 +454,64 @@ fn ctrl_c_stops_every_worker_and_exits_130() {
     assert!(text(&out.stderr).contains("interrupted; every worker was stopped"));
     assert!(workers.iter().all(|&pid| !alive(pid)), "no worker survives");
 }
+
+#[test]
+fn trace_holds_every_ranks_forward_backward_collectives_and_optimizer() {
+    let scratch = Scratch::new("trace");
+    let dir = scratch.path("trace");
+    let sets = [
+        "parallel.data=2",
+        "parallel.pipeline=2",
+        "training.steps=2",
+        "checkpoint.every=0",
+    ];
+    let out = output(launch(&scratch, &sets, &["--trace", dir.to_str().unwrap()]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("traces: "),
+        "{}",
+        text(&out.stdout)
+    );
+    // 16 sequences per step in microbatches of 2 over 2 data-parallel ranks: 4 per rank.
+    let microbatches = 2 * 4;
+    for rank in 0..4 {
+        let path = dir.join(format!("rank-{rank:05}.json"));
+        let trace: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).expect("valid JSON");
+        let events = trace["traceEvents"].as_array().expect("traceEvents");
+        let spans = |category: &str| {
+            events
+                .iter()
+                .filter(|e| e["ph"] == "X" && e["cat"] == category)
+                .map(|e| e["name"].as_str().unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(spans("forward").len(), microbatches, "rank {rank}");
+        assert_eq!(spans("backward").len(), microbatches, "rank {rank}");
+        assert_eq!(spans("optimizer").len(), 2, "rank {rank}");
+        assert_eq!(spans("step"), ["step 1", "step 2"], "rank {rank}");
+        let collectives = spans("collective");
+        // Tensor 1: ranks alternate between the two stages.
+        let stage = rank % 2;
+        let (sent, received) = if stage == 0 {
+            ("send", "recv")
+        } else {
+            ("recv", "send")
+        };
+        assert!(
+            collectives.iter().any(|c| c.starts_with(sent))
+                && collectives.iter().any(|c| c.starts_with(received)),
+            "rank {rank}: activations one way, gradients the other: {collectives:?}"
+        );
+        assert!(
+            collectives.iter().any(|c| c.starts_with("reduce_scatter")),
+            "rank {rank}: ZeRO 1's gradient reduction: {collectives:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| e["ph"] == "M" && e["args"]["name"] == "compute"),
+            "rank {rank}: named tracks"
+        );
+    }
+}

@@ -27,6 +27,7 @@ use crate::comm::{Communicator, Group};
 use crate::control::{Control, LaunchEnv};
 use crate::parallel::Comms;
 use crate::tensor::cpu::CpuBackend;
+use crate::trace::{Trace, Traced};
 use crate::train::{self, Rank, RunOptions, StepMetrics};
 
 /// Train one rank of a tessera job.
@@ -72,6 +73,11 @@ struct Cli {
     /// Threads for the CPU kernels (default: every core).
     #[arg(long, env = "TESSERA_THREADS", value_name = "N")]
     threads: Option<usize>,
+
+    /// Write a Chrome/Perfetto trace of the run to DIR/rank-NNNNN.json (forward, backward,
+    /// each collective, optimizer); open it in ui.perfetto.dev or chrome://tracing.
+    #[arg(long, value_name = "DIR")]
+    trace: Option<PathBuf>,
 }
 
 /// Runs the worker with `args` (the program name first) and returns its exit status.
@@ -140,7 +146,8 @@ fn run(cli: &Cli) -> Result<(), (u8, String)> {
     let backend =
         CpuBackend::new(layout.bytes(Place::Device), layout.bytes(Place::Host)).map_err(failure)?;
     let steps = config.training.steps;
-    let rank = Rank::new(config, backend).map_err(failure)?;
+    let mut rank = Rank::new(config, backend).map_err(failure)?;
+    rank.trace = cli.trace.as_ref().map(|_| Trace::new(0));
     println!(
         "arena: {} device + {} host bytes, as planned",
         layout.bytes(Place::Device),
@@ -156,6 +163,7 @@ fn run(cli: &Cli) -> Result<(), (u8, String)> {
         metrics: cli.metrics.clone(),
         until_step: cli.until_step,
         fresh: cli.fresh,
+        trace: cli.trace.clone(),
     };
     train::run(rank, &options, |_, m| {
         println!(
@@ -240,14 +248,18 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let timeout = Duration::from_millis(assignment.collective_timeout_ms.into());
+    let trace = cli.trace.as_ref().map(|_| Trace::new(rank));
     let comms = Comms::connect(
         rank,
         &config,
         assignment.run_id.clone(),
         &mut |group: Group| {
             let addresses: Vec<SocketAddr> = group.ranks.iter().map(|&r| peers[r]).collect();
-            let communicator = endpoint.communicator(group, &addresses, timeout)?;
-            Ok(Box::new(communicator) as Box<dyn Communicator>)
+            let communicator = Box::new(endpoint.communicator(group, &addresses, timeout)?);
+            Ok(match &trace {
+                Some(trace) => Box::new(Traced::new(communicator, trace.clone())),
+                None => communicator as Box<dyn Communicator>,
+            })
         },
     )
     .map_err(runtime_error)?;
@@ -266,7 +278,8 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
     let backend =
         CpuBackend::new(layout.bytes(Place::Device), layout.bytes(Place::Host)).map_err(failure)?;
     let steps = config.training.steps;
-    let rank_state = Rank::in_mesh(config, backend, comms).map_err(failure)?;
+    let mut rank_state = Rank::in_mesh(config, backend, comms).map_err(failure)?;
+    rank_state.trace = trace;
     if rank == 0 && !cli.fresh {
         let dir = std::path::Path::new(&rank_state.config.checkpoint.dir);
         if let Some(path) = crate::checkpoint::latest(dir).map_err(failure)? {
@@ -278,6 +291,7 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
         metrics: None,
         until_step: cli.until_step,
         fresh: cli.fresh,
+        trace: cli.trace.clone(),
     };
     let beat = |m: &StepMetrics, finished: bool| Beat {
         rank: env.rank,

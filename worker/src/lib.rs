@@ -6,8 +6,10 @@
 //! backend; [`optim`] is AdamW with fp32 master weights; [`data`] reads token shards, text or
 //! synthetic tokens; [`checkpoint`] saves and restores a rank atomically; [`train`] runs the
 //! step loop and writes metrics. [`comm`] runs collectives between ranks and [`parallel`]
-//! uses them for data parallelism with ZeRO; [`control`] talks to the launcher's coordinator
-//! and [`cli`] is the `tessera-worker` command. The model never reads the mesh.
+//! uses them for data parallelism with ZeRO, tensor and pipeline parallelism; [`trace`]
+//! records a Chrome/Perfetto trace of a rank; [`control`] talks to the launcher's coordinator
+//! and [`cli`] is the `tessera-worker` command. The model never reads the mesh: it computes at
+//! its rank's widths and calls `parallel::tensor` where the math crosses ranks.
 
 pub mod arena;
 pub mod checkpoint;
@@ -20,6 +22,7 @@ pub mod model;
 pub mod optim;
 pub mod parallel;
 pub mod tensor;
+pub mod trace;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -23,6 +23,7 @@ use crate::parallel::Comms;
 use crate::parallel::data::{DataParallel, sum_over_group};
 use crate::parallel::pipeline::Slots;
 use crate::tensor::{Backend, Tensor};
+use crate::trace::{self, Trace};
 
 /// What one optimizer step reports (one line of `--metrics`).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -58,6 +59,8 @@ pub struct Rank<B: Backend> {
     slots: Slots,
     /// Steps completed so far (the next step to run is `step`).
     pub step: u64,
+    /// Where spans go under `--trace`.
+    pub trace: Option<Trace>,
     /// Host staging for one microbatch's token ids and targets.
     inputs: Vec<i32>,
     targets: Vec<i32>,
@@ -139,6 +142,7 @@ impl<B: Backend> Rank<B> {
             comms,
             backend,
             step: 0,
+            trace: None,
             inputs: vec![0; tokens],
             targets: vec![0; tokens],
             config,
@@ -209,6 +213,7 @@ impl<B: Backend> Rank<B> {
                         chunk,
                         self.model.chunk_input(slot),
                     )?;
+                    let started = Instant::now();
                     if embeds || head {
                         fill(microbatch, &mut self.inputs, &mut self.targets)?;
                     }
@@ -229,6 +234,11 @@ impl<B: Backend> Rank<B> {
                         self.backend.write_i32(targets, &self.targets)?;
                         loss += self.head(io, dloss, Some(i) == last_forward)?;
                     }
+                    self.span(
+                        || format!("forward {microbatch}.{chunk}"),
+                        "forward",
+                        started,
+                    );
                     self.comms.pipeline.send_output(
                         &self.backend,
                         chunk,
@@ -237,7 +247,8 @@ impl<B: Backend> Rank<B> {
                 }
                 Op::Backward { microbatch, chunk } => {
                     let (slot, io) = self.slots.give_back(microbatch, chunk);
-                    self.backward(chunk, slot, io, self.last_backward[chunk] == Some(i))?;
+                    let last = self.last_backward[chunk] == Some(i);
+                    self.backward(microbatch, chunk, slot, io, last)?;
                 }
             }
         }
@@ -249,6 +260,13 @@ impl<B: Backend> Rank<B> {
             0.0
         };
         sum_over_group(self.comms.world.as_mut(), local)
+    }
+
+    /// Records a span of the rank's compute under `--trace`.
+    fn span(&self, name: impl FnOnce() -> String, category: &'static str, start: Instant) {
+        if let Some(trace) = &self.trace {
+            trace.record(name(), category, trace::COMPUTE, start);
+        }
     }
 
     /// The index in `units` of the `layer`-th layer of `chunk`.
@@ -323,14 +341,22 @@ impl<B: Backend> Rank<B> {
         Ok(loss)
     }
 
-    /// Backward of `chunk` for the microbatch in (`slot`, `io`). When it is the chunk's last
+    /// Backward of `chunk` for `microbatch`, whose buffers are (`slot`, `io`). When it is the chunk's last
     /// backward of the step, each layer's gradients start their data-parallel reduction as
     /// soon as they are final, while the layers below compute.
-    fn backward(&mut self, chunk: usize, slot: usize, io: usize, last: bool) -> Result<()> {
+    fn backward(
+        &mut self,
+        microbatch: usize,
+        chunk: usize,
+        slot: usize,
+        io: usize,
+        last: bool,
+    ) -> Result<()> {
         let dresid = self.model.dresid();
         self.comms
             .pipeline
             .receive_gradient(&self.backend, chunk, dresid)?;
+        let started = Instant::now();
         self.model.backward_begin(&mut self.backend, chunk, io)?;
         for layer in (0..self.model.layers_per_chunk()).rev() {
             let index = self.layer_unit(chunk, layer);
@@ -346,6 +372,11 @@ impl<B: Backend> Rank<B> {
                 .backward_end(&mut self.backend, &mut self.comms.tp, chunk, io)?;
             self.grads_done(0, grads, last && !self.tied_to_embedding(0))?;
         }
+        self.span(
+            || format!("backward {microbatch}.{chunk}"),
+            "backward",
+            started,
+        );
         self.comms
             .pipeline
             .send_gradient(&self.backend, chunk, dresid)
@@ -446,6 +477,7 @@ impl<B: Backend> Rank<B> {
             });
         }
         self.data_parallel.finish(&mut self.backend)?;
+        let optimizer = Instant::now();
         let counted: Vec<Vec<bool>> = self
             .units
             .iter()
@@ -469,7 +501,9 @@ impl<B: Backend> Rank<B> {
             .step(&mut self.backend, &self.units, self.step, norm)?;
         self.data_parallel
             .gather_params(self.comms.dp.as_mut(), &mut self.backend, &self.units)?;
+        self.span(|| "optimizer".into(), "optimizer", optimizer);
         self.step += 1;
+        self.span(|| format!("step {}", self.step), "step", start);
         let seconds = start.elapsed().as_secs_f64();
         let tokens = self.config.tokens_per_step() as f64;
         Ok(StepMetrics {
@@ -493,6 +527,8 @@ pub struct RunOptions {
     pub until_step: Option<u64>,
     /// Start from scratch even when `checkpoint.dir` has a checkpoint.
     pub fresh: bool,
+    /// Write the rank's trace (`Rank::trace`) into this directory when the run ends.
+    pub trace: Option<PathBuf>,
 }
 
 /// What a run did.
@@ -508,6 +544,22 @@ pub struct Summary {
 /// and calls `on_step` after each step.
 pub fn run<B: Backend>(
     mut rank: Rank<B>,
+    options: &RunOptions,
+    on_step: impl FnMut(&Rank<B>, &StepMetrics),
+) -> Result<Summary> {
+    let result = run_steps(&mut rank, options, on_step);
+    // The trace is written even when the run failed: that is when it is wanted most.
+    if let (Some(trace), Some(dir)) = (&rank.trace, &options.trace) {
+        let written = trace.write(dir);
+        if result.is_ok() {
+            written?;
+        }
+    }
+    result
+}
+
+fn run_steps<B: Backend>(
+    rank: &mut Rank<B>,
     options: &RunOptions,
     mut on_step: impl FnMut(&Rank<B>, &StepMetrics),
 ) -> Result<Summary> {
@@ -576,7 +628,7 @@ pub fn run<B: Backend>(
                 checkpoint::prune(&dir, config.checkpoint.keep)?;
             }
         }
-        on_step(&rank, &metrics);
+        on_step(rank, &metrics);
         all.push(metrics);
     }
     Ok(Summary {

@@ -87,7 +87,11 @@ fn assert_matches(rank: &Rank<CpuBackend>, fixture: &SafeTensors, prefix: &str, 
         for placed in &unit.layout.params {
             let full = unit.param_name(placed.spec.name);
             let expected = tensor(fixture, &format!("{prefix}.{full}"));
-            let buffer = if grads { unit.flat_grads } else { unit.flat_params };
+            let buffer = if grads {
+                unit.flat_grads
+            } else {
+                unit.flat_params
+            };
             let mut ours = vec![0.0; placed.numel() as usize];
             rank.backend
                 .read(unit.view(buffer, placed.spec.name), &mut ours)

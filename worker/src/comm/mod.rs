@@ -235,6 +235,8 @@ fn silent_ranks(silent: &[usize]) -> String {
 #[must_use = "a collective's result is only known after wait()"]
 pub struct Work {
     state: WorkState,
+    /// Run once when the collective is known to have finished (tracing).
+    on_complete: Option<Box<dyn FnOnce() + Send>>,
 }
 
 enum WorkState {
@@ -247,6 +249,7 @@ impl Work {
     pub fn done(result: Result<(), CommError>) -> Work {
         Work {
             state: WorkState::Done(Some(result)),
+            on_complete: None,
         }
     }
 
@@ -255,7 +258,14 @@ impl Work {
     pub fn pending(receiver: mpsc::Receiver<Result<(), CommError>>) -> Work {
         Work {
             state: WorkState::Pending(receiver),
+            on_complete: None,
         }
+    }
+
+    /// Runs `f` once the collective has finished and been waited for (or found done).
+    pub fn on_complete(mut self, f: impl FnOnce() + Send + 'static) -> Work {
+        self.on_complete = Some(Box::new(f));
+        self
     }
 
     /// Whether the collective has finished (successfully or not); never blocks.
@@ -283,6 +293,9 @@ impl Work {
             WorkState::Done(result) => result.take().unwrap_or(Ok(())),
         };
         self.state = WorkState::Done(None);
+        if let Some(f) = self.on_complete.take() {
+            f();
+        }
         result
     }
 }
