@@ -2,21 +2,22 @@
 # Pipeline bubble: trains an 8-layer tiny GPT on P CPU workers (pipeline P, no other
 # parallelism) with M microbatches per step under 1F1B and under interleaved 1F1B with 2 model
 # chunks per stage, records a trace of each run (`launch --trace`) and prints each stage's
-# measured idle fraction (outside the optimizer) next to the schedule's bubble: (P-1)/(M+P-1) for 1F1B and
-# (P-1)/(2M+P-1) interleaved. With --record writes bench/results/<date>-pipeline-bubble.md.
+# measured idle fraction (outside the optimizer) next to the schedule's bubble: (P-1)/(M+P-1)
+# for 1F1B, (P-1)/(2M+P-1) interleaved. With --record writes
+# bench/results/<date>-pipeline-bubble-p<P>.md.
 #
-#   bench/pipeline/run.sh [--record]        (P=4, M=8, STEPS=6 by default: P=2 M=4 STEPS=... env)
+#   [P=2] [M=8] [STEPS=6] bench/pipeline/run.sh [--record]   (one worker process per stage)
 set -euo pipefail
 
 cd -- "$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)/../.."
-P=${P:-4}
+P=${P:-2}
 M=${M:-8}
 STEPS=${STEPS:-6}
 RECORD=""
 for arg in "$@"; do
   case "$arg" in
     --record) RECORD=1 ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg (the only flag is --record)" >&2; exit 2 ;;
   esac
 done
@@ -47,12 +48,12 @@ TABLE=$(
 echo "P=$P stages, M=$M microbatches, $STEPS steps (the first not counted)"
 echo "$TABLE"
 if [ -n "$RECORD" ]; then
-  FILE="bench/results/$(date +%F)-pipeline-bubble.md"
+  FILE="bench/results/$(date +%F)-pipeline-bubble-p$P.md"
   {
     echo "# Pipeline bubble: measured idle fraction per stage ($(date +%F))"
     echo
     echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs). Release build."
-    echo "Command: bench/pipeline/run.sh --record (P=$P stages, M=$M microbatches, $STEPS steps, the first not counted)."
+    echo "Command: P=$P M=$M STEPS=$STEPS bench/pipeline/run.sh --record ($P stages, $M microbatches, $STEPS steps, the first not counted; one worker thread per stage)."
     echo "Idle = 1 - (forward + backward time) / (step time less the optimizer) in each rank's trace (\`launch --trace\`)."
     echo
     echo "$TABLE"
