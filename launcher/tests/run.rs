@@ -70,8 +70,8 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// (step, loss) of each line of a metrics file.
-fn losses(metrics: &Path) -> Vec<(u64, f64)> {
+/// (step, `key`) of each line of a metrics file.
+fn metric(metrics: &Path, key: &str) -> Vec<(u64, f64)> {
     std::fs::read_to_string(metrics)
         .unwrap_or_default()
         .lines()
@@ -79,25 +79,16 @@ fn losses(metrics: &Path) -> Vec<(u64, f64)> {
             let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
             (
                 value["step"].as_u64().expect("step"),
-                value["loss"].as_f64().expect("loss"),
+                value[key]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{key} in {line}")),
             )
         })
         .collect()
 }
 
-/// (step, grad_norm) of each line of a metrics file.
-fn grad_norms(metrics: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(metrics)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| {
-            let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
-            (
-                value["step"].as_u64().expect("step"),
-                value["grad_norm"].as_f64().expect("grad_norm"),
-            )
-        })
-        .collect()
+fn losses(metrics: &Path) -> Vec<(u64, f64)> {
+    metric(metrics, "loss")
 }
 
 fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], tolerance: f64) {
@@ -323,7 +314,7 @@ fn trains_like_one_process(layouts: &[Layout]) {
             );
         }
         let metrics = scratch.path("metrics.jsonl");
-        (losses(&metrics), grad_norms(&metrics))
+        (losses(&metrics), metric(&metrics, "grad_norm"))
     };
     let (loss, norm) = run("matrix-reference", &MESHES[0]);
     assert_eq!(loss.len(), 3);

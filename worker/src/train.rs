@@ -224,8 +224,12 @@ impl<B: Backend> Rank<B> {
                         self.model
                             .embed(&mut self.backend, &mut self.comms.tp, slot, io)?;
                     }
-                    for layer in 0..self.model.layers_per_chunk() {
+                    let layers = self.model.layers_per_chunk();
+                    for layer in 0..layers {
                         self.use_params(self.layer_unit(chunk, layer))?;
+                        if layer + 1 < layers {
+                            self.prefetch_params(self.layer_unit(chunk, layer + 1))?;
+                        }
                         let (model, tp) = (&self.model, &mut self.comms.tp);
                         model.forward_layer(&mut self.backend, tp, chunk, slot, layer)?;
                     }
@@ -290,6 +294,14 @@ impl<B: Backend> Rank<B> {
         self.model
             .point_params(unit, self.layer_position(index), params);
         Ok(())
+    }
+
+    /// Under ZeRO 3, starts gathering unit `index`'s parameters while the current unit
+    /// computes.
+    fn prefetch_params(&mut self, index: usize) -> Result<()> {
+        let unit = &self.units[index];
+        self.data_parallel
+            .prefetch(self.comms.dp.as_mut(), &self.backend, unit)
     }
 
     /// Points the model at where unit `index`'s next gradients accumulate; returns it.
@@ -361,6 +373,9 @@ impl<B: Backend> Rank<B> {
         for layer in (0..self.model.layers_per_chunk()).rev() {
             let index = self.layer_unit(chunk, layer);
             self.use_params(index)?;
+            if layer > 0 {
+                self.prefetch_params(self.layer_unit(chunk, layer - 1))?;
+            }
             let grads = self.use_grads(index)?;
             self.model
                 .backward_layer(&mut self.backend, &mut self.comms.tp, chunk, slot, layer)?;

@@ -36,6 +36,8 @@ pub struct DataParallel {
     /// ZeRO 3: the parameter gather buffers, used in turn.
     gathers: Vec<Tensor>,
     next_gather: usize,
+    /// ZeRO 3: a gather started ahead of use: (unit's flat parameters, buffer, transfer).
+    prefetched: Option<(Tensor, Tensor, Work)>,
 }
 
 /// A bucket's reduce-scatter in flight: when done, `reduced` (the rank's chunk of the bucket)
@@ -64,6 +66,7 @@ impl DataParallel {
             next_bucket: 0,
             gathers: copies("zero.param_gather")?,
             next_gather: 0,
+            prefetched: None,
         })
     }
 
@@ -151,8 +154,11 @@ impl DataParallel {
         Ok(())
     }
 
-    /// Waits for every reduction started this step.
+    /// Waits for every reduction (and gather) started this step.
     pub fn finish<B: Backend>(&mut self, backend: &mut B) -> Result<()> {
+        if let Some((_, _, work)) = self.prefetched.take() {
+            work.wait()?;
+        }
         let mut first = Ok(());
         for work in self.pending.drain(..) {
             let result = work.wait();
@@ -168,7 +174,8 @@ impl DataParallel {
     }
 
     /// Where the model reads `unit`'s parameters for its next use: the unit's own, or under
-    /// ZeRO 3 the next gather buffer, all-gathered from every rank's shard now.
+    /// ZeRO 3 a gather buffer holding them all-gathered from every rank's shard (by
+    /// [`Self::prefetch`] ahead of time, or now).
     pub fn params_for<B: Backend>(
         &mut self,
         comm: &mut dyn Communicator,
@@ -178,6 +185,40 @@ impl DataParallel {
         if let Some(params) = unit.params() {
             return Ok(params);
         }
+        if let Some((shard, gathered, work)) = self.prefetched.take() {
+            work.wait()?;
+            if shard == unit.flat_params {
+                return Ok(gathered);
+            }
+        }
+        let (gathered, work) = self.start_gather(comm, backend, unit)?;
+        work.wait()?;
+        Ok(gathered)
+    }
+
+    /// Under ZeRO 3, starts all-gathering `unit`'s parameters into the next gather buffer, so
+    /// that they are there when [`Self::params_for`] asks next; the unit in use keeps its
+    /// buffer (there are two).
+    pub fn prefetch<B: Backend>(
+        &mut self,
+        comm: &mut dyn Communicator,
+        backend: &B,
+        unit: &Unit,
+    ) -> Result<()> {
+        if unit.params().is_some() || self.prefetched.is_some() {
+            return Ok(());
+        }
+        let (gathered, work) = self.start_gather(comm, backend, unit)?;
+        self.prefetched = Some((unit.flat_params, gathered, work));
+        Ok(())
+    }
+
+    fn start_gather<B: Backend>(
+        &mut self,
+        comm: &mut dyn Communicator,
+        backend: &B,
+        unit: &Unit,
+    ) -> Result<(Tensor, Work)> {
         let k = self.next_gather;
         self.next_gather = (k + 1) % self.gathers.len();
         let size = comm.group().size();
@@ -186,9 +227,10 @@ impl DataParallel {
             backend.comm_buf(unit.flat_params),
             backend.comm_buf(gathered),
         );
-        // SAFETY: both are arena ranges no kernel touches during this blocking call.
-        unsafe { comm.run(Collective::AllGather { input, output }) }?;
-        Ok(gathered)
+        // SAFETY: both are arena ranges: the shard is not written before the optimizer, which
+        // runs after `finish`, and the buffer is not read until `params_for` has waited.
+        let work = unsafe { comm.start(Collective::AllGather { input, output }) }?;
+        Ok((gathered, work))
     }
 
     /// ZeRO 2 and 3: the whole gradients of `unit`, gathered from every rank's shard into a

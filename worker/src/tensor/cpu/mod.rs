@@ -617,17 +617,13 @@ impl Backend for CpuBackend {
         dims: Dims,
     ) -> Result<()> {
         let op = "crossentropy_fwd_bwd";
-        let rows = losses.len;
         if dims.vocab_start != 0 || dims.vp < dims.v {
             return Err(Error::Unsupported {
                 what: format!("{op}: the logits hold a shard of the vocabulary"),
                 help: "use crossentropy_max, crossentropy_sumexp and crossentropy_finish".into(),
             });
         }
-        self.check(op, "logits", logits, logits.dtype, rows * dims.vp)?;
-        self.check(op, "max", max, F32, rows)?;
-        self.check(op, "sumexp", sumexp, F32, rows)?;
-        self.check(op, "targets", targets, Dtype::I32, rows)?;
+        self.check_crossentropy(op, logits, losses, max, sumexp, targets, dims)?;
         disjoint(
             op,
             &[
@@ -674,12 +670,7 @@ impl Backend for CpuBackend {
         dims: Dims,
     ) -> Result<()> {
         let op = "crossentropy_sumexp";
-        let rows = losses.len;
-        self.check(op, "logits", logits, logits.dtype, rows * dims.vp)?;
-        self.check(op, "losses", losses, F32, rows)?;
-        self.check(op, "max", max, F32, rows)?;
-        self.check(op, "sumexp", sumexp, F32, rows)?;
-        self.check(op, "targets", targets, Dtype::I32, rows)?;
+        self.check_crossentropy(op, logits, losses, max, sumexp, targets, dims)?;
         disjoint(
             op,
             &[("losses", losses), ("sumexp", sumexp)],
@@ -709,12 +700,7 @@ impl Backend for CpuBackend {
         dims: Dims,
     ) -> Result<()> {
         let op = "crossentropy_finish";
-        let rows = losses.len;
-        self.check(op, "logits", logits, logits.dtype, rows * dims.vp)?;
-        self.check(op, "losses", losses, F32, rows)?;
-        self.check(op, "max", max, F32, rows)?;
-        self.check(op, "sumexp", sumexp, F32, rows)?;
-        self.check(op, "targets", targets, Dtype::I32, rows)?;
+        self.check_crossentropy(op, logits, losses, max, sumexp, targets, dims)?;
         disjoint(
             op,
             &[("logits", logits), ("losses", losses)],
@@ -787,6 +773,26 @@ impl Backend for CpuBackend {
 }
 
 impl CpuBackend {
+    /// Checks the buffers of a cross-entropy over one chunk of `losses.len` rows.
+    #[allow(clippy::too_many_arguments)]
+    fn check_crossentropy(
+        &self,
+        op: &'static str,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dims: Dims,
+    ) -> Result<()> {
+        let rows = losses.len;
+        self.check(op, "logits", logits, logits.dtype, rows * dims.vp)?;
+        self.check(op, "losses", losses, F32, rows)?;
+        self.check(op, "max", max, F32, rows)?;
+        self.check(op, "sumexp", sumexp, F32, rows)?;
+        self.check(op, "targets", targets, Dtype::I32, rows)
+    }
+
     /// The token ids of an i32 tensor, checked to be below `limit` (a corrupt id would index
     /// out of the embedding).
     fn tokens(&self, op: &'static str, t: Tensor, limit: usize) -> Result<&[i32]> {
