@@ -84,6 +84,28 @@ pub enum Command {
     /// config's headroom; predicts each one's step time (see `plan::search` for the model).
     /// Exit status 3 when nothing fits.
     Search(SearchArgs),
+
+    /// Write a checkpoint's model as one safetensors file of global f32 tensors.
+    ///
+    /// Reassembles the weights the ranks of a run saved (tensor shards, pipeline stages,
+    /// ZeRO 3 shards) into the tensors one process holds, named `wte`, `wpe`,
+    /// `layers.N.qkv_w`, ..., `lnf_w`, `lnf_b` (GPT-2's layout, PyTorch's (out, in) weights),
+    /// without the vocabulary's padding rows. Give the config (and --set) the run used.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+
+    /// The checkpoint directory (step-NNNNNNNN) [default: the newest in checkpoint.dir].
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
+
+    /// The safetensors file to write.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 /// The job: its config and overrides.

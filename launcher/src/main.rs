@@ -25,6 +25,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use tessera_plan::memory::MemoryPlan;
+use tessera_worker::checkpoint;
 
 use cli::{Cli, Command, Format};
 use exit::Failure;
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Some(Command::Search(args)) => search::run(&args),
+        Some(Command::Export(args)) => export(&args),
         None => {
             let loaded = config_file::load(cli.job.config.as_deref(), &cli.job.sets)?;
             for warning in &loaded.config.warnings {
@@ -69,6 +71,36 @@ fn run(cli: Cli) -> Result<(), Failure> {
             dry_run(&loaded, &cli.report)
         }
     }
+}
+
+fn export(args: &cli::ExportArgs) -> Result<(), Failure> {
+    let loaded = config_file::load(args.job.config.as_deref(), &args.job.sets)?;
+    let config = &loaded.config;
+    let checkpoint = match &args.checkpoint {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = std::path::Path::new(&config.checkpoint.dir);
+            checkpoint::latest(dir)
+                .map_err(|e| Failure::usage(e.to_string()))?
+                .ok_or_else(|| {
+                    Failure::usage(format!(
+                        "no checkpoint in {} (checkpoint.dir); pass --checkpoint DIR",
+                        dir.display()
+                    ))
+                })?
+        }
+    };
+    let model = checkpoint::export::consolidate(&checkpoint, config)
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    checkpoint::export::write(&model, &args.out).map_err(|e| Failure::Runtime(e.into()))?;
+    let elements: usize = model.values().map(|t| t.values.len()).sum();
+    println!(
+        "wrote {}: {} tensors, {elements} parameters, from {}",
+        args.out.display(),
+        model.len(),
+        checkpoint.display()
+    );
+    Ok(())
 }
 
 fn dry_run(loaded: &config_file::Loaded, report: &cli::ReportArgs) -> Result<(), Failure> {

@@ -289,10 +289,45 @@ const MESHES: [Layout; 6] = [
     Layout::mesh(2, 2, 2, 1),
 ];
 
+/// The model of `scratch`'s newest checkpoint as global tensors, through `launch export`.
+fn exported(scratch: &Scratch, sets: &[&str]) -> Vec<(String, Vec<f32>)> {
+    let out = scratch.path("model.safetensors");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_launch"));
+    command
+        .current_dir(repo())
+        .args(["export", "--config", "configs/tiny-cpu.yaml", "--out"])
+        .arg(&out)
+        .arg("--set")
+        .arg(format!("checkpoint.dir={}", scratch.path("ckpt").display()));
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    let result = output(command);
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    let bytes = std::fs::read(&out).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<f32>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, values)
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
 /// Trains each layout for 3 steps of an 8-layer tiny GPT (so that 4 stages x 2 chunks divide
-/// it) and checks every step's loss and gradient norm against one process.
+/// it) and checks every step's loss and gradient norm against one process, the final weights
+/// (exported from each run's checkpoint) to 1e-4, and that every rank allocated what the
+/// dry-run planned.
 fn trains_like_one_process(layouts: &[Layout]) {
-    let common = ["model.layers=8", "training.steps=3", "checkpoint.every=0"];
+    let common = ["model.layers=8", "training.steps=3", "checkpoint.every=3"];
     let run = |name: &str, layout: &Layout| {
         let scratch = Scratch::new(name);
         let sets: Vec<String> = common
@@ -303,7 +338,6 @@ fn trains_like_one_process(layouts: &[Layout]) {
         let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
         let out = output(launch(&scratch, &sets, &[]));
         assert!(out.status.success(), "{layout:?}: {}", text(&out.stderr));
-        // Every rank allocated what the dry-run planned for its stage.
         let stdout = text(&out.stdout);
         for stage in 0..layout.pipeline {
             assert!(
@@ -314,15 +348,32 @@ fn trains_like_one_process(layouts: &[Layout]) {
             );
         }
         let metrics = scratch.path("metrics.jsonl");
-        (losses(&metrics), metric(&metrics, "grad_norm"))
+        let mut all_sets = vec!["parallel.tensor=1", "parallel.pipeline=1"];
+        all_sets.extend(&sets);
+        let weights = exported(&scratch, &all_sets);
+        (losses(&metrics), metric(&metrics, "grad_norm"), weights)
     };
-    let (loss, norm) = run("matrix-reference", &MESHES[0]);
+    let (loss, norm, weights) = run("matrix-reference", &MESHES[0]);
     assert_eq!(loss.len(), 3);
     for (i, layout) in layouts.iter().enumerate() {
-        let (got_loss, got_norm) = run(&format!("matrix-{i}"), layout);
-        eprintln!("{layout:?}: losses {got_loss:?}");
+        let (got_loss, got_norm, got_weights) = run(&format!("matrix-{i}"), layout);
         assert_close(&got_loss, &loss, MESH_TOLERANCE);
         assert_close(&got_norm, &norm, MESH_TOLERANCE);
+        assert_eq!(
+            got_weights.len(),
+            weights.len(),
+            "{layout:?}: the same tensors"
+        );
+        for ((name, got), (expected_name, expected)) in got_weights.iter().zip(&weights) {
+            assert_eq!(name, expected_name);
+            assert_eq!(got.len(), expected.len(), "{layout:?}: {name}");
+            let worst = got
+                .iter()
+                .zip(expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst <= 1e-4, "{layout:?}: {name} differs by {worst}");
+        }
     }
 }
 
@@ -505,4 +556,22 @@ fn trace_holds_every_ranks_forward_backward_collectives_and_optimizer() {
             "rank {rank}: named tracks"
         );
     }
+}
+
+#[test]
+fn export_without_a_checkpoint_says_where_it_looked() {
+    let scratch = Scratch::new("export-none");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_launch"));
+    command
+        .current_dir(repo())
+        .args(["export", "--config", "configs/tiny-cpu.yaml", "--out"])
+        .arg(scratch.path("model.safetensors"))
+        .arg("--set")
+        .arg(format!("checkpoint.dir={}", scratch.path("ckpt").display()));
+    let out = output(command);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no checkpoint in"), "{stderr}");
+    assert!(stderr.contains("--checkpoint DIR"), "{stderr}");
+    assert!(!scratch.path("model.safetensors").exists());
 }

@@ -11,6 +11,8 @@
 //! function of (seed, step) and there is no other random state, so the losses that follow
 //! are bit-identical to an uninterrupted run.
 
+pub mod export;
+
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write as _;
@@ -30,7 +32,7 @@ use crate::optim::LossScale;
 use crate::parallel::Comms;
 use crate::tensor::{Backend, Tensor};
 
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 const MANIFEST: &str = "manifest.json";
 const PREFIX: &str = "step-";
 const PARTIAL: &str = ".partial-";
@@ -64,6 +66,9 @@ pub struct RunIdentity {
     pub global_batch: usize,
     pub seed: u64,
     pub mesh: [usize; 3],
+    /// ZeRO stage and model chunks per pipeline stage: how the files shard the model.
+    pub zero: usize,
+    pub virtual_stages: usize,
 }
 
 impl RunIdentity {
@@ -82,6 +87,8 @@ impl RunIdentity {
             global_batch: config.training.global_batch,
             seed: config.training.seed,
             mesh: [p.data, p.tensor, p.pipeline],
+            zero: p.zero.stage().into(),
+            virtual_stages: p.virtual_stages,
         }
     }
 }
@@ -345,6 +352,48 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(Error::io(dir))
 }
 
+/// The manifest of the checkpoint in `path`, checked to be one `config` can read.
+pub fn read_manifest(path: &Path, config: &Config) -> Result<Manifest> {
+    let bad = |what: String, help: &str| Error::Checkpoint {
+        path: path.to_path_buf(),
+        what,
+        help: help.into(),
+    };
+    let manifest_path = path.join(MANIFEST);
+    let text = fs::read(&manifest_path).map_err(Error::io(&manifest_path))?;
+    let not_ours = |e: serde_json::Error| {
+        bad(
+            format!("{MANIFEST} is not a tessera manifest: {e}"),
+            "remove this directory or point checkpoint.dir elsewhere",
+        )
+    };
+    // The format first: an older manifest lacks fields this build reads.
+    #[derive(Deserialize)]
+    struct Format {
+        format: u32,
+    }
+    let format: Format = serde_json::from_slice(&text).map_err(not_ours)?;
+    if format.format != FORMAT {
+        return Err(bad(
+            format!("format {} (this build reads {FORMAT})", format.format),
+            "resume with the tessera version that wrote it, or start afresh with --fresh",
+        ));
+    }
+    let manifest: Manifest = serde_json::from_slice(&text).map_err(not_ours)?;
+    let expected = RunIdentity::of(config);
+    if manifest.run != expected {
+        return Err(bad(
+            format!(
+                "it was written by a different run: {} but the config has {}",
+                describe(&manifest.run),
+                describe(&expected)
+            ),
+            "point checkpoint.dir at a new directory to start fresh, or restore the config that wrote it",
+        ));
+    }
+    Ok(manifest)
+}
+
 /// Restores the checkpoint in `path` into the arena; returns its manifest.
 pub fn load<B: Backend>(
     path: &Path,
@@ -358,31 +407,7 @@ pub fn load<B: Backend>(
         what,
         help: help.into(),
     };
-    let manifest_path = path.join(MANIFEST);
-    let text = fs::read(&manifest_path).map_err(Error::io(&manifest_path))?;
-    let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| {
-        bad(
-            format!("{MANIFEST} is not a tessera manifest: {e}"),
-            "remove this directory or point checkpoint.dir elsewhere",
-        )
-    })?;
-    if manifest.format != FORMAT {
-        return Err(bad(
-            format!("format {} (this build reads {FORMAT})", manifest.format),
-            "resume with the tessera version that wrote it",
-        ));
-    }
-    let expected = RunIdentity::of(config);
-    if manifest.run != expected {
-        return Err(bad(
-            format!(
-                "it was written by a different run: {} but the config has {}",
-                describe(&manifest.run),
-                describe(&expected)
-            ),
-            "point checkpoint.dir at a new directory to start fresh, or restore the config that wrote it",
-        ));
-    }
+    let manifest = read_manifest(path, config)?;
     // Parameters (and unsharded states) come from the file of the first rank of this rank's
     // data-parallel group, sharded states from this rank's own.
     let leader = comms.dp.group().ranks[0];
@@ -437,7 +462,7 @@ fn read_file(path: &Path, rank: usize, bad: &impl Fn(String, &str) -> Error) -> 
 
 fn describe(run: &RunIdentity) -> String {
     format!(
-        "{} layers x {} hidden, {} heads, vocab {}, seq {}, ffn {}, {}, global batch {}, seed {}, mesh {:?}",
+        "{} layers x {} hidden, {} heads, vocab {}, seq {}, ffn {}, {}, global batch {}, seed {}, mesh {:?}, zero {}, virtual stages {}",
         run.layers,
         run.hidden,
         run.heads,
@@ -447,7 +472,9 @@ fn describe(run: &RunIdentity) -> String {
         run.precision,
         run.global_batch,
         run.seed,
-        run.mesh
+        run.mesh,
+        run.zero,
+        run.virtual_stages
     )
 }
 

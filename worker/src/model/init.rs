@@ -52,6 +52,25 @@ pub fn initial_values(
         .collect()
 }
 
+/// Where element `i` (row-major) of `placed`, the shard of tensor-parallel rank `tp_rank`,
+/// sits in the global tensor: its row-major index there.
+pub fn global_index(placed: &Placed, shape: &ModelShape, tp_rank: usize, i: usize) -> usize {
+    let global = shape.global_shape(&placed.spec);
+    let local_cols = placed.local_shape.get(1).copied().unwrap_or(1);
+    let global_cols = global.get(1).copied().unwrap_or(1);
+    let (row, col) = (i / local_cols, i % local_cols);
+    let (grow, gcol) = global_position(
+        placed.spec.split,
+        row,
+        col,
+        global[0],
+        global_cols,
+        shape.tp,
+        tp_rank,
+    );
+    grow * global_cols + gcol
+}
+
 /// Where local element `(row, col)` of a shard sits in the global tensor.
 fn global_position(
     split: Split,

@@ -138,18 +138,14 @@ impl Unit {
     }
 }
 
-/// The units of this rank in storage order: embedding (first stage), the stage's layers, head
-/// (last stage). `dp_rank` picks the ZeRO shard.
-pub fn units(
-    layout: &ArenaLayout,
+/// The units of pipeline stage `stage` in storage order: (kind, the suffix of its plan
+/// regions, its global layer, its index among the stage's units of that kind).
+pub fn stage_units(
     config: &Config,
     stage: &StagePlan,
-    dp_rank: usize,
-) -> Result<Vec<Unit>> {
-    let shape = ModelShape::new(&config.model, config.parallel.tensor);
+) -> Vec<(UnitKind, &'static str, Option<usize>, usize)> {
     let p = config.parallel.pipeline;
-    let dp = config.parallel.data;
-    let mut kinds: Vec<(UnitKind, &str, Option<usize>, usize)> = Vec::new();
+    let mut kinds = Vec::new();
     if stage.pp_rank == 0 {
         kinds.push((UnitKind::Embedding, "embedding", None, 0));
     }
@@ -160,6 +156,20 @@ pub fn units(
     if stage.pp_rank == p - 1 {
         kinds.push((UnitKind::Head { tied_copy: p > 1 }, "head", None, 0));
     }
+    kinds
+}
+
+/// The units of this rank in storage order: embedding (first stage), the stage's layers, head
+/// (last stage). `dp_rank` picks the ZeRO shard.
+pub fn units(
+    layout: &ArenaLayout,
+    config: &Config,
+    stage: &StagePlan,
+    dp_rank: usize,
+) -> Result<Vec<Unit>> {
+    let shape = ModelShape::new(&config.model, config.parallel.tensor);
+    let dp = config.parallel.data;
+    let kinds = stage_units(config, stage);
     let get = |state: &str, suffix: &str, index: usize| -> Result<Tensor> {
         let region = layout.region(&format!("{state}.{suffix}"))?;
         Ok(region.get(index))
