@@ -24,6 +24,8 @@ struct Counting;
 static COUNTING: AtomicBool = AtomicBool::new(false);
 static LARGE_ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
+/// The sizes of the first large allocations while counting (the allocator cannot allocate).
+static LARGE_SIZES: [AtomicUsize; 8] = [const { AtomicUsize::new(0) }; 8];
 
 // SAFETY: forwards to the system allocator; only counts.
 unsafe impl GlobalAlloc for Counting {
@@ -31,7 +33,10 @@ unsafe impl GlobalAlloc for Counting {
         if COUNTING.load(Ordering::Relaxed) {
             LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
             if layout.size() > LARGE {
-                LARGE_ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+                let index = LARGE_ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+                if let Some(size) = LARGE_SIZES.get(index) {
+                    size.store(layout.size(), Ordering::Relaxed);
+                }
             }
         }
         // SAFETY: same contract as ours.
@@ -64,7 +69,11 @@ fn count<T>(f: impl FnOnce() -> T) -> (T, usize, usize) {
 }
 
 fn config(recompute: Recompute, precision: Precision) -> Config {
-    let sets = [
+    config_with(recompute, precision, &[])
+}
+
+fn config_with(recompute: Recompute, precision: Precision, extra: &[&str]) -> Config {
+    let mut sets = vec![
         "parallel.data=1".to_string(),
         "parallel.tensor=1".into(),
         "parallel.pipeline=1".into(),
@@ -74,6 +83,7 @@ fn config(recompute: Recompute, precision: Precision) -> Config {
         format!("parallel.recompute={}", recompute.name()),
         format!("training.precision={}", precision.name()),
     ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
     let text = include_str!("../../configs/tiny-cpu.yaml");
     Config::from_yaml("tiny-cpu.yaml", text, &sets).expect("valid config")
 }
@@ -103,13 +113,46 @@ fn the_arena_is_one_allocation_of_exactly_the_planned_bytes() {
 }
 
 #[test]
+fn offloaded_optimizer_states_are_one_host_allocation_of_the_planned_bytes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let offload = ["parallel.offload.optimizer=true"];
+    let config = config_with(Recompute::None, Precision::Bf16, &offload);
+    let plan = StagePlan::new(&config, 0);
+    assert!(
+        plan.host_bytes() > 0,
+        "master weights and moments on the host"
+    );
+    let layout = ArenaLayout::new(&plan);
+    let (backend, large, _) =
+        count(|| CpuBackend::new(layout.bytes(Place::Device), layout.bytes(Place::Host)).unwrap());
+    // Besides the arenas, the GEMM's per-thread packing buffers (allocated once per process).
+    let sizes: Vec<u64> = LARGE_SIZES[..large.min(LARGE_SIZES.len())]
+        .iter()
+        .map(|s| s.load(Ordering::SeqCst) as u64)
+        .collect();
+    for (place, planned) in [("device", plan.device_bytes()), ("host", plan.host_bytes())] {
+        assert!(
+            sizes.contains(&(planned.div_ceil(8) * 8)),
+            "one {place} allocation of the planned {planned} bytes: {sizes:?}"
+        );
+    }
+    assert_eq!(backend.arena_bytes(Place::Host) as u64, plan.host_bytes());
+    Rank::new(config, backend).expect("the rank accepts the arenas");
+}
+
+#[test]
 fn a_training_step_allocates_nothing_large_after_warm_up() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    for (recompute, precision) in [
-        (Recompute::None, Precision::Fp32),
-        (Recompute::Full, Precision::Bf16),
+    for (recompute, precision, extra) in [
+        (Recompute::None, Precision::Fp32, None),
+        (Recompute::Full, Precision::Bf16, None),
+        (
+            Recompute::None,
+            Precision::Bf16,
+            Some("parallel.offload.optimizer=true"),
+        ),
     ] {
-        let config = config(recompute, precision);
+        let config = config_with(recompute, precision, extra.as_slice());
         let layout = ArenaLayout::new(&StagePlan::new(&config, 0));
         let backend =
             CpuBackend::new(layout.bytes(Place::Device), layout.bytes(Place::Host)).unwrap();
