@@ -27,7 +27,7 @@ use crate::comm::{Communicator, Group};
 use crate::control::{Control, LaunchEnv};
 use crate::parallel::Comms;
 use crate::tensor::cpu::CpuBackend;
-use crate::trace::{Trace, Traced};
+use crate::trace::{LastCollective, Observed, Trace};
 use crate::train::{self, Rank, RunOptions, StepMetrics};
 
 /// Train one rank of a tessera job.
@@ -249,6 +249,7 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
         .collect::<Result<Vec<_>, _>>()?;
     let timeout = Duration::from_millis(assignment.collective_timeout_ms.into());
     let trace = cli.trace.as_ref().map(|_| Trace::new(rank));
+    let last = LastCollective::default();
     let comms = Comms::connect(
         rank,
         &config,
@@ -256,10 +257,10 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
         &mut |group: Group| {
             let addresses: Vec<SocketAddr> = group.ranks.iter().map(|&r| peers[r]).collect();
             let communicator = Box::new(endpoint.communicator(group, &addresses, timeout)?);
-            Ok(match &trace {
-                Some(trace) => Box::new(Traced::new(communicator, trace.clone())),
-                None => communicator as Box<dyn Communicator>,
-            })
+            Ok(
+                Box::new(Observed::new(communicator, last.clone(), trace.clone()))
+                    as Box<dyn Communicator>,
+            )
         },
     )
     .map_err(runtime_error)?;
@@ -303,7 +304,7 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
         mfu: m.mfu,
         peak_bytes: m.peak_bytes,
         arena_bytes: m.peak_bytes,
-        last_collective: String::new(),
+        last_collective: last.get(),
         finished,
     };
     let summary =

@@ -134,30 +134,103 @@ impl Spans {
     }
 }
 
-/// A communicator whose collectives are recorded in a trace, on a track named after its group.
-pub struct Traced {
-    inner: Box<dyn Communicator>,
-    trace: Trace,
-}
+/// The last collective a rank started, as heartbeats report it: "all_reduce #12 in group dp
+/// 0". Shared by every communicator of the rank.
+#[derive(Debug, Clone, Default)]
+pub struct LastCollective(Arc<Mutex<String>>);
 
-impl Traced {
-    pub fn new(inner: Box<dyn Communicator>, trace: Trace) -> Traced {
-        Traced { inner, trace }
+impl LastCollective {
+    pub fn get(&self) -> String {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, op: &str, seq: u64, group: &str) {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        last.clear();
+        use std::fmt::Write as _;
+        let _ = write!(last, "{op} #{seq} in group {group}");
     }
 }
 
-impl Communicator for Traced {
+/// A communicator that notes each collective it starts as the rank's last, and records it in
+/// a trace (on a track named after its group) when there is one.
+pub struct Observed {
+    inner: Box<dyn Communicator>,
+    last: LastCollective,
+    trace: Option<Trace>,
+    /// Collectives started so far: the next one's sequence number, as the backend counts.
+    started: u64,
+}
+
+impl Observed {
+    pub fn new(
+        inner: Box<dyn Communicator>,
+        last: LastCollective,
+        trace: Option<Trace>,
+    ) -> Observed {
+        Observed {
+            inner,
+            last,
+            trace,
+            started: 0,
+        }
+    }
+}
+
+impl Communicator for Observed {
     fn group(&self) -> &Group {
         self.inner.group()
     }
 
     unsafe fn start(&mut self, op: Collective) -> std::result::Result<Work, CommError> {
         let start = Instant::now();
+        self.last
+            .set(op.name(), self.started, &self.inner.group().name);
+        self.started += 1;
         // SAFETY: the caller's contract, passed on unchanged.
         let work = unsafe { self.inner.start(op) }?;
-        let (trace, track) = (self.trace.clone(), self.inner.group().name.clone());
+        let Some(trace) = self.trace.clone() else {
+            return Ok(work);
+        };
+        let track = self.inner.group().name.clone();
         let bytes = op.buffers().first().map_or(0, |b| b.bytes() as u64);
         let name = format!("{} {}", op.name(), format_size(bytes));
         Ok(work.on_complete(move || trace.record(name, "collective", &track, start)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::CommunicatorExt as _;
+    use crate::comm::solo::Solo;
+
+    #[test]
+    fn collectives_are_numbered_named_and_traced() {
+        let last = LastCollective::default();
+        let trace = Trace::new(3);
+        let solo = Box::new(Solo::new(Group::solo("dp 1", 3)));
+        let mut comm = Observed::new(solo, last.clone(), Some(trace.clone()));
+        comm.barrier().unwrap();
+        assert_eq!(last.get(), "barrier #0 in group dp 1");
+        let mut values = [1.0f32; 4];
+        comm.all_reduce(&mut values, crate::comm::ReduceOp::Sum)
+            .unwrap();
+        assert_eq!(last.get(), "all_reduce #1 in group dp 1");
+
+        let dir = std::env::temp_dir().join(format!("tessera-trace-{}", std::process::id()));
+        let path = trace.write(&dir).unwrap();
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let names: Vec<&str> = written["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["cat"] == "collective")
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["barrier 0 B", "all_reduce 16 B"]);
+        assert!(path.ends_with("rank-00003.json"));
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -855,10 +855,15 @@ fn kind_name(code: u8) -> &'static str {
 /// `target = target (op) bytes` element-wise (bytes hold `target.len` elements of its dtype):
 /// a sum for `Sum` and `Avg` (scaled afterwards), the larger value for `Max`.
 fn combine(target: CommBuf, bytes: &[u8], op: ReduceOp) {
-    let f = match op {
-        ReduceOp::Sum | ReduceOp::Avg => |a: f32, b: f32| a + b,
-        ReduceOp::Max => f32::max,
-    };
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => combine_with(target, bytes, |a, b| a + b),
+        ReduceOp::Max => combine_with(target, bytes, f32::max),
+    }
+}
+
+/// `target = f(target, bytes)` in f32 whatever the dtype; generic over `f` so that each
+/// reduction compiles to its own vectorised loop.
+fn combine_with(target: CommBuf, bytes: &[u8], f: impl Fn(f32, f32) -> f32 + Copy) {
     // SAFETY: the op's buffer is valid and ours (start's contract) and aligned for its dtype
     // (arena regions and their slices are); `bytes` is the u64-aligned scratch.
     unsafe {
