@@ -37,6 +37,8 @@ const VERSION: u8 = 1;
 /// Bytes per pipelined piece: large enough to amortise a system call, small enough that a
 /// ring step overlaps its send and receive.
 const PIECE: usize = 1 << 20;
+/// Bytes received and reduced at a time inside a piece: small enough to stay in L2.
+const REDUCE_PART: usize = 64 << 10;
 const HEADER: usize = 18;
 
 /// A process's listening socket for collective connections.
@@ -603,12 +605,10 @@ impl Ring {
                     ring.map(|r| r.1),
                 )?;
                 let seg = |i| segment(buf.len, n, i);
-                self.reduce_scatter(buf, reduce, &seg, next, prev)?;
-                if reduce == ReduceOp::Avg {
-                    let (start, len) = seg(me);
-                    scale(buf.slice(start, len), 1.0 / n as f32);
-                }
-                self.all_gather(buf, &seg, next, prev)?;
+                // The all-gather's first step sends each piece of this member's segment as soon
+                // as the reduce-scatter has finished it, overlapping the two phases.
+                self.reduce_scatter(buf, reduce, &seg, next, prev, true)?;
+                self.all_gather(buf, &seg, next, prev, false)?;
                 self.flush()
             }
             Collective::ReduceScatter {
@@ -629,7 +629,7 @@ impl Ring {
                 let seg = |i: usize| (i * chunk, chunk);
                 if n > 1 {
                     self.headers(&op, seq, input.len, input.dtype, Some(next), Some(prev))?;
-                    self.reduce_scatter(input, reduce, &seg, next, prev)?;
+                    self.reduce_scatter(input, reduce, &seg, next, prev, false)?;
                     self.flush()?;
                 }
                 let own = input.slice(me * chunk, chunk);
@@ -654,7 +654,7 @@ impl Ring {
                     return Ok(());
                 }
                 self.headers(&op, seq, output.len, output.dtype, Some(next), Some(prev))?;
-                self.all_gather(output, &|i| (i * chunk, chunk), next, prev)?;
+                self.all_gather(output, &|i| (i * chunk, chunk), next, prev, true)?;
                 self.flush()
             }
             Collective::Broadcast { buf, root } => {
@@ -707,6 +707,9 @@ impl Ring {
     /// Ring reduce-scatter over the segments of `buf`: after it, this member's segment holds
     /// the reduction over the group. Pieces received in step `s` are reduced and forwarded as
     /// step `s + 1` while the rest of step `s` still arrives.
+    ///
+    /// With `gather_after` (an all-reduce), each finished piece of this member's segment is
+    /// also sent on at once as the all-gather's first step (scaled first for `Avg`).
     fn reduce_scatter(
         &mut self,
         buf: CommBuf,
@@ -714,6 +717,7 @@ impl Ring {
         seg: &dyn Fn(usize) -> (usize, usize),
         next: usize,
         prev: usize,
+        gather_after: bool,
     ) -> Result<(), Failure> {
         let (n, me) = (self.n(), self.index());
         let (to, from) = (self.link(next)?, self.link(prev)?);
@@ -728,15 +732,28 @@ impl Ring {
             for first in (0..len).step_by(piece.max(1)) {
                 let count = piece.min(len - first);
                 let target = buf.slice(start + first, count);
+                // Received and reduced in cache-sized parts, so that the scratch is still in
+                // cache when the reduction reads it.
+                let part = (REDUCE_PART / size).max(1);
                 let mut scratch = std::mem::take(&mut self.scratch);
                 let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut scratch);
-                let result = self.read(prev, &from, &mut bytes[..count * size]);
-                if result.is_ok() {
-                    combine(target, &bytes[..count * size], reduce);
+                let mut result = Ok(());
+                for at in (0..count).step_by(part) {
+                    let n = part.min(count - at);
+                    result = self.read(prev, &from, &mut bytes[..n * size]);
+                    if result.is_err() {
+                        break;
+                    }
+                    combine(target.slice(at, n), &bytes[..n * size], reduce);
                 }
                 self.scratch = scratch;
                 result?;
                 if s + 1 < n - 1 {
+                    self.send_piece(&to, next, target);
+                } else if gather_after {
+                    if reduce == ReduceOp::Avg {
+                        scale(target, 1.0 / n as f32);
+                    }
                     self.send_piece(&to, next, target);
                 }
             }
@@ -746,18 +763,22 @@ impl Ring {
 
     /// Ring all-gather: each member's segment travels around the ring, received straight into
     /// place and forwarded piece by piece.
+    /// Without `send_own` this member's segment was already sent (see `reduce_scatter`).
     fn all_gather(
         &mut self,
         buf: CommBuf,
         seg: &dyn Fn(usize) -> (usize, usize),
         next: usize,
         prev: usize,
+        send_own: bool,
     ) -> Result<(), Failure> {
         let (n, me) = (self.n(), self.index());
         let (to, from) = (self.link(next)?, self.link(prev)?);
         let piece = PIECE / buf.dtype.size() as usize;
-        let (start, len) = seg(me);
-        self.queue_pieces(&to, next, buf.slice(start, len), piece);
+        if send_own {
+            let (start, len) = seg(me);
+            self.queue_pieces(&to, next, buf.slice(start, len), piece);
+        }
         for s in 0..n - 1 {
             let (start, len) = seg((me + 2 * n - s - 1) % n);
             for first in (0..len).step_by(piece.max(1)) {
