@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tessera_plan::mesh::Mesh;
 use tessera_proto::v1::coordinator_server::{Coordinator as Service, CoordinatorServer};
-use tessera_proto::v1::{Abort, Ack};
+use tessera_proto::v1::{Abort, Ack, NcclId, NcclIdRequest};
 use tessera_proto::v1::{
     AgentAssignment, AgentHello, Beat, Command, Coord, WorkerAssignment, WorkerExit, WorkerHello,
     command,
@@ -81,6 +81,9 @@ struct Shared {
     registered: watch::Sender<usize>,
     /// The command stream of each worker's heartbeat call.
     commands: Mutex<Vec<mpsc::Sender<Result<Command, Status>>>>,
+    /// NCCL unique ids by group, as their first members published them; watchers wake on
+    /// every publication.
+    nccl_ids: watch::Sender<BTreeMap<String, Vec<u8>>>,
 }
 
 impl Shared {
@@ -120,7 +123,6 @@ impl Shared {
                 pp: coord.pp_rank as u32,
             }),
             peer_addresses: hellos.values().map(|h| h.comm_address.clone()).collect(),
-            nccl_ids: Vec::new(),
             config_name: self.spec.config_name.clone(),
             config_yaml: self.spec.config_yaml.clone(),
             config_sets: self.spec.config_sets.clone(),
@@ -228,7 +230,59 @@ impl Service for Handler {
         self.shared.send(Event::Exit(request.into_inner()));
         Ok(Response::new(Ack {}))
     }
+
+    async fn publish_nccl_id(&self, request: Request<NcclId>) -> Result<Response<Ack>, Status> {
+        let NcclId { group, id } = request.into_inner();
+        if id.len() != NCCL_ID_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "the NCCL id of group {group} has {} bytes, not {NCCL_ID_BYTES}",
+                id.len()
+            )));
+        }
+        let mut conflict = None;
+        self.shared
+            .nccl_ids
+            .send_if_modified(|ids| match ids.get(&group) {
+                Some(earlier) if *earlier != id => {
+                    conflict = Some(group.clone());
+                    false
+                }
+                Some(_) => false,
+                None => {
+                    ids.insert(group.clone(), id);
+                    true
+                }
+            });
+        match conflict {
+            Some(group) => Err(Status::already_exists(format!(
+                "group {group} already has a different NCCL id: two ranks think they are its first member"
+            ))),
+            None => Ok(Response::new(Ack {})),
+        }
+    }
+
+    async fn fetch_nccl_id(
+        &self,
+        request: Request<NcclIdRequest>,
+    ) -> Result<Response<NcclId>, Status> {
+        let group = request.into_inner().group;
+        let mut ids = self.shared.nccl_ids.subscribe();
+        let wait = ids.wait_for(|ids| ids.contains_key(&group));
+        let timeout = self.shared.spec.rendezvous_timeout;
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(ids)) => Ok(Response::new(NcclId {
+                id: ids[&group].clone(),
+                group,
+            })),
+            _ => Err(Status::deadline_exceeded(format!(
+                "no NCCL id for group {group} within {timeout:.0?}: its first member never published one (see its log)"
+            ))),
+        }
+    }
 }
+
+/// The size of an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`).
+pub const NCCL_ID_BYTES: usize = 128;
 
 /// "rank 3" or "ranks 1, 4".
 pub fn describe_ranks(ranks: &[u32]) -> String {
@@ -260,6 +314,7 @@ impl Coordinator {
             hellos: Mutex::new(BTreeMap::new()),
             registered: watch::Sender::new(0),
             commands: Mutex::new(Vec::new()),
+            nccl_ids: watch::Sender::new(BTreeMap::new()),
         });
         let expected = tessera_proto::bearer(&shared.spec.token);
         let refused = shared.clone();
@@ -502,6 +557,110 @@ mod tests {
     }
 
     /// Runs futures concurrently and returns their outputs in order.
+    #[test]
+    fn an_nccl_id_reaches_every_member_that_waits_for_it() {
+        let (runtime, coordinator, _received) = started(2, Duration::from_secs(20));
+        let address = coordinator.address;
+        let id: Vec<u8> = (0..NCCL_ID_BYTES as u8).collect();
+        let fetched = runtime.block_on({
+            let id = id.clone();
+            async move {
+                // Two members ask before the first publishes.
+                let waiting = (0..2).map(|_| async move {
+                    let request = NcclIdRequest {
+                        group: "dp 1".into(),
+                    };
+                    let mut client = client(address, "secret").await;
+                    client.fetch_nccl_id(request).await.unwrap().into_inner()
+                });
+                let handles: Vec<_> = waiting.map(tokio::spawn).collect();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut first = client(address, "secret").await;
+                let published = NcclId {
+                    group: "dp 1".into(),
+                    id: id.clone(),
+                };
+                first.publish_nccl_id(published.clone()).await.unwrap();
+                // The same id again is harmless; another one is refused.
+                first.publish_nccl_id(published).await.unwrap();
+                let other = NcclId {
+                    group: "dp 1".into(),
+                    id: vec![7; NCCL_ID_BYTES],
+                };
+                let conflict = first.publish_nccl_id(other).await.unwrap_err();
+                assert_eq!(conflict.code(), tonic::Code::AlreadyExists);
+                let short = NcclId {
+                    group: "tp 0".into(),
+                    id: vec![1; 3],
+                };
+                let short = first.publish_nccl_id(short).await.unwrap_err();
+                assert_eq!(short.code(), tonic::Code::InvalidArgument);
+                let mut fetched = Vec::new();
+                for handle in handles {
+                    fetched.push(handle.await.unwrap());
+                }
+                fetched
+            }
+        });
+        for reply in fetched {
+            assert_eq!(reply.group, "dp 1");
+            assert_eq!(reply.id, id);
+        }
+        coordinator.stop(&runtime);
+    }
+
+    #[test]
+    fn a_fetch_of_an_id_never_published_times_out_naming_the_group() {
+        let (runtime, coordinator, _received) = started(2, Duration::from_millis(300));
+        let address = coordinator.address;
+        let status = runtime.block_on(async move {
+            let mut client = client(address, "secret").await;
+            let request = NcclIdRequest {
+                group: "pp 0 activations 1".into(),
+            };
+            client.fetch_nccl_id(request).await.unwrap_err()
+        });
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(
+            status.message().contains("group pp 0 activations 1"),
+            "{}",
+            status.message()
+        );
+        coordinator.stop(&runtime);
+    }
+
+    #[test]
+    fn a_worker_that_is_not_first_in_its_group_fetches_the_groups_nccl_id() {
+        let (runtime, coordinator, _received) = started(2, Duration::from_secs(20));
+        let address = coordinator.address;
+        let id = vec![42u8; NCCL_ID_BYTES];
+        runtime.block_on({
+            let id = id.clone();
+            async move {
+                let mut first = client(address, "secret").await;
+                let group = "tp 0".into();
+                first.publish_nccl_id(NcclId { group, id }).await.unwrap();
+            }
+        });
+        let env = tessera_worker::control::LaunchEnv {
+            coordinator: address.to_string(),
+            token: "secret".into(),
+            rank: 1,
+            world_size: 2,
+            local_rank: 1,
+        };
+        let mut control =
+            tessera_worker::control::Control::connect(&env, Duration::from_secs(5)).unwrap();
+        let group = tessera_worker::comm::Group {
+            name: "tp 0".into(),
+            ranks: vec![0, 1],
+            index: 1,
+        };
+        let fetched = control.nccl_id(&group).unwrap();
+        assert_eq!(fetched.as_bytes().to_vec(), id);
+        coordinator.stop(&runtime);
+    }
+
     async fn futures_join<F: std::future::Future + Send + 'static>(
         futures: impl Iterator<Item = F>,
     ) -> Vec<F::Output>

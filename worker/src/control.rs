@@ -11,8 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tessera_proto::v1::coordinator_client::CoordinatorClient;
-use tessera_proto::v1::{Beat, WorkerAssignment, WorkerHello, command};
+use tessera_proto::v1::{
+    Beat, NcclId as NcclIdMessage, NcclIdRequest, WorkerAssignment, WorkerHello, command,
+};
 use tokio::sync::mpsc;
+
+use crate::comm::Group;
+use crate::comm::nccl::NcclId;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -135,6 +140,37 @@ impl Control {
                     status.code()
                 )
             })
+    }
+
+    /// The NCCL unique id of `group`: made here and published when this process is the
+    /// group's first member, else fetched from the coordinator (waiting for the first member
+    /// to publish it).
+    pub fn nccl_id(&mut self, group: &Group) -> Result<NcclId, String> {
+        let name = group.name.clone();
+        if group.index == 0 {
+            let id = NcclId::new().map_err(|e| e.to_string())?;
+            let published = NcclIdMessage {
+                group: name.clone(),
+                id: id.as_bytes().to_vec(),
+            };
+            self.runtime
+                .block_on(self.client.publish_nccl_id(published))
+                .map_err(|s| {
+                    format!(
+                        "cannot publish the NCCL id of group {name}: {}",
+                        s.message()
+                    )
+                })?;
+            return Ok(id);
+        }
+        let fetched = self
+            .runtime
+            .block_on(self.client.fetch_nccl_id(NcclIdRequest {
+                group: name.clone(),
+            }))
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        NcclId::from_bytes(&fetched.id).map_err(|e| e.to_string())
     }
 
     /// Opens the heartbeat stream. An Abort command, or the stream breaking before
