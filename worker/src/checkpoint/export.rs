@@ -17,7 +17,7 @@ use tessera_plan::memory::StagePlan;
 use tessera_plan::mesh::{Coord, Mesh};
 use tessera_plan::model::{ModelShape, Unit as UnitKind};
 
-use super::{rank_file, read_manifest};
+use super::{encode, rank_file, read_manifest};
 use crate::error::{Error, Result};
 use crate::model::init::global_index;
 use crate::model::stage_units;
@@ -111,20 +111,15 @@ pub fn write(model: &BTreeMap<String, Global>, out: &Path) -> Result<()> {
         .iter()
         .map(|(name, tensor)| (name, tensor, bytemuck::cast_slice(&tensor.values).to_vec()))
         .collect();
-    let views = bytes.iter().map(|(name, tensor, data)| {
-        let view = safetensors::tensor::TensorView::new(
+    let tensors = bytes.iter().map(|(name, tensor, data)| {
+        (
+            name.as_str(),
             safetensors::Dtype::F32,
             tensor.shape.clone(),
-            data,
+            data.as_slice(),
         )
-        .expect("invariant: the shape matches the values");
-        (name.as_str(), view)
     });
-    let encoded = safetensors::serialize(views, None).map_err(|e| Error::Checkpoint {
-        path: out.to_path_buf(),
-        what: format!("cannot encode the tensors: {e}"),
-        help: "this is a bug in tessera; please report it".into(),
-    })?;
+    let encoded = encode(tensors, out)?;
     std::fs::write(out, encoded).map_err(Error::io(out))
 }
 

@@ -304,16 +304,32 @@ fn write_tensors<B: Backend>(
         .iter()
         .zip(&data)
         .map(|((name, tensor, shape, _), bytes)| {
-            let view = TensorView::new(safetensors_dtype(tensor.dtype), shape.clone(), bytes)
-                .expect("invariant: the shape matches the bytes");
-            (name.as_str(), view)
+            (
+                name.as_str(),
+                safetensors_dtype(tensor.dtype),
+                shape.clone(),
+                bytes.as_slice(),
+            )
         });
-    let encoded = safetensors::serialize(views, None).map_err(|e| Error::Checkpoint {
-        path: partial.to_path_buf(),
-        what: format!("cannot encode tensors: {e}"),
-        help: "this is a bug in tessera; please report it".into(),
-    })?;
+    let encoded = encode(views, partial)?;
     write_synced(&partial.join(file), &encoded)
+}
+
+/// A safetensors file of `(name, dtype, shape, bytes)` tensors; `path` names it in errors.
+fn encode<'a>(
+    tensors: impl Iterator<Item = (&'a str, safetensors::Dtype, Vec<usize>, &'a [u8])>,
+    path: &Path,
+) -> Result<Vec<u8>> {
+    let views = tensors.map(|(name, dtype, shape, bytes)| {
+        let view =
+            TensorView::new(dtype, shape, bytes).expect("invariant: the shape matches the bytes");
+        (name, view)
+    });
+    safetensors::serialize(views, None).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        what: format!("cannot encode the tensors: {e}"),
+        help: "this is a bug in tessera; please report it".into(),
+    })
 }
 
 /// Deletes all but the newest `keep` complete checkpoints.

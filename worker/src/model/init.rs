@@ -21,7 +21,6 @@ pub fn initial_values(
 ) -> Vec<f32> {
     let name = placed.spec.name;
     let global = shape.global_shape(&placed.spec);
-    let local = &placed.local_shape;
     let numel = placed.numel() as usize;
     let std = match name {
         "attproj_w" | "fcproj_w" => STD / (2.0 * shape.layers as f64).sqrt(),
@@ -30,24 +29,14 @@ pub fn initial_values(
         _ => STD,
     };
     let key = mix(seed ^ mix(fnv1a(name)) ^ mix(layer.map_or(u64::MAX, |l| l as u64)));
-    let local_cols = local.get(1).copied().unwrap_or(1);
     let global_cols = global.get(1).copied().unwrap_or(1);
     (0..numel)
         .map(|i| {
-            let (row, col) = (i / local_cols, i % local_cols);
-            let (grow, gcol) = global_position(
-                placed.spec.split,
-                row,
-                col,
-                global[0],
-                global_cols,
-                shape.tp,
-                tp_rank,
-            );
-            if name == "wte" && grow >= shape.vocab {
+            let index = global_index(placed, shape, tp_rank, i);
+            if name == "wte" && index / global_cols >= shape.vocab {
                 return 0.0;
             }
-            (std * normal(key, (grow * global_cols + gcol) as u64)) as f32
+            (std * normal(key, index as u64)) as f32
         })
         .collect()
 }
