@@ -90,7 +90,8 @@ pub enum Command {
     /// Reassembles the weights the ranks of a run saved (tensor shards, pipeline stages,
     /// ZeRO 3 shards) into the tensors one process holds, named `wte`, `wpe`,
     /// `layers.N.qkv_w`, ..., `lnf_w`, `lnf_b` (GPT-2's layout, PyTorch's (out, in) weights),
-    /// without the vocabulary's padding rows. Give the config (and --set) the run used.
+    /// without the vocabulary's padding rows. Give the config (and --set) of the run's model;
+    /// its parallel layout is read from the checkpoint.
     Export(ExportArgs),
 }
 

@@ -90,8 +90,15 @@ fn export(args: &cli::ExportArgs) -> Result<(), Failure> {
                 })?
         }
     };
-    let model = checkpoint::export::consolidate(&checkpoint, config)
-        .map_err(|e| Failure::usage(e.to_string()))?;
+    // The checkpoint's own layout (mesh, ZeRO, virtual stages) places the tensors, whatever the
+    // config says about them now.
+    let usage = |e: tessera_worker::Error| Failure::usage(e.to_string());
+    let manifest = checkpoint::read_manifest(&checkpoint, config).map_err(usage)?;
+    let written = checkpoint::export::written_config(&manifest, config);
+    let model =
+        checkpoint::export::consolidate(&checkpoint, &written, checkpoint::export::State::Params)
+            .map_err(usage)?
+            .expect("invariant: every checkpoint has parameters");
     checkpoint::export::write(&model, &args.out).map_err(|e| Failure::Runtime(e.into()))?;
     let elements: usize = model.values().map(|t| t.values.len()).sum();
     println!(

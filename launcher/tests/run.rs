@@ -575,3 +575,66 @@ fn export_without_a_checkpoint_says_where_it_looked() {
     assert!(stderr.contains("--checkpoint DIR"), "{stderr}");
     assert!(!scratch.path("model.safetensors").exists());
 }
+
+#[test]
+fn a_checkpoint_resumes_on_other_meshes_with_the_losses_of_one_process() {
+    let common = ["training.steps=4", "checkpoint.every=2"];
+    let single = Scratch::new("reshard-1");
+    let mut sets = common.to_vec();
+    sets.push("parallel.data=1");
+    let out = output(launch(&single, &sets, &[]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let reference = losses(&single.path("metrics.jsonl"));
+
+    let source = Scratch::new("reshard-222");
+    let mut sets = common.to_vec();
+    sets.extend([
+        "parallel.data=2",
+        "parallel.tensor=2",
+        "parallel.pipeline=2",
+    ]);
+    let out = output(launch(&source, &sets, &["--fresh"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let checkpoint = source.path("ckpt").join("step-00000002");
+
+    for (i, mesh) in [
+        [
+            "parallel.data=4",
+            "parallel.tensor=1",
+            "parallel.pipeline=1",
+            "parallel.zero=0",
+        ],
+        [
+            "parallel.data=1",
+            "parallel.tensor=2",
+            "parallel.pipeline=1",
+            "parallel.zero=3",
+        ],
+        [
+            "parallel.data=1",
+            "parallel.tensor=1",
+            "parallel.pipeline=4",
+            "parallel.zero=3",
+        ],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let target = Scratch::new(&format!("reshard-{i}"));
+        let copy = target.path("ckpt").join("step-00000002");
+        std::fs::create_dir_all(&copy).unwrap();
+        for file in std::fs::read_dir(&checkpoint).unwrap().flatten() {
+            std::fs::copy(file.path(), copy.join(file.file_name())).unwrap();
+        }
+        let mut sets = common.to_vec();
+        sets.extend(mesh);
+        let out = output(launch(&target, &sets, &[]));
+        assert!(out.status.success(), "{mesh:?}: {}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("resuming from"), "{mesh:?}");
+        assert_close(
+            &losses(&target.path("metrics.jsonl")),
+            &reference[2..],
+            MESH_TOLERANCE,
+        );
+    }
+}

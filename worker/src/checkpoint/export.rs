@@ -1,23 +1,26 @@
-//! A distributed checkpoint as the one model it shards: every parameter as the global tensor a
-//! single process holds (the vocabulary's padding rows removed), in f32, like DeepSpeed's
-//! `zero_to_fp32`. `launch export` writes it as one safetensors file; tests compare the
-//! weights of different meshes with it.
+//! A distributed checkpoint as the one model it shards: every parameter (and every optimizer
+//! state) as the global tensor a single process holds, in f32, the vocabulary's padding rows
+//! removed, like DeepSpeed's `zero_to_fp32`. `launch export` writes the parameters as one
+//! safetensors file; tests compare the weights of different meshes with it; and a run on
+//! another mesh resumes from it ([`super::load`] reshards through [`consolidate`]).
 //!
-//! The files are read as the config lays them out: each (pipeline stage, tensor rank) holds
-//! its units, parameters whole in the file of the first data-parallel rank, or under ZeRO 3
-//! as flat shards (`params.layers.3`) in every data-parallel rank's file, concatenated here.
+//! The files are read as the layout that wrote them (the manifest's mesh, ZeRO stage and
+//! virtual stages) places the model: each (pipeline stage, tensor rank) holds its units; a
+//! whole tensor is in the file of the first data-parallel rank under its name
+//! (`layers.3.qkv_w`, `adam_m.layers.3.qkv_w`), a ZeRO shard in every data-parallel rank's file
+//! as a flat slice of its unit (`adam_m.layers.3`), concatenated here.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use safetensors::SafeTensors;
 use tessera_plan::Config;
-use tessera_plan::config::Zero;
+use tessera_plan::config::{Schedule, Zero};
 use tessera_plan::memory::StagePlan;
 use tessera_plan::mesh::{Coord, Mesh};
 use tessera_plan::model::{ModelShape, Unit as UnitKind};
 
-use super::{encode, rank_file, read_manifest};
+use super::{Manifest, encode, rank_file};
 use crate::error::{Error, Result};
 use crate::model::init::global_index;
 use crate::model::stage_units;
@@ -29,19 +32,72 @@ pub struct Global {
     pub values: Vec<f32>,
 }
 
-/// Every parameter of the model in the checkpoint at `path`, which `config` wrote, by global
-/// name (`wte`, `wpe`, `layers.3.qkv_w`, `lnf_w`, ...).
-pub fn consolidate(path: &Path, config: &Config) -> Result<BTreeMap<String, Global>> {
-    read_manifest(path, config)?;
-    let parallel = &config.parallel;
-    let mesh = Mesh::from_config(config);
-    let shape = ModelShape::new(&config.model, parallel.tensor);
-    let sharded = parallel.zero == Zero::Parameters && parallel.data > 1;
+/// What a checkpoint keeps per parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Params,
+    /// fp32 master weights (mixed precision or offload only).
+    Master,
+    AdamM,
+    AdamV,
+}
+
+impl State {
+    /// The prefix of its tensors in checkpoint files (none for parameters).
+    fn prefix(self) -> &'static str {
+        match self {
+            State::Params => "params",
+            State::Master => "master",
+            State::AdamM => "adam_m",
+            State::AdamV => "adam_v",
+        }
+    }
+}
+
+/// `config` as the run that wrote `manifest` laid it out: its mesh, ZeRO stage and model
+/// chunks (the model, precision and batch must be `config`'s: `read_manifest` checks).
+pub fn written_config(manifest: &Manifest, config: &Config) -> Config {
+    let mut written = config.clone();
+    let run = &manifest.run;
+    let parallel = &mut written.parallel;
+    [parallel.data, parallel.tensor, parallel.pipeline] = run.mesh;
+    parallel.zero = Zero::ALL[run.zero.min(3)];
+    parallel.virtual_stages = run.virtual_stages;
+    if run.virtual_stages > 1 {
+        parallel.schedule = Schedule::Interleaved;
+    } else if parallel.schedule == Schedule::Interleaved {
+        parallel.schedule = Schedule::OneFOneB;
+    }
+    written
+}
+
+/// Every tensor of `state` in the checkpoint at `path`, which `written` (see
+/// [`written_config`]) laid out, by global parameter name (`wte`, `wpe`, `layers.3.qkv_w`,
+/// `lnf_w`, ...). `None` when the checkpoint has no such state (master weights of an fp32 run).
+pub fn consolidate(
+    path: &Path,
+    written: &Config,
+    state: State,
+) -> Result<Option<BTreeMap<String, Global>>> {
+    let parallel = &written.parallel;
+    let mesh = Mesh::from_config(written);
+    let shape = ModelShape::new(&written.model, parallel.tensor);
+    let dp = parallel.data;
+    // Which buffers the writer sharded over the data-parallel group.
+    let sharded = dp > 1
+        && match state {
+            State::Params => parallel.zero == Zero::Parameters,
+            _ => parallel.zero >= Zero::Optimizer,
+        };
+    let has_master = written.training.precision.has_master_weights() || parallel.offload.optimizer;
+    if state == State::Master && !has_master {
+        return Ok(None);
+    }
     let mut files: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
     let mut model: BTreeMap<String, Global> = BTreeMap::new();
     for pp_rank in 0..parallel.pipeline {
-        let stage = StagePlan::new(config, pp_rank);
-        for (kind, _, layer, _) in stage_units(config, &stage) {
+        let stage = StagePlan::new(written, pp_rank);
+        for (kind, _, layer, _) in stage_units(written, &stage) {
             let layout = shape.layout(kind);
             let unit_name = match (kind, layer) {
                 (UnitKind::Embedding, _) => "embedding".to_string(),
@@ -56,12 +112,13 @@ pub fn consolidate(path: &Path, config: &Config) -> Result<BTreeMap<String, Glob
                         tp_rank,
                     })
                 };
-                // ZeRO 3: the unit's flat buffer, from every data-parallel rank's shard.
+                // The unit's flat buffer, from every data-parallel rank's shard.
                 let flat = if sharded {
                     let mut flat = Vec::new();
-                    for dp_rank in 0..parallel.data {
+                    for dp_rank in 0..dp {
                         let bytes = file(&mut files, path, rank_of(dp_rank))?;
-                        flat.extend(tensor(bytes, &format!("params.{unit_name}"), path)?);
+                        let name = format!("{}.{unit_name}", state.prefix());
+                        flat.extend(tensor(bytes, &name, path)?);
                     }
                     Some(flat)
                 } else {
@@ -71,6 +128,7 @@ pub fn consolidate(path: &Path, config: &Config) -> Result<BTreeMap<String, Glob
                 for placed in &layout.params {
                     let name = placed.spec.name;
                     if name == "wte" && matches!(kind, UnitKind::Head { tied_copy: true }) {
+                        // The last stage's copy of the tied embedding: the embedding's own.
                         continue;
                     }
                     let global_name = match layer {
@@ -82,7 +140,11 @@ pub fn consolidate(path: &Path, config: &Config) -> Result<BTreeMap<String, Glob
                             let start = placed.offset as usize;
                             flat[start..start + placed.numel() as usize].to_vec()
                         }
-                        None => tensor(&bytes, &global_name, path)?,
+                        None if state == State::Params => tensor(&bytes, &global_name, path)?,
+                        None => {
+                            let stored = format!("{}.{global_name}", state.prefix());
+                            tensor(&bytes, &stored, path)?
+                        }
                     };
                     let global_shape = shape.global_shape(&placed.spec);
                     let entry = model.entry(global_name).or_insert_with(|| Global {
@@ -102,7 +164,7 @@ pub fn consolidate(path: &Path, config: &Config) -> Result<BTreeMap<String, Glob
         wte.values.truncate(shape.vocab * hidden);
         wte.shape[0] = shape.vocab;
     }
-    Ok(model)
+    Ok(Some(model))
 }
 
 /// Writes `model` as one safetensors file of f32 tensors.

@@ -1,6 +1,8 @@
 //! Checkpoints of a rank: its parameters, fp32 master weights and Adam moments in a safetensors
-//! file, and a JSON manifest with what resuming needs (step, data position, loss scale) and
-//! what must match (model, precision, batch, mesh).
+//! file, and a JSON manifest with what resuming needs (step, data position, loss scale), what
+//! must match (model, precision, batch, seed) and the layout that wrote it (mesh, ZeRO stage,
+//! virtual stages). A run with another layout resumes too: [`export`] reassembles the global
+//! tensors and each rank takes its shards.
 //!
 //! A checkpoint is written into `DIR/step-NNNNNNNN.partial-PID`, every file fsynced, then the
 //! directory is renamed to `DIR/step-NNNNNNNN` and `DIR` fsynced: the rename is the commit, so
@@ -13,7 +15,7 @@
 
 pub mod export;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -24,10 +26,12 @@ use tessera_plan::Config;
 use tessera_plan::config::Choice as _;
 use tessera_plan::memory::Dtype;
 use tessera_plan::mesh::Mesh;
+use tessera_plan::model::ModelShape;
 
 use crate::comm::CommunicatorExt as _;
 use crate::error::{Error, Result};
 use crate::model::Unit;
+use crate::model::init::global_index;
 use crate::optim::LossScale;
 use crate::parallel::Comms;
 use crate::tensor::{Backend, Tensor};
@@ -72,6 +76,24 @@ pub struct RunIdentity {
 }
 
 impl RunIdentity {
+    /// Whether a checkpoint of `self` can resume `other`: the same model, precision, batch and
+    /// seed. The layout (mesh, ZeRO stage, virtual stages) may differ; loading reshards.
+    pub fn same_model(&self, other: &RunIdentity) -> bool {
+        let layout_free = |run: &RunIdentity| RunIdentity {
+            mesh: [0; 3],
+            zero: 0,
+            virtual_stages: 0,
+            ..run.clone()
+        };
+        layout_free(self) == layout_free(other)
+    }
+
+    /// Whether `self` lays the model out like `other` (the files load as they are).
+    pub fn same_layout(&self, other: &RunIdentity) -> bool {
+        (self.mesh, self.zero, self.virtual_stages)
+            == (other.mesh, other.zero, other.virtual_stages)
+    }
+
     pub fn of(config: &Config) -> RunIdentity {
         let m = &config.model;
         let p = &config.parallel;
@@ -397,14 +419,15 @@ pub fn read_manifest(path: &Path, config: &Config) -> Result<Manifest> {
     }
     let manifest: Manifest = serde_json::from_slice(&text).map_err(not_ours)?;
     let expected = RunIdentity::of(config);
-    if manifest.run != expected {
+    if !manifest.run.same_model(&expected) {
         return Err(bad(
             format!(
                 "it was written by a different run: {} but the config has {}",
                 describe(&manifest.run),
                 describe(&expected)
             ),
-            "point checkpoint.dir at a new directory to start fresh, or restore the config that wrote it",
+            "point checkpoint.dir at a new directory to start fresh, or restore the config that wrote it \
+             (the mesh, ZeRO stage and virtual stages may differ: the checkpoint is resharded)",
         ));
     }
     Ok(manifest)
@@ -424,6 +447,10 @@ pub fn load<B: Backend>(
         help: help.into(),
     };
     let manifest = read_manifest(path, config)?;
+    if !manifest.run.same_layout(&RunIdentity::of(config)) {
+        reshard(path, &manifest, config, backend, units, comms)?;
+        return Ok(manifest);
+    }
     // Parameters (and unsharded states) come from the file of the first rank of this rank's
     // data-parallel group, sharded states from this rank's own.
     let leader = comms.dp.group().ranks[0];
@@ -461,6 +488,79 @@ pub fn load<B: Backend>(
         backend.write_bytes(tensor, view.data())?;
     }
     Ok(manifest)
+}
+
+/// Loads a checkpoint written with another layout: every state is consolidated into global
+/// tensors (see [`export`]) and this rank takes its tensor shard and ZeRO shard of each. Every
+/// rank reads the whole checkpoint, which is fine for the models a CPU run trains and slow for
+/// large ones.
+fn reshard<B: Backend>(
+    path: &Path,
+    manifest: &Manifest,
+    config: &Config,
+    backend: &mut B,
+    units: &[Unit],
+    comms: &Comms,
+) -> Result<()> {
+    use export::{Global, State};
+    let written = export::written_config(manifest, config);
+    let consolidate = |state| export::consolidate(path, &written, state);
+    let missing = |what: &str| Error::Checkpoint {
+        path: path.to_path_buf(),
+        what: format!("it has no {what}"),
+        help: "the checkpoint is damaged; remove it to resume from the one before".into(),
+    };
+    let params = consolidate(State::Params)?.ok_or_else(|| missing("parameters"))?;
+    let master = consolidate(State::Master)?;
+    let adam_m = consolidate(State::AdamM)?.ok_or_else(|| missing("Adam moments"))?;
+    let adam_v = consolidate(State::AdamV)?.ok_or_else(|| missing("Adam moments"))?;
+    let shape = ModelShape::new(&config.model, config.parallel.tensor);
+    let tp_rank = comms.coord.tp_rank;
+    for unit in units {
+        for placed in &unit.layout.params {
+            let name = placed.spec.name;
+            let global_name = unit.param_name(name);
+            // This rank's shard of a global tensor; the vocabulary's padding rows are 0.
+            let local = |tensors: &BTreeMap<String, Global>| -> Result<Vec<f32>> {
+                let global = tensors
+                    .get(&global_name)
+                    .ok_or_else(|| missing(&format!("tensor `{global_name}`")))?;
+                Ok((0..placed.numel() as usize)
+                    .map(|i| {
+                        let index = global_index(placed, &shape, tp_rank, i);
+                        global.values.get(index).copied().unwrap_or(0.0)
+                    })
+                    .collect())
+            };
+            let offset = placed.offset as usize;
+            let part = |values: &[f32], range: &std::ops::Range<usize>| {
+                values[range.start - offset..range.end - offset].to_vec()
+            };
+            let values = local(&params)?;
+            let range = unit.shard_of(name);
+            match (unit.params(), &range) {
+                (Some(whole), _) => backend.write(unit.view(whole, name), &values)?,
+                (None, Some(range)) => {
+                    backend.write(unit.params_at(range), &part(&values, range))?
+                }
+                (None, None) => {}
+            }
+            let Some(range) = range else { continue };
+            if let Some(target) = unit.master {
+                // An fp32 run without master weights wrote its parameters in fp32.
+                let master = match &master {
+                    Some(master) => local(master)?,
+                    None => values.clone(),
+                };
+                backend.write(unit.state_view(target, &range), &part(&master, &range))?;
+            }
+            let m = local(&adam_m)?;
+            backend.write(unit.state_view(unit.adam_m, &range), &part(&m, &range))?;
+            let v = local(&adam_v)?;
+            backend.write(unit.state_view(unit.adam_v, &range), &part(&v, &range))?;
+        }
+    }
+    Ok(())
 }
 
 /// The bytes of rank `rank`'s tensor file, checked to be safetensors.
