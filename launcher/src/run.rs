@@ -260,6 +260,31 @@ fn print_memory(mesh: &Mesh, planned: &[u64], measured: &[Option<u64>]) {
     }
 }
 
+/// Each distinct last collective with the ranks that reported it, the rarest first (a rank
+/// stuck behind the others stands out): "\n  last collectives: rank 3: all_reduce #12 in
+/// group dp 0; ranks 0, 1, 2: all_reduce #13 in group dp 0". Empty when no rank reported one.
+fn describe_last_collectives(last: &[String]) -> String {
+    let mut by_collective: std::collections::BTreeMap<&str, Vec<u32>> = Default::default();
+    for (rank, collective) in last.iter().enumerate() {
+        if !collective.is_empty() {
+            by_collective
+                .entry(collective)
+                .or_default()
+                .push(rank as u32);
+        }
+    }
+    if by_collective.is_empty() {
+        return String::new();
+    }
+    let mut groups: Vec<(&str, Vec<u32>)> = by_collective.into_iter().collect();
+    groups.sort_by_key(|(_, ranks)| ranks.len());
+    let listed: Vec<String> = groups
+        .iter()
+        .map(|(collective, ranks)| format!("{}: {collective}", describe_ranks(ranks)))
+        .collect();
+    format!("\n  last collectives: {}", listed.join("; "))
+}
+
 /// Watches the workers until all have exited; returns the steps rank 0 reported. Each rank's
 /// reported device bytes land in `measured`.
 fn supervise(
@@ -284,13 +309,22 @@ fn supervise(
     let mut stopping: Option<(Stop, Instant)> = None;
     let mut aborted = false;
     let mut last_step = 0;
+    // Each rank's last collective, as its heartbeats said: where a stuck rank waits.
+    let mut last_collectives = vec![String::new(); workers.len()];
     loop {
         while let Ok(event) = events.try_recv() {
-            if let Event::Beat(beat) = &event
-                && beat.peak_bytes > 0
-                && let Some(slot) = measured.get_mut(beat.rank as usize)
-            {
-                *slot = Some(beat.peak_bytes);
+            if let Event::Beat(beat) = &event {
+                let rank = beat.rank as usize;
+                if beat.peak_bytes > 0
+                    && let Some(slot) = measured.get_mut(rank)
+                {
+                    *slot = Some(beat.peak_bytes);
+                }
+                if !beat.last_collective.is_empty()
+                    && let Some(slot) = last_collectives.get_mut(rank)
+                {
+                    slot.clone_from(&beat.last_collective);
+                }
             }
             match event {
                 Event::Beat(beat) if beat.rank == 0 && beat.step > last_step => {
@@ -374,7 +408,10 @@ fn supervise(
         if workers.iter().all(|w| w.status.is_some()) {
             return match stopping {
                 None => Ok(last_step),
-                Some((Stop::Failed(message), _)) => Err(Failure::Runtime(anyhow::anyhow!(message))),
+                Some((Stop::Failed(message), _)) => Err(Failure::Runtime(anyhow::anyhow!(
+                    "{message}{}",
+                    describe_last_collectives(&last_collectives)
+                ))),
                 Some((Stop::Interrupted, _)) => Err(Failure::Interrupted),
             };
         }
@@ -396,5 +433,25 @@ fn supervise(
             }
         }
         std::thread::sleep(POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_collectives_are_grouped_with_the_odd_one_first() {
+        let last = [
+            "all_reduce #13 in group dp 0".to_string(),
+            "all_reduce #12 in group dp 0".to_string(),
+            "all_reduce #13 in group dp 0".to_string(),
+            String::new(),
+        ];
+        assert_eq!(
+            describe_last_collectives(&last),
+            "\n  last collectives: rank 1: all_reduce #12 in group dp 0; ranks 0, 2: all_reduce #13 in group dp 0"
+        );
+        assert_eq!(describe_last_collectives(&[String::new()]), "");
     }
 }

@@ -446,6 +446,9 @@ fn a_killed_worker_stops_every_rank_and_the_launcher_names_it() {
         )),
         "{stderr}"
     );
+    // Where each rank was: the heartbeats' last collectives, the rarest first.
+    assert!(stderr.contains("last collectives: "), "{stderr}");
+    assert!(stderr.contains(" in group "), "{stderr}");
     for rank in [0, 1, 3] {
         assert!(
             stderr

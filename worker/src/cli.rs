@@ -287,7 +287,9 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
             println!("resuming from {}", path.display());
         }
     }
-    control.start_heartbeat(env.rank).map_err(runtime_error)?;
+    control
+        .start_heartbeat(env.rank, last.clone())
+        .map_err(runtime_error)?;
     let options = RunOptions {
         metrics: None,
         until_step: cli.until_step,

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::comm::Group;
 use crate::comm::nccl::NcclId;
+use crate::trace::LastCollective;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -63,6 +64,9 @@ impl LaunchEnv {
         }))
     }
 }
+
+/// How often a worker reports its last collective between steps.
+pub const IDLE_BEAT: Duration = Duration::from_secs(1);
 
 /// Adds the run's token to every call.
 type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
@@ -174,8 +178,10 @@ impl Control {
     }
 
     /// Opens the heartbeat stream. An Abort command, or the stream breaking before
-    /// [`Self::finish`], ends the process with status 1.
-    pub fn start_heartbeat(&mut self, rank: u32) -> Result<(), String> {
+    /// [`Self::finish`], ends the process with status 1. Between steps a beat goes out every
+    /// [`IDLE_BEAT`] with the rank's last collective, so that the coordinator can tell where a
+    /// stuck rank is waiting.
+    pub fn start_heartbeat(&mut self, rank: u32, last: LastCollective) -> Result<(), String> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver);
         let mut commands = self
@@ -205,6 +211,24 @@ impl Control {
                         }
                         return;
                     }
+                }
+            }
+        });
+        let (idle, done) = (sender.clone(), self.finished.clone());
+        self.runtime.spawn(async move {
+            let mut ticks = tokio::time::interval(IDLE_BEAT);
+            loop {
+                ticks.tick().await;
+                if done.load(Ordering::SeqCst) {
+                    return;
+                }
+                let beat = Beat {
+                    rank,
+                    last_collective: last.get(),
+                    ..Beat::default()
+                };
+                if idle.send(beat).is_err() {
+                    return;
                 }
             }
         });
