@@ -273,16 +273,19 @@ impl<B: Backend> Rank<B> {
         }
     }
 
+    /// The index in `units` of the rank's first layer (after the embedding on the first stage).
+    fn first_layer(&self) -> usize {
+        usize::from(self.units[0].kind == UnitKind::Embedding)
+    }
+
     /// The index in `units` of the `layer`-th layer of `chunk`.
     fn layer_unit(&self, chunk: usize, layer: usize) -> usize {
-        let first_layer = usize::from(self.units[0].kind == UnitKind::Embedding);
-        first_layer + chunk * self.model.layers_per_chunk() + layer
+        self.first_layer() + chunk * self.model.layers_per_chunk() + layer
     }
 
     /// The position of unit `index` among the rank's layers (0 for other units).
     fn layer_position(&self, index: usize) -> usize {
-        let first_layer = usize::from(self.units[0].kind == UnitKind::Embedding);
-        index.saturating_sub(first_layer)
+        index.saturating_sub(self.first_layer())
     }
 
     /// Points the model at unit `index`'s parameters for its next use (gathered under ZeRO 3).
@@ -331,7 +334,7 @@ impl<B: Backend> Rank<B> {
     fn head(&mut self, io: usize, dloss: f32, last: bool) -> Result<f64> {
         let head = self.units.len() - 1;
         // Without a pipeline the head's weights are the embedding's: that unit is in use too.
-        let shares_embedding = self.units[0].kind == UnitKind::Embedding;
+        let shares_embedding = self.first_layer() == 1;
         self.use_params(head)?;
         let head_grads = self.use_grads(head)?;
         let embedding_grads = if shares_embedding {

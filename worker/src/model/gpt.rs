@@ -433,11 +433,6 @@ impl Gpt {
         Ok(loss)
     }
 
-    /// Layers of this rank, over all its chunks.
-    pub fn layers(&self) -> usize {
-        self.params.layers.len()
-    }
-
     /// Backward of `chunk` for the microbatch in `slot` is `backward_begin`, `backward_layer`
     /// for each of the chunk's layers from the last, then `backward_end`: from the gradient of
     /// the chunk's output (the head's on the model's last chunk, else what the runtime put in

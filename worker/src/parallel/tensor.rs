@@ -131,11 +131,6 @@ impl TensorParallel {
         }
         Ok(())
     }
-
-    /// The blocking communicator itself (loss and norm sums).
-    pub fn comm(&mut self) -> &mut dyn Communicator {
-        self.comm.as_mut()
-    }
 }
 
 /// Whether a replicated parameter's gradient is a partial sum over the tokens of one rank
