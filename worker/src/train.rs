@@ -128,7 +128,7 @@ impl<B: Backend> Rank<B> {
             })
             .collect();
         let tokens = training.micro_batch * config.model.seq_len;
-        let data_parallel = DataParallel::new(&layout)?;
+        let data_parallel = DataParallel::new(&layout, parallel.data)?;
         Ok(Rank {
             ops,
             last_backward,

@@ -38,6 +38,8 @@ pub struct DataParallel {
     next_gather: usize,
     /// ZeRO 3: a gather started ahead of use: (unit's flat parameters, buffer, transfer).
     prefetched: Option<(Tensor, Tensor, Work)>,
+    /// The data-parallel degree: a sharded unit's whole flat buffer is `dp` shards.
+    dp: usize,
 }
 
 /// A bucket's reduce-scatter in flight: when done, `reduced` (the rank's chunk of the bucket)
@@ -49,8 +51,8 @@ struct Accumulation {
 }
 
 impl DataParallel {
-    /// Takes ZeRO's buffers from the arena when the plan has them.
-    pub fn new(layout: &ArenaLayout) -> Result<DataParallel> {
+    /// Takes ZeRO's buffers from the arena when the plan has them; `dp` is the group's size.
+    pub fn new(layout: &ArenaLayout, dp: usize) -> Result<DataParallel> {
         let copies = |name: &str| -> Result<Vec<Tensor>> {
             if !layout.contains(name) {
                 return Ok(Vec::new());
@@ -67,11 +69,13 @@ impl DataParallel {
             gathers: copies("zero.param_gather")?,
             next_gather: 0,
             prefetched: None,
+            dp,
         })
     }
 
     /// Where the model accumulates `unit`'s next gradients: the unit's own (ZeRO 0 and 1),
-    /// or the next bucket, zeroed (ZeRO 2 and 3; a bucket still in flight is settled first).
+    /// or the unit's extent of the next bucket, zeroed (ZeRO 2 and 3; a bucket still in flight
+    /// is settled first).
     pub fn grads_for<B: Backend>(&mut self, backend: &mut B, unit: &Unit) -> Result<Tensor> {
         if let Some(grads) = unit.grads() {
             return Ok(grads);
@@ -79,7 +83,8 @@ impl DataParallel {
         let k = self.next_bucket;
         self.next_bucket = (k + 1) % self.buckets.len();
         self.settle(backend, k)?;
-        let bucket = self.buckets[k];
+        // The unit's whole flat buffer: what the model writes and the reduce-scatter reads.
+        let bucket = self.buckets[k].slice(0, unit.flat_grads.len * self.dp);
         backend.fill(bucket, 0.0)?;
         Ok(bucket)
     }
@@ -125,8 +130,12 @@ impl DataParallel {
             .iter()
             .position(|b| b.offset == grads.offset)
             .expect("invariant: ZeRO 2/3 gradients are in a bucket from grads_for");
-        let chunk = unit.flat_grads.len;
-        let whole = self.buckets[k].slice(0, chunk * size);
+        let (chunk, whole) = (unit.flat_grads.len, grads);
+        debug_assert_eq!(
+            whole.len,
+            chunk * size,
+            "invariant: the unit's extent of a bucket"
+        );
         let input = backend.comm_buf(whole);
         let output = input.slice(index * chunk, chunk);
         // SAFETY: the bucket is not handed out again (nor read) before `settle` has waited.
@@ -241,13 +250,11 @@ impl DataParallel {
         backend: &mut B,
         unit: &Unit,
     ) -> Result<Tensor> {
-        let bucket = self.grads_for(backend, unit)?;
-        let size = comm.group().size();
-        let whole = bucket.slice(0, unit.flat_grads.len * size);
+        let whole = self.grads_for(backend, unit)?;
         let (input, output) = (backend.comm_buf(unit.flat_grads), backend.comm_buf(whole));
         // SAFETY: as in `params_for`.
         unsafe { comm.run(Collective::AllGather { input, output }) }?;
-        Ok(bucket)
+        Ok(whole)
     }
 
     /// Copies this rank's chunk of `whole` (from [`Self::gather_grads`]) back into the shard.
