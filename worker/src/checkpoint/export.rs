@@ -2,7 +2,7 @@
 //! state) as the global tensor a single process holds, in f32, the vocabulary's padding rows
 //! removed, like DeepSpeed's `zero_to_fp32`. `launch export` writes the parameters as one
 //! safetensors file; tests compare the weights of different meshes with it; and a run on
-//! another mesh resumes from it ([`super::load`] reshards through [`consolidate`]).
+//! another mesh resumes from it ([`super::load`] reshards through [`Files::consolidate`]).
 //!
 //! The files are read as the layout that wrote them (the manifest's mesh, ZeRO stage and
 //! virtual stages) places the model: each (pipeline stage, tensor rank) holds its units; a
@@ -11,7 +11,7 @@
 //! as a flat slice of its unit (`adam_m.layers.3`), concatenated here.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use safetensors::SafeTensors;
 use tessera_plan::Config;
@@ -20,7 +20,7 @@ use tessera_plan::memory::StagePlan;
 use tessera_plan::mesh::{Coord, Mesh};
 use tessera_plan::model::{ModelShape, Unit as UnitKind};
 
-use super::{Manifest, encode, rank_file};
+use super::{Manifest, encode, rank_file, read_file};
 use crate::error::{Error, Result};
 use crate::model::init::global_index;
 use crate::model::stage_units;
@@ -71,100 +71,176 @@ pub fn written_config(manifest: &Manifest, config: &Config) -> Config {
     written
 }
 
-/// Every tensor of `state` in the checkpoint at `path`, which `written` (see
-/// [`written_config`]) laid out, by global parameter name (`wte`, `wpe`, `layers.3.qkv_w`,
-/// `lnf_w`, ...). `None` when the checkpoint has no such state (master weights of an fp32 run).
-pub fn consolidate(
-    path: &Path,
-    written: &Config,
-    state: State,
-) -> Result<Option<BTreeMap<String, Global>>> {
-    let parallel = &written.parallel;
-    let mesh = Mesh::from_config(written);
-    let shape = ModelShape::new(&written.model, parallel.tensor);
-    let dp = parallel.data;
-    // Which buffers the writer sharded over the data-parallel group.
-    let sharded = dp > 1
-        && match state {
-            State::Params => parallel.zero == Zero::Parameters,
-            _ => parallel.zero >= Zero::Optimizer,
+/// The rank files of a checkpoint, each read (and checked) once.
+pub struct Files {
+    path: PathBuf,
+    bytes: BTreeMap<usize, Vec<u8>>,
+}
+
+impl Files {
+    /// Reads the files of the checkpoint at `path` that `written` (see [`written_config`])
+    /// wrote: the first data-parallel rank's of each (pipeline, tensor) coordinate, and every
+    /// rank's where ZeRO sharded the states.
+    pub fn read(path: &Path, written: &Config) -> Result<Files> {
+        let mesh = Mesh::from_config(written);
+        let sharded = written.parallel.zero >= Zero::Optimizer && written.parallel.data > 1;
+        let bad = |what: String, help: &str| Error::Checkpoint {
+            path: path.to_path_buf(),
+            what,
+            help: help.into(),
         };
-    let has_master = written.training.precision.has_master_weights() || parallel.offload.optimizer;
-    if state == State::Master && !has_master {
-        return Ok(None);
+        let mut bytes = BTreeMap::new();
+        for rank in 0..mesh.world_size() {
+            let first = mesh.coord(rank).is_ok_and(|c| c.dp_rank == 0);
+            if sharded || first {
+                bytes.insert(rank, read_file(path, rank, &bad)?);
+            }
+        }
+        Ok(Files {
+            path: path.to_path_buf(),
+            bytes,
+        })
     }
-    let mut files: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
-    let mut model: BTreeMap<String, Global> = BTreeMap::new();
-    for pp_rank in 0..parallel.pipeline {
-        let stage = StagePlan::new(written, pp_rank);
-        for (kind, _, layer, _) in stage_units(written, &stage) {
-            let layout = shape.layout(kind);
-            let unit_name = match (kind, layer) {
-                (UnitKind::Embedding, _) => "embedding".to_string(),
-                (UnitKind::Head { .. }, _) => "head".to_string(),
-                (UnitKind::Layer, layer) => format!("layers.{}", layer.unwrap_or(0)),
+
+    /// Every tensor of `state` in the files, which `written` laid out, by global parameter
+    /// name (`wte`, `wpe`, `layers.3.qkv_w`, `lnf_w`, ...). `None` when the checkpoint has no
+    /// such state (master weights of an fp32 run).
+    pub fn consolidate(
+        &self,
+        written: &Config,
+        state: State,
+    ) -> Result<Option<BTreeMap<String, Global>>> {
+        let parallel = &written.parallel;
+        let mesh = Mesh::from_config(written);
+        let shape = ModelShape::new(&written.model, parallel.tensor);
+        let dp = parallel.data;
+        // Which buffers the writer sharded over the data-parallel group.
+        let sharded = dp > 1
+            && match state {
+                State::Params => parallel.zero == Zero::Parameters,
+                _ => parallel.zero >= Zero::Optimizer,
             };
-            for tp_rank in 0..parallel.tensor {
-                let rank_of = |dp_rank| {
-                    mesh.rank(Coord {
-                        dp_rank,
-                        pp_rank,
-                        tp_rank,
-                    })
+        let has_master =
+            written.training.precision.has_master_weights() || parallel.offload.optimizer;
+        if state == State::Master && !has_master {
+            return Ok(None);
+        }
+        let files: BTreeMap<usize, SafeTensors> = self
+            .bytes
+            .iter()
+            .map(|(&rank, bytes)| {
+                let parsed =
+                    SafeTensors::deserialize(bytes).expect("invariant: read_file checked the file");
+                (rank, parsed)
+            })
+            .collect();
+        let file = |rank: usize| {
+            files.get(&rank).ok_or_else(|| Error::Checkpoint {
+                path: self.path.clone(),
+                what: format!("{} was not read", rank_file(rank)),
+                help: "this is a bug in tessera; please report it".into(),
+            })
+        };
+        let mut model: BTreeMap<String, Global> = BTreeMap::new();
+        for pp_rank in 0..parallel.pipeline {
+            let stage = StagePlan::new(written, pp_rank);
+            for (kind, _, layer, _) in stage_units(written, &stage) {
+                let layout = shape.layout(kind);
+                let unit_name = match (kind, layer) {
+                    (UnitKind::Embedding, _) => "embedding".to_string(),
+                    (UnitKind::Head { .. }, _) => "head".to_string(),
+                    (UnitKind::Layer, layer) => format!("layers.{}", layer.unwrap_or(0)),
                 };
-                // The unit's flat buffer, from every data-parallel rank's shard.
-                let flat = if sharded {
-                    let mut flat = Vec::new();
-                    for dp_rank in 0..dp {
-                        let bytes = file(&mut files, path, rank_of(dp_rank))?;
-                        let name = format!("{}.{unit_name}", state.prefix());
-                        flat.extend(tensor(bytes, &name, path)?);
-                    }
-                    Some(flat)
-                } else {
-                    None
-                };
-                let bytes = file(&mut files, path, rank_of(0))?.to_vec();
-                for placed in &layout.params {
-                    let name = placed.spec.name;
-                    if name == "wte" && matches!(kind, UnitKind::Head { tied_copy: true }) {
-                        // The last stage's copy of the tied embedding: the embedding's own.
-                        continue;
-                    }
-                    let global_name = match layer {
-                        Some(layer) => format!("layers.{layer}.{name}"),
-                        None => name.to_string(),
+                for tp_rank in 0..parallel.tensor {
+                    let rank_of = |dp_rank| {
+                        mesh.rank(Coord {
+                            dp_rank,
+                            pp_rank,
+                            tp_rank,
+                        })
                     };
-                    let local = match &flat {
-                        Some(flat) => {
-                            let start = placed.offset as usize;
-                            flat[start..start + placed.numel() as usize].to_vec()
+                    // The unit's flat buffer, from every data-parallel rank's shard.
+                    let flat = if sharded {
+                        let mut flat = Vec::new();
+                        for dp_rank in 0..dp {
+                            let name = format!("{}.{unit_name}", state.prefix());
+                            flat.extend(self.tensor(file(rank_of(dp_rank))?, &name)?);
                         }
-                        None if state == State::Params => tensor(&bytes, &global_name, path)?,
-                        None => {
-                            let stored = format!("{}.{global_name}", state.prefix());
-                            tensor(&bytes, &stored, path)?
-                        }
+                        Some(flat)
+                    } else {
+                        None
                     };
-                    let global_shape = shape.global_shape(&placed.spec);
-                    let entry = model.entry(global_name).or_insert_with(|| Global {
-                        values: vec![0.0; global_shape.iter().product()],
-                        shape: global_shape,
-                    });
-                    for (i, value) in local.into_iter().enumerate() {
-                        entry.values[global_index(placed, &shape, tp_rank, i)] = value;
+                    let first = file(rank_of(0))?;
+                    for placed in &layout.params {
+                        let name = placed.spec.name;
+                        if name == "wte" && matches!(kind, UnitKind::Head { tied_copy: true }) {
+                            // The last stage's copy of the tied embedding: the embedding's own.
+                            continue;
+                        }
+                        let global_name = match layer {
+                            Some(layer) => format!("layers.{layer}.{name}"),
+                            None => name.to_string(),
+                        };
+                        let local = match &flat {
+                            Some(flat) => {
+                                let start = placed.offset as usize;
+                                flat[start..start + placed.numel() as usize].to_vec()
+                            }
+                            None if state == State::Params => self.tensor(first, &global_name)?,
+                            None => {
+                                let stored = format!("{}.{global_name}", state.prefix());
+                                self.tensor(first, &stored)?
+                            }
+                        };
+                        let global_shape = shape.global_shape(&placed.spec);
+                        let entry = model.entry(global_name).or_insert_with(|| Global {
+                            values: vec![0.0; global_shape.iter().product()],
+                            shape: global_shape,
+                        });
+                        for (i, value) in local.into_iter().enumerate() {
+                            entry.values[global_index(placed, &shape, tp_rank, i)] = value;
+                        }
                     }
                 }
             }
         }
+        // The vocabulary is padded to a multiple the tensor degree divides: drop the padding
+        // rows.
+        if let Some(wte) = model.get_mut("wte") {
+            let hidden = wte.shape[1];
+            wte.values.truncate(shape.vocab * hidden);
+            wte.shape[0] = shape.vocab;
+        }
+        Ok(Some(model))
     }
-    // The vocabulary is padded to a multiple the tensor degree divides: drop the padding rows.
-    if let Some(wte) = model.get_mut("wte") {
-        let hidden = wte.shape[1];
-        wte.values.truncate(shape.vocab * hidden);
-        wte.shape[0] = shape.vocab;
+
+    /// Tensor `name` of a rank file, converted to f32.
+    fn tensor(&self, file: &SafeTensors, name: &str) -> Result<Vec<f32>> {
+        let bad = |what: String| Error::Checkpoint {
+            path: self.path.clone(),
+            what,
+            help: "the checkpoint is damaged, or the config is not the one that wrote it".into(),
+        };
+        let view = file
+            .tensor(name)
+            .map_err(|_| bad(format!("no rank file there holds `{name}`")))?;
+        let data = view.data();
+        Ok(match view.dtype() {
+            safetensors::Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            safetensors::Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => return Err(bad(format!("`{name}` is {other:?}, not a float tensor"))),
+        })
     }
-    Ok(Some(model))
 }
 
 /// Writes `model` as one safetensors file of f32 tensors.
@@ -183,43 +259,4 @@ pub fn write(model: &BTreeMap<String, Global>, out: &Path) -> Result<()> {
     });
     let encoded = encode(tensors, out)?;
     std::fs::write(out, encoded).map_err(Error::io(out))
-}
-
-/// The bytes of rank `rank`'s file in the checkpoint at `path`, read once.
-fn file<'a>(files: &'a mut BTreeMap<usize, Vec<u8>>, path: &Path, rank: usize) -> Result<&'a [u8]> {
-    if let std::collections::btree_map::Entry::Vacant(entry) = files.entry(rank) {
-        let file = path.join(rank_file(rank));
-        entry.insert(std::fs::read(&file).map_err(Error::io(&file))?);
-    }
-    Ok(&files[&rank])
-}
-
-/// Tensor `name` of a rank file, converted to f32.
-fn tensor(bytes: &[u8], name: &str, path: &Path) -> Result<Vec<f32>> {
-    let bad = |what: String| Error::Checkpoint {
-        path: path.to_path_buf(),
-        what,
-        help: "the checkpoint is damaged, or the config is not the one that wrote it".into(),
-    };
-    let stored = SafeTensors::deserialize(bytes)
-        .map_err(|e| bad(format!("a rank file is not valid safetensors: {e}")))?;
-    let view = stored
-        .tensor(name)
-        .map_err(|_| bad(format!("no rank file there holds `{name}`")))?;
-    let data = view.data();
-    Ok(match view.dtype() {
-        safetensors::Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        safetensors::Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        safetensors::Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        other => return Err(bad(format!("`{name}` is {other:?}, not a float tensor"))),
-    })
 }

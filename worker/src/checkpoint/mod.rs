@@ -492,8 +492,8 @@ pub fn load<B: Backend>(
 
 /// Loads a checkpoint written with another layout: every state is consolidated into global
 /// tensors (see [`export`]) and this rank takes its tensor shard and ZeRO shard of each. Every
-/// rank reads the whole checkpoint, which is fine for the models a CPU run trains and slow for
-/// large ones.
+/// rank reads the whole checkpoint (each file once), which is fine for the models a CPU run
+/// trains and slow for large ones.
 fn reshard<B: Backend>(
     path: &Path,
     manifest: &Manifest,
@@ -504,7 +504,8 @@ fn reshard<B: Backend>(
 ) -> Result<()> {
     use export::{Global, State};
     let written = export::written_config(manifest, config);
-    let consolidate = |state| export::consolidate(path, &written, state);
+    let files = export::Files::read(path, &written)?;
+    let consolidate = |state| files.consolidate(&written, state);
     let missing = |what: &str| Error::Checkpoint {
         path: path.to_path_buf(),
         what: format!("it has no {what}"),
