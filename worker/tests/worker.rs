@@ -332,6 +332,41 @@ fn resuming_with_a_different_model_is_refused() {
 }
 
 #[test]
+fn a_manifest_with_an_impossible_layout_is_refused() {
+    let scratch = Scratch::new("bad-layout");
+    let dir = format!("checkpoint.dir={}", scratch.path("ckpt").display());
+    let mut sets = ONE_RANK.to_vec();
+    sets.extend([
+        "model.layers=2",
+        "training.steps=2",
+        "training.global_batch=2",
+        "checkpoint.every=1",
+        &dir,
+    ]);
+    let config = repo("configs/tiny-cpu.yaml");
+    assert!(
+        run(worker(&config, &sets, &["--until-step", "1"]))
+            .status
+            .success()
+    );
+    let manifest = scratch
+        .path("ckpt")
+        .join("step-00000001")
+        .join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let damaged = text.replace("\"zero\": 1", "\"zero\": 9");
+    assert_ne!(text, damaged, "the manifest names its ZeRO stage: {text}");
+    std::fs::write(&manifest, damaged).unwrap();
+    let output = run(worker(&config, &sets, &[]));
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(
+        err.contains("layout is impossible") && err.contains("zero 9"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_data_exits_2_naming_the_file_and_offset() {
     let scratch = Scratch::new("bad-data");
     let shard = scratch.path("train.bin");

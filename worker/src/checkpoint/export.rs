@@ -61,7 +61,7 @@ pub fn written_config(manifest: &Manifest, config: &Config) -> Config {
     let run = &manifest.run;
     let parallel = &mut written.parallel;
     [parallel.data, parallel.tensor, parallel.pipeline] = run.mesh;
-    parallel.zero = Zero::ALL[run.zero.min(3)];
+    parallel.zero = Zero::ALL[run.zero]; // read_manifest checked 0..=3
     parallel.virtual_stages = run.virtual_stages;
     if run.virtual_stages > 1 {
         parallel.schedule = Schedule::Interleaved;

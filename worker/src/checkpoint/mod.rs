@@ -418,6 +418,16 @@ pub fn read_manifest(path: &Path, config: &Config) -> Result<Manifest> {
         ));
     }
     let manifest: Manifest = serde_json::from_slice(&text).map_err(not_ours)?;
+    let run = &manifest.run;
+    if run.zero > 3 || run.virtual_stages == 0 || run.mesh.contains(&0) {
+        return Err(bad(
+            format!(
+                "its layout is impossible: mesh {:?}, zero {}, virtual stages {}",
+                run.mesh, run.zero, run.virtual_stages
+            ),
+            "the checkpoint is damaged; remove it to resume from the one before",
+        ));
+    }
     let expected = RunIdentity::of(config);
     if !manifest.run.same_model(&expected) {
         return Err(bad(
