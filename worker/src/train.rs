@@ -457,17 +457,6 @@ impl<B: Backend> Rank<B> {
         Ok(())
     }
 
-    /// Whether this rank counts `name` of `unit` in the global gradient norm: every element is
-    /// counted by exactly one rank of the mesh (tensor-parallel replicas by the first, the tied
-    /// embedding's copy on the last stage not at all, whole data-parallel replicas by the first).
-    fn counts_in_norm(&self, unit: &Unit, spec: &ParamSpec) -> bool {
-        let replicated = spec.split == Split::Replicated;
-        let tied_copy =
-            matches!(unit.kind, UnitKind::Head { tied_copy: true }) && spec.name == "wte";
-        let replica = unit.is_whole() && self.comms.dp_rank() != 0;
-        !(tied_copy || replica || (replicated && self.comms.coord.tp_rank != 0))
-    }
-
     /// One whole optimizer step on the rank's share of the global batch.
     pub fn train_step(&mut self, dataset: &Dataset, sampler: &Sampler) -> Result<StepMetrics> {
         let (step, t) = (self.step, self.config.model.seq_len);
@@ -496,22 +485,12 @@ impl<B: Backend> Rank<B> {
         }
         self.data_parallel.finish(&mut self.backend)?;
         let optimizer = Instant::now();
-        let counted: Vec<Vec<bool>> = self
-            .units
-            .iter()
-            .map(|u| {
-                u.layout
-                    .params
-                    .iter()
-                    .map(|p| self.counts_in_norm(u, &p.spec))
-                    .collect()
-            })
-            .collect();
+        let (dp_rank, tp_rank) = (self.comms.dp_rank(), self.comms.coord.tp_rank);
         let local = self.optimizer.sum_squares(
             &mut self.backend,
             &self.units,
             self.model.norm_partials(),
-            |unit, param| counted[unit][param],
+            |unit, placed| counts_in_norm(unit, &placed.spec, dp_rank, tp_rank),
         )?;
         let norm = sum_over_group(self.comms.world.as_mut(), local)?.sqrt();
         let report = self
@@ -534,6 +513,17 @@ impl<B: Backend> Rank<B> {
             peak_bytes: self.backend.arena_bytes(Place::Device) as u64,
         })
     }
+}
+
+/// Whether the rank at (`dp_rank`, `tp_rank`) counts parameter `spec` of `unit` in the global
+/// gradient norm: every element is counted by exactly one rank of the mesh (tensor-parallel
+/// replicas by the first, the tied embedding's copy on the last stage not at all, whole
+/// data-parallel replicas by the first).
+fn counts_in_norm(unit: &Unit, spec: &ParamSpec, dp_rank: usize, tp_rank: usize) -> bool {
+    let replicated = spec.split == Split::Replicated;
+    let tied_copy = matches!(unit.kind, UnitKind::Head { tied_copy: true }) && spec.name == "wte";
+    let replica = unit.is_whole() && dp_rank != 0;
+    !(tied_copy || replica || (replicated && tp_rank != 0))
 }
 
 /// How `run` behaves beyond the config.

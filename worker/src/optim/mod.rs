@@ -6,6 +6,7 @@
 //! fp32 master copy is updated and rounded into the compute-dtype parameters.
 
 use tessera_plan::config::{Optimizer as Hyper, Precision};
+use tessera_plan::model::Placed;
 
 use crate::error::Result;
 use crate::model::Unit;
@@ -94,25 +95,20 @@ impl Optimizer {
     }
 
     /// The sum of squares of the gradients (of the scaled loss) this rank counts: of each
-    /// parameter `counts(unit, param)` accepts (indices into `units` and its layout), the part
-    /// in this rank's shard. The global norm is the square root of the sum over every rank,
-    /// each element counted by one of them.
+    /// parameter `counts(unit, param)` accepts, the part in this rank's shard. The global norm
+    /// is the square root of the sum over every rank, each element counted by one of them.
     pub fn sum_squares<B: Backend>(
         &self,
         backend: &mut B,
         units: &[Unit],
         partials: Tensor,
-        counts: impl Fn(usize, usize) -> bool,
+        counts: impl Fn(&Unit, &Placed) -> bool,
     ) -> Result<f64> {
         let mut sum = 0.0f64;
-        for (u, unit) in units.iter().enumerate() {
-            for (p, placed) in unit.layout.params.iter().enumerate() {
-                if !counts(u, p) {
-                    continue;
-                }
+        for unit in units {
+            for placed in unit.layout.params.iter().filter(|p| counts(unit, p)) {
                 if let Some(range) = unit.shard_of(placed.spec.name) {
-                    let grads = unit.grads_at(&range);
-                    sum += backend.sum_squares(grads, partials)?;
+                    sum += backend.sum_squares(unit.grads_at(&range), partials)?;
                 }
             }
         }
