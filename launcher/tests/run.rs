@@ -289,20 +289,25 @@ const MESHES: [Layout; 6] = [
     Layout::mesh(2, 2, 2, 1),
 ];
 
-/// The model of `scratch`'s newest checkpoint as global tensors, through `launch export`.
-fn exported(scratch: &Scratch, sets: &[&str]) -> Vec<(String, Vec<f32>)> {
-    let out = scratch.path("model.safetensors");
+/// `launch export` of `scratch/ckpt`'s newest checkpoint into `scratch/model.safetensors`.
+fn export(scratch: &Scratch, sets: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_launch"));
     command
         .current_dir(repo())
         .args(["export", "--config", "configs/tiny-cpu.yaml", "--out"])
-        .arg(&out)
+        .arg(scratch.path("model.safetensors"))
         .arg("--set")
         .arg(format!("checkpoint.dir={}", scratch.path("ckpt").display()));
     for set in sets {
         command.args(["--set", set]);
     }
-    let result = output(command);
+    command
+}
+
+/// The model of `scratch`'s newest checkpoint as global tensors, through `launch export`.
+fn exported(scratch: &Scratch, sets: &[&str]) -> Vec<(String, Vec<f32>)> {
+    let out = scratch.path("model.safetensors");
+    let result = output(export(scratch, sets));
     assert!(result.status.success(), "{}", text(&result.stderr));
     let bytes = std::fs::read(&out).unwrap();
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -564,14 +569,7 @@ fn trace_holds_every_ranks_forward_backward_collectives_and_optimizer() {
 #[test]
 fn export_without_a_checkpoint_says_where_it_looked() {
     let scratch = Scratch::new("export-none");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_launch"));
-    command
-        .current_dir(repo())
-        .args(["export", "--config", "configs/tiny-cpu.yaml", "--out"])
-        .arg(scratch.path("model.safetensors"))
-        .arg("--set")
-        .arg(format!("checkpoint.dir={}", scratch.path("ckpt").display()));
-    let out = output(command);
+    let out = output(export(&scratch, &[]));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no checkpoint in"), "{stderr}");
