@@ -9,22 +9,25 @@
 //! sender) that the endpoint checks before routing it to its communicator.
 //!
 //! Reductions are rings: reduce-scatter then all-gather, each step cut into pieces so that a
-//! piece is forwarded while the next is still arriving (a sender thread writes while the
-//! communicator's thread reads). The final value of each segment is computed once, by its
+//! piece is forwarded while the next is still arriving. One thread per communicator moves
+//! both directions on non-blocking sockets (as gloo's transport does): on a machine with few
+//! cores, a second thread per link only competes with the first for the kernel's copies. The final value of each segment is computed once, by its
 //! owner, and then copied around the ring, so every rank ends with the same bits. bf16 and
 //! f16 partial sums are added in f32 and rounded back at each hop.
 //!
 //! Every op starts with a small header on each link it uses (sequence number, op, dtype,
 //! length): a peer running a different collective is reported instead of corrupting data.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use tessera_plan::memory::Dtype;
 
 use super::{
@@ -34,9 +37,10 @@ use super::{
 
 const MAGIC: &[u8; 4] = b"TSRA";
 const VERSION: u8 = 1;
-/// Bytes per pipelined piece: large enough to amortise a system call, small enough that a
-/// ring step overlaps its send and receive.
-const PIECE: usize = 1 << 20;
+/// Bytes received before they are forwarded, where no reduction cuts them smaller: large
+/// enough to amortise a system call, small enough that a ring step overlaps its send and
+/// receive.
+const PIECE: usize = 256 << 10;
 /// Bytes received and reduced at a time inside a piece: small enough to stay in L2.
 const REDUCE_PART: usize = 64 << 10;
 const HEADER: usize = 18;
@@ -220,6 +224,8 @@ impl Links {
             self.wait_for(peer, deadline)?
         };
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        // Only the communicator's thread uses it, driving it with `poll` (see `Wire`).
+        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
         let stream = Arc::new(stream);
         self.streams[peer] = Some(stream.clone());
         Ok(stream)
@@ -335,69 +341,220 @@ struct Failure {
     cause: String,
 }
 
-/// A send the sender thread performs: bytes at an address, on one link.
-enum Job {
-    Bytes {
-        stream: Arc<TcpStream>,
-        peer: usize,
-        addr: usize,
-        len: usize,
-    },
-    Header {
-        stream: Arc<TcpStream>,
-        peer: usize,
-        header: [u8; HEADER],
-    },
-    /// Reply once every job before it is done (or with the first failure).
-    Flush(mpsc::Sender<Result<(), (usize, String)>>),
+fn describe_io(e: &std::io::Error) -> String {
+    match e.kind() {
+        ErrorKind::UnexpectedEof => "the peer closed the connection".into(),
+        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => "the connection was reset".into(),
+        _ => e.to_string(),
+    }
 }
 
-/// Writes jobs in order; after a failure skips to the next flush and closes the links.
-fn send_loop(jobs: mpsc::Receiver<Job>, streams: Vec<Arc<TcpStream>>) {
-    let mut failed: Option<(usize, String)> = None;
-    for job in jobs {
-        match job {
-            Job::Flush(reply) => {
-                let _ = reply.send(failed.take().map_or(Ok(()), Err));
-            }
-            _ if failed.is_some() => {}
-            Job::Header {
-                stream,
-                peer,
-                header,
-            } => {
-                if let Err(e) = (&*stream).write_all(&header) {
-                    failed = Some((peer, describe_io(&e)));
+/// Bytes waiting to be written to an op's outgoing link.
+enum Outgoing {
+    /// A range of the op's buffers (valid until the op completes: start's contract).
+    Region { addr: usize, len: usize },
+    /// An op header, written from `at` on.
+    Header { bytes: [u8; HEADER], at: usize },
+}
+
+/// One op's links: at most one member it sends to and one it receives from. The
+/// communicator's thread drives both directions itself on non-blocking sockets: whenever it
+/// waits for bytes to arrive it also writes whatever is queued, so a ring step forwards while
+/// it receives without a second thread competing for the cores.
+struct Wire {
+    to: Option<(Arc<TcpStream>, usize)>,
+    from: Option<(Arc<TcpStream>, usize)>,
+    outbox: VecDeque<Outgoing>,
+    /// How long a direction with work pending may make no progress.
+    timeout: Duration,
+    last_write: Instant,
+    last_read: Instant,
+}
+
+impl Wire {
+    fn new(
+        to: Option<(Arc<TcpStream>, usize)>,
+        from: Option<(Arc<TcpStream>, usize)>,
+        timeout: Duration,
+    ) -> Wire {
+        let now = Instant::now();
+        Wire {
+            to,
+            from,
+            outbox: VecDeque::new(),
+            timeout,
+            last_write: now,
+            last_read: now,
+        }
+    }
+
+    /// Queues `part` for the outgoing member.
+    fn send(&mut self, part: CommBuf) {
+        let (addr, len) = (part.addr, part.bytes());
+        if len == 0 {
+            return;
+        }
+        // Consecutive ranges (the parts of one segment) become one write.
+        if let Some(Outgoing::Region { addr: a, len: l }) = self.outbox.back_mut()
+            && *a + *l == addr
+        {
+            *l += len;
+            return;
+        }
+        if self.outbox.is_empty() {
+            self.last_write = Instant::now();
+        }
+        self.outbox.push_back(Outgoing::Region { addr, len });
+    }
+
+    fn send_header(&mut self, bytes: [u8; HEADER]) {
+        if self.outbox.is_empty() {
+            self.last_write = Instant::now();
+        }
+        self.outbox.push_back(Outgoing::Header { bytes, at: 0 });
+    }
+
+    /// Fills `into` from the incoming member, writing queued bytes meanwhile.
+    fn recv(&mut self, into: &mut [u8]) -> Result<(), Failure> {
+        self.last_read = Instant::now();
+        self.pump(into, false)
+    }
+
+    /// Writes everything queued.
+    fn finish(&mut self) -> Result<(), Failure> {
+        self.pump(&mut [], true)
+    }
+
+    /// Moves bytes both ways until `into` is full (and, with `drain`, the outbox empty),
+    /// sleeping in `poll` when neither direction can move.
+    fn pump(&mut self, into: &mut [u8], drain: bool) -> Result<(), Failure> {
+        let mut got = 0;
+        loop {
+            let mut moved = self.write_some()?;
+            if got < into.len() {
+                let (stream, peer) = self.from.as_ref().expect("invariant: a receiving op");
+                match (&**stream).read(&mut into[got..]) {
+                    Ok(0) => {
+                        return Err(receive_failure(*peer, "the peer closed the connection"));
+                    }
+                    Ok(k) => {
+                        got += k;
+                        moved = true;
+                        self.last_read = Instant::now();
+                    }
+                    Err(e) if would_block(&e) => {}
+                    Err(e) => return Err(receive_failure(*peer, &describe_io(&e))),
                 }
             }
-            Job::Bytes {
-                stream,
-                peer,
-                addr,
-                len,
-            } => {
-                // SAFETY: the op that queued this job keeps the buffer alive and unwritten
-                // until its flush, which comes after this job.
-                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
-                if let Err(e) = (&*stream).write_all(bytes) {
-                    failed = Some((peer, describe_io(&e)));
+            let reading = got < into.len();
+            let writing = !self.outbox.is_empty();
+            if !reading && !(drain && writing) {
+                return Ok(());
+            }
+            if !moved {
+                self.wait(reading, writing)?;
+            }
+        }
+    }
+
+    /// Writes queued bytes until the socket would block; says whether any moved.
+    fn write_some(&mut self) -> Result<bool, Failure> {
+        let mut moved = false;
+        while let Some(front) = self.outbox.front_mut() {
+            let (stream, peer) = self.to.as_ref().expect("invariant: a sending op");
+            let bytes: &[u8] = match front {
+                // SAFETY: the op's buffers are valid until it completes (start's contract),
+                // and a region is queued only once its bytes are final.
+                Outgoing::Region { addr, len } => unsafe {
+                    std::slice::from_raw_parts(*addr as *const u8, *len)
+                },
+                Outgoing::Header { bytes, at } => &bytes[*at..],
+            };
+            let (result, wanted) = ((&**stream).write(bytes), bytes.len());
+            match result {
+                Ok(k) => {
+                    moved = true;
+                    self.last_write = Instant::now();
+                    if k == wanted {
+                        self.outbox.pop_front();
+                    } else {
+                        match front {
+                            Outgoing::Region { addr, len } => {
+                                *addr += k;
+                                *len -= k;
+                            }
+                            Outgoing::Header { at, .. } => *at += k,
+                        }
+                    }
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) => {
+                    return Err(Failure {
+                        silent: vec![*peer],
+                        cause: format!("sending to member {peer}: {}", describe_io(&e)),
+                    });
                 }
             }
         }
-        if failed.is_some() {
-            for stream in &streams {
-                let _ = stream.shutdown(Shutdown::Both);
+        Ok(moved)
+    }
+
+    /// Sleeps until a pending direction can move, or fails once one has been stuck for the
+    /// timeout (naming the member it waits on).
+    fn wait(&mut self, reading: bool, writing: bool) -> Result<(), Failure> {
+        let now = Instant::now();
+        let mut left = Duration::MAX;
+        if reading {
+            let (_, peer) = self.from.as_ref().expect("invariant: a receiving op");
+            let idle = now - self.last_read;
+            if idle >= self.timeout {
+                return Err(receive_failure(
+                    *peer,
+                    &format!("timed out after {idle:.0?}"),
+                ));
             }
+            left = left.min(self.timeout - idle);
+        }
+        if writing {
+            let (_, peer) = self.to.as_ref().expect("invariant: a sending op");
+            let idle = now - self.last_write;
+            if idle >= self.timeout {
+                return Err(Failure {
+                    silent: vec![*peer],
+                    cause: format!(
+                        "sending to member {peer}: timed out after {idle:.0?} (it stopped reading)"
+                    ),
+                });
+            }
+            left = left.min(self.timeout - idle);
+        }
+        let mut fds = Vec::with_capacity(2);
+        if let (true, Some((stream, _))) = (reading, &self.from) {
+            fds.push(PollFd::new(stream.as_fd(), PollFlags::POLLIN));
+        }
+        if let (true, Some((stream, _))) = (writing, &self.to) {
+            fds.push(PollFd::new(stream.as_fd(), PollFlags::POLLOUT));
+        }
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            // Readiness, an error or a hang-up: the next read or write says which.
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(Failure {
+                silent: Vec::new(),
+                cause: format!("poll failed: {e}"),
+            }),
         }
     }
 }
 
-fn describe_io(e: &std::io::Error) -> String {
-    match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => "timed out".into(),
-        ErrorKind::UnexpectedEof => "the peer closed the connection".into(),
-        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => "the connection was reset".into(),
-        _ => e.to_string(),
+fn would_block(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
+}
+
+fn receive_failure(peer: usize, cause: &str) -> Failure {
+    Failure {
+        silent: vec![peer],
+        cause: format!("receiving from member {peer}: {cause}"),
     }
 }
 
@@ -405,8 +562,7 @@ fn describe_io(e: &std::io::Error) -> String {
 fn serve(links: Links, queue: mpsc::Receiver<(Collective, mpsc::Sender<Result<(), CommError>>)>) {
     let mut state = Ring {
         links,
-        sender: None,
-        scratch: vec![0u64; PIECE / 8],
+        scratch: vec![0u64; REDUCE_PART / 8],
         barrier: Vec::new(),
         seq: 0,
         poisoned: None,
@@ -442,9 +598,7 @@ fn serve(links: Links, queue: mpsc::Receiver<(Collective, mpsc::Sender<Result<()
 /// The state of one communicator's thread.
 struct Ring {
     links: Links,
-    /// The sender thread's queue (started with the first op that sends).
-    sender: Option<mpsc::Sender<Job>>,
-    /// One piece, for data being reduced (u64 words: aligned for every dtype).
+    /// One part of a piece being reduced (u64 words: aligned for every dtype).
     scratch: Vec<u64>,
     /// The barrier's one-element-per-member all-reduce buffer.
     barrier: Vec<f32>,
@@ -474,62 +628,18 @@ impl Ring {
         }
     }
 
-    fn link(&mut self, peer: usize) -> Result<Arc<TcpStream>, Failure> {
+    fn link(&mut self, peer: Option<usize>) -> Result<Option<(Arc<TcpStream>, usize)>, Failure> {
+        let Some(peer) = peer else { return Ok(None) };
         let stream = self.links.ensure(peer).map_err(|cause| Failure {
             silent: vec![peer],
             cause,
         })?;
-        let timeout = Some(self.links.timeout);
-        let _ = stream.set_read_timeout(timeout);
-        let _ = stream.set_write_timeout(timeout);
-        Ok(stream)
+        Ok(Some((stream, peer)))
     }
 
-    fn sender(&mut self) -> mpsc::Sender<Job> {
-        if let Some(sender) = &self.sender {
-            return sender.clone();
-        }
-        let (sender, jobs) = mpsc::channel();
-        let streams = self.links.streams.iter().flatten().cloned().collect();
-        std::thread::Builder::new()
-            .name(format!("tessera-send {}", self.links.group.name))
-            .spawn(move || send_loop(jobs, streams))
-            .expect("invariant: a thread starts");
-        self.sender = Some(sender.clone());
-        sender
-    }
-
-    fn queue(&mut self, job: Job) {
-        // The sender thread lives as long as this state; a closed queue cannot happen.
-        let _ = self.sender().send(job);
-    }
-
-    fn flush(&mut self) -> Result<(), Failure> {
-        let (reply, done) = mpsc::channel();
-        self.queue(Job::Flush(reply));
-        match done.recv() {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err((peer, cause))) => Err(Failure {
-                silent: vec![peer],
-                cause: format!("sending to member {peer}: {cause}"),
-            }),
-            Err(_) => Err(Failure {
-                silent: Vec::new(),
-                cause: "the sender thread stopped".into(),
-            }),
-        }
-    }
-
-    fn read(&mut self, peer: usize, stream: &TcpStream, into: &mut [u8]) -> Result<(), Failure> {
-        let mut reader = stream;
-        reader.read_exact(into).map_err(|e| Failure {
-            silent: vec![peer],
-            cause: format!("receiving from member {peer}: {}", describe_io(&e)),
-        })
-    }
-
-    /// Sends this op's header to `to` and checks the one `from` sent.
-    fn headers(
+    /// The links of an op that sends to `to` and receives from `from`, with this op's header
+    /// sent to `to` and the one `from` sent checked against it.
+    fn open(
         &mut self,
         op: &Collective,
         seq: u64,
@@ -537,24 +647,20 @@ impl Ring {
         dtype: Dtype,
         to: Option<usize>,
         from: Option<usize>,
-    ) -> Result<(), Failure> {
+    ) -> Result<Wire, Failure> {
+        let (to, from) = (self.link(to)?, self.link(from)?);
+        let mut wire = Wire::new(to, from, self.links.timeout);
         let mut header = [0u8; HEADER];
         header[..8].copy_from_slice(&seq.to_le_bytes());
         header[8] = kind_code(op);
         header[9] = dtype as u8;
         header[10..].copy_from_slice(&(len as u64).to_le_bytes());
-        if let Some(peer) = to {
-            let stream = self.link(peer)?;
-            self.queue(Job::Header {
-                stream,
-                peer,
-                header,
-            });
+        if wire.to.is_some() {
+            wire.send_header(header);
         }
-        if let Some(peer) = from {
-            let stream = self.link(peer)?;
+        if let Some(peer) = wire.from.as_ref().map(|f| f.1) {
             let mut theirs = [0u8; HEADER];
-            self.read(peer, &stream, &mut theirs)?;
+            wire.recv(&mut theirs)?;
             let mut expected = header;
             if let Collective::Recv { .. } = op {
                 // The sender's header says "send". Point-to-point ops are numbered per
@@ -576,7 +682,7 @@ impl Ring {
                 });
             }
         }
-        Ok(())
+        Ok(wire)
     }
 
     fn run(&mut self, op: Collective, seq: u64) -> Result<(), Failure> {
@@ -587,7 +693,6 @@ impl Ring {
             }
         }
         let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
-        let ring = (n > 1).then_some((next, prev));
         match op {
             Collective::AllReduce { buf, op: reduce } => {
                 if !reducible(buf.dtype) {
@@ -596,20 +701,13 @@ impl Ring {
                 if n == 1 {
                     return Ok(());
                 }
-                self.headers(
-                    &op,
-                    seq,
-                    buf.len,
-                    buf.dtype,
-                    ring.map(|r| r.0),
-                    ring.map(|r| r.1),
-                )?;
+                let mut wire = self.open(&op, seq, buf.len, buf.dtype, Some(next), Some(prev))?;
                 let seg = |i| segment(buf.len, n, i);
-                // The all-gather's first step sends each piece of this member's segment as soon
+                // The all-gather's first step sends each part of this member's segment as soon
                 // as the reduce-scatter has finished it, overlapping the two phases.
-                self.reduce_scatter(buf, reduce, &seg, next, prev, true)?;
-                self.all_gather(buf, &seg, next, prev, false)?;
-                self.flush()
+                self.reduce_scatter(&mut wire, buf, reduce, &seg, true)?;
+                self.all_gather(&mut wire, buf, &seg, false)?;
+                wire.finish()
             }
             Collective::ReduceScatter {
                 input,
@@ -628,9 +726,10 @@ impl Ring {
                 let chunk = output.len;
                 let seg = |i: usize| (i * chunk, chunk);
                 if n > 1 {
-                    self.headers(&op, seq, input.len, input.dtype, Some(next), Some(prev))?;
-                    self.reduce_scatter(input, reduce, &seg, next, prev, false)?;
-                    self.flush()?;
+                    let mut wire =
+                        self.open(&op, seq, input.len, input.dtype, Some(next), Some(prev))?;
+                    self.reduce_scatter(&mut wire, input, reduce, &seg, false)?;
+                    wire.finish()?;
                 }
                 let own = input.slice(me * chunk, chunk);
                 if reduce == ReduceOp::Avg {
@@ -653,9 +752,10 @@ impl Ring {
                 if n == 1 {
                     return Ok(());
                 }
-                self.headers(&op, seq, output.len, output.dtype, Some(next), Some(prev))?;
-                self.all_gather(output, &|i| (i * chunk, chunk), next, prev, true)?;
-                self.flush()
+                let mut wire =
+                    self.open(&op, seq, output.len, output.dtype, Some(next), Some(prev))?;
+                self.all_gather(&mut wire, output, &|i| (i * chunk, chunk), true)?;
+                wire.finish()
             }
             Collective::Broadcast { buf, root } => {
                 if root >= n {
@@ -667,24 +767,24 @@ impl Ring {
                 // A pipelined chain from the root around the ring.
                 let to = (next != root).then_some(next);
                 let from = (me != root).then_some(prev);
-                self.headers(&op, seq, buf.len, buf.dtype, to, from)?;
-                self.forward(buf, from, to)?;
-                self.flush()
+                let mut wire = self.open(&op, seq, buf.len, buf.dtype, to, from)?;
+                forward(&mut wire, buf)?;
+                wire.finish()
             }
             Collective::Send { buf, peer } => {
                 if peer >= n || peer == me {
                     return Err(self.invalid(format!("send to member {peer} of {n}")));
                 }
-                self.headers(&op, seq, buf.len, buf.dtype, Some(peer), None)?;
-                self.forward(buf, None, Some(peer))?;
-                self.flush()
+                let mut wire = self.open(&op, seq, buf.len, buf.dtype, Some(peer), None)?;
+                wire.send(buf);
+                wire.finish()
             }
             Collective::Recv { buf, peer } => {
                 if peer >= n || peer == me {
                     return Err(self.invalid(format!("recv from member {peer} of {n}")));
                 }
-                self.headers(&op, seq, buf.len, buf.dtype, None, Some(peer))?;
-                self.forward(buf, Some(peer), None)
+                let mut wire = self.open(&op, seq, buf.len, buf.dtype, None, Some(peer))?;
+                forward(&mut wire, buf)
             }
             Collective::Barrier => {
                 if n == 1 {
@@ -705,56 +805,43 @@ impl Ring {
     }
 
     /// Ring reduce-scatter over the segments of `buf`: after it, this member's segment holds
-    /// the reduction over the group. Pieces received in step `s` are reduced and forwarded as
+    /// the reduction over the group. Each part received in step `s` is reduced and queued as
     /// step `s + 1` while the rest of step `s` still arrives.
     ///
-    /// With `gather_after` (an all-reduce), each finished piece of this member's segment is
+    /// With `gather_after` (an all-reduce), each finished part of this member's segment is
     /// also sent on at once as the all-gather's first step (scaled first for `Avg`).
     fn reduce_scatter(
         &mut self,
+        wire: &mut Wire,
         buf: CommBuf,
         reduce: ReduceOp,
         seg: &dyn Fn(usize) -> (usize, usize),
-        next: usize,
-        prev: usize,
         gather_after: bool,
     ) -> Result<(), Failure> {
         let (n, me) = (self.n(), self.index());
-        let (to, from) = (self.link(next)?, self.link(prev)?);
         let size = buf.dtype.size() as usize;
-        let piece = PIECE / size;
         let send_seg = |s: usize| (me + 2 * n - s - 1) % n;
         let recv_seg = |s: usize| (me + 2 * n - s - 2) % n;
         let (start, len) = seg(send_seg(0));
-        self.queue_pieces(&to, next, buf.slice(start, len), piece);
+        wire.send(buf.slice(start, len));
+        // Received and reduced in cache-sized parts, so that the scratch is still in cache
+        // when the reduction reads it.
+        let part = (REDUCE_PART / size).max(1);
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut self.scratch);
         for s in 0..n - 1 {
             let (start, len) = seg(recv_seg(s));
-            for first in (0..len).step_by(piece.max(1)) {
-                let count = piece.min(len - first);
-                let target = buf.slice(start + first, count);
-                // Received and reduced in cache-sized parts, so that the scratch is still in
-                // cache when the reduction reads it.
-                let part = (REDUCE_PART / size).max(1);
-                let mut scratch = std::mem::take(&mut self.scratch);
-                let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut scratch);
-                let mut result = Ok(());
-                for at in (0..count).step_by(part) {
-                    let n = part.min(count - at);
-                    result = self.read(prev, &from, &mut bytes[..n * size]);
-                    if result.is_err() {
-                        break;
-                    }
-                    combine(target.slice(at, n), &bytes[..n * size], reduce);
-                }
-                self.scratch = scratch;
-                result?;
+            for at in (0..len).step_by(part) {
+                let count = part.min(len - at);
+                let target = buf.slice(start + at, count);
+                wire.recv(&mut bytes[..count * size])?;
+                combine(target, &bytes[..count * size], reduce);
                 if s + 1 < n - 1 {
-                    self.send_piece(&to, next, target);
+                    wire.send(target);
                 } else if gather_after {
                     if reduce == ReduceOp::Avg {
                         scale(target, 1.0 / n as f32);
                     }
-                    self.send_piece(&to, next, target);
+                    wire.send(target);
                 }
             }
         }
@@ -766,84 +853,55 @@ impl Ring {
     /// Without `send_own` this member's segment was already sent (see `reduce_scatter`).
     fn all_gather(
         &mut self,
+        wire: &mut Wire,
         buf: CommBuf,
         seg: &dyn Fn(usize) -> (usize, usize),
-        next: usize,
-        prev: usize,
         send_own: bool,
     ) -> Result<(), Failure> {
         let (n, me) = (self.n(), self.index());
-        let (to, from) = (self.link(next)?, self.link(prev)?);
-        let piece = PIECE / buf.dtype.size() as usize;
         if send_own {
             let (start, len) = seg(me);
-            self.queue_pieces(&to, next, buf.slice(start, len), piece);
+            wire.send(buf.slice(start, len));
         }
+        let piece = (PIECE / buf.dtype.size() as usize).max(1);
         for s in 0..n - 1 {
             let (start, len) = seg((me + 2 * n - s - 1) % n);
-            for first in (0..len).step_by(piece.max(1)) {
+            for first in (0..len).step_by(piece) {
                 let target = buf.slice(start + first, piece.min(len - first));
                 // SAFETY: the op's buffer is valid and ours until it completes (start's
-                // contract); the sender thread reads only pieces already received.
+                // contract); only parts already received are queued to be sent.
                 let bytes = unsafe {
                     std::slice::from_raw_parts_mut(target.addr as *mut u8, target.bytes())
                 };
-                self.read(prev, &from, bytes)?;
+                wire.recv(bytes)?;
                 if s + 1 < n - 1 {
-                    self.send_piece(&to, next, target);
+                    wire.send(target);
                 }
             }
         }
         Ok(())
     }
+}
 
-    /// Receives `buf` from `from` (if any) and forwards it to `to` (if any), piece by piece.
-    fn forward(
-        &mut self,
-        buf: CommBuf,
-        from: Option<usize>,
-        to: Option<usize>,
-    ) -> Result<(), Failure> {
-        let piece = (PIECE / buf.dtype.size() as usize).max(1);
-        let to = match to {
-            Some(peer) => Some((self.link(peer)?, peer)),
-            None => None,
-        };
-        let Some(from) = from else {
-            if let Some((stream, peer)) = &to {
-                self.queue_pieces(stream, *peer, buf, piece);
-            }
-            return Ok(());
-        };
-        let source = self.link(from)?;
-        for first in (0..buf.len).step_by(piece) {
-            let target = buf.slice(first, piece.min(buf.len - first));
-            // SAFETY: as in `all_gather`.
-            let bytes =
-                unsafe { std::slice::from_raw_parts_mut(target.addr as *mut u8, target.bytes()) };
-            self.read(from, &source, bytes)?;
-            if let Some((stream, peer)) = &to {
-                self.send_piece(stream, *peer, target);
-            }
-        }
-        Ok(())
+/// Receives `buf` (if the wire receives) and forwards it (if it sends), piece by piece; a
+/// wire that only sends queues the whole buffer.
+fn forward(wire: &mut Wire, buf: CommBuf) -> Result<(), Failure> {
+    if wire.from.is_none() {
+        wire.send(buf);
+        return Ok(());
     }
-
-    fn queue_pieces(&mut self, stream: &Arc<TcpStream>, peer: usize, buf: CommBuf, piece: usize) {
-        for first in (0..buf.len).step_by(piece.max(1)) {
-            self.send_piece(stream, peer, buf.slice(first, piece.min(buf.len - first)));
+    let piece = (PIECE / buf.dtype.size() as usize).max(1);
+    for first in (0..buf.len).step_by(piece) {
+        let target = buf.slice(first, piece.min(buf.len - first));
+        // SAFETY: as in `all_gather`.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(target.addr as *mut u8, target.bytes()) };
+        wire.recv(bytes)?;
+        if wire.to.is_some() {
+            wire.send(target);
         }
     }
-
-    /// Queues `part` for the sender thread to write to `peer`.
-    fn send_piece(&mut self, stream: &Arc<TcpStream>, peer: usize, part: CommBuf) {
-        self.queue(Job::Bytes {
-            stream: stream.clone(),
-            peer,
-            addr: part.addr,
-            len: part.bytes(),
-        });
-    }
+    Ok(())
 }
 
 const SEND: u8 = 5;
