@@ -448,7 +448,7 @@ impl Wire {
             }
             let reading = got < into.len();
             let writing = !self.outbox.is_empty();
-            if !reading && !(drain && writing) {
+            if !(reading || drain && writing) {
                 return Ok(());
             }
             if !moved {
