@@ -8,8 +8,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 ///
 /// `launch --config job.yaml` trains the job on this machine: it starts a coordinator, one
 /// worker process per rank (their output prefixed `[rank N]`), shows progress, checkpoints as
-/// the config says and resumes from the newest checkpoint in checkpoint.dir. The first worker
-/// that fails, or Ctrl-C, stops them all.
+/// the config says and resumes from the newest checkpoint in checkpoint.dir. A worker that
+/// fails, or goes silent for watchdog.heartbeat_timeout seconds (hung or stopped), stops them
+/// all, naming it and each rank's last collective; with restart.max above 0 the job then
+/// starts again from the newest checkpoint, up to that many times. Ctrl-C stops everything.
 ///
 /// `launch --config job.yaml --dry-run` prints every rank's exact memory plan: parameters,
 /// gradients, optimizer states, activations, workspace and communication buffers, against the
@@ -49,20 +51,6 @@ pub struct RunArgs {
     /// Start from the initial weights even if checkpoint.dir has a checkpoint.
     #[arg(long)]
     pub fresh: bool,
-
-    /// Seconds a collective waits for a silent peer before the rank fails, naming it.
-    #[arg(
-        long,
-        value_name = "SECS",
-        default_value_t = 60,
-        env = "TESSERA_COLLECTIVE_TIMEOUT"
-    )]
-    pub collective_timeout: u64,
-
-    /// Seconds the coordinator waits for every rank to register before giving up, naming
-    /// the ranks that never came.
-    #[arg(long, value_name = "SECS", default_value_t = 120)]
-    pub rendezvous_timeout: u64,
 
     /// Kernel threads per CPU worker [default: the machine's cores divided among the workers].
     #[arg(long, value_name = "N")]

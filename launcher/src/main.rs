@@ -20,7 +20,6 @@ mod svg;
 use std::fs;
 use std::io::Write as _;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -61,8 +60,6 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let options = run::RunOptions {
                     metrics: cli.run.metrics.clone(),
                     fresh: cli.run.fresh,
-                    collective_timeout: Duration::from_secs(cli.run.collective_timeout.max(1)),
-                    rendezvous_timeout: Duration::from_secs(cli.run.rendezvous_timeout.max(1)),
                     threads: cli.run.threads,
                     trace: cli.run.trace.clone(),
                 };

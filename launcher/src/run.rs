@@ -10,15 +10,16 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use tessera_plan::bytes::format_size;
-use tessera_plan::config::{Backend, Device};
+use tessera_plan::config::{Backend, Device, Watchdog};
 use tessera_plan::memory::{MemoryPlan, Place};
 use tessera_plan::mesh::Mesh;
 use tessera_worker::arena::ArenaLayout;
+use tessera_worker::checkpoint;
 
 use crate::agent::{Worker, WorkerSpec, describe_status};
 use crate::config_file::Loaded;
@@ -31,8 +32,6 @@ use crate::progress::{Progress, StepLine};
 pub struct RunOptions {
     pub metrics: Option<PathBuf>,
     pub fresh: bool,
-    pub collective_timeout: Duration,
-    pub rendezvous_timeout: Duration,
     /// Kernel threads per worker (default: the machine's cores shared among the workers).
     pub threads: Option<usize>,
     /// Where each worker writes its trace.
@@ -75,7 +74,8 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Trains the job in `loaded` with one worker process per rank on this machine.
+/// Trains the job in `loaded` with one worker process per rank on this machine, restarting
+/// from the newest checkpoint after a failure up to `restart.max` times.
 pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     let config = &loaded.config;
     let world = config.parallel.world_size();
@@ -94,27 +94,14 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     }
     // What each worker must allocate: the arena its plan lays out (checked again by the worker).
     let plan = MemoryPlan::new(config);
-    let planned_device_bytes: Vec<u64> = (0..world)
+    let planned: Vec<u64> = (0..world)
         .map(|rank| {
             let stage = plan.rank(rank).expect("invariant: rank < world");
             ArenaLayout::new(stage).bytes(Place::Device) as u64
         })
         .collect();
-    let planned = planned_device_bytes.clone();
     let mesh = Mesh::from_config(config);
     let token = random_hex(16)?;
-    let run_id = random_hex(4)?;
-    let spec = JobSpec {
-        config_name: loaded.name.clone(),
-        config_yaml: loaded.text.clone(),
-        config_sets: loaded.sets.clone(),
-        mesh,
-        planned_device_bytes,
-        collective_timeout: options.collective_timeout,
-        rendezvous_timeout: options.rendezvous_timeout,
-        run_id,
-        token: token.clone(),
-    };
     catch_signals()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -122,11 +109,117 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("cannot start the coordinator's runtime")?;
+    let progress = Progress::new(config.training.steps);
+    let launched = SystemTime::now();
+    let mut fresh = options.fresh;
+    let mut restarts = 0;
+    let outcome = loop {
+        let spec = JobSpec {
+            config_name: loaded.name.clone(),
+            config_yaml: loaded.text.clone(),
+            config_sets: loaded.sets.clone(),
+            mesh,
+            planned_device_bytes: planned.clone(),
+            collective_timeout: config.watchdog.collective_timeout,
+            rendezvous_timeout: config.watchdog.rendezvous_timeout,
+            // Each attempt's own: its collective connections cannot meet the last one's.
+            run_id: random_hex(4)?,
+            token: token.clone(),
+        };
+        match attempt(&runtime, spec, &config.watchdog, &progress, options, fresh) {
+            Err(Failure::Runtime(error))
+                if restarts < config.restart.max && SIGNALS.load(Ordering::SeqCst) == 0 =>
+            {
+                restarts += 1;
+                progress.println(&format!("error: {error:#}"), true);
+                let from = match restart_point(config, launched, options.fresh) {
+                    Ok(from) => from,
+                    Err(e) => break Err(Failure::Runtime(e)),
+                };
+                fresh = from.is_none();
+                progress.status(&format!(
+                    "restart {restarts} of {}: {}",
+                    config.restart.max,
+                    from.map_or("from the initial weights (no checkpoint yet)".into(), |p| {
+                        format!("from {}", p.display())
+                    })
+                ));
+            }
+            other => break other,
+        }
+    };
+    // After every worker's output has been relayed and the bar is gone.
+    progress.finish();
+    let (steps, measured) = outcome?;
+    print_memory(&mesh, &planned, &measured);
+    if let Some(dir) = &options.trace {
+        println!(
+            "traces: {}/rank-*.json (open in ui.perfetto.dev or chrome://tracing)",
+            dir.display()
+        );
+    }
+    let restarted = match restarts {
+        0 => String::new(),
+        1 => " after 1 restart".into(),
+        n => format!(" after {n} restarts"),
+    };
+    println!(
+        "done: {steps} steps on {world} rank{}{restarted}",
+        if world == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
+/// The checkpoint a restart resumes from (None: from the initial weights). Workers resume
+/// from the newest checkpoint in `checkpoint.dir`; after `--fresh` that is right only if this
+/// launch wrote it, so an older run's newer checkpoint stops the restart instead.
+fn restart_point(
+    config: &tessera_plan::Config,
+    launched: SystemTime,
+    fresh: bool,
+) -> anyhow::Result<Option<PathBuf>> {
+    let dir = PathBuf::from(&config.checkpoint.dir);
+    let all = checkpoint::list(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Some((newest_step, newest)) = all.last().cloned() else {
+        return Ok(None);
+    };
+    if !fresh {
+        return Ok(Some(newest));
+    }
+    let written_since = |path: &PathBuf| {
+        std::fs::metadata(path.join("manifest.json"))
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t >= launched)
+    };
+    match all.iter().rev().find(|(_, path)| written_since(path)) {
+        // Nothing of ours yet: start over, as the first attempt did.
+        None => Ok(None),
+        Some((_, ours)) if *ours == newest => Ok(Some(newest)),
+        Some((ours, _)) => anyhow::bail!(
+            "cannot restart: {} holds step {newest_step} from an earlier run, newer than this \
+             run's step {ours} (it started with --fresh); move the old checkpoints away or use \
+             another checkpoint.dir",
+            dir.display()
+        ),
+    }
+}
+
+/// One start of every worker, until they all exit: the steps rank 0 reported and each rank's
+/// measured device bytes.
+fn attempt(
+    runtime: &tokio::runtime::Runtime,
+    spec: JobSpec,
+    watchdog: &Watchdog,
+    progress: &Progress,
+    options: &RunOptions,
+    fresh: bool,
+) -> Result<(u64, Vec<Option<u64>>), Failure> {
+    let world = spec.mesh.world_size();
+    let token = spec.token.clone();
     let (events, received) = mpsc::channel();
     let localhost = "127.0.0.1:0".parse().expect("invariant: a valid address");
-    let coordinator = Coordinator::start(&runtime, localhost, spec, events)
+    let coordinator = Coordinator::start(runtime, localhost, spec, events)
         .context("cannot start the coordinator on 127.0.0.1")?;
-    let progress = Progress::new(config.training.steps);
     progress.status(&format!(
         "coordinator on {}; starting {world} workers",
         coordinator.address
@@ -135,7 +228,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = options.threads.unwrap_or((cores / world).max(1));
     let mut args = vec!["--threads".to_string(), threads.to_string()];
-    if options.fresh {
+    if fresh {
         args.push("--fresh".into());
     }
     if let Some(dir) = &options.trace {
@@ -167,7 +260,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
             env,
             args: args.clone(),
         };
-        match Worker::spawn(&spec, &progress) {
+        match Worker::spawn(&spec, progress) {
             Ok(worker) => workers.push(worker),
             Err(e) => {
                 outcome = Err(Failure::Runtime(e));
@@ -180,34 +273,21 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
             &mut workers,
             &coordinator,
             &received,
-            &progress,
+            progress,
             options,
+            watchdog,
             &mut measured,
         );
     }
-    // Whatever happened, nothing outlives the launcher.
+    // Whatever happened, nothing outlives the attempt.
     for worker in &workers {
         worker.signal(Signal::SIGKILL);
     }
     for worker in workers {
         worker.reap();
     }
-    // After every worker's output has been relayed (reap joins the relays) and the bar is gone.
-    progress.finish();
-    coordinator.stop(&runtime);
-    let steps = outcome?;
-    print_memory(&mesh, &planned, &measured);
-    if let Some(dir) = &options.trace {
-        println!(
-            "traces: {}/rank-*.json (open in ui.perfetto.dev or chrome://tracing)",
-            dir.display()
-        );
-    }
-    println!(
-        "done: {steps} steps on {world} rank{}",
-        if world == 1 { "" } else { "s" }
-    );
-    Ok(())
+    coordinator.stop(runtime);
+    outcome.map(|steps| (steps, measured))
 }
 
 /// Why the run is stopping.
@@ -293,6 +373,7 @@ fn supervise(
     events: &mpsc::Receiver<Event>,
     progress: &Progress,
     options: &RunOptions,
+    watchdog: &Watchdog,
     measured: &mut [Option<u64>],
 ) -> Result<u64, Failure> {
     let mut metrics = match &options.metrics {
@@ -311,10 +392,21 @@ fn supervise(
     let mut last_step = 0;
     // Each rank's last collective, as its heartbeats said: where a stuck rank waits.
     let mut last_collectives = vec![String::new(); workers.len()];
+    // When each rank last beat (from its first beat on), and whether it said it finished.
+    let mut heard: Vec<Option<Instant>> = vec![None; workers.len()];
+    let mut finished = vec![false; workers.len()];
     loop {
         while let Ok(event) = events.try_recv() {
             if let Event::Beat(beat) = &event {
                 let rank = beat.rank as usize;
+                if let Some(slot) = heard.get_mut(rank) {
+                    *slot = Some(Instant::now());
+                }
+                if beat.finished
+                    && let Some(slot) = finished.get_mut(rank)
+                {
+                    *slot = true;
+                }
                 if beat.peak_bytes > 0
                     && let Some(slot) = measured.get_mut(rank)
                 {
@@ -358,7 +450,7 @@ fn supervise(
                         Stop::Failed(format!(
                             "{} never reached the rendezvous within {:.0?}",
                             describe_ranks(&missing),
-                            options.rendezvous_timeout
+                            watchdog.rendezvous_timeout
                         )),
                         Instant::now(),
                     ));
@@ -403,6 +495,33 @@ fn supervise(
                 )),
                 Instant::now(),
             ));
+        }
+
+        if stopping.is_none()
+            && let Some(worker) = workers.iter().find(|w| {
+                w.status.is_none()
+                    && !finished[w.rank]
+                    && heard[w.rank].is_some_and(|t| t.elapsed() > watchdog.heartbeat_timeout)
+            })
+        {
+            let silent = heard[worker.rank].map_or(Duration::ZERO, |t| t.elapsed());
+            stopping = Some((
+                Stop::Failed(format!(
+                    "rank {} (pid {}) sent no heartbeat for {:.0?} (watchdog.heartbeat_timeout): \
+                     it hangs or was stopped{}; stopped the other ranks",
+                    worker.rank,
+                    worker.pid(),
+                    silent,
+                    if last_step > 0 {
+                        format!(", after step {last_step}")
+                    } else {
+                        String::new()
+                    }
+                )),
+                Instant::now(),
+            ));
+            // A stopped process ignores everything but SIGKILL; don't wait for it.
+            worker.signal(Signal::SIGKILL);
         }
 
         if workers.iter().all(|w| w.status.is_some()) {

@@ -446,7 +446,8 @@ fn help_explains_the_exit_statuses_and_overrides() {
             "Exit status: 0 success (or the plan fits), 1 a failure while running, 2",
             "130 interrupted",
             "--metrics <FILE>",
-            "--collective-timeout <SECS>",
+            "watchdog.heartbeat_timeout",
+            "restart.max",
             "search",
         ],
     );

@@ -432,6 +432,7 @@ fn a_killed_worker_stops_every_rank_and_the_launcher_names_it() {
         "parallel.data=4",
         "training.steps=100000",
         "checkpoint.every=0",
+        "restart.max=0",
     ];
     let (child, workers) = start_and_wait_for_step(&scratch, &sets, 2);
     assert_eq!(workers.len(), 4, "one process per rank");
@@ -467,6 +468,147 @@ fn a_killed_worker_stops_every_rank_and_the_launcher_names_it() {
     }
     assert!(elapsed < Duration::from_secs(30), "stopped in {elapsed:?}");
     assert!(workers.iter().all(|&pid| !alive(pid)), "no worker survives");
+}
+
+#[test]
+fn a_stopped_worker_is_named_once_its_heartbeats_stop_and_nothing_is_left_running() {
+    let scratch = Scratch::new("sigstop");
+    let sets = [
+        "parallel.data=2",
+        "training.steps=100000",
+        "checkpoint.every=0",
+        "restart.max=0",
+        "watchdog.heartbeat=0.5",
+        "watchdog.heartbeat_timeout=3",
+    ];
+    let (child, workers) = start_and_wait_for_step(&scratch, &sets, 1);
+    let victim = *workers
+        .iter()
+        .find(|&&pid| rank_of(pid) == Some(1))
+        .expect("a worker with RANK=1");
+    let stopped = Instant::now();
+    // A hang: the process exists, its sockets stay open, it just never answers.
+    kill(Pid::from_raw(victim as i32), Signal::SIGSTOP).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let elapsed = stopped.elapsed();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "error: rank 1 (pid {victim}) sent no heartbeat for "
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("last collectives: "), "{stderr}");
+    assert!(elapsed < Duration::from_secs(10), "detected in {elapsed:?}");
+    assert!(workers.iter().all(|&pid| !alive(pid)), "no worker survives");
+}
+
+/// The last loss reported for each step (a restart reports the steps since its checkpoint
+/// again).
+fn last_per_step(losses: &[(u64, f64)]) -> Vec<(u64, f64)> {
+    let mut by_step = std::collections::BTreeMap::new();
+    for &(step, loss) in losses {
+        by_step.insert(step, loss);
+    }
+    by_step.into_iter().collect()
+}
+
+#[test]
+fn a_killed_worker_restarts_from_the_last_checkpoint_and_ends_like_an_uninterrupted_run() {
+    let sets = [
+        "parallel.data=2",
+        "training.steps=12",
+        "checkpoint.every=3",
+        "restart.max=1",
+    ];
+    let uninterrupted = Scratch::new("restart-reference");
+    let out = output(launch(&uninterrupted, &sets, &[]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let reference = losses(&uninterrupted.path("metrics.jsonl"));
+    assert_eq!(reference.len(), 12);
+
+    let scratch = Scratch::new("restart");
+    let mut command = launch(&scratch, &sets, &[]);
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = command.spawn().expect("launch starts");
+    let metrics = scratch.path("metrics.jsonl");
+    let checkpoint = scratch.path("ckpt").join("step-00000003");
+    assert!(
+        wait_for(Duration::from_secs(120), || {
+            checkpoint.join("manifest.json").exists()
+                && losses(&metrics).last().is_some_and(|&(s, _)| s >= 4)
+        }),
+        "the run never passed its first checkpoint"
+    );
+    let victim = children(child.id())
+        .into_iter()
+        .find(|&pid| rank_of(pid) == Some(1))
+        .expect("a worker with RANK=1");
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "error: rank 1 (pid {victim}) was killed by SIGKILL"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("restart 1 of 1: from ") && stdout.contains("step-0000000"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("done: 12 steps on 2 ranks after 1 restart"),
+        "{stdout}"
+    );
+    // Resuming restores every byte, so the losses are the uninterrupted run's, bit for bit.
+    assert_eq!(last_per_step(&losses(&metrics)), reference);
+}
+
+#[test]
+fn a_second_failure_after_the_last_restart_fails_the_job() {
+    let scratch = Scratch::new("restart-exhausted");
+    let sets = [
+        "parallel.data=2",
+        "training.steps=100000",
+        "checkpoint.every=0",
+        "restart.max=1",
+    ];
+    let mut command = launch(&scratch, &sets, &[]);
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = command.spawn().expect("launch starts");
+    let metrics = scratch.path("metrics.jsonl");
+    let mut killed = Vec::new();
+    for round in 0..2 {
+        // Each attempt starts its own workers; wait for the new ones to train a step.
+        let before = losses(&metrics).len();
+        assert!(
+            wait_for(Duration::from_secs(120), || losses(&metrics).len() > before),
+            "attempt {round} never trained"
+        );
+        let victim = children(child.id())
+            .into_iter()
+            .find(|&pid| rank_of(pid) == Some(0) && !killed.contains(&pid))
+            .expect("a worker with RANK=0");
+        kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+        killed.push(victim);
+    }
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("restart 1 of 1: from the initial weights (no checkpoint yet)"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "error: rank 0 (pid {}) was killed by SIGKILL",
+            killed[1]
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -250,6 +250,11 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
     let timeout = Duration::from_millis(assignment.collective_timeout_ms.into());
     let trace = cli.trace.as_ref().map(|_| Trace::new(rank));
     let last = LastCollective::default();
+    // Beating from here on lets the launcher tell a rank that hangs while connecting or
+    // loading a checkpoint from one that is merely slow.
+    control
+        .start_heartbeat(env.rank, last.clone(), config.watchdog.heartbeat)
+        .map_err(runtime_error)?;
     let comms = Comms::connect(
         rank,
         &config,
@@ -287,9 +292,6 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
             println!("resuming from {}", path.display());
         }
     }
-    control
-        .start_heartbeat(env.rank, last.clone())
-        .map_err(runtime_error)?;
     let options = RunOptions {
         metrics: None,
         until_step: cli.until_step,

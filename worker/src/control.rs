@@ -65,9 +65,6 @@ impl LaunchEnv {
     }
 }
 
-/// How often a worker reports its last collective between steps.
-pub const IDLE_BEAT: Duration = Duration::from_secs(1);
-
 /// Adds the run's token to every call.
 type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
 type Client = CoordinatorClient<InterceptedService<Channel, AddToken>>;
@@ -178,10 +175,16 @@ impl Control {
     }
 
     /// Opens the heartbeat stream. An Abort command, or the stream breaking before
-    /// [`Self::finish`], ends the process with status 1. Between steps a beat goes out every
-    /// [`IDLE_BEAT`] with the rank's last collective, so that the coordinator can tell where a
-    /// stuck rank is waiting.
-    pub fn start_heartbeat(&mut self, rank: u32, last: LastCollective) -> Result<(), String> {
+    /// [`Self::finish`], ends the process with status 1. Besides the beat of each step, one
+    /// goes out every `every` (`watchdog.heartbeat`) from this runtime's own thread, also in
+    /// the middle of a long step, with the rank's last collective: the coordinator tells a
+    /// hung rank by its silence and where it waits by that collective.
+    pub fn start_heartbeat(
+        &mut self,
+        rank: u32,
+        last: LastCollective,
+        every: Duration,
+    ) -> Result<(), String> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver);
         let mut commands = self
@@ -216,7 +219,7 @@ impl Control {
         });
         let (idle, done) = (sender.clone(), self.finished.clone());
         self.runtime.spawn(async move {
-            let mut ticks = tokio::time::interval(IDLE_BEAT);
+            let mut ticks = tokio::time::interval(every);
             loop {
                 ticks.tick().await;
                 if done.load(Ordering::SeqCst) {

@@ -27,6 +27,7 @@ pub struct Config {
     pub cluster: Cluster,
     pub checkpoint: Checkpoint,
     pub restart: Restart,
+    pub watchdog: Watchdog,
     /// Things that are allowed but probably not meant (shown, never fatal).
     pub warnings: Vec<String>,
 }
@@ -186,6 +187,19 @@ pub struct Checkpoint {
 pub struct Restart {
     /// Restarts from the newest checkpoint before the job gives up.
     pub max: u32,
+}
+
+/// `watchdog:` — how a failure is noticed. Every duration is in seconds in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watchdog {
+    /// Between two heartbeats of a worker (they come from their own thread, also mid-step).
+    pub heartbeat: std::time::Duration,
+    /// Silence after which a worker counts as hung (or stopped) and the job fails.
+    pub heartbeat_timeout: std::time::Duration,
+    /// How long a collective waits for a silent peer before the rank fails, naming it.
+    pub collective_timeout: std::time::Duration,
+    /// How long the coordinator waits for every rank (and node) to register.
+    pub rendezvous_timeout: std::time::Duration,
 }
 
 impl Config {

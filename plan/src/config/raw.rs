@@ -126,6 +126,7 @@ section!(
         cluster: RawCluster,
         checkpoint: RawCheckpoint,
         restart: RawRestart,
+        watchdog: RawWatchdog,
     }
 );
 
@@ -199,6 +200,13 @@ section!(RawCheckpoint {
 });
 
 section!(RawRestart { max: i64 });
+
+section!(RawWatchdog {
+    heartbeat: f64,
+    heartbeat_timeout: f64,
+    collective_timeout: f64,
+    rendezvous_timeout: f64,
+});
 
 /// A problem found while reading YAML text, before its source is named.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,6 +1,8 @@
 //! Config behaviour as a user sees it: every shipped config loads, every rule's message names
 //! the place, the key and the fix, and no input makes the reader panic.
 
+use std::time::Duration;
+
 use proptest::prelude::*;
 
 use super::*;
@@ -118,6 +120,34 @@ fn defaults_fill_what_is_not_given() {
     assert_eq!(config.cluster.headroom, 0.2);
     assert_eq!(config.checkpoint.keep, 3);
     assert_eq!(config.restart.max, 0);
+    assert_eq!(config.watchdog.heartbeat, Duration::from_secs(1));
+    assert_eq!(config.watchdog.heartbeat_timeout, Duration::from_secs(10));
+    assert_eq!(config.watchdog.collective_timeout, Duration::from_secs(60));
+    assert_eq!(config.watchdog.rendezvous_timeout, Duration::from_secs(120));
+}
+
+#[test]
+fn watchdog_durations_are_seconds_and_the_timeout_spans_two_beats() {
+    let config = load_with(
+        MINIMAL,
+        &["watchdog.heartbeat=0.5", "watchdog.collective_timeout=5"],
+    )
+    .unwrap();
+    assert_eq!(config.watchdog.heartbeat, Duration::from_millis(500));
+    assert_eq!(config.watchdog.collective_timeout, Duration::from_secs(5));
+
+    let message = error(&with("watchdog: {heartbeat: 2, heartbeat_timeout: 3}\n"));
+    assert!(message.contains("watchdog.heartbeat_timeout"), "{message}");
+    assert!(
+        message.contains("must be at least twice watchdog.heartbeat (2 s), got 3 s"),
+        "{message}"
+    );
+    assert!(message.contains("heartbeat_timeout: 20"), "{message}");
+    let message = error(&with("watchdog: {collective_timeout: 0}\n"));
+    assert!(
+        message.contains("must be a number of seconds, more than 0"),
+        "{message}"
+    );
 }
 
 #[test]

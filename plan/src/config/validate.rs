@@ -11,7 +11,8 @@ use super::issue::{Issue, Origin, Place};
 use super::raw::{self, Leaf, RawConfig, ReadError, Section};
 use super::{
     Arch, Backend, Checkpoint, Choice, Cluster, Config, Data, DataKind, Device, Model, Offload,
-    Optimizer, Parallel, Precision, Recompute, Restart, Schedule, Training, Zero, did_you_mean,
+    Optimizer, Parallel, Precision, Recompute, Restart, Schedule, Training, Watchdog, Zero,
+    did_you_mean,
 };
 use crate::bytes::parse_size;
 
@@ -127,6 +128,7 @@ fn is_empty(config: &RawConfig) -> bool {
         && config.cluster.is_none()
         && config.checkpoint.is_none()
         && config.restart.is_none()
+        && config.watchdog.is_none()
 }
 
 /// Reads values with defaults and ranges, remembering where each came from.
@@ -292,6 +294,7 @@ impl Reader<'_> {
                 "restarts from the newest checkpoint before giving up",
             )
             .map(|max| Restart { max: max as u32 });
+        let watchdog = self.watchdog(raw.watchdog.unwrap_or_default());
 
         if let (Some(model), Some(parallel), Some(training), Some(cluster)) =
             (&model, &parallel, &training, &cluster)
@@ -332,7 +335,7 @@ impl Reader<'_> {
         }
 
         match (
-            model, parallel, training, data, cluster, checkpoint, restart,
+            model, parallel, training, data, cluster, checkpoint, restart, watchdog,
         ) {
             (
                 Some(model),
@@ -342,6 +345,7 @@ impl Reader<'_> {
                 Some(cluster),
                 Some(checkpoint),
                 Some(restart),
+                Some(watchdog),
             ) if self.issues.is_empty() => Ok(Config {
                 model,
                 parallel,
@@ -350,10 +354,57 @@ impl Reader<'_> {
                 cluster,
                 checkpoint,
                 restart,
+                watchdog,
                 warnings: self.warnings,
             }),
             _ => Err(self.issues),
         }
+    }
+
+    fn watchdog(&mut self, raw: raw::RawWatchdog) -> Option<Watchdog> {
+        let seconds = |v: f64| v > 0.0 && v <= 86_400.0;
+        const SECONDS: &str = "a number of seconds, more than 0 and at most a day";
+        let heartbeat = self.number("watchdog.heartbeat", raw.heartbeat, 1.0, seconds, SECONDS);
+        let heartbeat_timeout = self.number(
+            "watchdog.heartbeat_timeout",
+            raw.heartbeat_timeout,
+            10.0,
+            seconds,
+            SECONDS,
+        );
+        let collective_timeout = self.number(
+            "watchdog.collective_timeout",
+            raw.collective_timeout,
+            60.0,
+            seconds,
+            SECONDS,
+        );
+        let rendezvous_timeout = self.number(
+            "watchdog.rendezvous_timeout",
+            raw.rendezvous_timeout,
+            120.0,
+            seconds,
+            SECONDS,
+        );
+        if let (Some(beat), Some(timeout)) = (heartbeat, heartbeat_timeout)
+            && timeout < 2.0 * beat
+        {
+            self.fail(
+                "watchdog.heartbeat_timeout",
+                format!(
+                    "must be at least twice watchdog.heartbeat ({beat} s), got {timeout} s: one late beat would fail the job"
+                ),
+                Some(format!("e.g. `heartbeat_timeout: {}`", 10.0 * beat)),
+            );
+            return None;
+        }
+        let duration = std::time::Duration::from_secs_f64;
+        Some(Watchdog {
+            heartbeat: duration(heartbeat?),
+            heartbeat_timeout: duration(heartbeat_timeout?),
+            collective_timeout: duration(collective_timeout?),
+            rendezvous_timeout: duration(rendezvous_timeout?),
+        })
     }
 
     fn model(&mut self, raw: raw::RawModel) -> Option<Model> {
