@@ -6,16 +6,7 @@
 //! The workers are this same binary (`launch worker`, the code of `tessera_worker::cli`), so
 //! one executable is all a machine needs. `exit.rs` maps outcomes to exit statuses.
 
-mod agent;
-mod cli;
-mod config_file;
-mod coordinator;
-mod dryrun;
-mod exit;
-mod progress;
-mod run;
-mod search;
-mod svg;
+use tessera_launcher::{cli, config_file, dryrun, exit, run as run_job, search, svg};
 
 use std::fs;
 use std::io::Write as _;
@@ -57,13 +48,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 eprintln!("warning: {warning}");
             }
             if !cli.report.dry_run {
-                let options = run::RunOptions {
+                let options = run_job::RunOptions {
                     metrics: cli.run.metrics.clone(),
                     fresh: cli.run.fresh,
                     threads: cli.run.threads,
                     trace: cli.run.trace.clone(),
                 };
-                return run::run_local(&loaded, &options);
+                return run_job::run_local(&loaded, &options);
             }
             dry_run(&loaded, &cli.report)
         }
