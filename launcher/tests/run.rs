@@ -721,13 +721,16 @@ fn export_without_a_checkpoint_says_where_it_looked() {
 
 #[test]
 fn a_checkpoint_resumes_on_other_meshes_with_the_losses_of_one_process() {
-    let common = ["training.steps=4", "checkpoint.every=2"];
+    // 20 steps on (data 2, tensor 2, pipeline 2), then steps 21-24 on (4,1,1), (1,2,1) and
+    // (1,1,4), each with ZeRO 0 and 3, against one process that trained all 24.
+    let common = ["training.steps=24", "checkpoint.every=20"];
     let single = Scratch::new("reshard-1");
     let mut sets = common.to_vec();
     sets.push("parallel.data=1");
     let out = output(launch(&single, &sets, &[]));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let reference = losses(&single.path("metrics.jsonl"));
+    assert_eq!(reference.len(), 24);
 
     let source = Scratch::new("reshard-222");
     let mut sets = common.to_vec();
@@ -738,46 +741,33 @@ fn a_checkpoint_resumes_on_other_meshes_with_the_losses_of_one_process() {
     ]);
     let out = output(launch(&source, &sets, &["--fresh"]));
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let checkpoint = source.path("ckpt").join("step-00000002");
+    let checkpoint = source.path("ckpt").join("step-00000020");
 
-    for (i, mesh) in [
-        [
-            "parallel.data=4",
-            "parallel.tensor=1",
-            "parallel.pipeline=1",
-            "parallel.zero=0",
-        ],
-        [
-            "parallel.data=1",
-            "parallel.tensor=2",
-            "parallel.pipeline=1",
-            "parallel.zero=3",
-        ],
-        [
-            "parallel.data=1",
-            "parallel.tensor=1",
-            "parallel.pipeline=4",
-            "parallel.zero=3",
-        ],
-    ]
-    .iter()
-    .enumerate()
-    {
-        let target = Scratch::new(&format!("reshard-{i}"));
-        let copy = target.path("ckpt").join("step-00000002");
-        std::fs::create_dir_all(&copy).unwrap();
-        for file in std::fs::read_dir(&checkpoint).unwrap().flatten() {
-            std::fs::copy(file.path(), copy.join(file.file_name())).unwrap();
+    for (data, tensor, pipeline) in [(4, 1, 1), (1, 2, 1), (1, 1, 4)] {
+        for zero in [0, 3] {
+            let name = format!("reshard-{data}{tensor}{pipeline}-zero{zero}");
+            let target = Scratch::new(&name);
+            let copy = target.path("ckpt").join("step-00000020");
+            std::fs::create_dir_all(&copy).unwrap();
+            for file in std::fs::read_dir(&checkpoint).unwrap().flatten() {
+                std::fs::copy(file.path(), copy.join(file.file_name())).unwrap();
+            }
+            let mesh = [
+                format!("parallel.data={data}"),
+                format!("parallel.tensor={tensor}"),
+                format!("parallel.pipeline={pipeline}"),
+                format!("parallel.zero={zero}"),
+            ];
+            let mut sets = common.to_vec();
+            sets.extend(mesh.iter().map(String::as_str));
+            let out = output(launch(&target, &sets, &[]));
+            assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+            assert!(text(&out.stdout).contains("resuming from"), "{name}");
+            assert_close(
+                &losses(&target.path("metrics.jsonl")),
+                &reference[20..],
+                MESH_TOLERANCE,
+            );
         }
-        let mut sets = common.to_vec();
-        sets.extend(mesh);
-        let out = output(launch(&target, &sets, &[]));
-        assert!(out.status.success(), "{mesh:?}: {}", text(&out.stderr));
-        assert!(text(&out.stdout).contains("resuming from"), "{mesh:?}");
-        assert_close(
-            &losses(&target.path("metrics.jsonl")),
-            &reference[2..],
-            MESH_TOLERANCE,
-        );
     }
 }
