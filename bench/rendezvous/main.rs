@@ -37,6 +37,9 @@ fn main() {
         planned_device_bytes: vec![0; ranks],
         collective_timeout: Duration::from_secs(60),
         rendezvous_timeout: Duration::from_secs(120),
+        heartbeat: Duration::from_secs(1),
+        heartbeat_timeout: Duration::from_secs(10),
+        worker_args: Vec::new(),
         run_id: "bench".into(),
         token: TOKEN.into(),
     };

@@ -60,6 +60,11 @@ pub struct RunArgs {
     /// collective (per process group) and the optimizer. Open in ui.perfetto.dev.
     #[arg(long, value_name = "DIR")]
     pub trace: Option<PathBuf>,
+
+    /// Where the coordinator listens when cluster.nodes is above 1: the address node agents
+    /// (`launch agent --coordinator HOST:PORT`) and their workers reach this machine at.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:29400")]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +86,36 @@ pub enum Command {
     /// without the vocabulary's padding rows. Give the config (and --set) of the run's model;
     /// its parallel layout is read from the checkpoint.
     Export(ExportArgs),
+
+    /// Run this node's workers for a job across nodes.
+    ///
+    /// One agent per node (started by srun, a Kubernetes pod or ssh) registers with the
+    /// coordinator of `launch --config F` on the head node, gets this node's ranks, starts one
+    /// worker per rank, relays their output prefixed `[rank N]`, reports their exits, and stops
+    /// them when the coordinator says so or when it loses the coordinator. TESSERA_TOKEN must
+    /// hold the same secret on every node and on the head. Exits 0 when all its workers
+    /// finished, 1 otherwise.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The coordinator: the head node's address and its `--listen` port.
+    #[arg(long, value_name = "HOST:PORT", env = "TESSERA_COORDINATOR")]
+    pub coordinator: String,
+
+    /// This node's address as the other nodes reach it [default: the local address of the
+    /// connection to the coordinator].
+    #[arg(long, value_name = "ADDR")]
+    pub host: Option<String>,
+
+    /// Seconds to keep trying to reach the coordinator (the head may start after the agents).
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub wait: u64,
+
+    /// Kernel threads per CPU worker [default: this node's cores divided among its workers].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -19,8 +19,8 @@ use tessera_plan::mesh::Mesh;
 use tessera_proto::v1::coordinator_server::{Coordinator as Service, CoordinatorServer};
 use tessera_proto::v1::{Abort, Ack, NcclId, NcclIdRequest};
 use tessera_proto::v1::{
-    AgentAssignment, AgentHello, Beat, Command, Coord, WorkerAssignment, WorkerExit, WorkerHello,
-    command,
+    AgentAssignment, AgentBeat, AgentHello, Beat, Command, Coord, WorkerAssignment, WorkerExit,
+    WorkerHello, command,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -38,6 +38,11 @@ pub struct JobSpec {
     pub collective_timeout: Duration,
     /// How long the barrier waits for every rank to register, from the coordinator's start.
     pub rendezvous_timeout: Duration,
+    /// How often node agents beat, and the silence after which either side gives up.
+    pub heartbeat: Duration,
+    pub heartbeat_timeout: Duration,
+    /// What node agents pass their workers after `launch worker`.
+    pub worker_args: Vec<String>,
     pub run_id: String,
     pub token: String,
 }
@@ -57,6 +62,18 @@ pub enum Event {
         missing: Vec<u32>,
     },
     Beat(Beat),
+    /// A node agent joined as node `node`.
+    AgentRegistered {
+        node: u32,
+        hostname: String,
+        /// The node's address, as its workers listen on it.
+        address: String,
+        ranks: Vec<u32>,
+    },
+    /// A node agent's lifeline broke: the agent died or its node left the network.
+    NodeLost {
+        node: u32,
+    },
     /// A call without the run's token.
     Refused {
         peer: Option<SocketAddr>,
@@ -79,8 +96,10 @@ struct Shared {
     hellos: Mutex<BTreeMap<u32, WorkerHello>>,
     /// How many ranks have registered; the barrier waits for it to reach the world size.
     registered: watch::Sender<usize>,
-    /// The command stream of each worker's heartbeat call.
+    /// The command stream of each worker's heartbeat call and each agent's channel.
     commands: Mutex<Vec<mpsc::Sender<Result<Command, Status>>>>,
+    /// The agents that registered, by node index.
+    agents: Mutex<Vec<AgentHello>>,
     /// NCCL unique ids by group, as their first members published them; watchers wake on
     /// every publication.
     nccl_ids: watch::Sender<BTreeMap<String, Vec<u8>>>,
@@ -141,12 +160,84 @@ struct Handler {
 impl Service for Handler {
     async fn register_agent(
         &self,
-        _request: Request<AgentHello>,
+        request: Request<AgentHello>,
     ) -> Result<Response<AgentAssignment>, Status> {
-        Err(Status::unimplemented(
-            "node agents join runs on a cluster, which this build does not start yet (issue 7); \
-             run `launch --config F` on one machine",
-        ))
+        let hello = request.into_inner();
+        let mesh = &self.shared.spec.mesh;
+        let nodes = mesh.nodes();
+        let node = {
+            let mut agents = self
+                .shared
+                .agents
+                .lock()
+                .expect("invariant: no panic under lock");
+            if agents.len() >= nodes {
+                let hosts: Vec<&str> = agents.iter().map(|a| a.hostname.as_str()).collect();
+                return Err(Status::failed_precondition(format!(
+                    "this run has {nodes} node{} and all have registered ({}); is this agent \
+                     meant for another run?",
+                    if nodes == 1 { "" } else { "s" },
+                    hosts.join(", ")
+                )));
+            }
+            agents.push(hello.clone());
+            agents.len() - 1
+        };
+        let ranks: Vec<u32> = (0..mesh.world_size())
+            .filter(|&rank| mesh.node(rank) == node)
+            .map(|rank| rank as u32)
+            .collect();
+        let env = [
+            ("WORLD_SIZE", mesh.world_size().to_string()),
+            ("LOCAL_WORLD_SIZE", ranks.len().to_string()),
+            ("TESSERA_COMM_HOST", hello.comm_host.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        self.shared.send(Event::AgentRegistered {
+            node: node as u32,
+            hostname: hello.hostname,
+            address: hello.comm_host.clone(),
+            ranks: ranks.clone(),
+        });
+        Ok(Response::new(AgentAssignment {
+            node: node as u32,
+            ranks,
+            env,
+            heartbeat_ms: self.shared.spec.heartbeat.as_millis() as u32,
+            heartbeat_timeout_ms: self.shared.spec.heartbeat_timeout.as_millis() as u32,
+            nodes: nodes as u32,
+            worker_args: self.shared.spec.worker_args.clone(),
+        }))
+    }
+
+    type AgentChannelStream = ReceiverStream<Result<Command, Status>>;
+
+    async fn agent_channel(
+        &self,
+        request: Request<Streaming<AgentBeat>>,
+    ) -> Result<Response<Self::AgentChannelStream>, Status> {
+        let mut beats = request.into_inner();
+        let (commands, receiver) = mpsc::channel(4);
+        self.shared
+            .commands
+            .lock()
+            .expect("invariant: no panic under lock")
+            .push(commands);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut node = None;
+            // A beat that stays away for many intervals means the same as a broken stream;
+            // the supervisor's heartbeat watchdog on the node's workers covers it by name.
+            while let Ok(Some(beat)) = beats.message().await {
+                node = Some(beat.node);
+            }
+            if let Some(node) = node {
+                shared.send(Event::NodeLost { node });
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
     async fn register_worker(
@@ -314,6 +405,7 @@ impl Coordinator {
             hellos: Mutex::new(BTreeMap::new()),
             registered: watch::Sender::new(0),
             commands: Mutex::new(Vec::new()),
+            agents: Mutex::new(Vec::new()),
             nccl_ids: watch::Sender::new(BTreeMap::new()),
         });
         let expected = tessera_proto::bearer(&shared.spec.token);
@@ -422,6 +514,9 @@ mod tests {
             planned_device_bytes: vec![1000; world],
             collective_timeout: Duration::from_secs(5),
             rendezvous_timeout: rendezvous,
+            heartbeat: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(10),
+            worker_args: Vec::new(),
             run_id: "run".into(),
             token: "secret".into(),
         }
@@ -530,6 +625,70 @@ mod tests {
         assert!(events.contains(&Event::RendezvousFailed {
             missing: vec![0, 2, 3]
         }));
+        coordinator.stop(&runtime);
+    }
+
+    #[test]
+    fn agents_get_their_nodes_ranks_in_arrival_order_and_an_extra_agent_is_refused() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut job = spec(4, Duration::from_secs(5));
+        // data 2 x pipeline 2 on nodes of 2 devices: two nodes.
+        job.mesh = Mesh::new(2, 1, 2, 2).unwrap();
+        job.worker_args = vec!["--fresh".into()];
+        let (events, received) = std_mpsc::channel();
+        let localhost = "127.0.0.1:0".parse().unwrap();
+        let coordinator = Coordinator::start(&runtime, localhost, job, events).unwrap();
+        let address = coordinator.address;
+        let agent = |host: &str| AgentHello {
+            hostname: host.into(),
+            comm_host: format!("10.0.0.{}", host.len()),
+            ..AgentHello::default()
+        };
+        let (first, second, third) = runtime.block_on(async move {
+            let mut client = client(address, "secret").await;
+            let first = client
+                .register_agent(agent("a"))
+                .await
+                .unwrap()
+                .into_inner();
+            let second = client
+                .register_agent(agent("bb"))
+                .await
+                .unwrap()
+                .into_inner();
+            let third = client.register_agent(agent("ccc")).await.unwrap_err();
+            (first, second, third)
+        });
+        assert_eq!((first.node, first.nodes), (0, 2));
+        assert_eq!((second.node, second.nodes), (1, 2));
+        let mut all: Vec<u32> = first.ranks.iter().chain(&second.ranks).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, [0, 1, 2, 3], "every rank on exactly one node");
+        assert_eq!(first.ranks.len(), 2);
+        assert_eq!(first.env["TESSERA_COMM_HOST"], "10.0.0.1");
+        assert_eq!(second.env["WORLD_SIZE"], "4");
+        assert_eq!(second.env["LOCAL_WORLD_SIZE"], "2");
+        assert_eq!(first.worker_args, ["--fresh"]);
+        assert_eq!(third.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            third.message().contains("all have registered (a, bb)"),
+            "{}",
+            third.message()
+        );
+        let events: Vec<Event> = received.try_iter().collect();
+        assert!(
+            events.contains(&Event::AgentRegistered {
+                node: 1,
+                hostname: "bb".into(),
+                address: "10.0.0.2".into(),
+                ranks: second.ranks.clone(),
+            }),
+            "{events:?}"
+        );
         coordinator.stop(&runtime);
     }
 

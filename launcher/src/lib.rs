@@ -14,6 +14,8 @@ pub mod config_file;
 pub mod coordinator;
 pub mod dryrun;
 pub mod exit;
+pub mod fleet;
+pub mod node;
 pub mod progress;
 pub mod run;
 pub mod search;

@@ -42,6 +42,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Some(Command::Search(args)) => search::run(&args),
         Some(Command::Export(args)) => export(&args),
+        Some(Command::Agent(args)) => tessera_launcher::node::run_agent(&args),
         None => {
             let loaded = config_file::load(cli.job.config.as_deref(), &cli.job.sets)?;
             for warning in &loaded.config.warnings {
@@ -51,6 +52,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let options = run_job::RunOptions {
                     metrics: cli.run.metrics.clone(),
                     fresh: cli.run.fresh,
+                    listen: cli.run.listen,
                     threads: cli.run.threads,
                     trace: cli.run.trace.clone(),
                 };

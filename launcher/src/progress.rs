@@ -50,6 +50,15 @@ impl Progress {
         }
     }
 
+    /// Plain lines only, never a bar (a node agent's output, collected by Slurm or a pod log).
+    pub fn plain() -> Progress {
+        Progress {
+            bar: None,
+            lock: Arc::new(Mutex::new(())),
+            steps: 0,
+        }
+    }
+
     /// Prints a line above the bar (or plainly), to stderr if `stderr`.
     pub fn println(&self, line: &str, stderr: bool) {
         match &self.bar {

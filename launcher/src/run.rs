@@ -21,10 +21,11 @@ use tessera_plan::mesh::Mesh;
 use tessera_worker::arena::ArenaLayout;
 use tessera_worker::checkpoint;
 
-use crate::agent::{Worker, WorkerSpec, describe_status};
+use crate::agent::{Worker, WorkerSpec};
 use crate::config_file::Loaded;
 use crate::coordinator::{Coordinator, Event, JobSpec, describe_ranks};
 use crate::exit::Failure;
+use crate::fleet::{Fleet, LocalFleet, RemoteFleet};
 use crate::progress::{Progress, StepLine};
 
 /// How the run behaves beyond the config.
@@ -32,6 +33,8 @@ use crate::progress::{Progress, StepLine};
 pub struct RunOptions {
     pub metrics: Option<PathBuf>,
     pub fresh: bool,
+    /// Where the coordinator of a run across nodes listens.
+    pub listen: std::net::SocketAddr,
     /// Kernel threads per worker (default: the machine's cores shared among the workers).
     pub threads: Option<usize>,
     /// Where each worker writes its trace.
@@ -39,12 +42,15 @@ pub struct RunOptions {
 }
 
 /// How long workers get to exit on their own after a failure or a Ctrl-C before SIGKILL.
-const GRACE: Duration = Duration::from_secs(5);
-const POLL: Duration = Duration::from_millis(20);
+pub(crate) const GRACE: Duration = Duration::from_secs(5);
+pub(crate) const POLL: Duration = Duration::from_millis(20);
 /// How long after a failure the coordinator tells the remaining workers to abort.
 const ABORT_AFTER: Duration = Duration::from_secs(1);
+/// How long after SIGKILL a run waits for exits that nobody reports (a node that left the
+/// network) before it ends anyway.
+const GIVE_UP: Duration = Duration::from_secs(5);
 
-static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn on_signal(_: nix::libc::c_int) {
     SIGNALS.fetch_add(1, Ordering::SeqCst);
@@ -52,7 +58,7 @@ extern "C" fn on_signal(_: nix::libc::c_int) {
 
 /// Ctrl-C, SIGTERM and SIGHUP are counted instead of killing the launcher, so that it can
 /// stop its workers first.
-fn catch_signals() -> anyhow::Result<()> {
+pub(crate) fn catch_signals() -> anyhow::Result<()> {
     let action = SigAction::new(
         SigHandler::Handler(on_signal),
         SaFlags::SA_RESTART,
@@ -79,13 +85,7 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
 pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     let config = &loaded.config;
     let world = config.parallel.world_size();
-    if config.cluster.nodes > 1 {
-        return Err(Failure::usage(format!(
-            "cluster.nodes is {}: a run across nodes needs `launch agent` on each node, which arrives with issue 7; \
-             for a run on this machine use --set cluster.nodes=1 --set cluster.gpus_per_node={world}",
-            config.cluster.nodes
-        )));
-    }
+    let cluster = config.cluster.nodes > 1;
     if config.cluster.device != Device::Cpu || config.cluster.backend != Backend::Tcp {
         return Err(Failure::usage(
             "this build trains on CPU workers over TCP only (the CUDA backend is issue 8); use \
@@ -101,7 +101,17 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
         })
         .collect();
     let mesh = Mesh::from_config(config);
-    let token = random_hex(16)?;
+    let token = if cluster {
+        cluster_token()?
+    } else {
+        random_hex(16)?
+    };
+    if cluster && config.restart.max > 0 {
+        eprintln!(
+            "warning: restart.max is {} but a run across nodes does not restart yet: a failure ends it",
+            config.restart.max
+        );
+    }
     catch_signals()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -122,13 +132,23 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
             planned_device_bytes: planned.clone(),
             collective_timeout: config.watchdog.collective_timeout,
             rendezvous_timeout: config.watchdog.rendezvous_timeout,
+            heartbeat: config.watchdog.heartbeat,
+            heartbeat_timeout: config.watchdog.heartbeat_timeout,
+            worker_args: worker_args(options, fresh)?,
             // Each attempt's own: its collective connections cannot meet the last one's.
             run_id: random_hex(4)?,
             token: token.clone(),
         };
-        match attempt(&runtime, spec, &config.watchdog, &progress, options, fresh) {
+        let result = if cluster {
+            cluster_attempt(&runtime, spec, &config.watchdog, &progress, options)
+        } else {
+            attempt(&runtime, spec, &config.watchdog, &progress, options)
+        };
+        match result {
             Err(Failure::Runtime(error))
-                if restarts < config.restart.max && SIGNALS.load(Ordering::SeqCst) == 0 =>
+                if !cluster
+                    && restarts < config.restart.max
+                    && SIGNALS.load(Ordering::SeqCst) == 0 =>
             {
                 restarts += 1;
                 progress.println(&format!("error: {error:#}"), true);
@@ -212,10 +232,10 @@ fn attempt(
     watchdog: &Watchdog,
     progress: &Progress,
     options: &RunOptions,
-    fresh: bool,
 ) -> Result<(u64, Vec<Option<u64>>), Failure> {
     let world = spec.mesh.world_size();
     let token = spec.token.clone();
+    let spec_args = spec.worker_args.clone();
     let (events, received) = mpsc::channel();
     let localhost = "127.0.0.1:0".parse().expect("invariant: a valid address");
     let coordinator = Coordinator::start(runtime, localhost, spec, events)
@@ -228,16 +248,7 @@ fn attempt(
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = options.threads.unwrap_or((cores / world).max(1));
     let mut args = vec!["--threads".to_string(), threads.to_string()];
-    if fresh {
-        args.push("--fresh".into());
-    }
-    if let Some(dir) = &options.trace {
-        // Absolute, so that it means the same whatever the workers' directory.
-        let dir = std::path::absolute(dir)
-            .with_context(|| format!("cannot resolve --trace {}", dir.display()))?;
-        args.push("--trace".into());
-        args.push(dir.display().to_string());
-    }
+    args.extend(spec_args);
     let mut workers = Vec::with_capacity(world);
     let mut outcome = Ok(0);
     let mut measured = vec![None; world];
@@ -270,7 +281,9 @@ fn attempt(
     }
     if outcome.is_ok() {
         outcome = supervise(
-            &mut workers,
+            &mut LocalFleet {
+                workers: &mut workers,
+            },
             &coordinator,
             &received,
             progress,
@@ -285,6 +298,75 @@ fn attempt(
     }
     for worker in workers {
         worker.reap();
+    }
+    coordinator.stop(runtime);
+    outcome.map(|steps| (steps, measured))
+}
+
+/// What every worker gets after `launch worker` besides `--threads`.
+fn worker_args(options: &RunOptions, fresh: bool) -> anyhow::Result<Vec<String>> {
+    let mut args = Vec::new();
+    if fresh {
+        args.push("--fresh".into());
+    }
+    if let Some(dir) = &options.trace {
+        // Absolute, so that it means the same whatever the workers' directory.
+        let dir = std::path::absolute(dir)
+            .with_context(|| format!("cannot resolve --trace {}", dir.display()))?;
+        args.push("--trace".into());
+        args.push(dir.display().to_string());
+    }
+    Ok(args)
+}
+
+/// The secret every node of a cluster run shares.
+fn cluster_token() -> Result<String, Failure> {
+    match std::env::var("TESSERA_TOKEN") {
+        Ok(token) if !token.is_empty() => Ok(token),
+        _ => Err(Failure::usage(
+            "a run across nodes needs a secret shared with its node agents: set TESSERA_TOKEN to \
+             the same value here and on every node (e.g. export TESSERA_TOKEN=$(openssl rand -hex 16))",
+        )),
+    }
+}
+
+/// One run across nodes: the coordinator listens on `options.listen` and the node agents
+/// start the workers.
+fn cluster_attempt(
+    runtime: &tokio::runtime::Runtime,
+    spec: JobSpec,
+    watchdog: &Watchdog,
+    progress: &Progress,
+    options: &RunOptions,
+) -> Result<(u64, Vec<Option<u64>>), Failure> {
+    let (world, nodes) = (spec.mesh.world_size(), spec.mesh.nodes());
+    let (events, received) = mpsc::channel();
+    let coordinator =
+        Coordinator::start(runtime, options.listen, spec, events).with_context(|| {
+            format!(
+                "cannot listen on {} for the node agents; choose another address with --listen",
+                options.listen
+            )
+        })?;
+    progress.status(&format!(
+        "coordinator on {}: waiting for {nodes} node agents (on each node: launch agent \
+         --coordinator THIS_HOST:{}, with this TESSERA_TOKEN)",
+        coordinator.address,
+        coordinator.address.port()
+    ));
+    let mut measured = vec![None; world];
+    let outcome = supervise(
+        &mut RemoteFleet::new(world),
+        &coordinator,
+        &received,
+        progress,
+        options,
+        watchdog,
+        &mut measured,
+    );
+    if outcome.is_ok() {
+        // Let the agents see their last workers' exits acknowledged before the server goes.
+        std::thread::sleep(POLL * 5);
     }
     coordinator.stop(runtime);
     outcome.map(|steps| (steps, measured))
@@ -368,7 +450,7 @@ fn describe_last_collectives(last: &[String]) -> String {
 /// Watches the workers until all have exited; returns the steps rank 0 reported. Each rank's
 /// reported device bytes land in `measured`.
 fn supervise(
-    workers: &mut [Worker],
+    fleet: &mut dyn Fleet,
     coordinator: &Coordinator,
     events: &mpsc::Receiver<Event>,
     progress: &Progress,
@@ -388,15 +470,17 @@ fn supervise(
         None => None,
     };
     let mut stopping: Option<(Stop, Instant)> = None;
+    let mut announced = false;
     let mut aborted = false;
     let mut last_step = 0;
     // Each rank's last collective, as its heartbeats said: where a stuck rank waits.
-    let mut last_collectives = vec![String::new(); workers.len()];
+    let mut last_collectives = vec![String::new(); fleet.ranks()];
     // When each rank last beat (from its first beat on), and whether it said it finished.
-    let mut heard: Vec<Option<Instant>> = vec![None; workers.len()];
-    let mut finished = vec![false; workers.len()];
+    let mut heard: Vec<Option<Instant>> = vec![None; fleet.ranks()];
+    let mut finished = vec![false; fleet.ranks()];
     loop {
         while let Ok(event) = events.try_recv() {
+            fleet.observe(&event);
             if let Event::Beat(beat) = &event {
                 let rank = beat.rank as usize;
                 if let Some(slot) = heard.get_mut(rank) {
@@ -443,7 +527,7 @@ fn supervise(
                     }
                 }
                 Event::RendezvousComplete => {
-                    progress.status(&format!("all {} ranks joined; training", workers.len()));
+                    progress.status(&format!("all {} ranks joined; training", fleet.ranks()));
                 }
                 Event::RendezvousFailed { missing } if stopping.is_none() => {
                     stopping = Some((
@@ -461,32 +545,21 @@ fn supervise(
 
         if SIGNALS.load(Ordering::SeqCst) > 0 && !matches!(stopping, Some((Stop::Interrupted, _))) {
             progress.status("interrupted: stopping the workers (again to kill them now)");
-            for worker in workers.iter() {
-                worker.signal(Signal::SIGTERM);
-            }
+            fleet.stop(coordinator, false);
             stopping = Some((Stop::Interrupted, Instant::now()));
         }
 
-        let mut failed: Vec<(usize, String, bool)> = Vec::new();
-        for worker in workers.iter_mut() {
-            let already = worker.status.is_some();
-            if let Some(status) = worker.poll()
-                && !already
-                && !status.success()
-            {
-                let killed = status.code().is_none();
-                failed.push((worker.rank, describe_status(status), killed));
-            }
-        }
+        let mut failed = fleet.newly_failed();
         if stopping.is_none() && !failed.is_empty() {
             // The root cause is a rank killed by a signal if there is one (the others then
             // failed because it went silent), else the lowest rank that failed.
-            failed.sort_by_key(|&(rank, _, killed)| (!killed, rank));
-            let (rank, how, _) = &failed[0];
-            let pid = workers[*rank].pid();
+            failed.sort_by_key(|f| (!f.killed, f.rank));
+            let first = &failed[0];
             stopping = Some((
                 Stop::Failed(format!(
-                    "rank {rank} (pid {pid}) {how}{}; stopped the other ranks",
+                    "{} {}{}; stopped the other ranks",
+                    fleet.describe(first.rank),
+                    first.how,
                     if last_step > 0 {
                         format!(" after step {last_step}")
                     } else {
@@ -498,19 +571,18 @@ fn supervise(
         }
 
         if stopping.is_none()
-            && let Some(worker) = workers.iter().find(|w| {
-                w.status.is_none()
-                    && !finished[w.rank]
-                    && heard[w.rank].is_some_and(|t| t.elapsed() > watchdog.heartbeat_timeout)
+            && let Some(rank) = (0..fleet.ranks()).find(|&rank| {
+                !fleet.exited(rank)
+                    && !finished[rank]
+                    && heard[rank].is_some_and(|t| t.elapsed() > watchdog.heartbeat_timeout)
             })
         {
-            let silent = heard[worker.rank].map_or(Duration::ZERO, |t| t.elapsed());
+            let silent = heard[rank].map_or(Duration::ZERO, |t| t.elapsed());
             stopping = Some((
                 Stop::Failed(format!(
-                    "rank {} (pid {}) sent no heartbeat for {:.0?} (watchdog.heartbeat_timeout): \
-                     it hangs or was stopped{}; stopped the other ranks",
-                    worker.rank,
-                    worker.pid(),
+                    "{} sent no heartbeat for {:.0?} (watchdog.heartbeat_timeout): it hangs, was \
+                     stopped, or its node is unreachable{}; stopped the other ranks",
+                    fleet.describe(rank),
                     silent,
                     if last_step > 0 {
                         format!(", after step {last_step}")
@@ -521,10 +593,22 @@ fn supervise(
                 Instant::now(),
             ));
             // A stopped process ignores everything but SIGKILL; don't wait for it.
-            worker.signal(Signal::SIGKILL);
+            fleet.kill(rank);
         }
 
-        if workers.iter().all(|w| w.status.is_some()) {
+        if let Some((Stop::Failed(reason), _)) = &stopping
+            && !announced
+        {
+            // At once: stopping every rank can take a while, the cause should not wait.
+            progress.status(&format!("stopping the run: {reason}"));
+            announced = true;
+        }
+
+        // A rank whose exit nobody can report (its node is unreachable) is given up on.
+        let gave_up = stopping
+            .as_ref()
+            .is_some_and(|(_, since)| since.elapsed() > GRACE + GIVE_UP);
+        if fleet.all_exited() || gave_up {
             return match stopping {
                 None => Ok(last_step),
                 Some((Stop::Failed(message), _)) => Err(Failure::Runtime(anyhow::anyhow!(
@@ -546,9 +630,7 @@ fn supervise(
             }
             let hurry = SIGNALS.load(Ordering::SeqCst) > 1;
             if since.elapsed() > GRACE || hurry {
-                for worker in workers.iter() {
-                    worker.signal(Signal::SIGKILL);
-                }
+                fleet.stop(coordinator, true);
             }
         }
         std::thread::sleep(POLL);

@@ -1,0 +1,356 @@
+//! `launch agent`: one per node of a run across nodes. It registers the node with the head's
+//! coordinator, starts one worker per rank the coordinator gives it (as `launch` does on one
+//! machine, with [`Worker`]), reports each exit, beats on its lifeline to the coordinator,
+//! and stops its workers when told to (Abort), when it loses the coordinator, or on Ctrl-C.
+//! The workers talk to the coordinator and to each other directly; the agent only starts,
+//! watches and stops them.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use nix::sys::signal::Signal;
+use tessera_proto::v1::coordinator_client::CoordinatorClient;
+use tessera_proto::v1::{AgentBeat, AgentHello, WorkerExit, command};
+use tonic::Request;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::agent::{Worker, WorkerSpec, describe_status};
+use crate::cli::AgentArgs;
+use crate::exit::Failure;
+use crate::progress::Progress;
+use crate::run::{GRACE, POLL, SIGNALS, catch_signals};
+
+type Client = CoordinatorClient<InterceptedService<Channel, AddToken>>;
+
+/// Adds the run's token to every call.
+#[derive(Clone)]
+struct AddToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for AddToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert(tessera_proto::TOKEN_HEADER, self.0.clone());
+        Ok(request)
+    }
+}
+
+/// What the lifeline to the coordinator tells the main thread.
+enum Lifeline {
+    Abort(String),
+    Lost(String),
+}
+
+/// Runs this node's share of the job until its workers have exited.
+pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
+    let token = match std::env::var("TESSERA_TOKEN") {
+        Ok(token) if !token.is_empty() => token,
+        _ => {
+            return Err(Failure::usage(
+                "set TESSERA_TOKEN to the secret the head node's `launch` was started with",
+            ));
+        }
+    };
+    catch_signals()?;
+    let patience = Duration::from_secs(args.wait.max(1));
+    let comm_host = match &args.host {
+        Some(host) => host.clone(),
+        None => local_address_towards(&args.coordinator, patience)?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("tessera-agent")
+        .enable_all()
+        .build()
+        .context("cannot start the agent's runtime")?;
+    let mut client = runtime.block_on(connect(&args.coordinator, &token, None))?;
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let assignment = runtime
+        .block_on(client.register_agent(AgentHello {
+            hostname: hostname.clone(),
+            gpus: 0,
+            free_memory_bytes: Vec::new(),
+            comm_host: comm_host.clone(),
+            cpu_cores: cores as u32,
+            pid: std::process::id(),
+        }))
+        .map_err(|s| {
+            Failure::Runtime(anyhow::anyhow!(
+                "the coordinator at {} refused this node: {}",
+                args.coordinator,
+                s.message()
+            ))
+        })?
+        .into_inner();
+    let node = assignment.node;
+    let progress = Progress::plain();
+    progress.println(
+        &format!(
+            "node {node} of {} ({hostname}, {comm_host}): ranks {:?}",
+            assignment.nodes, assignment.ranks
+        ),
+        false,
+    );
+
+    let (lifeline, news) = std_mpsc::channel();
+    let every = Duration::from_millis(assignment.heartbeat_ms.max(1).into());
+    let patience = Duration::from_millis(assignment.heartbeat_timeout_ms.max(1).into());
+    // Its own connection, with keepalive pings, so that a coordinator that went silent (its
+    // node left the network) is noticed like one that closed the connection.
+    let lifeline_client =
+        runtime.block_on(connect(&args.coordinator, &token, Some((every, patience))))?;
+    open_lifeline(&runtime, lifeline_client, node, every, lifeline)?;
+
+    let (coordinator_host, coordinator_port) = args
+        .coordinator
+        .rsplit_once(':')
+        .unwrap_or((args.coordinator.as_str(), ""));
+    let local = assignment.ranks.len().max(1);
+    let threads = args.threads.unwrap_or((cores / local).max(1));
+    let mut worker_args = vec!["--threads".to_string(), threads.to_string()];
+    worker_args.extend(assignment.worker_args.iter().cloned());
+    let mut workers = Vec::new();
+    let mut failure = None;
+    for (local_rank, &rank) in assignment.ranks.iter().enumerate() {
+        let mut env: Vec<(String, String)> = assignment
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        env.extend([
+            ("RANK".into(), rank.to_string()),
+            ("LOCAL_RANK".into(), local_rank.to_string()),
+            ("MASTER_ADDR".into(), coordinator_host.to_string()),
+            ("MASTER_PORT".into(), coordinator_port.to_string()),
+            ("TESSERA_COORDINATOR".into(), args.coordinator.clone()),
+            ("TESSERA_TOKEN".into(), token.clone()),
+        ]);
+        let spec = WorkerSpec {
+            rank: rank as usize,
+            env,
+            args: worker_args.clone(),
+        };
+        match Worker::spawn(&spec, &progress) {
+            Ok(worker) => workers.push(worker),
+            Err(e) => {
+                failure = Some(format!("{e:#}"));
+                break;
+            }
+        }
+    }
+
+    let mut stopping: Option<Instant> = failure.as_ref().map(|_| Instant::now());
+    let mut reported = vec![false; workers.len()];
+    let mut any_failed = failure.is_some();
+    loop {
+        while let Ok(news) = news.try_recv() {
+            let reason = match news {
+                Lifeline::Abort(reason) => format!("stopping the workers: {reason}"),
+                Lifeline::Lost(why) => {
+                    any_failed = true;
+                    format!("lost the coordinator ({why}); stopping the workers")
+                }
+            };
+            if stopping.is_none() {
+                progress.println(&format!("node {node}: {reason}"), true);
+                for worker in &workers {
+                    worker.signal(Signal::SIGTERM);
+                }
+                stopping = Some(Instant::now());
+            }
+        }
+        if SIGNALS.load(Ordering::SeqCst) > 0 && stopping.is_none() {
+            progress.println(
+                &format!("node {node}: interrupted; stopping the workers"),
+                true,
+            );
+            for worker in &workers {
+                worker.signal(Signal::SIGTERM);
+            }
+            stopping = Some(Instant::now());
+        }
+        for (i, worker) in workers.iter_mut().enumerate() {
+            if let Some(status) = worker.poll()
+                && !reported[i]
+            {
+                reported[i] = true;
+                use std::os::unix::process::ExitStatusExt as _;
+                if !status.success() {
+                    any_failed = true;
+                    progress.println(
+                        &format!(
+                            "node {node}: rank {} {}",
+                            worker.rank,
+                            describe_status(status)
+                        ),
+                        true,
+                    );
+                }
+                let exit = WorkerExit {
+                    rank: worker.rank as u32,
+                    code: status.code(),
+                    signal: status.signal(),
+                    node,
+                    pid: worker.pid(),
+                };
+                // A coordinator that is gone cannot hear it; the lifeline says so.
+                let _ = runtime.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(5), client.report_exit(exit)).await
+                });
+            }
+        }
+        if workers.iter().all(|w| w.status.is_some()) {
+            break;
+        }
+        if let Some(since) = stopping
+            && (since.elapsed() > GRACE || SIGNALS.load(Ordering::SeqCst) > 1)
+        {
+            for worker in &workers {
+                worker.signal(Signal::SIGKILL);
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+    for worker in workers {
+        worker.reap();
+    }
+    if let Some(why) = failure {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "node {node}: cannot start its workers: {why}"
+        )));
+    }
+    if SIGNALS.load(Ordering::SeqCst) > 0 {
+        return Err(Failure::Interrupted);
+    }
+    if any_failed {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "node {node}: the run failed (the head's `launch` says why)"
+        )));
+    }
+    progress.println(&format!("node {node}: every worker finished"), false);
+    Ok(())
+}
+
+/// The local address of a connection to `coordinator`: the address this node reaches the
+/// head from, which is how the other nodes reach it too on an ordinary cluster network.
+fn local_address_towards(coordinator: &str, patience: Duration) -> Result<String, Failure> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let attempt = coordinator
+            .to_socket_addrs()
+            .map_err(|e| e.to_string())
+            .and_then(|mut addresses| {
+                let address = addresses
+                    .next()
+                    .ok_or_else(|| "it resolves to no address".to_string())?;
+                let stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))
+                    .map_err(|e| e.to_string())?;
+                stream
+                    .local_addr()
+                    .map(|a| a.ip().to_string())
+                    .map_err(|e| e.to_string())
+            });
+        match attempt {
+            Ok(host) => return Ok(host),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(Failure::Runtime(anyhow::anyhow!(
+                    "cannot reach the coordinator at {coordinator} within {patience:.0?}: {e}; \
+                     is `launch --config ...` running on the head node, and is --coordinator \
+                     its address and --listen port?"
+                )));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// A client of the coordinator; with `keepalive` (interval, timeout) the connection pings
+/// and fails once a ping goes unanswered for the timeout.
+async fn connect(
+    coordinator: &str,
+    token: &str,
+    keepalive: Option<(Duration, Duration)>,
+) -> Result<Client, Failure> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{coordinator}"))
+        .map_err(|e| Failure::usage(format!("--coordinator {coordinator}: {e}")))?
+        .connect_timeout(Duration::from_secs(5));
+    if let Some((interval, timeout)) = keepalive {
+        endpoint = endpoint
+            .http2_keep_alive_interval(interval)
+            .keep_alive_timeout(timeout)
+            .keep_alive_while_idle(true);
+    }
+    let channel = endpoint.connect().await.map_err(|e| {
+        Failure::Runtime(anyhow::anyhow!(
+            "cannot connect to the coordinator at {coordinator}: {e}"
+        ))
+    })?;
+    let value: tonic::metadata::MetadataValue<_> = tessera_proto::bearer(token)
+        .parse()
+        .map_err(|_| Failure::usage("TESSERA_TOKEN must be printable ASCII"))?;
+    Ok(CoordinatorClient::with_interceptor(
+        channel,
+        AddToken(value),
+    ))
+}
+
+/// Opens the AgentChannel: beats every `every`, and forwards Abort commands and the loss of
+/// the coordinator to `news`.
+fn open_lifeline(
+    runtime: &tokio::runtime::Runtime,
+    mut client: Client,
+    node: u32,
+    every: Duration,
+    news: std_mpsc::Sender<Lifeline>,
+) -> Result<(), Failure> {
+    let (beats, receiver) = tokio::sync::mpsc::channel(4);
+    let stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
+    // The first beat names the node before the coordinator answers.
+    let _ = beats.try_send(AgentBeat { node });
+    let mut commands = runtime
+        .block_on(client.agent_channel(stream))
+        .map_err(|s| {
+            Failure::Runtime(anyhow::anyhow!(
+                "cannot open the agent channel: {}",
+                s.message()
+            ))
+        })?
+        .into_inner();
+    runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        loop {
+            ticks.tick().await;
+            if beats.send(AgentBeat { node }).await.is_err() {
+                return;
+            }
+        }
+    });
+    runtime.spawn(async move {
+        loop {
+            match commands.message().await {
+                Ok(Some(command)) => {
+                    if let Some(command::Kind::Abort(abort)) = command.kind {
+                        let _ = news.send(Lifeline::Abort(abort.reason));
+                    }
+                }
+                Ok(None) => {
+                    let _ = news.send(Lifeline::Lost("it closed the channel".into()));
+                    return;
+                }
+                Err(status) => {
+                    let _ = news.send(Lifeline::Lost(status.message().to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,401 @@
+//! Runs across nodes, on this machine: two network namespaces joined by a veth pair act as two
+//! nodes, each with its own address. The head's `launch` and node 0's agent run in the first,
+//! node 1's agent in the second; workers find each other over the veth link. Needs root (to
+//! make namespaces); without it the tests say so and pass nothing off as checked.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "cluster-test-secret";
+
+/// Two namespaces and the veth link between them, removed on drop.
+struct Nodes {
+    names: [String; 2],
+    addresses: [String; 2],
+    links: [String; 2],
+}
+
+impl Nodes {
+    /// None when this machine cannot make namespaces (not root, no `ip`).
+    fn new(tag: &str) -> Option<Nodes> {
+        let id = std::process::id() % 100_000;
+        let names = [format!("tsr{tag}{id}a"), format!("tsr{tag}{id}b")];
+        let subnet = format!("10.{}.{}", 100 + id % 100, id % 250);
+        let addresses = [format!("{subnet}.1"), format!("{subnet}.2")];
+        let links = [format!("tv{tag}{id}a"), format!("tv{tag}{id}b")];
+        let nodes = Nodes {
+            names,
+            addresses,
+            links: links.clone(),
+        };
+        let ip = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        for name in &nodes.names {
+            if !ip(&["netns", "add", name]) {
+                eprintln!(
+                    "skipped: cannot create network namespaces here (needs root and iproute2)"
+                );
+                return None;
+            }
+        }
+        let ok = ip(&[
+            "link", "add", &links[0], "type", "veth", "peer", "name", &links[1],
+        ]) && (0..2).all(|i| {
+            ip(&["link", "set", &links[i], "netns", &nodes.names[i]])
+                && ip(&[
+                    "-n",
+                    &nodes.names[i],
+                    "addr",
+                    "add",
+                    &format!("{}/24", nodes.addresses[i]),
+                    "dev",
+                    &links[i],
+                ])
+                && ip(&["-n", &nodes.names[i], "link", "set", &links[i], "up"])
+                && ip(&["-n", &nodes.names[i], "link", "set", "lo", "up"])
+        });
+        assert!(ok, "cannot set up the veth link between the namespaces");
+        Some(nodes)
+    }
+
+    /// `launch ARGS` inside node `i`'s namespace.
+    fn launch(&self, i: usize, args: &[String]) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.names[i]])
+            .arg(env!("CARGO_BIN_EXE_launch"))
+            .args(args)
+            .current_dir(repo())
+            .env("TESSERA_TOKEN", TOKEN)
+            .env_remove("TESSERA_COORDINATOR")
+            .env_remove("TESSERA_CONFIG");
+        command
+    }
+
+    /// Takes node `i` off the network: its end of the veth link goes down.
+    fn cut(&self, i: usize) {
+        let status = Command::new("ip")
+            .args(["-n", &self.names[i], "link", "set", &self.links[i], "down"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn agent(&self, i: usize, port: u16) -> Child {
+        self.launch(
+            i,
+            &[
+                "agent".into(),
+                "--coordinator".into(),
+                format!("{}:{port}", self.addresses[0]),
+                "--threads".into(),
+                "1".into(),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("an agent starts")
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("launcher/ has a parent")
+        .to_path_buf()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn losses(metrics: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(metrics)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            (
+                value["step"].as_u64().unwrap(),
+                value["loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The job: data 2 x pipeline 2 of the tiny config, `steps` steps, on `nodes` nodes of
+/// 4 / `nodes` workers.
+fn job_args(scratch: &Path, nodes: usize, steps: u64, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--config",
+        "configs/tiny-cpu.yaml",
+        "--fresh",
+        "--threads",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for set in [
+        "parallel.data=2".to_string(),
+        "parallel.tensor=1".into(),
+        "parallel.pipeline=2".into(),
+        format!("training.steps={steps}"),
+        "checkpoint.every=0".into(),
+        "restart.max=0".into(),
+        format!("cluster.nodes={nodes}"),
+        format!("cluster.gpus_per_node={}", 4 / nodes),
+        format!("checkpoint.dir={}", scratch.join("ckpt").display()),
+    ]
+    .into_iter()
+    .chain(extra.iter().map(|s| s.to_string()))
+    {
+        args.push("--set".into());
+        args.push(set);
+    }
+    args.push("--metrics".into());
+    args.push(scratch.join("metrics.jsonl").display().to_string());
+    args
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tessera-cluster-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn wait_with_limit(child: Child, limit: Duration) -> Output {
+    let id = child.id();
+    let watchdog = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(100));
+            if !Path::new(&format!("/proc/{id}")).exists() {
+                return;
+            }
+        }
+        let _ = Command::new("kill").args(["-9", &id.to_string()]).status();
+    });
+    let out = child.wait_with_output().expect("the process ends");
+    let _ = watchdog.join();
+    out
+}
+
+/// Lines a process printed, each with when it arrived.
+type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
+
+/// Collects `child`'s stdout line by line as it comes.
+fn watch_stdout(child: &mut Child) -> (Lines, std::thread::JoinHandle<()>) {
+    let lines: Lines = Arc::default();
+    let stdout = child.stdout.take().expect("piped");
+    let sink = lines.clone();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push((Instant::now(), line));
+        }
+    });
+    (lines, reader)
+}
+
+fn when(lines: &Lines, text: &str) -> Option<Instant> {
+    lines
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, line)| line.contains(text))
+        .map(|(at, _)| *at)
+}
+
+/// The head in node 0's namespace and an agent in each; `steps` steps of the job.
+fn start(nodes: &Nodes, scratch: &Path, steps: u64, extra: &[&str]) -> (Child, [Child; 2]) {
+    let port = 29_500 + (std::process::id() % 400) as u16;
+    let mut head_args = job_args(scratch, 2, steps, extra);
+    head_args.extend(["--listen".into(), format!("{}:{port}", nodes.addresses[0])]);
+    let head = nodes
+        .launch(0, &head_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (head, [nodes.agent(0, port), nodes.agent(1, port)])
+}
+
+/// Processes of these tests' runs still alive (workers carry the token in their environment).
+fn leftovers() -> Vec<u32> {
+    let needle = format!("TESSERA_TOKEN={TOKEN}");
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, r)| r.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(true);
+            let ours = std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == needle.as_bytes()));
+            ours && !zombie
+        })
+        .collect()
+}
+
+/// Starts a long job across the two nodes and waits for its first step.
+fn start_long(nodes: &Nodes, scratch: &Path) -> (Child, [Child; 2]) {
+    let extra = [
+        "watchdog.heartbeat=0.5",
+        "watchdog.heartbeat_timeout=3",
+        "watchdog.collective_timeout=5",
+    ];
+    let (head, agents) = start(nodes, scratch, 100_000, &extra);
+    let metrics = scratch.join("metrics.jsonl");
+    let start = Instant::now();
+    while losses(&metrics).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the job never trained a step"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (head, agents)
+}
+
+/// Starts a long job, waits for its first step, does `fault`, then checks: the head says it
+/// is stopping the run within 10 s, naming each of `expected`; it exits 1; both agents end;
+/// no process of the run is left.
+fn fault_is_handled(
+    tag: &str,
+    fault: impl FnOnce(&Nodes, &mut [Child; 2]),
+    expected: impl FnOnce(&Nodes) -> Vec<String>,
+) {
+    let Some(nodes) = Nodes::new(tag) else { return };
+    let dir = scratch(&format!("fault-{tag}"));
+    let (mut head, mut agents) = start_long(&nodes, &dir);
+    let (lines, reader) = watch_stdout(&mut head);
+    let at = Instant::now();
+    fault(&nodes, &mut agents);
+    let out = wait_with_limit(head, Duration::from_secs(60));
+    reader.join().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let announced = when(&lines, "stopping the run: ").expect("the head says why it stops");
+    let detected = announced.saturating_duration_since(at);
+    assert!(
+        detected < Duration::from_secs(10),
+        "detected after {detected:?}"
+    );
+    for text in expected(&nodes) {
+        assert!(stderr.contains(text.as_str()), "`{text}` in: {stderr}");
+    }
+    for agent in agents {
+        let start = Instant::now();
+        let _ = wait_with_limit(agent, Duration::from_secs(30));
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "an agent was left running"
+        );
+    }
+    let start = Instant::now();
+    while !leftovers().is_empty() && start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(leftovers(), Vec::<u32>::new(), "processes left running");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_killed_agent_fails_the_run_naming_its_node_and_nothing_is_left_running() {
+    fault_is_handled(
+        "k",
+        |_, agents| agents[1].kill().unwrap(),
+        |nodes| {
+            vec![
+                format!(", {}): its agent died", nodes.addresses[1]),
+                "last collectives: ".into(),
+            ]
+        },
+    );
+}
+
+#[test]
+fn a_cut_link_fails_the_run_naming_the_unreachable_rank_and_nothing_is_left_running() {
+    fault_is_handled(
+        "c",
+        |nodes, _| nodes.cut(1),
+        |nodes| {
+            vec![
+                format!(", {}) sent no heartbeat for", nodes.addresses[1]),
+                "its node is unreachable".into(),
+            ]
+        },
+    );
+}
+
+#[test]
+fn a_job_across_two_namespaces_trains_like_one_node() {
+    let Some(nodes) = Nodes::new("t") else { return };
+    let single = scratch("single");
+    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .args(job_args(&single, 1, 6, &[]))
+        .current_dir(repo())
+        .env_remove("TESSERA_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let reference = losses(&single.join("metrics.jsonl"));
+    assert_eq!(reference.len(), 6);
+
+    let two = scratch("two");
+    let (head, agents) = start(&nodes, &two, 6, &[]);
+    let out = wait_with_limit(head, Duration::from_secs(120));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let agent_logs: Vec<String> = agents
+        .into_iter()
+        .map(|a| {
+            let out = wait_with_limit(a, Duration::from_secs(30));
+            format!("{}{}", text(&out.stdout), text(&out.stderr))
+        })
+        .collect();
+    assert!(out.status.success(), "{stdout}\n{stderr}\n{agent_logs:?}");
+    assert!(stdout.contains("done: 6 steps on 4 ranks"), "{stdout}");
+    for (i, log) in agent_logs.iter().enumerate() {
+        assert!(
+            log.contains(&format!("node {i} of 2")) && log.contains(&nodes.addresses[i]),
+            "node {i} ran at its own address: {log}"
+        );
+        assert!(log.contains("every worker finished"), "{log}");
+    }
+    let trained = losses(&two.join("metrics.jsonl"));
+    assert_eq!(trained.len(), reference.len());
+    for (a, b) in trained.iter().zip(&reference) {
+        assert_eq!(a.0, b.0);
+        assert!(
+            (a.1 - b.1).abs() <= 1e-5 * b.1.abs(),
+            "{trained:?} vs {reference:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&single);
+    let _ = std::fs::remove_dir_all(&two);
+}
