@@ -61,10 +61,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR")]
     pub trace: Option<PathBuf>,
 
-    /// Where the coordinator listens when cluster.nodes is above 1: the address node agents
-    /// (`launch agent --coordinator HOST:PORT`) and their workers reach this machine at.
-    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:29400")]
-    pub listen: std::net::SocketAddr,
+    /// Leave the workers to node agents (`launch agent --coordinator HOST:PORT` on each
+    /// node) and listen for them here [default when cluster.nodes is above 1: 0.0.0.0:29400].
+    /// With one node too, this is how Slurm and Kubernetes start a job.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]

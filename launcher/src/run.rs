@@ -33,8 +33,9 @@ use crate::progress::{Progress, StepLine};
 pub struct RunOptions {
     pub metrics: Option<PathBuf>,
     pub fresh: bool,
-    /// Where the coordinator of a run across nodes listens.
-    pub listen: std::net::SocketAddr,
+    /// Where the coordinator listens for node agents; None: this machine's run starts its
+    /// own workers unless cluster.nodes is above 1.
+    pub listen: Option<std::net::SocketAddr>,
     /// Kernel threads per worker (default: the machine's cores shared among the workers).
     pub threads: Option<usize>,
     /// Where each worker writes its trace.
@@ -85,7 +86,7 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
 pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     let config = &loaded.config;
     let world = config.parallel.world_size();
-    let cluster = config.cluster.nodes > 1;
+    let cluster = config.cluster.nodes > 1 || options.listen.is_some();
     if config.cluster.device != Device::Cpu || config.cluster.backend != Backend::Tcp {
         return Err(Failure::usage(
             "this build trains on CPU workers over TCP only (the CUDA backend is issue 8); use \
@@ -341,13 +342,12 @@ fn cluster_attempt(
 ) -> Result<(u64, Vec<Option<u64>>), Failure> {
     let (world, nodes) = (spec.mesh.world_size(), spec.mesh.nodes());
     let (events, received) = mpsc::channel();
-    let coordinator =
-        Coordinator::start(runtime, options.listen, spec, events).with_context(|| {
-            format!(
-                "cannot listen on {} for the node agents; choose another address with --listen",
-                options.listen
-            )
-        })?;
+    let listen = options.listen.unwrap_or(DEFAULT_LISTEN.into());
+    let coordinator = Coordinator::start(runtime, listen, spec, events).with_context(|| {
+        format!(
+            "cannot listen on {listen} for the node agents; choose another address with --listen"
+        )
+    })?;
     progress.status(&format!(
         "coordinator on {}: waiting for {nodes} node agents (on each node: launch agent \
          --coordinator THIS_HOST:{}, with this TESSERA_TOKEN)",
@@ -371,6 +371,9 @@ fn cluster_attempt(
     coordinator.stop(runtime);
     outcome.map(|steps| (steps, measured))
 }
+
+/// Where a run across nodes listens unless `--listen` says otherwise.
+const DEFAULT_LISTEN: ([u8; 4], u16) = ([0, 0, 0, 0], 29400);
 
 /// Why the run is stopping.
 enum Stop {
