@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tessera_plan::mesh::Mesh;
 use tessera_proto::v1::coordinator_server::{Coordinator as Service, CoordinatorServer};
-use tessera_proto::v1::{Abort, Ack, NcclId, NcclIdRequest};
+use tessera_proto::v1::{Abort, Ack, NcclId, NcclIdRequest, Restart};
 use tessera_proto::v1::{
     AgentAssignment, AgentBeat, AgentHello, Beat, Command, Coord, WorkerAssignment, WorkerExit,
     WorkerHello, command,
@@ -90,22 +90,66 @@ pub struct Coordinator {
 }
 
 struct Shared {
+    /// The job as the first attempt had it; `attempt` holds what changes between attempts.
     spec: JobSpec,
     events: Mutex<std_mpsc::Sender<Event>>,
-    deadline: Instant,
+    attempt: Mutex<Attempt>,
     hellos: Mutex<BTreeMap<u32, WorkerHello>>,
     /// How many ranks have registered; the barrier waits for it to reach the world size.
     registered: watch::Sender<usize>,
     /// The command stream of each worker's heartbeat call and each agent's channel.
     commands: Mutex<Vec<mpsc::Sender<Result<Command, Status>>>>,
     /// The agents that registered, by node index.
-    agents: Mutex<Vec<AgentHello>>,
+    agents: Mutex<Vec<AgentSlot>>,
     /// NCCL unique ids by group, as their first members published them; watchers wake on
     /// every publication.
     nccl_ids: watch::Sender<BTreeMap<String, Vec<u8>>>,
 }
 
+/// What changes when the run restarts.
+#[derive(Debug, Clone)]
+struct Attempt {
+    number: u32,
+    run_id: String,
+    worker_args: Vec<String>,
+    /// When the rendezvous barrier gives up.
+    deadline: Instant,
+}
+
+/// A node's agent, and whether its node is gone (its slot then awaits a replacement).
+struct AgentSlot {
+    hello: AgentHello,
+    lost: bool,
+    /// Its channel's command stream, once it beat.
+    commands: Option<mpsc::Sender<Result<Command, Status>>>,
+}
+
+/// A node as the supervisor sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    pub node: u32,
+    pub hostname: String,
+    pub address: String,
+    pub ranks: Vec<u32>,
+    pub lost: bool,
+}
+
 impl Shared {
+    fn attempt(&self) -> Attempt {
+        self.attempt
+            .lock()
+            .expect("invariant: no panic under lock")
+            .clone()
+    }
+
+    fn node_ranks(&self, node: usize) -> Vec<u32> {
+        let mesh = &self.spec.mesh;
+        (0..mesh.world_size())
+            .filter(|&rank| mesh.node(rank) == node)
+            .map(|rank| rank as u32)
+            .collect()
+    }
+
     fn send(&self, event: Event) {
         // The supervisor stopped listening only when the run is over.
         let _ = self
@@ -147,7 +191,7 @@ impl Shared {
             config_sets: self.spec.config_sets.clone(),
             planned_device_bytes: self.spec.planned_device_bytes[rank as usize],
             collective_timeout_ms: self.spec.collective_timeout.as_millis() as u32,
-            run_id: self.spec.run_id.clone(),
+            run_id: self.attempt().run_id,
         }
     }
 }
@@ -171,8 +215,20 @@ impl Service for Handler {
                 .agents
                 .lock()
                 .expect("invariant: no panic under lock");
-            if agents.len() >= nodes {
-                let hosts: Vec<&str> = agents.iter().map(|a| a.hostname.as_str()).collect();
+            let slot = AgentSlot {
+                hello: hello.clone(),
+                lost: false,
+                commands: None,
+            };
+            if agents.len() < nodes {
+                agents.push(slot);
+                agents.len() - 1
+            } else if let Some(node) = agents.iter().position(|a| a.lost) {
+                // A replacement for a node that is gone.
+                agents[node] = slot;
+                node
+            } else {
+                let hosts: Vec<&str> = agents.iter().map(|a| a.hello.hostname.as_str()).collect();
                 return Err(Status::failed_precondition(format!(
                     "this run has {nodes} node{} and all have registered ({}); is this agent \
                      meant for another run?",
@@ -180,13 +236,8 @@ impl Service for Handler {
                     hosts.join(", ")
                 )));
             }
-            agents.push(hello.clone());
-            agents.len() - 1
         };
-        let ranks: Vec<u32> = (0..mesh.world_size())
-            .filter(|&rank| mesh.node(rank) == node)
-            .map(|rank| rank as u32)
-            .collect();
+        let ranks = self.shared.node_ranks(node);
         let env = [
             ("WORLD_SIZE", mesh.world_size().to_string()),
             ("LOCAL_WORLD_SIZE", ranks.len().to_string()),
@@ -208,7 +259,8 @@ impl Service for Handler {
             heartbeat_ms: self.shared.spec.heartbeat.as_millis() as u32,
             heartbeat_timeout_ms: self.shared.spec.heartbeat_timeout.as_millis() as u32,
             nodes: nodes as u32,
-            worker_args: self.shared.spec.worker_args.clone(),
+            worker_args: self.shared.attempt().worker_args,
+            attempt: self.shared.attempt().number,
         }))
     }
 
@@ -220,21 +272,38 @@ impl Service for Handler {
     ) -> Result<Response<Self::AgentChannelStream>, Status> {
         let mut beats = request.into_inner();
         let (commands, receiver) = mpsc::channel(4);
-        self.shared
-            .commands
-            .lock()
-            .expect("invariant: no panic under lock")
-            .push(commands);
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let mut node = None;
-            // A beat that stays away for many intervals means the same as a broken stream;
-            // the supervisor's heartbeat watchdog on the node's workers covers it by name.
             while let Ok(Some(beat)) = beats.message().await {
-                node = Some(beat.node);
+                if node.is_none() {
+                    node = Some(beat.node);
+                    let mut agents = shared
+                        .agents
+                        .lock()
+                        .expect("invariant: no panic under lock");
+                    if let Some(slot) = agents.get_mut(beat.node as usize) {
+                        slot.commands = Some(commands.clone());
+                    }
+                }
             }
             if let Some(node) = node {
-                shared.send(Event::NodeLost { node });
+                // Only if the slot is still this agent's (not a replacement's).
+                let mut agents = shared
+                    .agents
+                    .lock()
+                    .expect("invariant: no panic under lock");
+                if let Some(slot) = agents.get_mut(node as usize)
+                    && slot
+                        .commands
+                        .as_ref()
+                        .is_some_and(|c| c.same_channel(&commands))
+                {
+                    slot.lost = true;
+                    slot.commands = None;
+                    drop(agents);
+                    shared.send(Event::NodeLost { node });
+                }
             }
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
@@ -278,7 +347,10 @@ impl Service for Handler {
         }
         let mut registered = shared.registered.subscribe();
         let wait = registered.wait_for(|&n| n >= world);
-        let remaining = shared.deadline.saturating_duration_since(Instant::now());
+        let remaining = shared
+            .attempt()
+            .deadline
+            .saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, wait).await {
             Ok(Ok(_)) => Ok(Response::new(shared.assignment(hello.rank))),
             _ => {
@@ -399,7 +471,12 @@ impl Coordinator {
         let listener = runtime.block_on(tokio::net::TcpListener::bind(bind))?;
         let address = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            deadline: Instant::now() + spec.rendezvous_timeout,
+            attempt: Mutex::new(Attempt {
+                number: 0,
+                run_id: spec.run_id.clone(),
+                worker_args: spec.worker_args.clone(),
+                deadline: Instant::now() + spec.rendezvous_timeout,
+            }),
             spec,
             events: Mutex::new(events),
             hellos: Mutex::new(BTreeMap::new()),
@@ -470,10 +547,106 @@ impl Coordinator {
         }
     }
 
+    /// Tells every worker and every node agent to stop.
     pub fn abort(&self, reason: &str) {
-        self.broadcast(command::Kind::Abort(Abort {
+        let kind = command::Kind::Abort(Abort {
             reason: reason.to_string(),
-        }));
+        });
+        self.broadcast(kind.clone());
+        for slot in self
+            .shared
+            .agents
+            .lock()
+            .expect("invariant: no panic under lock")
+            .iter()
+        {
+            if let Some(commands) = &slot.commands {
+                let _ = commands.try_send(Ok(Command {
+                    kind: Some(kind.clone()),
+                }));
+            }
+        }
+    }
+
+    /// The nodes whose agents registered, in node order.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        let agents = self
+            .shared
+            .agents
+            .lock()
+            .expect("invariant: no panic under lock");
+        agents
+            .iter()
+            .enumerate()
+            .map(|(node, slot)| NodeInfo {
+                node: node as u32,
+                hostname: slot.hello.hostname.clone(),
+                address: slot.hello.comm_host.clone(),
+                ranks: self.shared.node_ranks(node),
+                lost: slot.lost,
+            })
+            .collect()
+    }
+
+    /// Counts `node` as gone (nothing heard from it): its slot goes to the next agent that
+    /// registers.
+    pub fn mark_lost(&self, node: u32) {
+        let mut agents = self
+            .shared
+            .agents
+            .lock()
+            .expect("invariant: no panic under lock");
+        if let Some(slot) = agents.get_mut(node as usize) {
+            slot.lost = true;
+            slot.commands = None;
+        }
+    }
+
+    /// Starts the run's next attempt: a fresh rendezvous (new run id and deadline, no worker
+    /// registered), and every live node agent told to start its workers again with
+    /// `worker_args`. A node that is gone gets its ranks when a replacement agent registers.
+    pub fn restart(&self, run_id: String, worker_args: Vec<String>) -> u32 {
+        let number = {
+            let mut attempt = self
+                .shared
+                .attempt
+                .lock()
+                .expect("invariant: no panic under lock");
+            attempt.number += 1;
+            attempt.run_id = run_id;
+            attempt.worker_args = worker_args.clone();
+            attempt.deadline = Instant::now() + self.shared.spec.rendezvous_timeout;
+            attempt.number
+        };
+        self.shared
+            .hellos
+            .lock()
+            .expect("invariant: no panic under lock")
+            .clear();
+        self.shared.registered.send_replace(0);
+        self.shared
+            .commands
+            .lock()
+            .expect("invariant: no panic under lock")
+            .clear();
+        self.shared.nccl_ids.send_replace(BTreeMap::new());
+        for slot in self
+            .shared
+            .agents
+            .lock()
+            .expect("invariant: no panic under lock")
+            .iter()
+        {
+            if let (false, Some(commands)) = (slot.lost, &slot.commands) {
+                let _ = commands.try_send(Ok(Command {
+                    kind: Some(command::Kind::Restart(Restart {
+                        worker_args: worker_args.clone(),
+                        attempt: number,
+                    })),
+                }));
+            }
+        }
+        number
     }
 
     /// Ranks that have not registered yet.

@@ -5,7 +5,7 @@
 use nix::sys::signal::Signal;
 
 use crate::agent::{Worker, describe_status};
-use crate::coordinator::{Coordinator, Event};
+use crate::coordinator::{Coordinator, Event, NodeInfo};
 
 /// A rank that exited with a failure: its number, how it ended, and whether a signal (or the
 /// loss of its node) ended it, which makes it the likely root cause.
@@ -100,16 +100,45 @@ struct RemoteRank {
     reported: bool,
 }
 
-/// The ranks of a cluster's node agents.
+/// The ranks of a cluster's node agents in one attempt of the run.
 pub struct RemoteFleet {
     ranks: Vec<RemoteRank>,
+    attempt: u32,
 }
 
 impl RemoteFleet {
-    pub fn new(world: usize) -> RemoteFleet {
-        RemoteFleet {
+    /// `world` ranks, placed on the `nodes` registered so far (the others say where they run
+    /// when their agent registers).
+    pub fn new(world: usize, attempt: u32, nodes: &[NodeInfo]) -> RemoteFleet {
+        let mut fleet = RemoteFleet {
             ranks: vec![RemoteRank::default(); world],
+            attempt,
+        };
+        for node in nodes.iter().filter(|n| !n.lost) {
+            fleet.place(node.node, &node.hostname, &node.address, &node.ranks);
         }
+        fleet
+    }
+
+    fn place(&mut self, node: u32, hostname: &str, address: &str, ranks: &[u32]) {
+        for &rank in ranks {
+            if let Some(slot) = self.ranks.get_mut(rank as usize) {
+                slot.node = Some(node);
+                slot.host = format!("{hostname}, {address}");
+            }
+        }
+    }
+
+    /// Nodes with a rank whose end nobody reported: unreachable ones.
+    pub fn silent_nodes(&self) -> Vec<u32> {
+        let mut nodes: Vec<u32> = self
+            .ranks
+            .iter()
+            .filter(|r| r.ended.is_none())
+            .filter_map(|r| r.node)
+            .collect();
+        nodes.dedup();
+        nodes
     }
 }
 
@@ -125,20 +154,13 @@ impl Fleet for RemoteFleet {
                 hostname,
                 address,
                 ranks,
-            } => {
-                for &rank in ranks {
-                    if let Some(slot) = self.ranks.get_mut(rank as usize) {
-                        slot.node = Some(*node);
-                        slot.host = format!("{hostname}, {address}");
-                    }
-                }
-            }
+            } => self.place(*node, hostname, address, ranks),
             Event::Registered { rank, pid, .. } => {
                 if let Some(slot) = self.ranks.get_mut(*rank as usize) {
                     slot.pid = Some(*pid);
                 }
             }
-            Event::Exit(exit) => {
+            Event::Exit(exit) if exit.attempt == self.attempt => {
                 if let Some(slot) = self.ranks.get_mut(exit.rank as usize)
                     && slot.ended.is_none()
                 {
@@ -241,7 +263,7 @@ mod tests {
 
     #[test]
     fn a_lost_node_fails_its_running_ranks_as_the_root_cause() {
-        let mut fleet = RemoteFleet::new(4);
+        let mut fleet = RemoteFleet::new(4, 0, &[]);
         registered(&mut fleet);
         fleet.observe(&Event::Exit(WorkerExit {
             rank: 3,
@@ -270,7 +292,7 @@ mod tests {
 
     #[test]
     fn reported_exits_say_how_each_rank_ended() {
-        let mut fleet = RemoteFleet::new(4);
+        let mut fleet = RemoteFleet::new(4, 0, &[]);
         registered(&mut fleet);
         for (rank, code, signal) in [(0, Some(1), None), (1, None, Some(9)), (2, Some(0), None)] {
             fleet.observe(&Event::Exit(WorkerExit {
@@ -279,6 +301,7 @@ mod tests {
                 signal,
                 node: rank / 2,
                 pid: 100 + rank,
+                attempt: 0,
             }));
         }
         let failed: Vec<(usize, String, bool)> = fleet

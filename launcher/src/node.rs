@@ -42,6 +42,8 @@ impl tonic::service::Interceptor for AddToken {
 /// What the lifeline to the coordinator tells the main thread.
 enum Lifeline {
     Abort(String),
+    /// Start the workers again, with these arguments, as this attempt of the run.
+    Restart(Vec<String>, u32),
     Lost(String),
 }
 
@@ -115,128 +117,217 @@ pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
         .unwrap_or((args.coordinator.as_str(), ""));
     let local = assignment.ranks.len().max(1);
     let threads = args.threads.unwrap_or((cores / local).max(1));
-    let mut worker_args = vec!["--threads".to_string(), threads.to_string()];
-    worker_args.extend(assignment.worker_args.iter().cloned());
-    let mut workers = Vec::new();
-    let mut failure = None;
-    for (local_rank, &rank) in assignment.ranks.iter().enumerate() {
-        let mut env: Vec<(String, String)> = assignment
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        env.extend([
-            ("RANK".into(), rank.to_string()),
-            ("LOCAL_RANK".into(), local_rank.to_string()),
-            ("MASTER_ADDR".into(), coordinator_host.to_string()),
-            ("MASTER_PORT".into(), coordinator_port.to_string()),
-            ("TESSERA_COORDINATOR".into(), args.coordinator.clone()),
-            ("TESSERA_TOKEN".into(), token.clone()),
-        ]);
-        let spec = WorkerSpec {
-            rank: rank as usize,
-            env,
-            args: worker_args.clone(),
-        };
-        match Worker::spawn(&spec, &progress) {
-            Ok(worker) => workers.push(worker),
-            Err(e) => {
-                failure = Some(format!("{e:#}"));
-                break;
+    let mut node_env: Vec<(String, String)> = assignment
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    node_env.extend([
+        ("MASTER_ADDR".into(), coordinator_host.to_string()),
+        ("MASTER_PORT".into(), coordinator_port.to_string()),
+        ("TESSERA_COORDINATOR".into(), args.coordinator.clone()),
+        ("TESSERA_TOKEN".into(), token.clone()),
+    ]);
+    let mut share = Share {
+        node,
+        ranks: assignment.ranks.clone(),
+        env: node_env,
+        args: assignment.worker_args.clone(),
+        threads,
+        attempt: assignment.attempt,
+    };
+    loop {
+        match share.run(&runtime, &mut client, &news, &progress) {
+            Ended::Finished => {
+                progress.println(&format!("node {node}: every worker finished"), false);
+                return Ok(());
+            }
+            Ended::Interrupted => return Err(Failure::Interrupted),
+            Ended::CannotStart(why) => {
+                return Err(Failure::Runtime(anyhow::anyhow!(
+                    "node {node}: cannot start its workers: {why}"
+                )));
+            }
+            Ended::Lost => return Err(lost(node)),
+            Ended::Failed => {}
+        }
+        // The run may restart (restart.max): stay until the coordinator says or goes.
+        progress.println(
+            &format!("node {node}: waiting for the coordinator to restart the run"),
+            false,
+        );
+        loop {
+            if SIGNALS.load(Ordering::SeqCst) > 0 {
+                return Err(Failure::Interrupted);
+            }
+            match news.recv_timeout(POLL) {
+                Ok(Lifeline::Restart(worker_args, attempt)) => {
+                    share.args = worker_args;
+                    share.attempt = attempt;
+                    progress.println(
+                        &format!(
+                            "node {node}: restarting its workers (attempt {})",
+                            share.attempt
+                        ),
+                        false,
+                    );
+                    break;
+                }
+                Ok(Lifeline::Abort(_)) | Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Ok(Lifeline::Lost(_)) | Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(lost(node));
+                }
             }
         }
     }
+}
 
-    let mut stopping: Option<Instant> = failure.as_ref().map(|_| Instant::now());
-    let mut reported = vec![false; workers.len()];
-    let mut any_failed = failure.is_some();
-    loop {
-        while let Ok(news) = news.try_recv() {
-            let reason = match news {
-                Lifeline::Abort(reason) => format!("stopping the workers: {reason}"),
-                Lifeline::Lost(why) => {
-                    any_failed = true;
-                    format!("lost the coordinator ({why}); stopping the workers")
-                }
+fn lost(node: u32) -> Failure {
+    Failure::Runtime(anyhow::anyhow!(
+        "node {node}: the run failed and the coordinator is gone (the head's `launch` says why)"
+    ))
+}
+
+/// How one start of a node's workers ended.
+enum Ended {
+    Finished,
+    Failed,
+    /// The coordinator is gone: nothing will restart them.
+    Lost,
+    Interrupted,
+    CannotStart(String),
+}
+
+/// A node's ranks and how to start their workers.
+struct Share {
+    node: u32,
+    ranks: Vec<u32>,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+    threads: usize,
+    attempt: u32,
+}
+
+impl Share {
+    /// Starts the node's workers and watches them until all have exited.
+    fn run(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        client: &mut Client,
+        news: &std_mpsc::Receiver<Lifeline>,
+        progress: &Progress,
+    ) -> Ended {
+        let node = self.node;
+        let mut args = vec!["--threads".to_string(), self.threads.to_string()];
+        args.extend(self.args.iter().cloned());
+        let mut workers = Vec::new();
+        let mut failure = None;
+        for (local_rank, &rank) in self.ranks.iter().enumerate() {
+            let mut env = self.env.clone();
+            env.extend([
+                ("RANK".into(), rank.to_string()),
+                ("LOCAL_RANK".into(), local_rank.to_string()),
+            ]);
+            let spec = WorkerSpec {
+                rank: rank as usize,
+                env,
+                args: args.clone(),
             };
-            if stopping.is_none() {
-                progress.println(&format!("node {node}: {reason}"), true);
+            match Worker::spawn(&spec, progress) {
+                Ok(worker) => workers.push(worker),
+                Err(e) => {
+                    failure = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+
+        let mut stopping: Option<Instant> = failure.as_ref().map(|_| Instant::now());
+        let mut reported = vec![false; workers.len()];
+        let (mut any_failed, mut lost) = (false, false);
+        loop {
+            while let Ok(news) = news.try_recv() {
+                let reason = match news {
+                    Lifeline::Abort(reason) => format!("stopping the workers: {reason}"),
+                    Lifeline::Lost(why) => {
+                        lost = true;
+                        format!("lost the coordinator ({why}); stopping the workers")
+                    }
+                    // Only sent once every worker has exited; nothing to do mid-attempt.
+                    Lifeline::Restart(..) => continue,
+                };
+                if stopping.is_none() {
+                    progress.println(&format!("node {node}: {reason}"), true);
+                    for worker in &workers {
+                        worker.signal(Signal::SIGTERM);
+                    }
+                    stopping = Some(Instant::now());
+                }
+            }
+            if SIGNALS.load(Ordering::SeqCst) > 0 && stopping.is_none() {
+                progress.println(
+                    &format!("node {node}: interrupted; stopping the workers"),
+                    true,
+                );
                 for worker in &workers {
                     worker.signal(Signal::SIGTERM);
                 }
                 stopping = Some(Instant::now());
             }
-        }
-        if SIGNALS.load(Ordering::SeqCst) > 0 && stopping.is_none() {
-            progress.println(
-                &format!("node {node}: interrupted; stopping the workers"),
-                true,
-            );
-            for worker in &workers {
-                worker.signal(Signal::SIGTERM);
-            }
-            stopping = Some(Instant::now());
-        }
-        for (i, worker) in workers.iter_mut().enumerate() {
-            if let Some(status) = worker.poll()
-                && !reported[i]
-            {
-                reported[i] = true;
-                use std::os::unix::process::ExitStatusExt as _;
-                if !status.success() {
-                    any_failed = true;
-                    progress.println(
-                        &format!(
-                            "node {node}: rank {} {}",
-                            worker.rank,
-                            describe_status(status)
-                        ),
-                        true,
-                    );
+            for (i, worker) in workers.iter_mut().enumerate() {
+                if let Some(status) = worker.poll()
+                    && !reported[i]
+                {
+                    reported[i] = true;
+                    use std::os::unix::process::ExitStatusExt as _;
+                    if !status.success() {
+                        any_failed = true;
+                        progress.println(
+                            &format!(
+                                "node {node}: rank {} {}",
+                                worker.rank,
+                                describe_status(status)
+                            ),
+                            true,
+                        );
+                    }
+                    let exit = WorkerExit {
+                        attempt: self.attempt,
+                        rank: worker.rank as u32,
+                        code: status.code(),
+                        signal: status.signal(),
+                        node,
+                        pid: worker.pid(),
+                    };
+                    // A coordinator that is gone cannot hear it; the lifeline says so.
+                    let _ = runtime.block_on(async {
+                        tokio::time::timeout(Duration::from_secs(5), client.report_exit(exit)).await
+                    });
                 }
-                let exit = WorkerExit {
-                    rank: worker.rank as u32,
-                    code: status.code(),
-                    signal: status.signal(),
-                    node,
-                    pid: worker.pid(),
-                };
-                // A coordinator that is gone cannot hear it; the lifeline says so.
-                let _ = runtime.block_on(async {
-                    tokio::time::timeout(Duration::from_secs(5), client.report_exit(exit)).await
-                });
             }
-        }
-        if workers.iter().all(|w| w.status.is_some()) {
-            break;
-        }
-        if let Some(since) = stopping
-            && (since.elapsed() > GRACE || SIGNALS.load(Ordering::SeqCst) > 1)
-        {
-            for worker in &workers {
-                worker.signal(Signal::SIGKILL);
+            if workers.iter().all(|w| w.status.is_some()) {
+                break;
             }
+            if let Some(since) = stopping
+                && (since.elapsed() > GRACE || SIGNALS.load(Ordering::SeqCst) > 1)
+            {
+                for worker in &workers {
+                    worker.signal(Signal::SIGKILL);
+                }
+            }
+            std::thread::sleep(POLL);
         }
-        std::thread::sleep(POLL);
+        for worker in workers {
+            worker.reap();
+        }
+        match failure {
+            Some(why) => Ended::CannotStart(why),
+            None if SIGNALS.load(Ordering::SeqCst) > 0 => Ended::Interrupted,
+            None if lost => Ended::Lost,
+            None if any_failed => Ended::Failed,
+            None => Ended::Finished,
+        }
     }
-    for worker in workers {
-        worker.reap();
-    }
-    if let Some(why) = failure {
-        return Err(Failure::Runtime(anyhow::anyhow!(
-            "node {node}: cannot start its workers: {why}"
-        )));
-    }
-    if SIGNALS.load(Ordering::SeqCst) > 0 {
-        return Err(Failure::Interrupted);
-    }
-    if any_failed {
-        return Err(Failure::Runtime(anyhow::anyhow!(
-            "node {node}: the run failed (the head's `launch` says why)"
-        )));
-    }
-    progress.println(&format!("node {node}: every worker finished"), false);
-    Ok(())
 }
 
 /// The local address of a connection to `coordinator`: the address this node reaches the
@@ -336,11 +427,15 @@ fn open_lifeline(
     runtime.spawn(async move {
         loop {
             match commands.message().await {
-                Ok(Some(command)) => {
-                    if let Some(command::Kind::Abort(abort)) = command.kind {
+                Ok(Some(command)) => match command.kind {
+                    Some(command::Kind::Abort(abort)) => {
                         let _ = news.send(Lifeline::Abort(abort.reason));
                     }
-                }
+                    Some(command::Kind::Restart(restart)) => {
+                        let _ = news.send(Lifeline::Restart(restart.worker_args, restart.attempt));
+                    }
+                    Some(command::Kind::Shutdown(_)) | None => {}
+                },
                 Ok(None) => {
                     let _ = news.send(Lifeline::Lost("it closed the channel".into()));
                     return;

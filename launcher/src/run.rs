@@ -107,12 +107,6 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     } else {
         random_hex(16)?
     };
-    if cluster && config.restart.max > 0 {
-        eprintln!(
-            "warning: restart.max is {} but a run across nodes does not restart yet: a failure ends it",
-            config.restart.max
-        );
-    }
     catch_signals()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -124,6 +118,8 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     let launched = SystemTime::now();
     let mut fresh = options.fresh;
     let mut restarts = 0;
+    // A run across nodes keeps one coordinator (the agents know its address) for all attempts.
+    let mut head: Option<Head> = None;
     let outcome = loop {
         let spec = JobSpec {
             config_name: loaded.name.clone(),
@@ -141,15 +137,20 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
             token: token.clone(),
         };
         let result = if cluster {
-            cluster_attempt(&runtime, spec, &config.watchdog, &progress, options)
+            cluster_attempt(
+                &runtime,
+                &mut head,
+                spec,
+                &config.watchdog,
+                &progress,
+                options,
+            )
         } else {
             attempt(&runtime, spec, &config.watchdog, &progress, options)
         };
         match result {
             Err(Failure::Runtime(error))
-                if !cluster
-                    && restarts < config.restart.max
-                    && SIGNALS.load(Ordering::SeqCst) == 0 =>
+                if restarts < config.restart.max && SIGNALS.load(Ordering::SeqCst) == 0 =>
             {
                 restarts += 1;
                 progress.println(&format!("error: {error:#}"), true);
@@ -169,6 +170,9 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
             other => break other,
         }
     };
+    if let Some(head) = head {
+        head.coordinator.stop(&runtime);
+    }
     // After every worker's output has been relayed and the bar is gone.
     progress.finish();
     let (steps, measured) = outcome?;
@@ -331,44 +335,92 @@ fn cluster_token() -> Result<String, Failure> {
     }
 }
 
-/// One run across nodes: the coordinator listens on `options.listen` and the node agents
-/// start the workers.
+/// The coordinator of a run across nodes, kept from one attempt to the next.
+struct Head {
+    coordinator: Coordinator,
+    events: mpsc::Receiver<Event>,
+    attempt: u32,
+}
+
+/// One attempt of a run across nodes: the first starts the coordinator on `options.listen`
+/// and waits for the node agents; a later one starts a new rendezvous on the same coordinator
+/// and tells the live agents to start their workers again (a node that is gone gets its ranks
+/// when a replacement agent registers).
 fn cluster_attempt(
     runtime: &tokio::runtime::Runtime,
+    head: &mut Option<Head>,
     spec: JobSpec,
     watchdog: &Watchdog,
     progress: &Progress,
     options: &RunOptions,
 ) -> Result<(u64, Vec<Option<u64>>), Failure> {
     let (world, nodes) = (spec.mesh.world_size(), spec.mesh.nodes());
-    let (events, received) = mpsc::channel();
-    let listen = options.listen.unwrap_or(DEFAULT_LISTEN.into());
-    let coordinator = Coordinator::start(runtime, listen, spec, events).with_context(|| {
-        format!(
-            "cannot listen on {listen} for the node agents; choose another address with --listen"
-        )
-    })?;
-    progress.status(&format!(
-        "coordinator on {}: waiting for {nodes} node agents (on each node: launch agent \
-         --coordinator THIS_HOST:{}, with this TESSERA_TOKEN)",
-        coordinator.address,
-        coordinator.address.port()
-    ));
+    let head = match head {
+        Some(head) => {
+            // Whatever the last attempt's ranks still said is about the last attempt.
+            while head.events.try_recv().is_ok() {}
+            head.attempt = head.coordinator.restart(spec.run_id, spec.worker_args);
+            let gone: Vec<String> = head
+                .coordinator
+                .nodes()
+                .iter()
+                .filter(|n| n.lost)
+                .map(|n| format!("node {} ({}, {})", n.node, n.hostname, n.address))
+                .collect();
+            if !gone.is_empty() {
+                progress.status(&format!(
+                    "waiting for a new agent in place of {} (launch agent --coordinator \
+                     THIS_HOST:{})",
+                    gone.join(", "),
+                    head.coordinator.address.port()
+                ));
+            }
+            head
+        }
+        None => {
+            let (events, received) = mpsc::channel();
+            let listen = options.listen.unwrap_or(DEFAULT_LISTEN.into());
+            let coordinator =
+                Coordinator::start(runtime, listen, spec, events).with_context(|| {
+                    format!(
+                        "cannot listen on {listen} for the node agents; choose another address \
+                         with --listen"
+                    )
+                })?;
+            progress.status(&format!(
+                "coordinator on {}: waiting for {nodes} node agent{} (on each node: launch \
+                 agent --coordinator THIS_HOST:{}, with this TESSERA_TOKEN)",
+                coordinator.address,
+                if nodes == 1 { "" } else { "s" },
+                coordinator.address.port()
+            ));
+            head.insert(Head {
+                coordinator,
+                events: received,
+                attempt: 0,
+            })
+        }
+    };
+    let mut fleet = RemoteFleet::new(world, head.attempt, &head.coordinator.nodes());
     let mut measured = vec![None; world];
     let outcome = supervise(
-        &mut RemoteFleet::new(world),
-        &coordinator,
-        &received,
+        &mut fleet,
+        &head.coordinator,
+        &head.events,
         progress,
         options,
         watchdog,
         &mut measured,
     );
+    // Nodes whose ranks never reported their exit are unreachable: their slots go to
+    // replacements.
+    for node in fleet.silent_nodes() {
+        head.coordinator.mark_lost(node);
+    }
     if outcome.is_ok() {
         // Let the agents see their last workers' exits acknowledged before the server goes.
         std::thread::sleep(POLL * 5);
     }
-    coordinator.stop(runtime);
     outcome.map(|steps| (steps, measured))
 }
 

@@ -89,6 +89,17 @@ impl Nodes {
         assert!(status.success());
     }
 
+    /// Puts node `i` back on the network.
+    fn reconnect(&self, i: usize) {
+        for j in 0..2 {
+            let status = Command::new("ip")
+                .args(["-n", &self.names[j], "link", "set", &self.links[j], "up"])
+                .status()
+                .unwrap();
+            assert!(status.success(), "cannot bring link {j} up for node {i}");
+        }
+    }
+
     fn agent(&self, i: usize, port: u16) -> Child {
         self.launch(
             i,
@@ -224,9 +235,13 @@ fn when(lines: &Lines, text: &str) -> Option<Instant> {
         .map(|(at, _)| *at)
 }
 
+fn port() -> u16 {
+    29_500 + (std::process::id() % 400) as u16
+}
+
 /// The head in node 0's namespace and an agent in each; `steps` steps of the job.
 fn start(nodes: &Nodes, scratch: &Path, steps: u64, extra: &[&str]) -> (Child, [Child; 2]) {
-    let port = 29_500 + (std::process::id() % 400) as u16;
+    let port = port();
     let mut head_args = job_args(scratch, 2, steps, extra);
     head_args.extend(["--listen".into(), format!("{}:{port}", nodes.addresses[0])]);
     let head = nodes
@@ -380,13 +395,19 @@ fn a_job_across_two_namespaces_trains_like_one_node() {
         .collect();
     assert!(out.status.success(), "{stdout}\n{stderr}\n{agent_logs:?}");
     assert!(stdout.contains("done: 6 steps on 4 ranks"), "{stdout}");
+    // Nodes are numbered in the order their agents registered; each ran at its own address.
+    let mut numbers = Vec::new();
     for (i, log) in agent_logs.iter().enumerate() {
+        let number = (0..2).find(|n| log.contains(&format!("node {n} of 2 (")));
+        numbers.push(number.unwrap_or_else(|| panic!("agent {i} got no node: {log}")));
         assert!(
-            log.contains(&format!("node {i} of 2")) && log.contains(&nodes.addresses[i]),
-            "node {i} ran at its own address: {log}"
+            log.contains(&format!(", {}): ranks", nodes.addresses[i])),
+            "{log}"
         );
         assert!(log.contains("every worker finished"), "{log}");
     }
+    numbers.sort_unstable();
+    assert_eq!(numbers, [0, 1]);
     let trained = losses(&two.join("metrics.jsonl"));
     assert_eq!(trained.len(), reference.len());
     for (a, b) in trained.iter().zip(&reference) {
@@ -398,4 +419,124 @@ fn a_job_across_two_namespaces_trains_like_one_node() {
     }
     let _ = std::fs::remove_dir_all(&single);
     let _ = std::fs::remove_dir_all(&two);
+}
+
+/// The last loss reported for each step (a restart reports the steps since its checkpoint
+/// again).
+fn last_per_step(losses: &[(u64, f64)]) -> Vec<(u64, f64)> {
+    let mut by_step = std::collections::BTreeMap::new();
+    for &(step, loss) in losses {
+        by_step.insert(step, loss);
+    }
+    by_step.into_iter().collect()
+}
+
+/// A 12-step job that checkpoints every 3 steps and may restart once: `fault` strikes node 1
+/// after the first checkpoint, `recover` brings a replacement agent up there, and the run must
+/// end with the losses of an uninterrupted run on one node, bit for bit.
+fn run_recovers(
+    tag: &str,
+    fault: impl FnOnce(&Nodes, &mut [Child; 2]),
+    recover: impl FnOnce(&Nodes, &mut [Child; 2]),
+) {
+    let Some(nodes) = Nodes::new(tag) else { return };
+    let sets = [
+        "checkpoint.every=3",
+        "restart.max=1",
+        "watchdog.heartbeat=0.5",
+        "watchdog.heartbeat_timeout=3",
+        "watchdog.collective_timeout=5",
+    ];
+    let single = scratch(&format!("{tag}-single"));
+    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .args(job_args(&single, 1, 12, &sets))
+        .current_dir(repo())
+        .env_remove("TESSERA_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let reference = losses(&single.join("metrics.jsonl"));
+    assert_eq!(reference.len(), 12);
+
+    let dir = scratch(&format!("{tag}-two"));
+    let (mut head, mut agents) = start(&nodes, &dir, 12, &sets);
+    let (lines, reader) = watch_stdout(&mut head);
+    let metrics = dir.join("metrics.jsonl");
+    let checkpoint = dir.join("ckpt").join("step-00000003").join("manifest.json");
+    let start = Instant::now();
+    while !(checkpoint.exists() && losses(&metrics).last().is_some_and(|&(s, _)| s >= 4)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no checkpoint was written"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fault(&nodes, &mut agents);
+    let start = Instant::now();
+    while when(&lines, "restart 1 of 1: from ").is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the run never restarted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    recover(&nodes, &mut agents);
+    let out = wait_with_limit(head, Duration::from_secs(120));
+    reader.join().unwrap();
+    let stdout: Vec<String> = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, l)| l.clone())
+        .collect();
+    let stdout = stdout.join("\n");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("done: 12 steps on 4 ranks after 1 restart"),
+        "{stdout}"
+    );
+    assert_eq!(last_per_step(&losses(&metrics)), reference);
+    for agent in agents {
+        let _ = wait_with_limit(agent, Duration::from_secs(30));
+    }
+    let _ = std::fs::remove_dir_all(&single);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_killed_agent_is_replaced_and_the_run_resumes_from_its_last_checkpoint() {
+    run_recovers(
+        "r",
+        |_, agents| agents[1].kill().unwrap(),
+        |nodes, agents| {
+            let _ = agents[1].wait();
+            agents[1] = nodes.agent(1, port());
+        },
+    );
+}
+
+#[test]
+fn after_a_cut_link_is_mended_a_new_agent_resumes_the_run_from_its_last_checkpoint() {
+    run_recovers(
+        "m",
+        |nodes, _| nodes.cut(1),
+        |nodes, agents| {
+            // The cut-off agent stops its workers and exits once it misses the coordinator.
+            let start = Instant::now();
+            let status = loop {
+                if let Some(status) = agents[1].try_wait().unwrap() {
+                    break status;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "the cut-off agent stayed"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            assert_eq!(status.code(), Some(1));
+            nodes.reconnect(1);
+            agents[1] = nodes.agent(1, port());
+        },
+    );
 }

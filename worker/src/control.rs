@@ -203,7 +203,7 @@ impl Control {
                         }
                         // Clean shutdown between steps is not implemented; the launcher
                         // stops workers with signals instead.
-                        Some(command::Kind::Shutdown(_)) | None => {}
+                        Some(command::Kind::Shutdown(_) | command::Kind::Restart(_)) | None => {}
                     },
                     Ok(None) | Err(_) => {
                         if !finished.load(Ordering::SeqCst) {
