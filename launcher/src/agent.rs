@@ -114,7 +114,7 @@ impl Worker {
 }
 
 /// Copies lines from `from` to the launcher's stdout (or stderr), each behind `prefix`.
-fn relay(
+pub(crate) fn relay(
     from: impl Read + Send + 'static,
     prefix: String,
     progress: Progress,

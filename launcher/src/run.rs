@@ -26,6 +26,7 @@ use crate::config_file::Loaded;
 use crate::coordinator::{Coordinator, Event, JobSpec, describe_ranks};
 use crate::exit::Failure;
 use crate::fleet::{Fleet, LocalFleet, RemoteFleet};
+use crate::hostfile::{self, Host, RemoteAgents};
 use crate::progress::{Progress, StepLine};
 
 /// How the run behaves beyond the config.
@@ -86,7 +87,9 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
 pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     let config = &loaded.config;
     let world = config.parallel.world_size();
-    let cluster = config.cluster.nodes > 1 || options.listen.is_some();
+    // Validated before anything starts.
+    let hosts = hostfile::read(config)?;
+    let cluster = config.cluster.nodes > 1 || options.listen.is_some() || hosts.is_some();
     if config.cluster.device != Device::Cpu || config.cluster.backend != Backend::Tcp {
         return Err(Failure::usage(
             "this build trains on CPU workers over TCP only (the CUDA backend is issue 8); use \
@@ -141,6 +144,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
                 &runtime,
                 &mut head,
                 spec,
+                hosts.as_deref(),
                 &config.watchdog,
                 &progress,
                 options,
@@ -172,6 +176,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     };
     if let Some(head) = head {
         head.coordinator.stop(&runtime);
+        drop(head.remote);
     }
     // After every worker's output has been relayed and the bar is gone.
     progress.finish();
@@ -340,6 +345,9 @@ struct Head {
     coordinator: Coordinator,
     events: mpsc::Receiver<Event>,
     attempt: u32,
+    /// The agents the head started over ssh (`cluster.hostfile`); dropped after the
+    /// coordinator stops.
+    remote: Option<RemoteAgents>,
 }
 
 /// One attempt of a run across nodes: the first starts the coordinator on `options.listen`
@@ -350,6 +358,7 @@ fn cluster_attempt(
     runtime: &tokio::runtime::Runtime,
     head: &mut Option<Head>,
     spec: JobSpec,
+    hosts: Option<&[Host]>,
     watchdog: &Watchdog,
     progress: &Progress,
     options: &RunOptions,
@@ -394,10 +403,32 @@ fn cluster_attempt(
                 if nodes == 1 { "" } else { "s" },
                 coordinator.address.port()
             ));
+            let remote = match hosts {
+                Some(hosts) => {
+                    // Agents reach the head at the address it listens on, or its host name.
+                    let host = if listen.ip().is_unspecified() {
+                        nix::unistd::gethostname()
+                            .ok()
+                            .and_then(|h| h.into_string().ok())
+                            .context("cannot read this machine's host name for the agents")?
+                    } else {
+                        listen.ip().to_string()
+                    };
+                    let address = format!("{host}:{}", coordinator.address.port());
+                    progress.status(&format!(
+                        "starting the agents of {} hosts over ssh (coordinator at {address})",
+                        hosts.len()
+                    ));
+                    let token = std::env::var("TESSERA_TOKEN").unwrap_or_default();
+                    Some(RemoteAgents::start(hosts, &address, &token, progress)?)
+                }
+                None => None,
+            };
             head.insert(Head {
                 coordinator,
                 events: received,
                 attempt: 0,
+                remote,
             })
         }
     };

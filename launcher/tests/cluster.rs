@@ -9,10 +9,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const TOKEN: &str = "cluster-test-secret";
-
 /// Two namespaces and the veth link between them, removed on drop.
 struct Nodes {
+    /// This test's run token: its processes carry it, which is how `leftovers` finds them.
+    token: String,
     names: [String; 2],
     addresses: [String; 2],
     links: [String; 2],
@@ -27,6 +27,7 @@ impl Nodes {
         let addresses = [format!("{subnet}.1"), format!("{subnet}.2")];
         let links = [format!("tv{tag}{id}a"), format!("tv{tag}{id}b")];
         let nodes = Nodes {
+            token: format!("cluster-test-{tag}-{id}"),
             names,
             addresses,
             links: links.clone(),
@@ -74,7 +75,7 @@ impl Nodes {
             .arg(env!("CARGO_BIN_EXE_launch"))
             .args(args)
             .current_dir(repo())
-            .env("TESSERA_TOKEN", TOKEN)
+            .env("TESSERA_TOKEN", &self.token)
             .env_remove("TESSERA_COORDINATOR")
             .env_remove("TESSERA_CONFIG");
         command
@@ -253,9 +254,9 @@ fn start(nodes: &Nodes, scratch: &Path, steps: u64, extra: &[&str]) -> (Child, [
     (head, [nodes.agent(0, port), nodes.agent(1, port)])
 }
 
-/// Processes of these tests' runs still alive (workers carry the token in their environment).
-fn leftovers() -> Vec<u32> {
-    let needle = format!("TESSERA_TOKEN={TOKEN}");
+/// Processes of `nodes`' run still alive (they carry its token in their environment).
+fn leftovers(nodes: &Nodes) -> Vec<u32> {
+    let needle = format!("TESSERA_TOKEN={}", nodes.token);
     let me = std::process::id();
     std::fs::read_dir("/proc")
         .unwrap()
@@ -333,10 +334,14 @@ fn fault_is_handled(
         );
     }
     let start = Instant::now();
-    while !leftovers().is_empty() && start.elapsed() < Duration::from_secs(15) {
+    while !leftovers(&nodes).is_empty() && start.elapsed() < Duration::from_secs(15) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(leftovers(), Vec::<u32>::new(), "processes left running");
+    assert_eq!(
+        leftovers(&nodes),
+        Vec::<u32>::new(),
+        "processes left running"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -539,4 +544,75 @@ fn after_a_cut_link_is_mended_a_new_agent_resumes_the_run_from_its_last_checkpoi
             agents[1] = nodes.agent(1, port());
         },
     );
+}
+
+#[test]
+fn a_hostfile_makes_the_head_start_an_agent_on_every_host() {
+    let Some(nodes) = Nodes::new("h") else { return };
+    let dir = scratch("hostfile");
+    // An `ssh HOST COMMAND` that enters HOST's namespace instead of logging in to it.
+    let ssh = dir.join("fake-ssh");
+    let cases: String = (0..2)
+        .map(|i| format!("  {}) ns={} ;;\n", nodes.addresses[i], nodes.names[i]))
+        .collect();
+    std::fs::write(
+        &ssh,
+        format!(
+            "#!/bin/sh\nwhile [ \"$1\" = -o ]; do shift 2; done\nhost=$1; shift\n\
+             case $host in\n{cases}  *) echo \"unknown host $host\" >&2; exit 255 ;;\nesac\n\
+             exec ip netns exec \"$ns\" sh -c \"$*\"\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let hosts = dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        format!(
+            "# two nodes\n{} slots=2\n{} slots=2\n",
+            nodes.addresses[0], nodes.addresses[1]
+        ),
+    )
+    .unwrap();
+
+    let mut args = job_args(
+        &dir,
+        2,
+        4,
+        &[&format!("cluster.hostfile={}", hosts.display())],
+    );
+    args.extend([
+        "--listen".into(),
+        format!("{}:{}", nodes.addresses[0], port()),
+    ]);
+    let out = wait_with_limit(
+        nodes
+            .launch(0, &args)
+            .env("TESSERA_SSH", &ssh)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(120),
+    );
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("starting the agents of 2 hosts over ssh"),
+        "{stdout}"
+    );
+    for address in &nodes.addresses {
+        assert!(
+            stdout.contains(&format!(", {address}): ranks")),
+            "an agent at {address}: {stdout}"
+        );
+    }
+    assert!(stdout.contains("done: 4 steps on 4 ranks"), "{stdout}");
+    assert_eq!(
+        leftovers(&nodes),
+        Vec::<u32>::new(),
+        "processes left running"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
