@@ -514,21 +514,25 @@ fn last_per_step(losses: &[(u64, f64)]) -> Vec<(u64, f64)> {
     by_step.into_iter().collect()
 }
 
-#[test]
-fn a_killed_worker_restarts_from_the_last_checkpoint_and_ends_like_an_uninterrupted_run() {
+/// A 12-step run that checkpoints every 3 steps and may restart once: after the first
+/// checkpoint rank 1 gets `signal`; the run must name it (`named`, given its pid), restart from
+/// a checkpoint and end with the uninterrupted run's losses, bit for bit.
+fn restarts_after(tag: &str, signal: Signal, named: impl Fn(u32) -> String) {
     let sets = [
         "parallel.data=2",
         "training.steps=12",
         "checkpoint.every=3",
         "restart.max=1",
+        "watchdog.heartbeat=0.5",
+        "watchdog.heartbeat_timeout=3",
     ];
-    let uninterrupted = Scratch::new("restart-reference");
+    let uninterrupted = Scratch::new(&format!("{tag}-reference"));
     let out = output(launch(&uninterrupted, &sets, &[]));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let reference = losses(&uninterrupted.path("metrics.jsonl"));
     assert_eq!(reference.len(), 12);
 
-    let scratch = Scratch::new("restart");
+    let scratch = Scratch::new(tag);
     let mut command = launch(&scratch, &sets, &[]);
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = command.spawn().expect("launch starts");
@@ -545,16 +549,11 @@ fn a_killed_worker_restarts_from_the_last_checkpoint_and_ends_like_an_uninterrup
         .into_iter()
         .find(|&pid| rank_of(pid) == Some(1))
         .expect("a worker with RANK=1");
-    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    kill(Pid::from_raw(victim as i32), signal).unwrap();
     let out = child.wait_with_output().unwrap();
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "error: rank 1 (pid {victim}) was killed by SIGKILL"
-        )),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&named(victim)), "{stderr}");
     assert!(
         stdout.contains("restart 1 of 1: from ") && stdout.contains("step-0000000"),
         "{stdout}"
@@ -565,6 +564,21 @@ fn a_killed_worker_restarts_from_the_last_checkpoint_and_ends_like_an_uninterrup
     );
     // Resuming restores every byte, so the losses are the uninterrupted run's, bit for bit.
     assert_eq!(last_per_step(&losses(&metrics)), reference);
+    assert!(!alive(victim), "the stopped worker was killed");
+}
+
+#[test]
+fn a_killed_worker_restarts_from_the_last_checkpoint_and_ends_like_an_uninterrupted_run() {
+    restarts_after("restart-kill", Signal::SIGKILL, |pid| {
+        format!("error: rank 1 (pid {pid}) was killed by SIGKILL")
+    });
+}
+
+#[test]
+fn a_stopped_worker_restarts_from_the_last_checkpoint_and_ends_like_an_uninterrupted_run() {
+    restarts_after("restart-stop", Signal::SIGSTOP, |pid| {
+        format!("error: rank 1 (pid {pid}) sent no heartbeat for ")
+    });
 }
 
 #[test]
