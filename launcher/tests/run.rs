@@ -785,3 +785,116 @@ fn a_checkpoint_resumes_on_other_meshes_with_the_losses_of_one_process() {
         }
     }
 }
+
+/// Tensor `key` of a safetensors file of the checkpoint `dir`, as f32 (the tiny job is fp32).
+fn stored(dir: &Path, file: &str, key: &str) -> Vec<f32> {
+    let bytes = std::fs::read(dir.join(file)).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = tensors
+        .tensor(key)
+        .unwrap_or_else(|_| panic!("{key} in {file}"));
+    assert_eq!(view.dtype(), safetensors::Dtype::F32);
+    view.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[test]
+fn the_manifest_maps_every_global_tensor_to_its_shards() {
+    // Tensor and ZeRO-3 data parallelism: every kind of split and flat shards.
+    let scratch = Scratch::new("manifest-map");
+    let sets = [
+        "parallel.data=2",
+        "parallel.tensor=2",
+        "parallel.pipeline=1",
+        "parallel.zero=3",
+        "training.steps=2",
+        "checkpoint.every=2",
+    ];
+    let out = output(launch(&scratch, &sets, &["--fresh"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dir = scratch.path("ckpt").join("step-00000002");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let exported: std::collections::BTreeMap<String, Vec<f32>> =
+        exported(&scratch, &sets[..4]).into_iter().collect();
+    let maps = manifest["tensors"].as_array().expect("tensors");
+    assert_eq!(maps.len(), exported.len(), "one entry per global tensor");
+    let mut splits = std::collections::BTreeSet::new();
+    for map in maps {
+        let name = map["name"].as_str().unwrap();
+        let shape: Vec<usize> = map["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let split = map["tensor_split"].as_str().unwrap();
+        splits.insert(split.split(' ').next().unwrap().to_string());
+        // Each tensor-parallel shard's parameters, from the map alone.
+        let shards: Vec<Vec<f32>> = map["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|shard| {
+                let at = &shard["states"]["params"];
+                match at.get("files") {
+                    Some(files) => {
+                        let key = at["key"].as_str().unwrap();
+                        let flat: Vec<f32> = files
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .flat_map(|f| stored(&dir, f.as_str().unwrap(), key))
+                            .collect();
+                        let offset = at["offset"].as_u64().unwrap() as usize;
+                        flat[offset..offset + at["numel"].as_u64().unwrap() as usize].to_vec()
+                    }
+                    None => stored(
+                        &dir,
+                        at["file"].as_str().unwrap(),
+                        at["key"].as_str().unwrap(),
+                    ),
+                }
+            })
+            .collect();
+        let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
+        let tp = shards.len();
+        let mut global = vec![0.0f32; rows * cols];
+        match split {
+            "replicated" => global.copy_from_slice(&shards[0]),
+            "columns" => {
+                let local = cols / tp;
+                for (t, shard) in shards.iter().enumerate() {
+                    for r in 0..rows {
+                        global[r * cols + t * local..][..local]
+                            .copy_from_slice(&shard[r * local..][..local]);
+                    }
+                }
+            }
+            _ => {
+                // `rows`, or `rows in N blocks`: each block of rows is split over the ranks.
+                let blocks: usize = split
+                    .strip_prefix("rows in ")
+                    .map_or(1, |b| b.split(' ').next().unwrap().parse().unwrap());
+                let block_rows = rows / blocks;
+                let local = block_rows / tp;
+                for (t, shard) in shards.iter().enumerate() {
+                    for b in 0..blocks {
+                        let from = &shard[b * local * cols..][..local * cols];
+                        global[(b * block_rows + t * local) * cols..][..local * cols]
+                            .copy_from_slice(from);
+                    }
+                }
+            }
+        }
+        let expected = &exported[name];
+        assert_eq!(&global[..expected.len()], &expected[..], "{name} ({split})");
+    }
+    assert_eq!(
+        splits.into_iter().collect::<Vec<_>>(),
+        ["columns", "replicated", "rows"],
+        "every kind of split is covered"
+    );
+}

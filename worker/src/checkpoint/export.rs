@@ -18,7 +18,7 @@ use tessera_plan::Config;
 use tessera_plan::config::{Schedule, Zero};
 use tessera_plan::memory::StagePlan;
 use tessera_plan::mesh::{Coord, Mesh};
-use tessera_plan::model::{ModelShape, Unit as UnitKind};
+use tessera_plan::model::{ModelShape, Placed, Split, Unit as UnitKind};
 
 use super::{Manifest, encode, rank_file, read_file};
 use crate::error::{Error, Result};
@@ -69,6 +69,173 @@ pub fn written_config(manifest: &Manifest, config: &Config) -> Config {
         parallel.schedule = Schedule::OneFOneB;
     }
     written
+}
+
+/// One unit of the model on one (pipeline, tensor) coordinate: the parameters it places and
+/// their global names (the last stage's copy of a tied embedding left out: the embedding's own
+/// is the one).
+struct UnitShard {
+    pp_rank: usize,
+    tp_rank: usize,
+    /// `embedding`, `layers.3`, `head`: the name of its flat ZeRO shards.
+    name: String,
+    params: Vec<(Placed, String)>,
+}
+
+/// Every unit of every (pipeline, tensor) coordinate of `written`'s layout.
+fn unit_shards(written: &Config) -> Vec<UnitShard> {
+    let parallel = &written.parallel;
+    let shape = ModelShape::new(&written.model, parallel.tensor);
+    let mut shards = Vec::new();
+    for pp_rank in 0..parallel.pipeline {
+        let stage = StagePlan::new(written, pp_rank);
+        for (kind, _, layer, _) in stage_units(written, &stage) {
+            let layout = shape.layout(kind);
+            let name = match (kind, layer) {
+                (UnitKind::Embedding, _) => "embedding".to_string(),
+                (UnitKind::Head { .. }, _) => "head".to_string(),
+                (UnitKind::Layer, layer) => format!("layers.{}", layer.unwrap_or(0)),
+            };
+            let params: Vec<(Placed, String)> = layout
+                .params
+                .iter()
+                .filter(|placed| {
+                    !(placed.spec.name == "wte"
+                        && matches!(kind, UnitKind::Head { tied_copy: true }))
+                })
+                .map(|placed| {
+                    let global = match layer {
+                        Some(layer) => format!("layers.{layer}.{}", placed.spec.name),
+                        None => placed.spec.name.to_string(),
+                    };
+                    (placed.clone(), global)
+                })
+                .collect();
+            for tp_rank in 0..parallel.tensor {
+                shards.push(UnitShard {
+                    pp_rank,
+                    tp_rank,
+                    name: name.clone(),
+                    params: params.clone(),
+                });
+            }
+        }
+    }
+    shards
+}
+
+/// Where a global tensor's pieces are in a checkpoint's files: one entry of the manifest's
+/// `tensors`, so that other tools can reassemble it without tessera.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TensorMap {
+    /// `wte`, `layers.3.qkv_w`, ... (GPT-2's layout; PyTorch's (out, in) for linears).
+    pub name: String,
+    /// Its global shape, the vocabulary padded to what the tensor degree divides.
+    pub shape: Vec<usize>,
+    /// How tensor parallelism splits it: `replicated`, `rows`, `rows in N blocks` (q|k|v,
+    /// each block split) or `columns`.
+    pub tensor_split: String,
+    pub pipeline_stage: usize,
+    /// One per tensor-parallel rank.
+    pub shards: Vec<ShardMap>,
+}
+
+/// One tensor-parallel shard of a [`TensorMap`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShardMap {
+    pub tensor_rank: usize,
+    pub shape: Vec<usize>,
+    /// Per state (`params`, `master`, `adam_m`, `adam_v`): where its values are.
+    pub states: BTreeMap<String, Location>,
+}
+
+/// Where a shard's values of one state are.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Location {
+    /// Whole, as tensor `key` of `file`.
+    Whole { file: String, key: String },
+    /// ZeRO: the tensors `key` of `files` (the data-parallel ranks' files, in order)
+    /// concatenated hold the unit's flat buffer; the shard is `[offset, offset + numel)` of it,
+    /// row-major.
+    Flat {
+        files: Vec<String>,
+        key: String,
+        offset: u64,
+        numel: u64,
+    },
+}
+
+/// The manifest's `tensors` for a checkpoint that `written` lays out.
+pub fn tensor_maps(written: &Config) -> Vec<TensorMap> {
+    let parallel = &written.parallel;
+    let mesh = Mesh::from_config(written);
+    let shape = ModelShape::new(&written.model, parallel.tensor);
+    let dp = parallel.data;
+    let has_master = written.training.precision.has_master_weights() || parallel.offload.optimizer;
+    let mut states = vec![State::Params];
+    if has_master {
+        states.push(State::Master);
+    }
+    states.extend([State::AdamM, State::AdamV]);
+    let mut maps: BTreeMap<String, TensorMap> = BTreeMap::new();
+    for unit in unit_shards(written) {
+        let file_of = |dp_rank| {
+            rank_file(mesh.rank(Coord {
+                dp_rank,
+                pp_rank: unit.pp_rank,
+                tp_rank: unit.tp_rank,
+            }))
+        };
+        for (placed, global_name) in &unit.params {
+            let mut locations = BTreeMap::new();
+            for &state in &states {
+                let sharded = dp > 1
+                    && match state {
+                        State::Params => parallel.zero == Zero::Parameters,
+                        _ => parallel.zero >= Zero::Optimizer,
+                    };
+                let location = if sharded {
+                    Location::Flat {
+                        files: (0..dp).map(file_of).collect(),
+                        key: format!("{}.{}", state.prefix(), unit.name),
+                        offset: placed.offset,
+                        numel: placed.numel(),
+                    }
+                } else {
+                    let key = match state {
+                        State::Params => global_name.clone(),
+                        _ => format!("{}.{global_name}", state.prefix()),
+                    };
+                    Location::Whole {
+                        file: file_of(0),
+                        key,
+                    }
+                };
+                locations.insert(state.prefix().to_string(), location);
+            }
+            let entry = maps
+                .entry(global_name.clone())
+                .or_insert_with(|| TensorMap {
+                    name: global_name.clone(),
+                    shape: shape.global_shape(&placed.spec),
+                    tensor_split: match placed.spec.split {
+                        Split::Replicated => "replicated".into(),
+                        Split::Rows { chunks: 1 } => "rows".into(),
+                        Split::Rows { chunks } => format!("rows in {chunks} blocks"),
+                        Split::Columns => "columns".into(),
+                    },
+                    pipeline_stage: unit.pp_rank,
+                    shards: Vec::new(),
+                });
+            entry.shards.push(ShardMap {
+                tensor_rank: unit.tp_rank,
+                shape: placed.local_shape.clone(),
+                states: locations,
+            });
+        }
+    }
+    maps.into_values().collect()
 }
 
 /// The rank files of a checkpoint, each read (and checked) once.
@@ -142,65 +309,45 @@ impl Files {
             })
         };
         let mut model: BTreeMap<String, Global> = BTreeMap::new();
-        for pp_rank in 0..parallel.pipeline {
-            let stage = StagePlan::new(written, pp_rank);
-            for (kind, _, layer, _) in stage_units(written, &stage) {
-                let layout = shape.layout(kind);
-                let unit_name = match (kind, layer) {
-                    (UnitKind::Embedding, _) => "embedding".to_string(),
-                    (UnitKind::Head { .. }, _) => "head".to_string(),
-                    (UnitKind::Layer, layer) => format!("layers.{}", layer.unwrap_or(0)),
-                };
-                for tp_rank in 0..parallel.tensor {
-                    let rank_of = |dp_rank| {
-                        mesh.rank(Coord {
-                            dp_rank,
-                            pp_rank,
-                            tp_rank,
-                        })
-                    };
-                    // The unit's flat buffer, from every data-parallel rank's shard.
-                    let flat = if sharded {
-                        let mut flat = Vec::new();
-                        for dp_rank in 0..dp {
-                            let name = format!("{}.{unit_name}", state.prefix());
-                            flat.extend(self.tensor(file(rank_of(dp_rank))?, &name)?);
-                        }
-                        Some(flat)
-                    } else {
-                        None
-                    };
-                    let first = file(rank_of(0))?;
-                    for placed in &layout.params {
-                        let name = placed.spec.name;
-                        if name == "wte" && matches!(kind, UnitKind::Head { tied_copy: true }) {
-                            // The last stage's copy of the tied embedding: the embedding's own.
-                            continue;
-                        }
-                        let global_name = match layer {
-                            Some(layer) => format!("layers.{layer}.{name}"),
-                            None => name.to_string(),
-                        };
-                        let local = match &flat {
-                            Some(flat) => {
-                                let start = placed.offset as usize;
-                                flat[start..start + placed.numel() as usize].to_vec()
-                            }
-                            None if state == State::Params => self.tensor(first, &global_name)?,
-                            None => {
-                                let stored = format!("{}.{global_name}", state.prefix());
-                                self.tensor(first, &stored)?
-                            }
-                        };
-                        let global_shape = shape.global_shape(&placed.spec);
-                        let entry = model.entry(global_name).or_insert_with(|| Global {
-                            values: vec![0.0; global_shape.iter().product()],
-                            shape: global_shape,
-                        });
-                        for (i, value) in local.into_iter().enumerate() {
-                            entry.values[global_index(placed, &shape, tp_rank, i)] = value;
-                        }
+        for unit in unit_shards(written) {
+            let rank_of = |dp_rank| {
+                mesh.rank(Coord {
+                    dp_rank,
+                    pp_rank: unit.pp_rank,
+                    tp_rank: unit.tp_rank,
+                })
+            };
+            // The unit's flat buffer, from every data-parallel rank's shard.
+            let flat = if sharded {
+                let mut flat = Vec::new();
+                for dp_rank in 0..dp {
+                    let name = format!("{}.{}", state.prefix(), unit.name);
+                    flat.extend(self.tensor(file(rank_of(dp_rank))?, &name)?);
+                }
+                Some(flat)
+            } else {
+                None
+            };
+            let first = file(rank_of(0))?;
+            for (placed, global_name) in &unit.params {
+                let local = match &flat {
+                    Some(flat) => {
+                        let start = placed.offset as usize;
+                        flat[start..start + placed.numel() as usize].to_vec()
                     }
+                    None if state == State::Params => self.tensor(first, global_name)?,
+                    None => {
+                        let stored = format!("{}.{global_name}", state.prefix());
+                        self.tensor(first, &stored)?
+                    }
+                };
+                let global_shape = shape.global_shape(&placed.spec);
+                let entry = model.entry(global_name.clone()).or_insert_with(|| Global {
+                    values: vec![0.0; global_shape.iter().product()],
+                    shape: global_shape,
+                });
+                for (i, value) in local.into_iter().enumerate() {
+                    entry.values[global_index(placed, &shape, unit.tp_rank, i)] = value;
                 }
             }
         }

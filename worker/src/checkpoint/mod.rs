@@ -1,8 +1,9 @@
 //! Checkpoints of a rank: its parameters, fp32 master weights and Adam moments in a safetensors
 //! file, and a JSON manifest with what resuming needs (step, data position, loss scale), what
-//! must match (model, precision, batch, seed) and the layout that wrote it (mesh, ZeRO stage,
-//! virtual stages). A run with another layout resumes too: [`export`] reassembles the global
-//! tensors and each rank takes its shards.
+//! must match (model, precision, batch, seed), the layout that wrote it (mesh, ZeRO stage,
+//! virtual stages), and a map of every global tensor to its shards in the files (so that tools
+//! other than tessera can reassemble it). A run with another layout resumes too: [`export`]
+//! reassembles the global tensors and each rank takes its shards.
 //!
 //! A checkpoint is written into `DIR/step-NNNNNNNN.partial-PID`, every file fsynced, then the
 //! directory is renamed to `DIR/step-NNNNNNNN` and `DIR` fsynced: the rename is the commit, so
@@ -54,6 +55,10 @@ pub struct Manifest {
     pub run: RunIdentity,
     /// The tensor files, one per rank.
     pub files: Vec<String>,
+    /// Every global tensor: its shape, how tensor parallelism splits it, and where each
+    /// shard's parameters and optimizer states are in `files`.
+    #[serde(default)]
+    pub tensors: Vec<export::TensorMap>,
 }
 
 /// Everything that must be equal for a checkpoint to be resumable by a config.
@@ -294,6 +299,7 @@ pub fn save<B: Backend>(
             loss_scale,
             run: RunIdentity::of(config),
             files,
+            tensors: export::tensor_maps(config),
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("invariant: a manifest serialises");
         write_synced(&partial.join(MANIFEST), &json)?;
