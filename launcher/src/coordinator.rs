@@ -9,7 +9,7 @@
 //! Every call must carry the run's token (`authorization: Bearer <token>`); one without it is
 //! refused with UNAUTHENTICATED and reported as [`Event::Refused`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
@@ -112,6 +112,10 @@ struct Attempt {
     number: u32,
     run_id: String,
     worker_args: Vec<String>,
+    /// The layout, which a restart on fewer nodes shrinks ([`Reshape`]).
+    mesh: Mesh,
+    config_sets: Vec<String>,
+    planned_device_bytes: Vec<u64>,
     /// When the rendezvous barrier gives up.
     deadline: Instant,
 }
@@ -143,7 +147,7 @@ impl Shared {
     }
 
     fn node_ranks(&self, node: usize) -> Vec<u32> {
-        let mesh = &self.spec.mesh;
+        let mesh = self.attempt().mesh;
         (0..mesh.world_size())
             .filter(|&rank| mesh.node(rank) == node)
             .map(|rank| rank as u32)
@@ -160,7 +164,7 @@ impl Shared {
     }
 
     fn world(&self) -> usize {
-        self.spec.mesh.world_size()
+        self.attempt().mesh.world_size()
     }
 
     fn missing(&self) -> Vec<u32> {
@@ -172,8 +176,8 @@ impl Shared {
 
     fn assignment(&self, rank: u32) -> WorkerAssignment {
         let hellos = self.hellos.lock().expect("invariant: no panic under lock");
-        let coord = self
-            .spec
+        let attempt = self.attempt();
+        let coord = attempt
             .mesh
             .coord(rank as usize)
             .expect("invariant: registered ranks are in the mesh");
@@ -188,10 +192,10 @@ impl Shared {
             peer_addresses: hellos.values().map(|h| h.comm_address.clone()).collect(),
             config_name: self.spec.config_name.clone(),
             config_yaml: self.spec.config_yaml.clone(),
-            config_sets: self.spec.config_sets.clone(),
-            planned_device_bytes: self.spec.planned_device_bytes[rank as usize],
+            config_sets: attempt.config_sets,
+            planned_device_bytes: attempt.planned_device_bytes[rank as usize],
             collective_timeout_ms: self.spec.collective_timeout.as_millis() as u32,
-            run_id: self.attempt().run_id,
+            run_id: attempt.run_id,
         }
     }
 }
@@ -207,7 +211,7 @@ impl Service for Handler {
         request: Request<AgentHello>,
     ) -> Result<Response<AgentAssignment>, Status> {
         let hello = request.into_inner();
-        let mesh = &self.shared.spec.mesh;
+        let mesh = self.shared.attempt().mesh;
         let nodes = mesh.nodes();
         let node = {
             let mut agents = self
@@ -238,14 +242,7 @@ impl Service for Handler {
             }
         };
         let ranks = self.shared.node_ranks(node);
-        let env = [
-            ("WORLD_SIZE", mesh.world_size().to_string()),
-            ("LOCAL_WORLD_SIZE", ranks.len().to_string()),
-            ("TESSERA_COMM_HOST", hello.comm_host.clone()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let env = node_env(&mesh, ranks.len(), &hello.comm_host);
         self.shared.send(Event::AgentRegistered {
             node: node as u32,
             hostname: hello.hostname,
@@ -287,22 +284,23 @@ impl Service for Handler {
                     }
                 }
             }
-            if let Some(node) = node {
-                // Only if the slot is still this agent's (not a replacement's).
+            if node.is_some() {
+                // The slot that is still this agent's (not a replacement's), wherever a
+                // restart on fewer nodes moved it.
                 let mut agents = shared
                     .agents
                     .lock()
                     .expect("invariant: no panic under lock");
-                if let Some(slot) = agents.get_mut(node as usize)
-                    && slot
-                        .commands
+                let mine = agents.iter().position(|slot| {
+                    slot.commands
                         .as_ref()
                         .is_some_and(|c| c.same_channel(&commands))
-                {
-                    slot.lost = true;
-                    slot.commands = None;
+                });
+                if let Some(index) = mine {
+                    agents[index].lost = true;
+                    agents[index].commands = None;
                     drop(agents);
-                    shared.send(Event::NodeLost { node });
+                    shared.send(Event::NodeLost { node: index as u32 });
                 }
             }
         });
@@ -444,6 +442,27 @@ impl Service for Handler {
     }
 }
 
+/// What every worker of a node gets in its environment (RANK and LOCAL_RANK aside).
+fn node_env(mesh: &Mesh, local_ranks: usize, comm_host: &str) -> HashMap<String, String> {
+    [
+        ("WORLD_SIZE", mesh.world_size().to_string()),
+        ("LOCAL_WORLD_SIZE", local_ranks.to_string()),
+        ("TESSERA_COMM_HOST", comm_host.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// A smaller layout for a run that restarts on fewer nodes.
+#[derive(Debug, Clone)]
+pub struct Reshape {
+    pub mesh: Mesh,
+    /// The run's `--set` overrides plus the new cluster.nodes and parallel.data.
+    pub config_sets: Vec<String>,
+    pub planned_device_bytes: Vec<u64>,
+}
+
 /// The size of an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`).
 pub const NCCL_ID_BYTES: usize = 128;
 
@@ -475,6 +494,9 @@ impl Coordinator {
                 number: 0,
                 run_id: spec.run_id.clone(),
                 worker_args: spec.worker_args.clone(),
+                mesh: spec.mesh,
+                config_sets: spec.config_sets.clone(),
+                planned_device_bytes: spec.planned_device_bytes.clone(),
                 deadline: Instant::now() + spec.rendezvous_timeout,
             }),
             spec,
@@ -605,7 +627,15 @@ impl Coordinator {
     /// Starts the run's next attempt: a fresh rendezvous (new run id and deadline, no worker
     /// registered), and every live node agent told to start its workers again with
     /// `worker_args`. A node that is gone gets its ranks when a replacement agent registers.
-    pub fn restart(&self, run_id: String, worker_args: Vec<String>) -> u32 {
+    ///
+    /// With `reshape` the run goes on with the live nodes only, in a smaller layout: they are
+    /// numbered again in their order and each agent is told its new share.
+    pub fn restart(
+        &self,
+        run_id: String,
+        worker_args: Vec<String>,
+        reshape: Option<Reshape>,
+    ) -> u32 {
         let number = {
             let mut attempt = self
                 .shared
@@ -616,8 +646,20 @@ impl Coordinator {
             attempt.run_id = run_id;
             attempt.worker_args = worker_args.clone();
             attempt.deadline = Instant::now() + self.shared.spec.rendezvous_timeout;
+            if let Some(reshape) = &reshape {
+                attempt.mesh = reshape.mesh;
+                attempt.config_sets = reshape.config_sets.clone();
+                attempt.planned_device_bytes = reshape.planned_device_bytes.clone();
+            }
             attempt.number
         };
+        if reshape.is_some() {
+            self.shared
+                .agents
+                .lock()
+                .expect("invariant: no panic under lock")
+                .retain(|slot| !slot.lost);
+        }
         self.shared
             .hellos
             .lock()
@@ -630,18 +672,23 @@ impl Coordinator {
             .expect("invariant: no panic under lock")
             .clear();
         self.shared.nccl_ids.send_replace(BTreeMap::new());
-        for slot in self
+        let mesh = self.shared.attempt().mesh;
+        let agents = self
             .shared
             .agents
             .lock()
-            .expect("invariant: no panic under lock")
-            .iter()
-        {
+            .expect("invariant: no panic under lock");
+        for (node, slot) in agents.iter().enumerate() {
             if let (false, Some(commands)) = (slot.lost, &slot.commands) {
+                let ranks = self.shared.node_ranks(node);
+                let env = node_env(&mesh, ranks.len(), &slot.hello.comm_host);
                 let _ = commands.try_send(Ok(Command {
                     kind: Some(command::Kind::Restart(Restart {
                         worker_args: worker_args.clone(),
                         attempt: number,
+                        node: node as u32,
+                        ranks,
+                        env,
                     })),
                 }));
             }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
 use tessera_proto::v1::coordinator_client::CoordinatorClient;
-use tessera_proto::v1::{AgentBeat, AgentHello, WorkerExit, command};
+use tessera_proto::v1::{AgentBeat, AgentHello, Restart, WorkerExit, command};
 use tonic::Request;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -42,8 +42,8 @@ impl tonic::service::Interceptor for AddToken {
 /// What the lifeline to the coordinator tells the main thread.
 enum Lifeline {
     Abort(String),
-    /// Start the workers again, with these arguments, as this attempt of the run.
-    Restart(Vec<String>, u32),
+    /// Start the workers again: the node's share in the run's next attempt.
+    Restart(Restart),
     Lost(String),
 }
 
@@ -139,21 +139,28 @@ pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
     loop {
         match share.run(&runtime, &mut client, &news, &progress) {
             Ended::Finished => {
-                progress.println(&format!("node {node}: every worker finished"), false);
+                progress.println(
+                    &format!("node {}: every worker finished", share.node),
+                    false,
+                );
                 return Ok(());
             }
             Ended::Interrupted => return Err(Failure::Interrupted),
             Ended::CannotStart(why) => {
                 return Err(Failure::Runtime(anyhow::anyhow!(
-                    "node {node}: cannot start its workers: {why}"
+                    "node {}: cannot start its workers: {why}",
+                    share.node
                 )));
             }
-            Ended::Lost => return Err(lost(node)),
+            Ended::Lost => return Err(lost(share.node)),
             Ended::Failed => {}
         }
         // The run may restart (restart.max): stay until the coordinator says or goes.
         progress.println(
-            &format!("node {node}: waiting for the coordinator to restart the run"),
+            &format!(
+                "node {}: waiting for the coordinator to restart the run",
+                share.node
+            ),
             false,
         );
         loop {
@@ -161,13 +168,12 @@ pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
                 return Err(Failure::Interrupted);
             }
             match news.recv_timeout(POLL) {
-                Ok(Lifeline::Restart(worker_args, attempt)) => {
-                    share.args = worker_args;
-                    share.attempt = attempt;
+                Ok(Lifeline::Restart(restart)) => {
+                    share.take(restart);
                     progress.println(
                         &format!(
-                            "node {node}: restarting its workers (attempt {})",
-                            share.attempt
+                            "node {}: restarting its workers, ranks {:?} (attempt {})",
+                            share.node, share.ranks, share.attempt
                         ),
                         false,
                     );
@@ -175,7 +181,7 @@ pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
                 }
                 Ok(Lifeline::Abort(_)) | Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Ok(Lifeline::Lost(_)) | Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(lost(node));
+                    return Err(lost(share.node));
                 }
             }
         }
@@ -209,6 +215,20 @@ struct Share {
 }
 
 impl Share {
+    /// The node's share in the run's next attempt.
+    fn take(&mut self, restart: Restart) {
+        self.args = restart.worker_args;
+        self.attempt = restart.attempt;
+        self.node = restart.node;
+        self.ranks = restart.ranks;
+        for (key, value) in restart.env {
+            match self.env.iter_mut().find(|(k, _)| *k == key) {
+                Some(slot) => slot.1 = value,
+                None => self.env.push((key, value)),
+            }
+        }
+    }
+
     /// Starts the node's workers and watches them until all have exited.
     fn run(
         &self,
@@ -432,7 +452,7 @@ fn open_lifeline(
                         let _ = news.send(Lifeline::Abort(abort.reason));
                     }
                     Some(command::Kind::Restart(restart)) => {
-                        let _ = news.send(Lifeline::Restart(restart.worker_args, restart.attempt));
+                        let _ = news.send(Lifeline::Restart(restart));
                     }
                     Some(command::Kind::Shutdown(_)) | None => {}
                 },

@@ -23,7 +23,7 @@ use tessera_worker::checkpoint;
 
 use crate::agent::{Worker, WorkerSpec};
 use crate::config_file::Loaded;
-use crate::coordinator::{Coordinator, Event, JobSpec, describe_ranks};
+use crate::coordinator::{Coordinator, Event, JobSpec, Reshape, describe_ranks};
 use crate::exit::Failure;
 use crate::fleet::{Fleet, LocalFleet, RemoteFleet};
 use crate::hostfile::{self, Host, RemoteAgents};
@@ -97,14 +97,11 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
         ));
     }
     // What each worker must allocate: the arena its plan lays out (checked again by the worker).
-    let plan = MemoryPlan::new(config);
-    let planned: Vec<u64> = (0..world)
-        .map(|rank| {
-            let stage = plan.rank(rank).expect("invariant: rank < world");
-            ArenaLayout::new(stage).bytes(Place::Device) as u64
-        })
-        .collect();
-    let mesh = Mesh::from_config(config);
+    let mut layout = Layout {
+        sets: loaded.sets.clone(),
+        planned: planned_bytes(config),
+        mesh: Mesh::from_config(config),
+    };
     let token = if cluster {
         cluster_token()?
     } else {
@@ -127,9 +124,9 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
         let spec = JobSpec {
             config_name: loaded.name.clone(),
             config_yaml: loaded.text.clone(),
-            config_sets: loaded.sets.clone(),
-            mesh,
-            planned_device_bytes: planned.clone(),
+            config_sets: layout.sets.clone(),
+            mesh: layout.mesh,
+            planned_device_bytes: layout.planned.clone(),
             collective_timeout: config.watchdog.collective_timeout,
             rendezvous_timeout: config.watchdog.rendezvous_timeout,
             heartbeat: config.watchdog.heartbeat,
@@ -144,7 +141,11 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
                 &runtime,
                 &mut head,
                 spec,
-                hosts.as_deref(),
+                ClusterJob {
+                    loaded,
+                    layout: &mut layout,
+                    hosts: hosts.as_deref(),
+                },
                 &config.watchdog,
                 &progress,
                 options,
@@ -181,7 +182,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     // After every worker's output has been relayed and the bar is gone.
     progress.finish();
     let (steps, measured) = outcome?;
-    print_memory(&mesh, &planned, &measured);
+    print_memory(&layout.mesh, &layout.planned, &measured);
     if let Some(dir) = &options.trace {
         println!(
             "traces: {}/rank-*.json (open in ui.perfetto.dev or chrome://tracing)",
@@ -195,7 +196,9 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     };
     println!(
         "done: {steps} steps on {world} rank{}{restarted}",
-        if world == 1 { "" } else { "s" }
+        if world == 1 { "" } else { "s" },
+        // After a restart on fewer nodes, the layout it finished with.
+        world = layout.mesh.world_size()
     );
     Ok(())
 }
@@ -358,17 +361,41 @@ fn cluster_attempt(
     runtime: &tokio::runtime::Runtime,
     head: &mut Option<Head>,
     spec: JobSpec,
-    hosts: Option<&[Host]>,
+    job: ClusterJob,
     watchdog: &Watchdog,
     progress: &Progress,
     options: &RunOptions,
 ) -> Result<(u64, Vec<Option<u64>>), Failure> {
-    let (world, nodes) = (spec.mesh.world_size(), spec.mesh.nodes());
+    let ClusterJob {
+        loaded,
+        layout,
+        hosts,
+    } = job;
+    let nodes = spec.mesh.nodes();
     let head = match head {
         Some(head) => {
             // Whatever the last attempt's ranks still said is about the last attempt.
             while head.events.try_recv().is_ok() {}
-            head.attempt = head.coordinator.restart(spec.run_id, spec.worker_args);
+            let nodes_now = head.coordinator.nodes();
+            let live = nodes_now.iter().filter(|n| !n.lost).count();
+            let reshape = if live < layout.mesh.nodes() && live >= loaded.config.restart.min_nodes {
+                shrink(loaded, layout, live)
+            } else {
+                None
+            };
+            if let Some((smaller, what)) = &reshape {
+                progress.status(&format!("going on with the {live} live nodes: {what}"));
+                *layout = smaller.clone();
+            }
+            let reshape = reshape.map(|(smaller, _)| Reshape {
+                mesh: smaller.mesh,
+                config_sets: smaller.sets,
+                planned_device_bytes: smaller.planned,
+            });
+            let reshaped = reshape.is_some();
+            head.attempt = head
+                .coordinator
+                .restart(spec.run_id, spec.worker_args, reshape);
             let gone: Vec<String> = head
                 .coordinator
                 .nodes()
@@ -376,7 +403,7 @@ fn cluster_attempt(
                 .filter(|n| n.lost)
                 .map(|n| format!("node {} ({}, {})", n.node, n.hostname, n.address))
                 .collect();
-            if !gone.is_empty() {
+            if !gone.is_empty() && !reshaped {
                 progress.status(&format!(
                     "waiting for a new agent in place of {} (launch agent --coordinator \
                      THIS_HOST:{})",
@@ -432,6 +459,17 @@ fn cluster_attempt(
             })
         }
     };
+    cluster_supervise(head, layout.mesh.world_size(), watchdog, progress, options)
+}
+
+/// Watches one attempt of a run across nodes until every rank has stopped.
+fn cluster_supervise(
+    head: &mut Head,
+    world: usize,
+    watchdog: &Watchdog,
+    progress: &Progress,
+    options: &RunOptions,
+) -> Result<(u64, Vec<Option<u64>>), Failure> {
     let mut fleet = RemoteFleet::new(world, head.attempt, &head.coordinator.nodes());
     let mut measured = vec![None; world];
     let outcome = supervise(
@@ -453,6 +491,66 @@ fn cluster_attempt(
         std::thread::sleep(POLL * 5);
     }
     outcome.map(|steps| (steps, measured))
+}
+
+/// What a run across nodes needs beyond one attempt's spec: the config as loaded, the layout
+/// (which a restart on fewer nodes replaces) and the hostfile's hosts.
+struct ClusterJob<'a> {
+    loaded: &'a Loaded,
+    layout: &'a mut Layout,
+    hosts: Option<&'a [Host]>,
+}
+
+/// The layout a run trains with: its `--set` overrides, mesh and each rank's planned device
+/// bytes. A restart on fewer nodes makes a smaller one.
+#[derive(Debug, Clone)]
+struct Layout {
+    sets: Vec<String>,
+    mesh: Mesh,
+    planned: Vec<u64>,
+}
+
+/// What each worker of `config` must allocate: the arena its plan lays out (checked again by
+/// the worker).
+fn planned_bytes(config: &tessera_plan::Config) -> Vec<u64> {
+    let plan = MemoryPlan::new(config);
+    (0..config.parallel.world_size())
+        .map(|rank| {
+            let stage = plan.rank(rank).expect("invariant: rank < world");
+            ArenaLayout::new(stage).bytes(Place::Device) as u64
+        })
+        .collect()
+}
+
+/// `layout` on `live` nodes: fewer data-parallel replicas, the same tensor and pipeline
+/// degrees and global batch (each replica takes more microbatches), if the config allows it;
+/// and what changed, for the user.
+fn shrink(loaded: &Loaded, layout: &Layout, live: usize) -> Option<(Layout, String)> {
+    let mesh = layout.mesh;
+    let per_node = mesh.world_size() / mesh.nodes();
+    let ranks = live * per_node;
+    let (tp, pp) = (mesh.tp, mesh.pp);
+    if !ranks.is_multiple_of(tp * pp) {
+        return None;
+    }
+    let data = ranks / (tp * pp);
+    let mut sets = layout.sets.clone();
+    sets.push(format!("cluster.nodes={live}"));
+    sets.push(format!("parallel.data={data}"));
+    let config = tessera_plan::Config::from_yaml(&loaded.name, &loaded.text, &sets).ok()?;
+    let what = format!(
+        "parallel.data {} -> {data}, cluster.nodes {} -> {live}",
+        mesh.dp,
+        mesh.nodes()
+    );
+    Some((
+        Layout {
+            sets,
+            mesh: Mesh::from_config(&config),
+            planned: planned_bytes(&config),
+        },
+        what,
+    ))
 }
 
 /// Where a run across nodes listens unless `--listen` says otherwise.

@@ -187,6 +187,9 @@ pub struct Checkpoint {
 pub struct Restart {
     /// Restarts from the newest checkpoint before the job gives up.
     pub max: u32,
+    /// The fewest nodes a restart may go on with after nodes are lost (fewer data-parallel
+    /// replicas, same global batch); `cluster.nodes` (the default) waits for replacements.
+    pub min_nodes: usize,
 }
 
 /// `watchdog:` — how a failure is noticed. Every duration is in seconds in the file.

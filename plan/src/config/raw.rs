@@ -199,7 +199,10 @@ section!(RawCheckpoint {
     keep: i64,
 });
 
-section!(RawRestart { max: i64 });
+section!(RawRestart {
+    max: i64,
+    min_nodes: i64,
+});
 
 section!(RawWatchdog {
     heartbeat: f64,

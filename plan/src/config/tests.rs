@@ -127,6 +127,23 @@ fn defaults_fill_what_is_not_given() {
 }
 
 #[test]
+fn restart_min_nodes_defaults_to_every_node_and_cannot_exceed_them() {
+    let config = load(&with("cluster: {nodes: 4, gpus_per_node: 2}\n")).unwrap();
+    assert_eq!(config.restart.min_nodes, 4);
+    let config = load_with(
+        &with("cluster: {nodes: 4, gpus_per_node: 2}\n"),
+        &["restart.min_nodes=2"],
+    )
+    .unwrap();
+    assert_eq!(config.restart.min_nodes, 2);
+    let message = error(&with(
+        "cluster: {nodes: 4, gpus_per_node: 2}\nrestart: {min_nodes: 5}\n",
+    ));
+    assert!(message.contains("restart.min_nodes"), "{message}");
+    assert!(message.contains("at most 4"), "{message}");
+}
+
+#[test]
 fn watchdog_durations_are_seconds_and_the_timeout_spans_two_beats() {
     let config = load_with(
         MINIMAL,

@@ -283,17 +283,31 @@ impl Reader<'_> {
         let parallel = self.parallel(raw.parallel.unwrap_or_default(), cluster.as_ref());
         let data = self.data(raw.data.unwrap_or_default());
         let checkpoint = self.checkpoint(raw.checkpoint.unwrap_or_default());
-        let restart = raw.restart.unwrap_or_default();
-        let restart = self
-            .int(
-                "restart.max",
-                restart.max,
-                Some(0),
-                0,
-                1000,
-                "restarts from the newest checkpoint before giving up",
-            )
-            .map(|max| Restart { max: max as u32 });
+        let raw_restart = raw.restart.unwrap_or_default();
+        let max = self.int(
+            "restart.max",
+            raw_restart.max,
+            Some(0),
+            0,
+            1000,
+            "restarts from the newest checkpoint before giving up",
+        );
+        let nodes = cluster.as_ref().map_or(1, |c| c.nodes as i64);
+        let min_nodes = self.int(
+            "restart.min_nodes",
+            raw_restart.min_nodes,
+            Some(nodes),
+            1,
+            nodes,
+            "the fewest nodes a restart may go on with, at most cluster.nodes",
+        );
+        let restart = match (max, min_nodes) {
+            (Some(max), Some(min_nodes)) => Some(Restart {
+                max: max as u32,
+                min_nodes: min_nodes as usize,
+            }),
+            _ => None,
+        };
         let watchdog = self.watchdog(raw.watchdog.unwrap_or_default());
 
         if let (Some(model), Some(parallel), Some(training), Some(cluster)) =
