@@ -466,7 +466,8 @@ fn a_killed_worker_stops_every_rank_and_the_launcher_names_it() {
             "rank {rank} reported its failure: {stderr}"
         );
     }
-    assert!(elapsed < Duration::from_secs(30), "stopped in {elapsed:?}");
+    // Detected at once (the process exits); every rank stopped well within 10 s.
+    assert!(elapsed < Duration::from_secs(10), "stopped in {elapsed:?}");
     assert!(workers.iter().all(|&pid| !alive(pid)), "no worker survives");
 }
 
