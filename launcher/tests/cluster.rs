@@ -187,6 +187,20 @@ fn job_args(scratch: &Path, nodes: usize, steps: u64, extra: &[&str]) -> Vec<Str
     args
 }
 
+/// The losses of the job on one node (a local run, no agents), the reference of the others.
+fn one_node_losses(dir: &Path, steps: u64, sets: &[&str]) -> Vec<(u64, f64)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .args(job_args(dir, 1, steps, sets))
+        .current_dir(repo())
+        .env_remove("TESSERA_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let reference = losses(&dir.join("metrics.jsonl"));
+    assert_eq!(reference.len(), steps as usize);
+    reference
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tessera-cluster-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -377,15 +391,7 @@ fn a_cut_link_fails_the_run_naming_the_unreachable_rank_and_nothing_is_left_runn
 fn a_job_across_two_namespaces_trains_like_one_node() {
     let Some(nodes) = Nodes::new("t") else { return };
     let single = scratch("single");
-    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
-        .args(job_args(&single, 1, 6, &[]))
-        .current_dir(repo())
-        .env_remove("TESSERA_TOKEN")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let reference = losses(&single.join("metrics.jsonl"));
-    assert_eq!(reference.len(), 6);
+    let reference = one_node_losses(&single, 6, &[]);
 
     let two = scratch("two");
     let (head, agents) = start(&nodes, &two, 6, &[]);
@@ -455,15 +461,7 @@ fn run_recovers(
         "watchdog.collective_timeout=5",
     ];
     let single = scratch(&format!("{tag}-single"));
-    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
-        .args(job_args(&single, 1, 12, &sets))
-        .current_dir(repo())
-        .env_remove("TESSERA_TOKEN")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let reference = losses(&single.join("metrics.jsonl"));
-    assert_eq!(reference.len(), 12);
+    let reference = one_node_losses(&single, 12, &sets);
     sets.extend(extra);
 
     let dir = scratch(&format!("{tag}-two"));
