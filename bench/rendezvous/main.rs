@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use tessera_launcher::coordinator::{Coordinator, JobSpec};
 use tessera_plan::mesh::Mesh;
 use tessera_proto::v1::WorkerHello;
-use tessera_proto::v1::coordinator_client::CoordinatorClient;
 
 const TOKEN: &str = "bench";
 
@@ -92,17 +91,7 @@ fn clients(address: &str, ranks: usize) {
                             .connect()
                             .await
                             .expect("connected");
-                    let token: tonic::metadata::MetadataValue<_> =
-                        tessera_proto::bearer(TOKEN).parse().expect("ASCII");
-                    let mut client = CoordinatorClient::with_interceptor(
-                        channel,
-                        move |mut request: tonic::Request<()>| {
-                            request
-                                .metadata_mut()
-                                .insert(tessera_proto::TOKEN_HEADER, token.clone());
-                            Ok(request)
-                        },
-                    );
+                    let mut client = tessera_proto::client(channel, TOKEN).expect("an ASCII token");
                     let assignment = client
                         .register_worker(WorkerHello {
                             rank,

@@ -723,7 +723,6 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_proto::v1::coordinator_client::CoordinatorClient;
 
     fn spec(world: usize, rendezvous: Duration) -> JobSpec {
         JobSpec {
@@ -751,28 +750,13 @@ mod tests {
         }
     }
 
-    async fn client(
-        address: SocketAddr,
-        token: &str,
-    ) -> CoordinatorClient<
-        tonic::service::interceptor::InterceptedService<
-            tonic::transport::Channel,
-            impl tonic::service::Interceptor,
-        >,
-    > {
+    async fn client(address: SocketAddr, token: &str) -> tessera_proto::Client {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
             .unwrap()
             .connect()
             .await
             .unwrap();
-        let value: tonic::metadata::MetadataValue<_> =
-            tessera_proto::bearer(token).parse().unwrap();
-        CoordinatorClient::with_interceptor(channel, move |mut request: Request<()>| {
-            request
-                .metadata_mut()
-                .insert(tessera_proto::TOKEN_HEADER, value.clone());
-            Ok(request)
-        })
+        tessera_proto::client(channel, token).unwrap()
     }
 
     /// A coordinator for `world` ranks on 127.0.0.1, its runtime and its events.

@@ -12,32 +12,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
-use tessera_proto::v1::coordinator_client::CoordinatorClient;
+use tessera_proto::Client;
 use tessera_proto::v1::{AgentBeat, AgentHello, Restart, WorkerExit, command};
-use tonic::Request;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 use crate::agent::{Worker, WorkerSpec, describe_status};
 use crate::cli::AgentArgs;
 use crate::exit::Failure;
 use crate::progress::Progress;
 use crate::run::{GRACE, POLL, SIGNALS, catch_signals};
-
-type Client = CoordinatorClient<InterceptedService<Channel, AddToken>>;
-
-/// Adds the run's token to every call.
-#[derive(Clone)]
-struct AddToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for AddToken {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert(tessera_proto::TOKEN_HEADER, self.0.clone());
-        Ok(request)
-    }
-}
 
 /// What the lifeline to the coordinator tells the main thread.
 enum Lifeline {
@@ -404,13 +386,8 @@ async fn connect(
             "cannot connect to the coordinator at {coordinator}: {e}"
         ))
     })?;
-    let value: tonic::metadata::MetadataValue<_> = tessera_proto::bearer(token)
-        .parse()
-        .map_err(|_| Failure::usage("TESSERA_TOKEN must be printable ASCII"))?;
-    Ok(CoordinatorClient::with_interceptor(
-        channel,
-        AddToken(value),
-    ))
+    tessera_proto::client(channel, token)
+        .ok_or_else(|| Failure::usage("TESSERA_TOKEN must be printable ASCII"))
 }
 
 /// Opens the AgentChannel: beats every `every`, and forwards Abort commands and the loss of

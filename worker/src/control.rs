@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tessera_proto::v1::coordinator_client::CoordinatorClient;
 use tessera_proto::v1::{
     Beat, NcclId as NcclIdMessage, NcclIdRequest, WorkerAssignment, WorkerHello, command,
 };
@@ -19,10 +18,7 @@ use tokio::sync::mpsc;
 use crate::comm::Group;
 use crate::comm::nccl::NcclId;
 use crate::trace::LastCollective;
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
+use tonic::transport::Endpoint;
 
 /// Where the launcher told this worker to find the coordinator (the environment of
 /// DESIGN.md).
@@ -65,14 +61,10 @@ impl LaunchEnv {
     }
 }
 
-/// Adds the run's token to every call.
-type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
-type Client = CoordinatorClient<InterceptedService<Channel, AddToken>>;
-
 /// A registered worker's link to the coordinator.
 pub struct Control {
     runtime: tokio::runtime::Runtime,
-    client: Client,
+    client: tessera_proto::Client,
     beats: Option<mpsc::UnboundedSender<Beat>>,
     /// Set once the run is over, so that the coordinator closing the stream is expected.
     finished: Arc<AtomicBool>,
@@ -111,17 +103,10 @@ impl Control {
                 }
             }
         })?;
-        let token: MetadataValue<_> = tessera_proto::bearer(&env.token)
-            .parse()
-            .map_err(|_| "TESSERA_TOKEN has characters a gRPC header cannot carry".to_string())?;
-        let add_token: AddToken = Box::new(move |mut request: Request<()>| {
-            request
-                .metadata_mut()
-                .insert(tessera_proto::TOKEN_HEADER, token.clone());
-            Ok(request)
-        });
+        let client = tessera_proto::client(channel, &env.token)
+            .ok_or("TESSERA_TOKEN has characters a gRPC header cannot carry")?;
         Ok(Control {
-            client: CoordinatorClient::with_interceptor(channel, add_token),
+            client,
             runtime,
             beats: None,
             finished: Arc::new(AtomicBool::new(false)),
