@@ -528,15 +528,22 @@ impl Wire {
             }
             left = left.min(self.timeout - idle);
         }
-        let mut fds = Vec::with_capacity(2);
-        if let (true, Some((stream, _))) = (reading, &self.from) {
-            fds.push(PollFd::new(stream.as_fd(), PollFlags::POLLIN));
-        }
-        if let (true, Some((stream, _))) = (writing, &self.to) {
-            fds.push(PollFd::new(stream.as_fd(), PollFlags::POLLOUT));
-        }
+        let read = match (reading, &self.from) {
+            (true, Some((stream, _))) => Some(PollFd::new(stream.as_fd(), PollFlags::POLLIN)),
+            _ => None,
+        };
+        let write = match (writing, &self.to) {
+            (true, Some((stream, _))) => Some(PollFd::new(stream.as_fd(), PollFlags::POLLOUT)),
+            _ => None,
+        };
         let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-        match poll(&mut fds, timeout) {
+        // The descriptors on the stack: this runs many times per op.
+        let polled = match (read, write) {
+            (Some(read), Some(write)) => poll(&mut [read, write], timeout),
+            (Some(one), None) | (None, Some(one)) => poll(&mut [one], timeout),
+            (None, None) => return Ok(()),
+        };
+        match polled {
             // Readiness, an error or a hang-up: the next read or write says which.
             Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
             Err(e) => Err(Failure {
