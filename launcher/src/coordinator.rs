@@ -97,7 +97,7 @@ struct Shared {
     hellos: Mutex<BTreeMap<u32, WorkerHello>>,
     /// How many ranks have registered; the barrier waits for it to reach the world size.
     registered: watch::Sender<usize>,
-    /// The command stream of each worker's heartbeat call and each agent's channel.
+    /// The command stream of each worker's heartbeat call (agents' are in their slots).
     commands: Mutex<Vec<mpsc::Sender<Result<Command, Status>>>>,
     /// The agents that registered, by node index.
     agents: Mutex<Vec<AgentSlot>>,
@@ -107,7 +107,7 @@ struct Shared {
 }
 
 /// What changes when the run restarts.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Attempt {
     number: u32,
     run_id: String,
@@ -139,15 +139,13 @@ pub struct NodeInfo {
 }
 
 impl Shared {
-    fn attempt(&self) -> Attempt {
-        self.attempt
-            .lock()
-            .expect("invariant: no panic under lock")
-            .clone()
+    /// `read` applied to the current attempt (under its lock: `read` must not take it again).
+    fn attempt<R>(&self, read: impl FnOnce(&Attempt) -> R) -> R {
+        read(&self.attempt.lock().expect("invariant: no panic under lock"))
     }
 
     fn node_ranks(&self, node: usize) -> Vec<u32> {
-        let mesh = self.attempt().mesh;
+        let mesh = self.attempt(|a| a.mesh);
         (0..mesh.world_size())
             .filter(|&rank| mesh.node(rank) == node)
             .map(|rank| rank as u32)
@@ -164,7 +162,7 @@ impl Shared {
     }
 
     fn world(&self) -> usize {
-        self.attempt().mesh.world_size()
+        self.attempt(|a| a.mesh.world_size())
     }
 
     fn missing(&self) -> Vec<u32> {
@@ -176,27 +174,28 @@ impl Shared {
 
     fn assignment(&self, rank: u32) -> WorkerAssignment {
         let hellos = self.hellos.lock().expect("invariant: no panic under lock");
-        let attempt = self.attempt();
-        let coord = attempt
-            .mesh
-            .coord(rank as usize)
-            .expect("invariant: registered ranks are in the mesh");
-        WorkerAssignment {
-            rank,
-            world_size: self.world() as u32,
-            coord: Some(Coord {
-                dp: coord.dp_rank as u32,
-                tp: coord.tp_rank as u32,
-                pp: coord.pp_rank as u32,
-            }),
-            peer_addresses: hellos.values().map(|h| h.comm_address.clone()).collect(),
-            config_name: self.spec.config_name.clone(),
-            config_yaml: self.spec.config_yaml.clone(),
-            config_sets: attempt.config_sets,
-            planned_device_bytes: attempt.planned_device_bytes[rank as usize],
-            collective_timeout_ms: self.spec.collective_timeout.as_millis() as u32,
-            run_id: attempt.run_id,
-        }
+        self.attempt(|attempt| {
+            let coord = attempt
+                .mesh
+                .coord(rank as usize)
+                .expect("invariant: registered ranks are in the mesh");
+            WorkerAssignment {
+                rank,
+                world_size: attempt.mesh.world_size() as u32,
+                coord: Some(Coord {
+                    dp: coord.dp_rank as u32,
+                    tp: coord.tp_rank as u32,
+                    pp: coord.pp_rank as u32,
+                }),
+                peer_addresses: hellos.values().map(|h| h.comm_address.clone()).collect(),
+                config_name: self.spec.config_name.clone(),
+                config_yaml: self.spec.config_yaml.clone(),
+                config_sets: attempt.config_sets.clone(),
+                planned_device_bytes: attempt.planned_device_bytes[rank as usize],
+                collective_timeout_ms: self.spec.collective_timeout.as_millis() as u32,
+                run_id: attempt.run_id.clone(),
+            }
+        })
     }
 }
 
@@ -211,7 +210,7 @@ impl Service for Handler {
         request: Request<AgentHello>,
     ) -> Result<Response<AgentAssignment>, Status> {
         let hello = request.into_inner();
-        let mesh = self.shared.attempt().mesh;
+        let mesh = self.shared.attempt(|a| a.mesh);
         let nodes = mesh.nodes();
         let node = {
             let mut agents = self
@@ -249,6 +248,7 @@ impl Service for Handler {
             address: hello.comm_host.clone(),
             ranks: ranks.clone(),
         });
+        let (worker_args, attempt) = self.shared.attempt(|a| (a.worker_args.clone(), a.number));
         Ok(Response::new(AgentAssignment {
             node: node as u32,
             ranks,
@@ -256,8 +256,8 @@ impl Service for Handler {
             heartbeat_ms: self.shared.spec.heartbeat.as_millis() as u32,
             heartbeat_timeout_ms: self.shared.spec.heartbeat_timeout.as_millis() as u32,
             nodes: nodes as u32,
-            worker_args: self.shared.attempt().worker_args,
-            attempt: self.shared.attempt().number,
+            worker_args,
+            attempt,
         }))
     }
 
@@ -346,8 +346,7 @@ impl Service for Handler {
         let mut registered = shared.registered.subscribe();
         let wait = registered.wait_for(|&n| n >= world);
         let remaining = shared
-            .attempt()
-            .deadline
+            .attempt(|a| a.deadline)
             .saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, wait).await {
             Ok(Ok(_)) => Ok(Response::new(shared.assignment(hello.rank))),
@@ -672,7 +671,7 @@ impl Coordinator {
             .expect("invariant: no panic under lock")
             .clear();
         self.shared.nccl_ids.send_replace(BTreeMap::new());
-        let mesh = self.shared.attempt().mesh;
+        let mesh = self.shared.attempt(|a| a.mesh);
         let agents = self
             .shared
             .agents
