@@ -19,7 +19,7 @@ use crate::agent::{Worker, WorkerSpec, describe_status};
 use crate::cli::AgentArgs;
 use crate::exit::Failure;
 use crate::progress::Progress;
-use crate::run::{GRACE, POLL, SIGNALS, catch_signals};
+use crate::run::{GRACE, POLL, SIGNALS, catch_signals, token_from_env};
 
 /// What the lifeline to the coordinator tells the main thread.
 enum Lifeline {
@@ -31,14 +31,9 @@ enum Lifeline {
 
 /// Runs this node's share of the job until its workers have exited.
 pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
-    let token = match std::env::var("TESSERA_TOKEN") {
-        Ok(token) if !token.is_empty() => token,
-        _ => {
-            return Err(Failure::usage(
-                "set TESSERA_TOKEN to the secret the head node's `launch` was started with",
-            ));
-        }
-    };
+    let token = token_from_env(
+        "set TESSERA_TOKEN to the secret the head node's `launch` was started with",
+    )?;
     catch_signals()?;
     let patience = Duration::from_secs(args.wait.max(1));
     let comm_host = match &args.host {

@@ -86,7 +86,6 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
 /// from the newest checkpoint after a failure up to `restart.max` times.
 pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     let config = &loaded.config;
-    let world = config.parallel.world_size();
     // Validated before anything starts.
     let hosts = hostfile::read(config)?;
     let cluster = config.cluster.nodes > 1 || options.listen.is_some() || hosts.is_some();
@@ -103,7 +102,10 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
         mesh: Mesh::from_config(config),
     };
     let token = if cluster {
-        cluster_token()?
+        token_from_env(
+            "a run across nodes needs a secret shared with its node agents: set TESSERA_TOKEN to \
+             the same value here and on every node (e.g. export TESSERA_TOKEN=$(openssl rand -hex 16))",
+        )?
     } else {
         random_hex(16)?
     };
@@ -194,11 +196,11 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
         1 => " after 1 restart".into(),
         n => format!(" after {n} restarts"),
     };
+    // After a restart on fewer nodes, the layout it finished with.
+    let world = layout.mesh.world_size();
     println!(
         "done: {steps} steps on {world} rank{}{restarted}",
-        if world == 1 { "" } else { "s" },
-        // After a restart on fewer nodes, the layout it finished with.
-        world = layout.mesh.world_size()
+        if world == 1 { "" } else { "s" }
     );
     Ok(())
 }
@@ -332,14 +334,12 @@ fn worker_args(options: &RunOptions, fresh: bool) -> anyhow::Result<Vec<String>>
     Ok(args)
 }
 
-/// The secret every node of a cluster run shares.
-fn cluster_token() -> Result<String, Failure> {
+/// The secret every node of a run across nodes shares, from TESSERA_TOKEN; `missing` says
+/// what to do when it is unset or empty.
+pub(crate) fn token_from_env(missing: &str) -> Result<String, Failure> {
     match std::env::var("TESSERA_TOKEN") {
         Ok(token) if !token.is_empty() => Ok(token),
-        _ => Err(Failure::usage(
-            "a run across nodes needs a secret shared with its node agents: set TESSERA_TOKEN to \
-             the same value here and on every node (e.g. export TESSERA_TOKEN=$(openssl rand -hex 16))",
-        )),
+        _ => Err(Failure::usage(missing)),
     }
 }
 
@@ -396,9 +396,8 @@ fn cluster_attempt(
             head.attempt = head
                 .coordinator
                 .restart(spec.run_id, spec.worker_args, reshape);
-            let gone: Vec<String> = head
-                .coordinator
-                .nodes()
+            // Without a reshape the lost nodes keep their slots, waiting for replacements.
+            let gone: Vec<String> = nodes_now
                 .iter()
                 .filter(|n| n.lost)
                 .map(|n| format!("node {} ({}, {})", n.node, n.hostname, n.address))
@@ -414,6 +413,7 @@ fn cluster_attempt(
             head
         }
         None => {
+            let token = spec.token.clone();
             let (events, received) = mpsc::channel();
             let listen = options.listen.unwrap_or(DEFAULT_LISTEN.into());
             let coordinator =
@@ -446,7 +446,6 @@ fn cluster_attempt(
                         "starting the agents of {} hosts over ssh (coordinator at {address})",
                         hosts.len()
                     ));
-                    let token = std::env::var("TESSERA_TOKEN").unwrap_or_default();
                     Some(RemoteAgents::start(hosts, &address, &token, progress)?)
                 }
                 None => None,
@@ -485,10 +484,6 @@ fn cluster_supervise(
     // replacements.
     for node in fleet.silent_nodes() {
         head.coordinator.mark_lost(node);
-    }
-    if outcome.is_ok() {
-        // Let the agents see their last workers' exits acknowledged before the server goes.
-        std::thread::sleep(POLL * 5);
     }
     outcome.map(|steps| (steps, measured))
 }
