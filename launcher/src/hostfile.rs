@@ -149,9 +149,9 @@ impl RemoteAgents {
 
 impl Drop for RemoteAgents {
     fn drop(&mut self) {
+        // Agents exit once the run ends; give them all one moment before cutting the sessions.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         for session in &mut self.sessions {
-            // Agents exit once the run ends; give them a moment before cutting the session.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
             while std::time::Instant::now() < deadline {
                 if session.try_wait().ok().flatten().is_some() {
                     break;

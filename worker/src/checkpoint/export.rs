@@ -43,6 +43,25 @@ pub enum State {
 }
 
 impl State {
+    /// Whether `written` keeps this state at all (master weights only with mixed precision or
+    /// optimizer offload).
+    fn kept(self, written: &Config) -> bool {
+        self != State::Master
+            || written.training.precision.has_master_weights()
+            || written.parallel.offload.optimizer
+    }
+
+    /// Whether `written` sharded this state's flat buffers over the data-parallel group (the
+    /// optimizer states from ZeRO 1 on, the parameters under ZeRO 3).
+    fn sharded(self, written: &Config) -> bool {
+        let parallel = &written.parallel;
+        parallel.data > 1
+            && match self {
+                State::Params => parallel.zero == Zero::Parameters,
+                _ => parallel.zero >= Zero::Optimizer,
+            }
+    }
+
     /// The prefix of its tensors in checkpoint files (none for parameters).
     fn prefix(self) -> &'static str {
         match self {
@@ -172,12 +191,10 @@ pub fn tensor_maps(written: &Config) -> Vec<TensorMap> {
     let mesh = Mesh::from_config(written);
     let shape = ModelShape::new(&written.model, parallel.tensor);
     let dp = parallel.data;
-    let has_master = written.training.precision.has_master_weights() || parallel.offload.optimizer;
-    let mut states = vec![State::Params];
-    if has_master {
-        states.push(State::Master);
-    }
-    states.extend([State::AdamM, State::AdamV]);
+    let states: Vec<State> = [State::Params, State::Master, State::AdamM, State::AdamV]
+        .into_iter()
+        .filter(|state| state.kept(written))
+        .collect();
     let mut maps: BTreeMap<String, TensorMap> = BTreeMap::new();
     for unit in unit_shards(written) {
         let file_of = |dp_rank| {
@@ -190,12 +207,7 @@ pub fn tensor_maps(written: &Config) -> Vec<TensorMap> {
         for (placed, global_name) in &unit.params {
             let mut locations = BTreeMap::new();
             for &state in &states {
-                let sharded = dp > 1
-                    && match state {
-                        State::Params => parallel.zero == Zero::Parameters,
-                        _ => parallel.zero >= Zero::Optimizer,
-                    };
-                let location = if sharded {
+                let location = if state.sharded(written) {
                     Location::Flat {
                         files: (0..dp).map(file_of).collect(),
                         key: format!("{}.{}", state.prefix(), unit.name),
@@ -281,15 +293,8 @@ impl Files {
         let mesh = Mesh::from_config(written);
         let shape = ModelShape::new(&written.model, parallel.tensor);
         let dp = parallel.data;
-        // Which buffers the writer sharded over the data-parallel group.
-        let sharded = dp > 1
-            && match state {
-                State::Params => parallel.zero == Zero::Parameters,
-                _ => parallel.zero >= Zero::Optimizer,
-            };
-        let has_master =
-            written.training.precision.has_master_weights() || parallel.offload.optimizer;
-        if state == State::Master && !has_master {
+        let sharded = state.sharded(written);
+        if !state.kept(written) {
             return Ok(None);
         }
         let files: BTreeMap<usize, SafeTensors> = self
