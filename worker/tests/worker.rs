@@ -307,18 +307,25 @@ fn bad_config_input_exits_2_without_a_panic() {
     assert!(!stderr(&output).contains("panicked"));
 }
 
-#[test]
-fn resuming_with_a_different_model_is_refused() {
-    let scratch = Scratch::new("mismatch");
-    let dir = format!("checkpoint.dir={}", scratch.path("ckpt").display());
+/// One rank of a 2-layer model, 2 steps, a checkpoint after each, into `dir` (a
+/// `checkpoint.dir=...` setting).
+fn checkpointing_every_step(dir: &str) -> Vec<&str> {
     let mut sets = ONE_RANK.to_vec();
     sets.extend([
         "model.layers=2",
         "training.steps=2",
         "training.global_batch=2",
         "checkpoint.every=1",
-        &dir,
+        dir,
     ]);
+    sets
+}
+
+#[test]
+fn resuming_with_a_different_model_is_refused() {
+    let scratch = Scratch::new("mismatch");
+    let dir = format!("checkpoint.dir={}", scratch.path("ckpt").display());
+    let mut sets = checkpointing_every_step(&dir);
     let config = repo("configs/tiny-cpu.yaml");
     assert!(run(worker(&config, &sets, &[])).status.success());
     sets.push("model.hidden=64");
@@ -335,14 +342,7 @@ fn resuming_with_a_different_model_is_refused() {
 fn a_manifest_with_an_impossible_layout_is_refused() {
     let scratch = Scratch::new("bad-layout");
     let dir = format!("checkpoint.dir={}", scratch.path("ckpt").display());
-    let mut sets = ONE_RANK.to_vec();
-    sets.extend([
-        "model.layers=2",
-        "training.steps=2",
-        "training.global_batch=2",
-        "checkpoint.every=1",
-        &dir,
-    ]);
+    let sets = checkpointing_every_step(&dir);
     let config = repo("configs/tiny-cpu.yaml");
     assert!(
         run(worker(&config, &sets, &["--until-step", "1"]))
