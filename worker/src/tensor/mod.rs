@@ -15,6 +15,7 @@
 //! - An output never overlaps an input unless the method says it is in place.
 //! - Results are deterministic: the same inputs give the same bits, whatever the thread count.
 
+pub mod check;
 pub mod cpu;
 
 use half::{bf16, f16};

@@ -14,6 +14,7 @@ use tessera_plan::memory::{Dtype, Place};
 
 use crate::comm::{CommBuf, Memory};
 use crate::error::{Error, Result};
+use crate::tensor::check::{self, Checks};
 use crate::tensor::{AdamW, Backend, Dims, Elem, Linear, Tensor};
 
 /// The arenas of one CPU rank.
@@ -67,6 +68,13 @@ impl CpuBackend {
         self.arena(place).words.as_ptr() as *mut u8
     }
 
+    fn checks(&self) -> Checks {
+        Checks {
+            device: self.device.bytes,
+            host: self.host.bytes,
+        }
+    }
+
     /// Checks a handle against its arena, its expected dtype and length.
     fn check(
         &self,
@@ -76,29 +84,7 @@ impl CpuBackend {
         dtype: Dtype,
         len: usize,
     ) -> Result<()> {
-        if t.dtype != dtype {
-            return Err(Error::Dtype {
-                op,
-                tensor: name,
-                expected: dtype,
-                got: t.dtype,
-            });
-        }
-        if t.len != len {
-            return Err(Error::Shape {
-                op,
-                tensor: name,
-                expected: len,
-                got: t.len,
-                dtype,
-            });
-        }
-        let arena = self.arena(t.place);
-        assert!(
-            t.offset + t.bytes() <= arena.bytes && t.offset.is_multiple_of(dtype.size() as usize),
-            "invariant: handles come from this backend's arena layout"
-        );
-        Ok(())
+        self.checks().tensor(op, name, t, dtype, len)
     }
 
     /// # Safety
@@ -115,26 +101,6 @@ impl CpuBackend {
         // SAFETY: in bounds and aligned (checked); exclusive (caller, via `disjoint`).
         unsafe { std::slice::from_raw_parts_mut(self.base(t.place).add(t.offset) as *mut E, t.len) }
     }
-}
-
-/// Fails when an output overlaps any other argument of the same call.
-fn disjoint(
-    op: &'static str,
-    outputs: &[(&'static str, Tensor)],
-    inputs: &[(&'static str, Tensor)],
-) -> Result<()> {
-    for (i, &(name, out)) in outputs.iter().enumerate() {
-        for &(other, t) in outputs[i + 1..].iter().chain(inputs) {
-            if out.overlaps(t) {
-                return Err(Error::Overlap {
-                    op,
-                    output: name,
-                    other,
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Runs `$body` with `$E` bound to the storage type of `$dtype`.
@@ -164,8 +130,6 @@ macro_rules! with_elem {
         }
     };
 }
-
-const F32: Dtype = Dtype::F32;
 
 impl Backend for CpuBackend {
     fn arena_bytes(&self, place: Place) -> usize {
@@ -262,9 +226,7 @@ impl Backend for CpuBackend {
     }
 
     fn copy(&mut self, dst: Tensor, src: Tensor) -> Result<()> {
-        self.check("copy", "src", src, src.dtype, dst.len)?;
-        self.check("copy", "dst", dst, dst.dtype, dst.len)?;
-        disjoint("copy", &[("dst", dst)], &[("src", src)])?;
+        self.checks().copy(dst, src)?;
         with_elem!("copy", src.dtype, S => {
             with_elem!("copy", dst.dtype, D => {
                 // SAFETY: both checked and disjoint.
@@ -289,9 +251,8 @@ impl Backend for CpuBackend {
     }
 
     fn add(&mut self, dst: Tensor, src: Tensor) -> Result<()> {
-        let (op, dt, n) = ("add", dst.dtype, dst.len);
-        self.check(op, "src", src, dt, n)?;
-        disjoint(op, &[("dst", dst)], &[("src", src)])?;
+        let (op, dt) = ("add", dst.dtype);
+        self.checks().add(dst, src)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
             let (d, s) = unsafe { (self.slice_mut::<E>(dst), self.slice::<E>(src)) };
@@ -303,11 +264,8 @@ impl Backend for CpuBackend {
     }
 
     fn residual_fwd(&mut self, out: Tensor, a: Tensor, b: Tensor) -> Result<()> {
-        let (op, dt, n) = ("residual_fwd", out.dtype, out.len);
-        self.check(op, "out", out, dt, n)?;
-        self.check(op, "a", a, dt, n)?;
-        self.check(op, "b", b, dt, n)?;
-        disjoint(op, &[("out", out)], &[("a", a), ("b", b)])?;
+        let (op, dt) = ("residual_fwd", out.dtype);
+        self.checks().residual_fwd(out, a, b)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
             let (o, a, b) = unsafe { (self.slice_mut::<E>(out), self.slice::<E>(a), self.slice::<E>(b)) };
@@ -326,16 +284,8 @@ impl Backend for CpuBackend {
         wpe: Option<Tensor>,
         dims: Dims,
     ) -> Result<()> {
-        let (op, dt, n) = ("embedding_fwd", out.dtype, dims.tokens());
-        self.check(op, "out", out, dt, n * dims.c)?;
-        self.check(op, "tokens", tokens, Dtype::I32, n)?;
-        self.check(op, "wte", wte, dt, dims.vp * dims.c)?;
-        let mut inputs = vec![("tokens", tokens), ("wte", wte)];
-        if let Some(wpe) = wpe {
-            self.check(op, "wpe", wpe, dt, dims.t * dims.c)?;
-            inputs.push(("wpe", wpe));
-        }
-        disjoint(op, &[("out", out)], &inputs)?;
+        let (op, dt) = ("embedding_fwd", out.dtype);
+        self.checks().embedding_fwd(out, tokens, wte, wpe, dims)?;
         let tokens = self.tokens(op, tokens, dims.v)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
@@ -356,16 +306,8 @@ impl Backend for CpuBackend {
         tokens: Tensor,
         dims: Dims,
     ) -> Result<()> {
-        let (op, dt, n) = ("embedding_bwd", dout.dtype, dims.tokens());
-        self.check(op, "dwte", dwte, dt, dims.vp * dims.c)?;
-        let mut outputs = vec![("dwte", dwte)];
-        if let Some(dwpe) = dwpe {
-            self.check(op, "dwpe", dwpe, dt, dims.t * dims.c)?;
-            outputs.push(("dwpe", dwpe));
-        }
-        self.check(op, "dout", dout, dt, n * dims.c)?;
-        self.check(op, "tokens", tokens, Dtype::I32, n)?;
-        disjoint(op, &outputs, &[("dout", dout), ("tokens", tokens)])?;
+        let (op, dt) = ("embedding_bwd", dout.dtype);
+        self.checks().embedding_bwd(dwte, dwpe, dout, tokens, dims)?;
         let tokens = self.tokens(op, tokens, dims.v)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
@@ -390,17 +332,8 @@ impl Backend for CpuBackend {
         c: usize,
     ) -> Result<()> {
         let (op, dt) = ("layernorm_fwd", out.dtype);
-        self.check(op, "out", out, dt, rows * c)?;
-        self.check(op, "mean", mean, F32, rows)?;
-        self.check(op, "rstd", rstd, F32, rows)?;
-        self.check(op, "inp", inp, dt, rows * c)?;
-        self.check(op, "weight", weight, dt, c)?;
-        self.check(op, "bias", bias, dt, c)?;
-        disjoint(
-            op,
-            &[("out", out), ("mean", mean), ("rstd", rstd)],
-            &[("inp", inp), ("weight", weight), ("bias", bias)],
-        )?;
+        self.checks()
+            .layernorm_fwd(out, mean, rstd, inp, weight, bias, rows, c)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
             unsafe {
@@ -427,24 +360,8 @@ impl Backend for CpuBackend {
         c: usize,
     ) -> Result<()> {
         let (op, dt) = ("layernorm_bwd", dout.dtype);
-        self.check(op, "dinp", dinp, dt, rows * c)?;
-        self.check(op, "dweight", dweight, dt, c)?;
-        self.check(op, "dbias", dbias, dt, c)?;
-        self.check(op, "dout", dout, dt, rows * c)?;
-        self.check(op, "inp", inp, dt, rows * c)?;
-        self.check(op, "weight", weight, dt, c)?;
-        self.check(op, "mean", mean, F32, rows)?;
-        self.check(op, "rstd", rstd, F32, rows)?;
-        disjoint(
-            op,
-            &[("dinp", dinp), ("dweight", dweight), ("dbias", dbias)],
-            &[
-                ("dout", dout),
-                ("inp", inp),
-                ("weight", weight),
-                ("mean", mean),
-                ("rstd", rstd),
-            ],
+        self.checks().layernorm_bwd(
+            dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, c,
         )?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
@@ -468,15 +385,7 @@ impl Backend for CpuBackend {
         shape: Linear,
     ) -> Result<()> {
         let (op, dt) = ("matmul_fwd", out.dtype);
-        self.check(op, "out", out, dt, shape.rows * shape.out)?;
-        self.check(op, "inp", inp, dt, shape.rows * shape.inp)?;
-        self.check(op, "weight", weight, dt, shape.out * shape.inp)?;
-        let mut inputs = vec![("inp", inp), ("weight", weight)];
-        if let Some(bias) = bias {
-            self.check(op, "bias", bias, dt, shape.out)?;
-            inputs.push(("bias", bias));
-        }
-        disjoint(op, &[("out", out)], &inputs)?;
+        self.checks().matmul_fwd(out, inp, weight, bias, shape)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
             unsafe {
@@ -500,24 +409,8 @@ impl Backend for CpuBackend {
         shape: Linear,
     ) -> Result<()> {
         let (op, dt) = ("matmul_bwd", dout.dtype);
-        self.check(op, "dweight", dweight, dt, shape.out * shape.inp)?;
-        self.check(op, "dout", dout, dt, shape.rows * shape.out)?;
-        self.check(op, "inp", inp, dt, shape.rows * shape.inp)?;
-        self.check(op, "weight", weight, dt, shape.out * shape.inp)?;
-        let mut outputs = vec![("dweight", dweight)];
-        if let Some(dinp) = dinp {
-            self.check(op, "dinp", dinp, dt, shape.rows * shape.inp)?;
-            outputs.push(("dinp", dinp));
-        }
-        if let Some(dbias) = dbias {
-            self.check(op, "dbias", dbias, dt, shape.out)?;
-            outputs.push(("dbias", dbias));
-        }
-        disjoint(
-            op,
-            &outputs,
-            &[("dout", dout), ("inp", inp), ("weight", weight)],
-        )?;
+        self.checks()
+            .matmul_bwd(dinp, dweight, dbias, dout, inp, weight, shape)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
             unsafe {
@@ -532,13 +425,9 @@ impl Backend for CpuBackend {
     }
 
     fn attention_fwd(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, dims: Dims) -> Result<()> {
-        let (op, dt, n) = ("attention_fwd", out.dtype, dims.tokens());
-        let width = dims.nh * dims.hs;
-        self.head_size(op, dims)?;
-        self.check(op, "out", out, dt, n * width)?;
-        self.check(op, "lse", lse, F32, n * dims.nh)?;
-        self.check(op, "qkv", qkv, dt, n * 3 * width)?;
-        disjoint(op, &[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
+        let (op, dt) = ("attention_fwd", out.dtype);
+        check::head_size(op, dims, attention::MAX_HEAD_SIZE, "CPU")?;
+        self.checks().attention_fwd(out, lse, qkv, dims)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
             unsafe { attention::attention_fwd::<E>(self.slice_mut(out), self.slice_mut(lse), self.slice(qkv), dims) }
@@ -556,20 +445,10 @@ impl Backend for CpuBackend {
         lse: Tensor,
         dims: Dims,
     ) -> Result<()> {
-        let (op, dt, n) = ("attention_bwd", dout.dtype, dims.tokens());
-        let width = dims.nh * dims.hs;
-        self.head_size(op, dims)?;
-        self.check(op, "dqkv", dqkv, dt, n * 3 * width)?;
-        self.check(op, "delta", delta, F32, n * dims.nh)?;
-        self.check(op, "dout", dout, dt, n * width)?;
-        self.check(op, "qkv", qkv, dt, n * 3 * width)?;
-        self.check(op, "out", out, dt, n * width)?;
-        self.check(op, "lse", lse, F32, n * dims.nh)?;
-        disjoint(
-            op,
-            &[("dqkv", dqkv), ("delta", delta)],
-            &[("dout", dout), ("qkv", qkv), ("out", out), ("lse", lse)],
-        )?;
+        let (op, dt) = ("attention_bwd", dout.dtype);
+        check::head_size(op, dims, attention::MAX_HEAD_SIZE, "CPU")?;
+        self.checks()
+            .attention_bwd(dqkv, delta, dout, qkv, out, lse, dims)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
             unsafe {
@@ -584,9 +463,7 @@ impl Backend for CpuBackend {
 
     fn gelu_fwd(&mut self, out: Tensor, inp: Tensor) -> Result<()> {
         let (op, dt) = ("gelu_fwd", out.dtype);
-        self.check(op, "out", out, dt, inp.len)?;
-        self.check(op, "inp", inp, dt, inp.len)?;
-        disjoint(op, &[("out", out)], &[("inp", inp)])?;
+        self.checks().gelu(op, ("out", out), inp)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
             unsafe { ops::gelu_fwd::<E>(self.slice_mut(out), self.slice(inp)) }
@@ -596,9 +473,7 @@ impl Backend for CpuBackend {
 
     fn gelu_bwd(&mut self, dinout: Tensor, inp: Tensor) -> Result<()> {
         let (op, dt) = ("gelu_bwd", dinout.dtype);
-        self.check(op, "dinout", dinout, dt, inp.len)?;
-        self.check(op, "inp", inp, dt, inp.len)?;
-        disjoint(op, &[("dinout", dinout)], &[("inp", inp)])?;
+        self.checks().gelu(op, ("dinout", dinout), inp)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
             unsafe { ops::gelu_bwd::<E>(self.slice_mut(dinout), self.slice(inp)) }
@@ -617,23 +492,8 @@ impl Backend for CpuBackend {
         dims: Dims,
     ) -> Result<()> {
         let op = "crossentropy_fwd_bwd";
-        if dims.vocab_start != 0 || dims.vp < dims.v {
-            return Err(Error::Unsupported {
-                what: format!("{op}: the logits hold a shard of the vocabulary"),
-                help: "use crossentropy_max, crossentropy_sumexp and crossentropy_finish".into(),
-            });
-        }
-        self.check_crossentropy(op, logits, losses, max, sumexp, targets, dims)?;
-        disjoint(
-            op,
-            &[
-                ("logits", logits),
-                ("losses", losses),
-                ("max", max),
-                ("sumexp", sumexp),
-            ],
-            &[("targets", targets)],
-        )?;
+        self.checks()
+            .crossentropy_fwd_bwd(logits, losses, max, sumexp, targets, dims)?;
         let targets = self.tokens(op, targets, dims.v)?;
         with_elem!(op, logits.dtype, E => {
             // SAFETY: checked and disjoint.
@@ -649,10 +509,7 @@ impl Backend for CpuBackend {
 
     fn crossentropy_max(&mut self, logits: Tensor, max: Tensor, dims: Dims) -> Result<()> {
         let op = "crossentropy_max";
-        let rows = max.len;
-        self.check(op, "logits", logits, logits.dtype, rows * dims.vp)?;
-        self.check(op, "max", max, F32, rows)?;
-        disjoint(op, &[("max", max)], &[("logits", logits)])?;
+        self.checks().crossentropy_max(logits, max, dims)?;
         with_elem!(op, logits.dtype, E => {
             // SAFETY: checked and disjoint.
             unsafe { ops::crossentropy_max::<E>(self.slice(logits), self.slice_mut(max), dims) }
@@ -670,12 +527,8 @@ impl Backend for CpuBackend {
         dims: Dims,
     ) -> Result<()> {
         let op = "crossentropy_sumexp";
-        self.check_crossentropy(op, logits, losses, max, sumexp, targets, dims)?;
-        disjoint(
-            op,
-            &[("losses", losses), ("sumexp", sumexp)],
-            &[("logits", logits), ("max", max), ("targets", targets)],
-        )?;
+        self.checks()
+            .crossentropy_sumexp(logits, losses, max, sumexp, targets, dims)?;
         let targets = self.tokens(op, targets, dims.v)?;
         with_elem!(op, logits.dtype, E => {
             // SAFETY: checked and disjoint.
@@ -700,12 +553,8 @@ impl Backend for CpuBackend {
         dims: Dims,
     ) -> Result<()> {
         let op = "crossentropy_finish";
-        self.check_crossentropy(op, logits, losses, max, sumexp, targets, dims)?;
-        disjoint(
-            op,
-            &[("logits", logits), ("losses", losses)],
-            &[("max", max), ("sumexp", sumexp), ("targets", targets)],
-        )?;
+        self.checks()
+            .crossentropy_finish(logits, losses, max, sumexp, targets, dims)?;
         let targets = self.tokens(op, targets, dims.v)?;
         with_elem!(op, logits.dtype, E => {
             // SAFETY: checked and disjoint.
@@ -721,9 +570,7 @@ impl Backend for CpuBackend {
 
     fn sum_squares(&mut self, grads: Tensor, partials: Tensor) -> Result<f64> {
         let op = "sum_squares";
-        self.check(op, "grads", grads, grads.dtype, grads.len)?;
-        self.check(op, "partials", partials, F32, partials.len)?;
-        disjoint(op, &[("partials", partials)], &[("grads", grads)])?;
+        self.checks().sum_squares(grads, partials)?;
         Ok(with_elem!(op, grads.dtype, E => {
             // SAFETY: checked and disjoint.
             unsafe { ops::sum_squares::<E>(self.slice(grads), self.slice_mut(partials)) }
@@ -739,26 +586,8 @@ impl Backend for CpuBackend {
         grad: Option<Tensor>,
         hyper: AdamW,
     ) -> Result<()> {
-        let (op, dt, n) = ("adamw", param.dtype, param.len);
-        self.check(op, "param", param, dt, n)?;
-        self.check(op, "m", m, F32, n)?;
-        self.check(op, "v", v, F32, n)?;
-        let mut outputs = vec![("param", param), ("m", m), ("v", v)];
-        if let Some(master) = master {
-            self.check(op, "master", master, F32, n)?;
-            outputs.push(("master", master));
-        } else if grad.is_none() {
-            return Err(Error::Unsupported {
-                what: "adamw: a gradient read from the parameters needs master weights".into(),
-                help: "this is a bug in tessera; please report it with your config".into(),
-            });
-        }
-        let mut inputs = Vec::new();
-        if let Some(grad) = grad {
-            self.check(op, "grad", grad, dt, n)?;
-            inputs.push(("grad", grad));
-        }
-        disjoint(op, &outputs, &inputs)?;
+        let (op, dt) = ("adamw", param.dtype);
+        self.checks().adamw(param, master, m, v, grad)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
             unsafe {
@@ -773,26 +602,6 @@ impl Backend for CpuBackend {
 }
 
 impl CpuBackend {
-    /// Checks the buffers of a cross-entropy over one chunk of `losses.len` rows.
-    #[allow(clippy::too_many_arguments)]
-    fn check_crossentropy(
-        &self,
-        op: &'static str,
-        logits: Tensor,
-        losses: Tensor,
-        max: Tensor,
-        sumexp: Tensor,
-        targets: Tensor,
-        dims: Dims,
-    ) -> Result<()> {
-        let rows = losses.len;
-        self.check(op, "logits", logits, logits.dtype, rows * dims.vp)?;
-        self.check(op, "losses", losses, F32, rows)?;
-        self.check(op, "max", max, F32, rows)?;
-        self.check(op, "sumexp", sumexp, F32, rows)?;
-        self.check(op, "targets", targets, Dtype::I32, rows)
-    }
-
     /// The token ids of an i32 tensor, checked to be below `limit` (a corrupt id would index
     /// out of the embedding).
     fn tokens(&self, op: &'static str, t: Tensor, limit: usize) -> Result<&[i32]> {
@@ -805,19 +614,5 @@ impl CpuBackend {
             });
         }
         Ok(ids)
-    }
-
-    fn head_size(&self, op: &'static str, dims: Dims) -> Result<()> {
-        if dims.hs > attention::MAX_HEAD_SIZE {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "{op}: head size {} is larger than the CPU kernels' {}",
-                    dims.hs,
-                    attention::MAX_HEAD_SIZE
-                ),
-                help: "use more attention heads (model.heads) for this hidden size".into(),
-            });
-        }
-        Ok(())
     }
 }

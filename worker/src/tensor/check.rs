@@ -1,0 +1,444 @@
+//! What every backend checks before it runs an op: each handle's dtype and length for the op's
+//! sizes, that it lies inside its arena, and that no output overlaps another argument. Written
+//! once here so that the CPU and CUDA backends refuse the same calls with the same errors.
+
+use tessera_plan::memory::{Dtype, Place};
+
+use crate::error::{Error, Result};
+use crate::tensor::{Dims, Linear, Tensor};
+
+const F32: Dtype = Dtype::F32;
+
+/// The sizes of a backend's two arenas, against which handles are checked.
+#[derive(Debug, Clone, Copy)]
+pub struct Checks {
+    pub device: usize,
+    pub host: usize,
+}
+
+/// Fails when an output overlaps any other argument of the same call.
+pub fn disjoint(
+    op: &'static str,
+    outputs: &[(&'static str, Tensor)],
+    inputs: &[(&'static str, Tensor)],
+) -> Result<()> {
+    for (i, &(name, out)) in outputs.iter().enumerate() {
+        for &(other, t) in outputs[i + 1..].iter().chain(inputs) {
+            if out.overlaps(t) {
+                return Err(Error::Overlap {
+                    op,
+                    output: name,
+                    other,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fails when the head size is above what a backend's attention kernels hold.
+pub fn head_size(op: &'static str, dims: Dims, max: usize, backend: &str) -> Result<()> {
+    if dims.hs > max {
+        return Err(Error::Unsupported {
+            what: format!(
+                "{op}: head size {} is larger than the {backend} kernels' {max}",
+                dims.hs
+            ),
+            help: "use more attention heads (model.heads) for this hidden size".into(),
+        });
+    }
+    Ok(())
+}
+
+impl Checks {
+    fn arena(&self, place: Place) -> usize {
+        match place {
+            Place::Device => self.device,
+            Place::Host => self.host,
+        }
+    }
+
+    /// Checks a handle against its arena, its expected dtype and length.
+    pub fn tensor(
+        &self,
+        op: &'static str,
+        name: &'static str,
+        t: Tensor,
+        dtype: Dtype,
+        len: usize,
+    ) -> Result<()> {
+        if t.dtype != dtype {
+            return Err(Error::Dtype {
+                op,
+                tensor: name,
+                expected: dtype,
+                got: t.dtype,
+            });
+        }
+        if t.len != len {
+            return Err(Error::Shape {
+                op,
+                tensor: name,
+                expected: len,
+                got: t.len,
+                dtype,
+            });
+        }
+        assert!(
+            t.offset + t.bytes() <= self.arena(t.place)
+                && t.offset.is_multiple_of(dtype.size() as usize),
+            "invariant: handles come from this backend's arena layout"
+        );
+        Ok(())
+    }
+
+    pub fn copy(&self, dst: Tensor, src: Tensor) -> Result<()> {
+        self.tensor("copy", "src", src, src.dtype, dst.len)?;
+        self.tensor("copy", "dst", dst, dst.dtype, dst.len)?;
+        disjoint("copy", &[("dst", dst)], &[("src", src)])
+    }
+
+    pub fn add(&self, dst: Tensor, src: Tensor) -> Result<()> {
+        let (op, dt, n) = ("add", dst.dtype, dst.len);
+        self.tensor(op, "dst", dst, dt, n)?;
+        self.tensor(op, "src", src, dt, n)?;
+        disjoint(op, &[("dst", dst)], &[("src", src)])
+    }
+
+    pub fn residual_fwd(&self, out: Tensor, a: Tensor, b: Tensor) -> Result<()> {
+        let (op, dt, n) = ("residual_fwd", out.dtype, out.len);
+        self.tensor(op, "out", out, dt, n)?;
+        self.tensor(op, "a", a, dt, n)?;
+        self.tensor(op, "b", b, dt, n)?;
+        disjoint(op, &[("out", out)], &[("a", a), ("b", b)])
+    }
+
+    pub fn embedding_fwd(
+        &self,
+        out: Tensor,
+        tokens: Tensor,
+        wte: Tensor,
+        wpe: Option<Tensor>,
+        dims: Dims,
+    ) -> Result<()> {
+        let (op, dt, n) = ("embedding_fwd", out.dtype, dims.tokens());
+        self.tensor(op, "out", out, dt, n * dims.c)?;
+        self.tensor(op, "tokens", tokens, Dtype::I32, n)?;
+        self.tensor(op, "wte", wte, dt, dims.vp * dims.c)?;
+        let mut inputs = vec![("tokens", tokens), ("wte", wte)];
+        if let Some(wpe) = wpe {
+            self.tensor(op, "wpe", wpe, dt, dims.t * dims.c)?;
+            inputs.push(("wpe", wpe));
+        }
+        disjoint(op, &[("out", out)], &inputs)
+    }
+
+    pub fn embedding_bwd(
+        &self,
+        dwte: Tensor,
+        dwpe: Option<Tensor>,
+        dout: Tensor,
+        tokens: Tensor,
+        dims: Dims,
+    ) -> Result<()> {
+        let (op, dt, n) = ("embedding_bwd", dout.dtype, dims.tokens());
+        self.tensor(op, "dwte", dwte, dt, dims.vp * dims.c)?;
+        let mut outputs = vec![("dwte", dwte)];
+        if let Some(dwpe) = dwpe {
+            self.tensor(op, "dwpe", dwpe, dt, dims.t * dims.c)?;
+            outputs.push(("dwpe", dwpe));
+        }
+        self.tensor(op, "dout", dout, dt, n * dims.c)?;
+        self.tensor(op, "tokens", tokens, Dtype::I32, n)?;
+        disjoint(op, &outputs, &[("dout", dout), ("tokens", tokens)])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_fwd(
+        &self,
+        out: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let (op, dt) = ("layernorm_fwd", out.dtype);
+        self.tensor(op, "out", out, dt, rows * c)?;
+        self.tensor(op, "mean", mean, F32, rows)?;
+        self.tensor(op, "rstd", rstd, F32, rows)?;
+        self.tensor(op, "inp", inp, dt, rows * c)?;
+        self.tensor(op, "weight", weight, dt, c)?;
+        self.tensor(op, "bias", bias, dt, c)?;
+        disjoint(
+            op,
+            &[("out", out), ("mean", mean), ("rstd", rstd)],
+            &[("inp", inp), ("weight", weight), ("bias", bias)],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_bwd(
+        &self,
+        dinp: Tensor,
+        dweight: Tensor,
+        dbias: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let (op, dt) = ("layernorm_bwd", dout.dtype);
+        self.tensor(op, "dinp", dinp, dt, rows * c)?;
+        self.tensor(op, "dweight", dweight, dt, c)?;
+        self.tensor(op, "dbias", dbias, dt, c)?;
+        self.tensor(op, "dout", dout, dt, rows * c)?;
+        self.tensor(op, "inp", inp, dt, rows * c)?;
+        self.tensor(op, "weight", weight, dt, c)?;
+        self.tensor(op, "mean", mean, F32, rows)?;
+        self.tensor(op, "rstd", rstd, F32, rows)?;
+        disjoint(
+            op,
+            &[("dinp", dinp), ("dweight", dweight), ("dbias", dbias)],
+            &[
+                ("dout", dout),
+                ("inp", inp),
+                ("weight", weight),
+                ("mean", mean),
+                ("rstd", rstd),
+            ],
+        )
+    }
+
+    pub fn matmul_fwd(
+        &self,
+        out: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        shape: Linear,
+    ) -> Result<()> {
+        let (op, dt) = ("matmul_fwd", out.dtype);
+        self.tensor(op, "out", out, dt, shape.rows * shape.out)?;
+        self.tensor(op, "inp", inp, dt, shape.rows * shape.inp)?;
+        self.tensor(op, "weight", weight, dt, shape.out * shape.inp)?;
+        let mut inputs = vec![("inp", inp), ("weight", weight)];
+        if let Some(bias) = bias {
+            self.tensor(op, "bias", bias, dt, shape.out)?;
+            inputs.push(("bias", bias));
+        }
+        disjoint(op, &[("out", out)], &inputs)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_bwd(
+        &self,
+        dinp: Option<Tensor>,
+        dweight: Tensor,
+        dbias: Option<Tensor>,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        shape: Linear,
+    ) -> Result<()> {
+        let (op, dt) = ("matmul_bwd", dout.dtype);
+        self.tensor(op, "dweight", dweight, dt, shape.out * shape.inp)?;
+        self.tensor(op, "dout", dout, dt, shape.rows * shape.out)?;
+        self.tensor(op, "inp", inp, dt, shape.rows * shape.inp)?;
+        self.tensor(op, "weight", weight, dt, shape.out * shape.inp)?;
+        let mut outputs = vec![("dweight", dweight)];
+        if let Some(dinp) = dinp {
+            self.tensor(op, "dinp", dinp, dt, shape.rows * shape.inp)?;
+            outputs.push(("dinp", dinp));
+        }
+        if let Some(dbias) = dbias {
+            self.tensor(op, "dbias", dbias, dt, shape.out)?;
+            outputs.push(("dbias", dbias));
+        }
+        disjoint(
+            op,
+            &outputs,
+            &[("dout", dout), ("inp", inp), ("weight", weight)],
+        )
+    }
+
+    pub fn attention_fwd(&self, out: Tensor, lse: Tensor, qkv: Tensor, dims: Dims) -> Result<()> {
+        let (op, dt, n) = ("attention_fwd", out.dtype, dims.tokens());
+        let width = dims.nh * dims.hs;
+        self.tensor(op, "out", out, dt, n * width)?;
+        self.tensor(op, "lse", lse, F32, n * dims.nh)?;
+        self.tensor(op, "qkv", qkv, dt, n * 3 * width)?;
+        disjoint(op, &[("out", out), ("lse", lse)], &[("qkv", qkv)])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_bwd(
+        &self,
+        dqkv: Tensor,
+        delta: Tensor,
+        dout: Tensor,
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        dims: Dims,
+    ) -> Result<()> {
+        let (op, dt, n) = ("attention_bwd", dout.dtype, dims.tokens());
+        let width = dims.nh * dims.hs;
+        self.tensor(op, "dqkv", dqkv, dt, n * 3 * width)?;
+        self.tensor(op, "delta", delta, F32, n * dims.nh)?;
+        self.tensor(op, "dout", dout, dt, n * width)?;
+        self.tensor(op, "qkv", qkv, dt, n * 3 * width)?;
+        self.tensor(op, "out", out, dt, n * width)?;
+        self.tensor(op, "lse", lse, F32, n * dims.nh)?;
+        disjoint(
+            op,
+            &[("dqkv", dqkv), ("delta", delta)],
+            &[("dout", dout), ("qkv", qkv), ("out", out), ("lse", lse)],
+        )
+    }
+
+    /// `gelu_fwd` (`out`, `inp`) and `gelu_bwd` (`dinout`, `inp`).
+    pub fn gelu(&self, op: &'static str, out: (&'static str, Tensor), inp: Tensor) -> Result<()> {
+        let (name, out) = out;
+        self.tensor(op, name, out, out.dtype, inp.len)?;
+        self.tensor(op, "inp", inp, out.dtype, inp.len)?;
+        disjoint(op, &[(name, out)], &[("inp", inp)])
+    }
+
+    /// The buffers of a cross-entropy over one chunk of `losses.len` rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn crossentropy(
+        &self,
+        op: &'static str,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dims: Dims,
+    ) -> Result<()> {
+        let rows = losses.len;
+        self.tensor(op, "logits", logits, logits.dtype, rows * dims.vp)?;
+        self.tensor(op, "losses", losses, F32, rows)?;
+        self.tensor(op, "max", max, F32, rows)?;
+        self.tensor(op, "sumexp", sumexp, F32, rows)?;
+        self.tensor(op, "targets", targets, Dtype::I32, rows)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn crossentropy_fwd_bwd(
+        &self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dims: Dims,
+    ) -> Result<()> {
+        let op = "crossentropy_fwd_bwd";
+        if dims.vocab_start != 0 || dims.vp < dims.v {
+            return Err(Error::Unsupported {
+                what: format!("{op}: the logits hold a shard of the vocabulary"),
+                help: "use crossentropy_max, crossentropy_sumexp and crossentropy_finish".into(),
+            });
+        }
+        self.crossentropy(op, logits, losses, max, sumexp, targets, dims)?;
+        disjoint(
+            op,
+            &[
+                ("logits", logits),
+                ("losses", losses),
+                ("max", max),
+                ("sumexp", sumexp),
+            ],
+            &[("targets", targets)],
+        )
+    }
+
+    pub fn crossentropy_max(&self, logits: Tensor, max: Tensor, dims: Dims) -> Result<()> {
+        let op = "crossentropy_max";
+        let rows = max.len;
+        self.tensor(op, "logits", logits, logits.dtype, rows * dims.vp)?;
+        self.tensor(op, "max", max, F32, rows)?;
+        disjoint(op, &[("max", max)], &[("logits", logits)])
+    }
+
+    pub fn crossentropy_sumexp(
+        &self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dims: Dims,
+    ) -> Result<()> {
+        let op = "crossentropy_sumexp";
+        self.crossentropy(op, logits, losses, max, sumexp, targets, dims)?;
+        disjoint(
+            op,
+            &[("losses", losses), ("sumexp", sumexp)],
+            &[("logits", logits), ("max", max), ("targets", targets)],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn crossentropy_finish(
+        &self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dims: Dims,
+    ) -> Result<()> {
+        let op = "crossentropy_finish";
+        self.crossentropy(op, logits, losses, max, sumexp, targets, dims)?;
+        disjoint(
+            op,
+            &[("logits", logits), ("losses", losses)],
+            &[("max", max), ("sumexp", sumexp), ("targets", targets)],
+        )
+    }
+
+    pub fn sum_squares(&self, grads: Tensor, partials: Tensor) -> Result<()> {
+        let op = "sum_squares";
+        self.tensor(op, "grads", grads, grads.dtype, grads.len)?;
+        self.tensor(op, "partials", partials, F32, partials.len)?;
+        disjoint(op, &[("partials", partials)], &[("grads", grads)])
+    }
+
+    pub fn adamw(
+        &self,
+        param: Tensor,
+        master: Option<Tensor>,
+        m: Tensor,
+        v: Tensor,
+        grad: Option<Tensor>,
+    ) -> Result<()> {
+        let (op, dt, n) = ("adamw", param.dtype, param.len);
+        self.tensor(op, "param", param, dt, n)?;
+        self.tensor(op, "m", m, F32, n)?;
+        self.tensor(op, "v", v, F32, n)?;
+        let mut outputs = vec![("param", param), ("m", m), ("v", v)];
+        if let Some(master) = master {
+            self.tensor(op, "master", master, F32, n)?;
+            outputs.push(("master", master));
+        } else if grad.is_none() {
+            return Err(Error::Unsupported {
+                what: "adamw: a gradient read from the parameters needs master weights".into(),
+                help: "this is a bug in tessera; please report it with your config".into(),
+            });
+        }
+        let mut inputs = Vec::new();
+        if let Some(grad) = grad {
+            self.tensor(op, "grad", grad, dt, n)?;
+            inputs.push(("grad", grad));
+        }
+        disjoint(op, &outputs, &inputs)
+    }
+}
