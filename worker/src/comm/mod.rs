@@ -20,6 +20,7 @@
 
 pub mod nccl;
 pub mod solo;
+pub mod staged;
 pub mod tcp;
 
 use std::sync::mpsc;
@@ -262,9 +263,16 @@ impl Work {
         }
     }
 
-    /// Runs `f` once the collective has finished and been waited for (or found done).
+    /// Runs `f` once the collective has finished and been waited for (or found done), after
+    /// any function given before (a wrapper's copy-back runs before the tracer's record).
     pub fn on_complete(mut self, f: impl FnOnce() + Send + 'static) -> Work {
-        self.on_complete = Some(Box::new(f));
+        self.on_complete = Some(match self.on_complete.take() {
+            Some(first) => Box::new(move || {
+                first();
+                f();
+            }),
+            None => Box::new(f),
+        });
         self
     }
 
