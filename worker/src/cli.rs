@@ -11,22 +11,27 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use tessera_plan::Config;
-use tessera_plan::config::Device;
+use tessera_plan::config::{Backend as CommBackend, Device};
 use tessera_plan::memory::{Place, StagePlan};
 use tessera_plan::mesh::Mesh;
 use tessera_proto::v1::{Beat, WorkerHello};
 
 use crate::Error;
 use crate::arena::ArenaLayout;
+use crate::comm::nccl::NcclCommunicator;
+use crate::comm::staged::{DeviceCopy, Staged};
 use crate::comm::tcp::TcpEndpoint;
-use crate::comm::{Communicator, Group};
+use crate::comm::{CommError, Communicator, Group};
 use crate::control::{Control, LaunchEnv};
 use crate::parallel::Comms;
+use crate::tensor::Backend;
 use crate::tensor::cpu::CpuBackend;
+use crate::tensor::cuda::{CudaBackend, CudaCopy};
 use crate::trace::{LastCollective, Observed, Trace};
 use crate::train::{self, Rank, RunOptions, StepMetrics};
 
@@ -37,8 +42,11 @@ use crate::train::{self, Rank, RunOptions, StepMetrics};
 /// writes checkpoints as the config says. Exit status: 0 done, 2 bad config, data or usage, 1 a
 /// failure while training.
 #[derive(Debug, Parser)]
-#[command(name = "tessera-worker", version)]
+#[command(name = "tessera-worker", version, subcommand_negates_reqs = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// The job's YAML config (not used when started by `launch`: the coordinator sends it).
     #[arg(long, value_name = "FILE", required_unless_present = "launched")]
     config: Option<PathBuf>,
@@ -80,6 +88,26 @@ struct Cli {
     trace: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Compile the CUDA kernels with NVRTC into the kernel cache, so that workers start
+    /// without compiling (no GPU needed: run it on a login node for the cluster's GPUs).
+    ///
+    /// Workers compile what the cache lacks themselves; this only moves that time out of the
+    /// job. Exit status: 0 every source compiled or was cached, 1 otherwise.
+    Kernels {
+        /// The GPU architecture: sm_90 for H100/H200, sm_80 for A100, sm_89 for L4/L40
+        /// (default: GPU 0's).
+        #[arg(long, value_name = "sm_XY")]
+        arch: Option<String>,
+
+        /// The cache folder (default: $TESSERA_KERNEL_CACHE, else ~/.cache/tessera/kernels,
+        /// where workers look).
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+    },
+}
+
 /// Runs the worker with `args` (the program name first) and returns its exit status.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
@@ -89,11 +117,17 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    let result = match LaunchEnv::from_env() {
+    if let Some(Command::Kernels { arch, cache }) = &cli.command {
+        return finish(compile_kernels(arch.as_deref(), cache.as_deref()));
+    }
+    finish(match LaunchEnv::from_env() {
         Ok(Some(env)) => run_launched(&cli, &env),
         Ok(None) => run(&cli),
         Err(message) => Err(usage(message)),
-    };
+    })
+}
+
+fn finish(result: Result<(), (u8, String)>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, message)) => {
@@ -101,6 +135,49 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// `tessera-worker kernels`: every source compiled (or found) in the cache, a line each.
+fn compile_kernels(
+    arch: Option<&str>,
+    cache: Option<&std::path::Path>,
+) -> Result<(), (u8, String)> {
+    use crate::tensor::cuda::compile;
+    let arch = match arch {
+        Some(arch) => arch.to_string(),
+        None => crate::tensor::cuda::device_arch(0).map_err(|e| {
+            usage(format!(
+                "{e}\n  note: without a GPU, name the architecture: tessera-worker kernels --arch sm_90"
+            ))
+        })?,
+    };
+    let cache = cache.map(PathBuf::from).or_else(compile::default_cache);
+    let (major, minor) = compile::nvrtc_version().map_err(failure)?;
+    println!(
+        "compiling {} kernel sources for {arch} with NVRTC {major}.{minor} into {}",
+        compile::SOURCES.len(),
+        cache
+            .as_ref()
+            .map_or("no cache (no HOME)".into(), |c| c.display().to_string())
+    );
+    for source in compile::SOURCES {
+        let started = std::time::Instant::now();
+        let cubin = compile::cubin(source, &arch, cache.as_deref()).map_err(failure)?;
+        let how = if cubin.cached {
+            "cached".to_string()
+        } else {
+            format!("compiled in {} ms", started.elapsed().as_millis())
+        };
+        let path = cubin
+            .path
+            .map_or("(not cached)".into(), |p| p.display().to_string());
+        println!(
+            "  {}.cu: {how}, {} bytes: {path}",
+            source.name,
+            cubin.bytes.len()
+        );
+    }
+    Ok(())
 }
 
 fn usage(error: impl ToString) -> (u8, String) {
@@ -138,13 +215,51 @@ fn run(cli: &Cli) -> Result<(), (u8, String)> {
     for warning in &config.warnings {
         eprintln!("warning: {warning}");
     }
-    check_device(&config)?;
     train::check_single_rank(&config).map_err(failure)?;
     start_threads(cli.threads)?;
     let plan = tessera_plan::memory::StagePlan::new(&config, 0);
     let layout = ArenaLayout::new(&plan);
-    let backend =
-        CpuBackend::new(layout.bytes(Place::Device), layout.bytes(Place::Host)).map_err(failure)?;
+    match config.cluster.device {
+        Device::Cpu => {
+            let backend = CpuBackend::new(layout.bytes(Place::Device), layout.bytes(Place::Host))
+                .map_err(failure)?;
+            train_alone(cli, config, &layout, backend)
+        }
+        Device::Cuda => {
+            let backend = cuda_backend(&layout, 0)?;
+            train_alone(cli, config, &layout, backend)
+        }
+    }
+}
+
+/// The CUDA backend on GPU `local_rank` (modulo the GPUs this process sees: several ranks
+/// share a GPU over the TCP backend), with the plan's arenas.
+fn cuda_backend(layout: &ArenaLayout, local_rank: usize) -> Result<CudaBackend, (u8, String)> {
+    let gpus = gpu_count().map_err(failure)?;
+    let cache = crate::tensor::cuda::compile::default_cache();
+    CudaBackend::new(
+        local_rank % gpus,
+        layout.bytes(Place::Device),
+        layout.bytes(Place::Host),
+        cache.as_deref(),
+    )
+    .map_err(failure)
+}
+
+/// GPUs the driver shows this process, or the error that says why there are none.
+fn gpu_count() -> Result<usize, Error> {
+    crate::tensor::cuda::open_device(0)?;
+    let count = cudarc::driver::CudaContext::device_count()
+        .map_err(|e| crate::tensor::cuda::cuda_error("counting GPUs", e))?;
+    Ok(count.max(1) as usize)
+}
+
+fn train_alone<B: Backend>(
+    cli: &Cli,
+    config: Config,
+    layout: &ArenaLayout,
+    backend: B,
+) -> Result<(), (u8, String)> {
     let steps = config.training.steps;
     let mut rank = Rank::new(config, backend).map_err(failure)?;
     rank.trace = cli.trace.as_ref().map(|_| Trace::new(0));
@@ -165,23 +280,28 @@ fn run(cli: &Cli) -> Result<(), (u8, String)> {
         fresh: cli.fresh,
         trace: cli.trace.clone(),
     };
-    train::run(rank, &options, |_, m| {
+    let mut first = true;
+    train::run(rank, &options, |rank, m| {
+        let mfu = m
+            .mfu
+            .map_or(String::new(), |mfu| format!(" | MFU {:.1}%", mfu * 100.0));
         println!(
-            "step {:>6}/{steps} | loss {:.6} | lr {:.3e} | grad norm {:.4} | {:.0} tok/s",
+            "step {:>6}/{steps} | loss {:.6} | lr {:.3e} | grad norm {:.4} | {:.0} tok/s{mfu}",
             m.step, m.loss, m.lr, m.grad_norm, m.tokens_per_s
         );
+        // The plan's promise, checked where it can be: the GPU's own count after a step.
+        if std::mem::take(&mut first)
+            && let Some(measured) = rank.backend.measured_device_bytes()
+        {
+            let planned = rank.stage.device_bytes();
+            println!(
+                "device memory after the first step: {measured} bytes in use on the GPU, {planned} \
+                 planned (arena + runtime rows of the dry-run), {:+.2}%",
+                (measured as f64 / planned as f64 - 1.0) * 100.0
+            );
+        }
     })
     .map_err(failure)?;
-    Ok(())
-}
-
-fn check_device(config: &Config) -> Result<(), (u8, String)> {
-    if config.cluster.device != Device::Cpu {
-        return Err(usage(
-            "cluster.device is cuda, but this build's worker has the CPU backend only (the CUDA backend is \
-             issue 8); use --set cluster.device=cpu --set cluster.backend=tcp",
-        ));
-    }
     Ok(())
 }
 
@@ -224,7 +344,6 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
         &assignment.config_sets,
     )
     .map_err(usage)?;
-    check_device(&config)?;
     start_threads(cli.threads)?;
 
     let rank = assignment.rank as usize;
@@ -255,17 +374,48 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
     control
         .start_heartbeat(env.rank, last.clone(), config.watchdog.heartbeat)
         .map_err(runtime_error)?;
+    // Ranks share the node's GPUs round-robin (one each when there are enough).
+    let gpu = match config.cluster.device {
+        Device::Cuda => Some(env.local_rank as usize % gpu_count().map_err(failure)?),
+        Device::Cpu => None,
+    };
+    let staging: Option<Arc<dyn DeviceCopy>> = match gpu {
+        Some(gpu) => Some(Arc::new(CudaCopy::new(gpu).map_err(failure)?)),
+        None => None,
+    };
+    let nccl = config.cluster.backend == CommBackend::Nccl;
     let comms = Comms::connect(
         rank,
         &config,
         assignment.run_id.clone(),
         &mut |group: Group| {
-            let addresses: Vec<SocketAddr> = group.ranks.iter().map(|&r| peers[r]).collect();
-            let communicator = Box::new(endpoint.communicator(group, &addresses, timeout)?);
-            Ok(
-                Box::new(Observed::new(communicator, last.clone(), trace.clone()))
-                    as Box<dyn Communicator>,
-            )
+            let communicator: Box<dyn Communicator> = match (gpu, &staging) {
+                (Some(gpu), _) if nccl => {
+                    let id = control.nccl_id(&group).map_err(|what| CommError::Setup {
+                        group: group.name.clone(),
+                        what,
+                        help: "the coordinator hands out each NCCL group's id; its log says \
+                               more"
+                            .into(),
+                    })?;
+                    Box::new(NcclCommunicator::new(group, gpu, id, timeout)?)
+                }
+                (_, staging) => {
+                    let addresses: Vec<SocketAddr> =
+                        group.ranks.iter().map(|&r| peers[r]).collect();
+                    let tcp = Box::new(endpoint.communicator(group, &addresses, timeout)?);
+                    match staging {
+                        // Device buffers travel through the host (several ranks per GPU).
+                        Some(device) => Box::new(Staged::new(tcp, device.clone())),
+                        None => tcp,
+                    }
+                }
+            };
+            Ok(Box::new(Observed::new(
+                communicator,
+                last.clone(),
+                trace.clone(),
+            )))
         },
     )
     .map_err(runtime_error)?;
@@ -281,8 +431,30 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
             layout.bytes(Place::Device)
         )));
     }
-    let backend =
-        CpuBackend::new(layout.bytes(Place::Device), layout.bytes(Place::Host)).map_err(failure)?;
+    match gpu {
+        None => {
+            let backend = CpuBackend::new(layout.bytes(Place::Device), layout.bytes(Place::Host))
+                .map_err(failure)?;
+            train_in_mesh(cli, env, control, config, comms, backend, (trace, last))
+        }
+        Some(gpu) => {
+            let backend = cuda_backend(&layout, gpu)?;
+            train_in_mesh(cli, env, control, config, comms, backend, (trace, last))
+        }
+    }
+}
+
+/// The training loop of a launched rank, once its backend and communicators exist.
+fn train_in_mesh<B: Backend>(
+    cli: &Cli,
+    env: &LaunchEnv,
+    control: Control,
+    config: Config,
+    comms: Comms,
+    backend: B,
+    (trace, last): (Option<Trace>, LastCollective),
+) -> Result<(), (u8, String)> {
+    let rank = comms.rank;
     let steps = config.training.steps;
     let mut rank_state = Rank::in_mesh(config, backend, comms).map_err(failure)?;
     rank_state.trace = trace;

@@ -15,6 +15,11 @@ pub enum Error {
     #[error("{what}\n  help: {help}")]
     Unsupported { what: String, help: String },
 
+    /// The CUDA backend could not start or a CUDA call failed: the driver or a library is
+    /// missing, a kernel did not compile, or the device reported an error.
+    #[error("{what}\n  help: {help}")]
+    Cuda { what: String, help: String },
+
     // --- arena and ops ---
     #[error(
         "the memory plan has no region `{name}` (it is zero-sized or not used by this stage); \

@@ -37,7 +37,8 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     /// Model FLOPs utilisation; null where the device's peak is unknown (CPU).
     pub mfu: Option<f64>,
-    /// Device bytes this rank allocated: the arena, fixed for the whole run.
+    /// Device bytes in use after the step: measured on a GPU (the arena, the CUDA context
+    /// and libraries; every process on that GPU), the arena's size on CPU.
     pub peak_bytes: u64,
 }
 
@@ -501,16 +502,25 @@ impl<B: Backend> Rank<B> {
         self.span(|| "optimizer".into(), "optimizer", optimizer);
         self.step += 1;
         self.span(|| format!("step {}", self.step), "step", start);
-        let seconds = start.elapsed().as_secs_f64();
+        let seconds = start.elapsed().as_secs_f64().max(1e-9);
         let tokens = self.config.tokens_per_step() as f64;
+        // Every rank's share of the step's model FLOPs against every rank's peak.
+        let world = self.config.parallel.world_size() as f64;
+        let flops = ModelShape::new(&self.config.model, 1).flops_per_token() * tokens;
         Ok(StepMetrics {
             step: self.step,
             loss,
             lr: report.lr,
             grad_norm: report.grad_norm,
-            tokens_per_s: tokens / seconds.max(1e-9),
-            mfu: None,
-            peak_bytes: self.backend.arena_bytes(Place::Device) as u64,
+            tokens_per_s: tokens / seconds,
+            mfu: self
+                .backend
+                .peak_flops()
+                .map(|peak| flops / seconds / (world * peak)),
+            peak_bytes: self
+                .backend
+                .measured_device_bytes()
+                .unwrap_or(self.backend.arena_bytes(Place::Device) as u64),
         })
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod check;
 pub mod cpu;
+pub mod cuda;
 
 use half::{bf16, f16};
 use tessera_plan::memory::{Dtype, Place};
@@ -179,8 +180,20 @@ pub trait Backend: Sized {
 
     /// The memory of `t` as a communicator sees it (host or device addresses). Collectives
     /// write it from another thread, so the caller must not pass `t` to a kernel until the
-    /// collective has finished.
+    /// collective has finished. A device whose kernels run asynchronously first waits for
+    /// every kernel queued so far, so the collective reads finished data.
     fn comm_buf(&self, t: Tensor) -> CommBuf;
+
+    /// Device memory in use as the device itself reports it (the arena plus what the runtime
+    /// takes: CUDA context, library workspaces), or `None` where it cannot be measured (CPU).
+    fn measured_device_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    /// The device's peak dense FLOP/s in the training dtype, for MFU; `None` when unknown.
+    fn peak_flops(&self) -> Option<f64> {
+        None
+    }
 
     // --- host <-> arena ---
 

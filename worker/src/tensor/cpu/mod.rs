@@ -24,10 +24,13 @@ pub struct CpuBackend {
 }
 
 /// One zero-initialised allocation, 8-byte aligned (regions start on 256-byte offsets, so every
-/// element is aligned for its type).
+/// element is aligned for its type), or memory somebody else allocated (see
+/// [`CpuBackend::over`]).
 struct Arena {
-    words: Vec<u64>,
+    base: *mut u8,
     bytes: usize,
+    /// The allocation when this arena owns it; `base` points into it.
+    _owned: Vec<u64>,
 }
 
 impl Arena {
@@ -41,9 +44,17 @@ impl Arena {
                 reason: e.to_string(),
             })?;
         words.resize(bytes.div_ceil(8), 0);
-        Ok(Arena { words, bytes })
+        Ok(Arena {
+            base: words.as_mut_ptr() as *mut u8,
+            bytes,
+            _owned: words,
+        })
     }
 }
+
+// SAFETY: an arena is either owned or lent exclusively for the backend's lifetime (`over`);
+// every access goes through the backend's `&self`/`&mut self` methods.
+unsafe impl Send for Arena {}
 
 impl CpuBackend {
     /// Allocates the device and host arenas (the host one holds offloaded optimizer states)
@@ -57,6 +68,29 @@ impl CpuBackend {
         })
     }
 
+    /// A backend whose device arena is `bytes` bytes at `base`, which it does not own, and
+    /// with no host arena: a GPU backend runs the ops on its host arena (pinned memory) with
+    /// it, handing over handles with `place` [`Place::Device`].
+    ///
+    /// # Safety
+    /// `base` is valid for reads and writes of `bytes` bytes, 8-byte aligned, and used by
+    /// nobody else while the returned backend lives.
+    pub unsafe fn over(base: *mut u8, bytes: usize) -> CpuBackend {
+        gemm::warm_up();
+        CpuBackend {
+            device: Arena {
+                base,
+                bytes,
+                _owned: Vec::new(),
+            },
+            host: Arena {
+                base: std::ptr::NonNull::<u64>::dangling().as_ptr() as *mut u8,
+                bytes: 0,
+                _owned: Vec::new(),
+            },
+        }
+    }
+
     fn arena(&self, place: Place) -> &Arena {
         match place {
             Place::Device => &self.device,
@@ -65,7 +99,7 @@ impl CpuBackend {
     }
 
     fn base(&self, place: Place) -> *mut u8 {
-        self.arena(place).words.as_ptr() as *mut u8
+        self.arena(place).base
     }
 
     fn checks(&self) -> Checks {
@@ -307,7 +341,8 @@ impl Backend for CpuBackend {
         dims: Dims,
     ) -> Result<()> {
         let (op, dt) = ("embedding_bwd", dout.dtype);
-        self.checks().embedding_bwd(dwte, dwpe, dout, tokens, dims)?;
+        self.checks()
+            .embedding_bwd(dwte, dwpe, dout, tokens, dims)?;
         let tokens = self.tokens(op, tokens, dims.v)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
@@ -360,9 +395,8 @@ impl Backend for CpuBackend {
         c: usize,
     ) -> Result<()> {
         let (op, dt) = ("layernorm_bwd", dout.dtype);
-        self.checks().layernorm_bwd(
-            dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, c,
-        )?;
+        self.checks()
+            .layernorm_bwd(dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, c)?;
         with_elem!(op, dt, E => {
             // SAFETY: checked and disjoint.
             unsafe {

@@ -1,0 +1,614 @@
+//! The CUDA backend against the CPU backend, on a GPU. Ignored by `cargo test` (CI has no GPU);
+//! on a GPU machine run the prebuilt test binary with `--ignored` (bench/gpu/README.md says
+//! how). Each op runs on both backends from the same random inputs and the outputs are
+//! compared with the tolerance stated next to it:
+//! - f32 storage: relative 1e-4 (absolute 1e-5): only the order of f32 sums differs;
+//! - bf16 storage: relative 2e-2 (absolute 2e-2 x the output's scale): both round the same f32
+//!   math to bf16, so results differ by the rounding of differently ordered sums, a few bf16
+//!   ulps (2^-8 relative each).
+
+use half::bf16;
+use tessera_plan::memory::{Dtype, Place};
+use tessera_worker::tensor::cpu::CpuBackend;
+use tessera_worker::tensor::cuda::CudaBackend;
+use tessera_worker::tensor::{AdamW, Backend, Dims, Linear, Tensor};
+
+const ARENA: usize = 256 << 20;
+
+/// The same arena layout on both backends; handles are valid on either.
+struct Pair {
+    cpu: CpuBackend,
+    gpu: CudaBackend,
+    next: usize,
+    seed: u64,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let gpu = CudaBackend::new(0, ARENA, 1 << 20, None).expect("a GPU and CUDA 13");
+        Pair {
+            cpu: CpuBackend::new(ARENA, 1 << 20).unwrap(),
+            gpu,
+            next: 0,
+            seed: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+
+    fn alloc(&mut self, len: usize, dtype: Dtype) -> Tensor {
+        let t = Tensor {
+            place: Place::Device,
+            offset: self.next,
+            len,
+            dtype,
+        };
+        self.next = (self.next + t.bytes()).next_multiple_of(256);
+        assert!(self.next <= ARENA, "test arena too small");
+        t
+    }
+
+    fn random(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                // xorshift64*: reproducible, no dependency.
+                self.seed ^= self.seed >> 12;
+                self.seed ^= self.seed << 25;
+                self.seed ^= self.seed >> 27;
+                let bits = self.seed.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+                (bits as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    /// A tensor holding the same random values on both backends.
+    fn input(&mut self, len: usize, dtype: Dtype, scale: f32) -> Tensor {
+        let t = self.alloc(len, dtype);
+        let values = self.random(len, scale);
+        self.put(t, &values);
+        t
+    }
+
+    fn put(&mut self, t: Tensor, values: &[f32]) {
+        self.cpu.write(t, values).unwrap();
+        self.gpu.write(t, values).unwrap();
+    }
+
+    fn tokens(&mut self, n: usize, below: usize) -> Tensor {
+        let t = self.alloc(n, Dtype::I32);
+        let ids: Vec<i32> = self
+            .random(n, 1.0)
+            .iter()
+            // Repeats on purpose: the embedding backward must sum them in order.
+            .map(|v| ((v.abs() * below as f32) as usize % below) as i32)
+            .collect();
+        self.cpu.write_i32(t, &ids).unwrap();
+        self.gpu.write_i32(t, &ids).unwrap();
+        t
+    }
+
+    /// Runs the same calls on both backends.
+    fn run(&mut self, mut calls: impl FnMut(&mut dyn Ops)) {
+        calls(&mut self.cpu);
+        calls(&mut self.gpu);
+    }
+
+    /// Compares `t` on both backends within the dtype's tolerance, scaled by `scale` (the
+    /// size of the values the op sums: larger sums round more).
+    fn check(&self, what: &str, t: Tensor, scale: f32) {
+        let (mut want, mut got) = (vec![0.0; t.len], vec![0.0; t.len]);
+        self.cpu.read(t, &mut want).unwrap();
+        self.gpu.read(t, &mut got).unwrap();
+        let (rtol, atol) = match t.dtype {
+            Dtype::F32 => (1e-4, 1e-5 * scale),
+            _ => (2e-2, 2e-2 * scale),
+        };
+        let mut worst = (0.0f32, 0usize);
+        for (i, (&w, &g)) in want.iter().zip(&got).enumerate() {
+            assert!(
+                g.is_finite() == w.is_finite(),
+                "{what}[{i}]: gpu {g}, cpu {w}"
+            );
+            let excess = (g - w).abs() - (atol + rtol * w.abs());
+            if excess > worst.0 {
+                worst = (excess, i);
+            }
+        }
+        let i = worst.1;
+        assert!(
+            worst.0 <= 0.0,
+            "{what} ({}): element {i} is {} on the GPU and {} on the CPU (rtol {rtol}, atol {atol})",
+            t.dtype.name(),
+            got[i],
+            want[i]
+        );
+        eprintln!("{what} ({}): {} elements agree", t.dtype.name(), t.len);
+    }
+}
+
+/// Both backends behind one face (panicking on errors), so each test is written once.
+trait Ops {
+    fn fill(&mut self, dst: Tensor, v: f32);
+    fn copy(&mut self, dst: Tensor, src: Tensor);
+    fn scale(&mut self, dst: Tensor, f: f32);
+    fn add(&mut self, dst: Tensor, src: Tensor);
+    fn residual_fwd(&mut self, out: Tensor, a: Tensor, b: Tensor);
+    fn embedding_fwd(
+        &mut self,
+        out: Tensor,
+        tokens: Tensor,
+        wte: Tensor,
+        wpe: Option<Tensor>,
+        d: Dims,
+    );
+    fn embedding_bwd(
+        &mut self,
+        dwte: Tensor,
+        dwpe: Option<Tensor>,
+        dout: Tensor,
+        tokens: Tensor,
+        d: Dims,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_fwd(
+        &mut self,
+        out: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        w: Tensor,
+        b: Tensor,
+        rows: usize,
+        c: usize,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_bwd(
+        &mut self,
+        dinp: Tensor,
+        dw: Tensor,
+        db: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        w: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    );
+    fn matmul_fwd(&mut self, out: Tensor, inp: Tensor, w: Tensor, bias: Option<Tensor>, s: Linear);
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_bwd(
+        &mut self,
+        dinp: Option<Tensor>,
+        dw: Tensor,
+        db: Option<Tensor>,
+        dout: Tensor,
+        inp: Tensor,
+        w: Tensor,
+        s: Linear,
+    );
+    fn attention_fwd(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: Dims);
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &mut self,
+        dqkv: Tensor,
+        delta: Tensor,
+        dout: Tensor,
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        d: Dims,
+    );
+    fn gelu_fwd(&mut self, out: Tensor, inp: Tensor);
+    fn gelu_bwd(&mut self, dinout: Tensor, inp: Tensor);
+    #[allow(clippy::too_many_arguments)]
+    fn crossentropy_fwd_bwd(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dloss: f32,
+        d: Dims,
+    );
+    fn crossentropy_max(&mut self, logits: Tensor, max: Tensor, d: Dims);
+    #[allow(clippy::too_many_arguments)]
+    fn crossentropy_sumexp(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        d: Dims,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn crossentropy_finish(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dloss: f32,
+        d: Dims,
+    );
+    fn sum_squares(&mut self, grads: Tensor, partials: Tensor) -> f64;
+    fn adamw(
+        &mut self,
+        p: Tensor,
+        master: Option<Tensor>,
+        m: Tensor,
+        v: Tensor,
+        g: Option<Tensor>,
+        h: AdamW,
+    );
+}
+
+impl<B: Backend> Ops for B {
+    fn fill(&mut self, dst: Tensor, v: f32) {
+        Backend::fill(self, dst, v).unwrap()
+    }
+    fn copy(&mut self, dst: Tensor, src: Tensor) {
+        Backend::copy(self, dst, src).unwrap()
+    }
+    fn scale(&mut self, dst: Tensor, f: f32) {
+        Backend::scale(self, dst, f).unwrap()
+    }
+    fn add(&mut self, dst: Tensor, src: Tensor) {
+        Backend::add(self, dst, src).unwrap()
+    }
+    fn residual_fwd(&mut self, out: Tensor, a: Tensor, b: Tensor) {
+        Backend::residual_fwd(self, out, a, b).unwrap()
+    }
+    fn embedding_fwd(
+        &mut self,
+        out: Tensor,
+        tokens: Tensor,
+        wte: Tensor,
+        wpe: Option<Tensor>,
+        d: Dims,
+    ) {
+        Backend::embedding_fwd(self, out, tokens, wte, wpe, d).unwrap()
+    }
+    fn embedding_bwd(
+        &mut self,
+        dwte: Tensor,
+        dwpe: Option<Tensor>,
+        dout: Tensor,
+        tokens: Tensor,
+        d: Dims,
+    ) {
+        Backend::embedding_bwd(self, dwte, dwpe, dout, tokens, d).unwrap()
+    }
+    fn layernorm_fwd(
+        &mut self,
+        out: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        w: Tensor,
+        b: Tensor,
+        rows: usize,
+        c: usize,
+    ) {
+        Backend::layernorm_fwd(self, out, mean, rstd, inp, w, b, rows, c).unwrap()
+    }
+    fn layernorm_bwd(
+        &mut self,
+        dinp: Tensor,
+        dw: Tensor,
+        db: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        w: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    ) {
+        Backend::layernorm_bwd(self, dinp, dw, db, dout, inp, w, mean, rstd, rows, c).unwrap()
+    }
+    fn matmul_fwd(&mut self, out: Tensor, inp: Tensor, w: Tensor, bias: Option<Tensor>, s: Linear) {
+        Backend::matmul_fwd(self, out, inp, w, bias, s).unwrap()
+    }
+    fn matmul_bwd(
+        &mut self,
+        dinp: Option<Tensor>,
+        dw: Tensor,
+        db: Option<Tensor>,
+        dout: Tensor,
+        inp: Tensor,
+        w: Tensor,
+        s: Linear,
+    ) {
+        Backend::matmul_bwd(self, dinp, dw, db, dout, inp, w, s).unwrap()
+    }
+    fn attention_fwd(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: Dims) {
+        Backend::attention_fwd(self, out, lse, qkv, d).unwrap()
+    }
+    fn attention_bwd(
+        &mut self,
+        dqkv: Tensor,
+        delta: Tensor,
+        dout: Tensor,
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        d: Dims,
+    ) {
+        Backend::attention_bwd(self, dqkv, delta, dout, qkv, out, lse, d).unwrap()
+    }
+    fn gelu_fwd(&mut self, out: Tensor, inp: Tensor) {
+        Backend::gelu_fwd(self, out, inp).unwrap()
+    }
+    fn gelu_bwd(&mut self, dinout: Tensor, inp: Tensor) {
+        Backend::gelu_bwd(self, dinout, inp).unwrap()
+    }
+    fn crossentropy_fwd_bwd(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dloss: f32,
+        d: Dims,
+    ) {
+        Backend::crossentropy_fwd_bwd(self, logits, losses, max, sumexp, targets, dloss, d).unwrap()
+    }
+    fn crossentropy_max(&mut self, logits: Tensor, max: Tensor, d: Dims) {
+        Backend::crossentropy_max(self, logits, max, d).unwrap()
+    }
+    fn crossentropy_sumexp(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        d: Dims,
+    ) {
+        Backend::crossentropy_sumexp(self, logits, losses, max, sumexp, targets, d).unwrap()
+    }
+    fn crossentropy_finish(
+        &mut self,
+        logits: Tensor,
+        losses: Tensor,
+        max: Tensor,
+        sumexp: Tensor,
+        targets: Tensor,
+        dloss: f32,
+        d: Dims,
+    ) {
+        Backend::crossentropy_finish(self, logits, losses, max, sumexp, targets, dloss, d).unwrap()
+    }
+    fn sum_squares(&mut self, grads: Tensor, partials: Tensor) -> f64 {
+        Backend::sum_squares(self, grads, partials).unwrap()
+    }
+    fn adamw(
+        &mut self,
+        p: Tensor,
+        master: Option<Tensor>,
+        m: Tensor,
+        v: Tensor,
+        g: Option<Tensor>,
+        h: AdamW,
+    ) {
+        Backend::adamw(self, p, master, m, v, g, h).unwrap()
+    }
+}
+
+const DTYPES: [Dtype; 2] = [Dtype::F32, Dtype::Bf16];
+
+fn dims(b: usize, t: usize, nh: usize, hs: usize, v: usize, vp: usize, vocab_start: usize) -> Dims {
+    Dims {
+        b,
+        t,
+        c: nh * hs,
+        nh,
+        hs,
+        v,
+        vp,
+        vocab_start,
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn elementwise_ops_match_the_cpu() {
+    for dt in DTYPES {
+        let mut p = Pair::new();
+        let n = 100_003; // not a multiple of any block
+        let (a, b) = (p.input(n, dt, 3.0), p.input(n, dt, 3.0));
+        let out = p.alloc(n, dt);
+        p.run(|o| o.residual_fwd(out, a, b));
+        p.check("residual_fwd", out, 3.0);
+        p.run(|o| o.add(out, a));
+        p.check("add", out, 3.0);
+        p.run(|o| o.scale(out, -0.37));
+        p.check("scale", out, 3.0);
+        p.run(|o| o.gelu_fwd(out, a));
+        p.check("gelu_fwd", out, 3.0);
+        p.run(|o| o.gelu_bwd(out, b));
+        p.check("gelu_bwd", out, 3.0);
+        p.run(|o| o.fill(out, 0.1));
+        p.check("fill", out, 1.0);
+        for to in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+            let converted = p.alloc(n, to);
+            p.run(|o| o.copy(converted, a));
+            p.check(&format!("copy to {}", to.name()), converted, 3.0);
+        }
+        let partials = p.alloc(1024, Dtype::F32);
+        let (mut sums, mut i) = ([0.0f64; 2], 0);
+        p.run(|o| {
+            sums[i] = o.sum_squares(a, partials);
+            i += 1;
+        });
+        let rel = ((sums[0] - sums[1]) / sums[0]).abs();
+        assert!(
+            rel < 1e-6,
+            "sum_squares {}: cpu {} gpu {}",
+            dt.name(),
+            sums[0],
+            sums[1]
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn embedding_and_layernorm_match_the_cpu() {
+    for dt in DTYPES {
+        for vocab_start in [0, 40] {
+            let mut p = Pair::new();
+            let d = dims(3, 67, 4, 32, 200, 96, vocab_start);
+            let n = d.tokens();
+            let tokens = p.tokens(n, d.v);
+            let (wte, wpe) = (p.input(d.vp * d.c, dt, 1.0), p.input(d.t * d.c, dt, 1.0));
+            let out = p.alloc(n * d.c, dt);
+            p.run(|o| o.embedding_fwd(out, tokens, wte, Some(wpe), d));
+            p.check("embedding_fwd", out, 2.0);
+            let dout = p.input(n * d.c, dt, 1.0);
+            let (dwte, dwpe) = (p.input(d.vp * d.c, dt, 1.0), p.input(d.t * d.c, dt, 1.0));
+            p.run(|o| o.embedding_bwd(dwte, Some(dwpe), dout, tokens, d));
+            p.check("embedding_bwd dwte", dwte, 4.0);
+            p.check("embedding_bwd dwpe", dwpe, 4.0);
+        }
+        let mut p = Pair::new();
+        let (rows, c) = (515, 768);
+        let inp = p.input(rows * c, dt, 2.0);
+        let (w, b) = (p.input(c, dt, 1.0), p.input(c, dt, 1.0));
+        let out = p.alloc(rows * c, dt);
+        let (mean, rstd) = (p.alloc(rows, Dtype::F32), p.alloc(rows, Dtype::F32));
+        p.run(|o| o.layernorm_fwd(out, mean, rstd, inp, w, b, rows, c));
+        p.check("layernorm_fwd out", out, 4.0);
+        p.check("layernorm_fwd mean", mean, 1.0);
+        p.check("layernorm_fwd rstd", rstd, 1.0);
+        let dout = p.input(rows * c, dt, 1.0);
+        let dinp = p.input(rows * c, dt, 1.0);
+        let (dw, db) = (p.input(c, dt, 1.0), p.input(c, dt, 1.0));
+        p.run(|o| o.layernorm_bwd(dinp, dw, db, dout, inp, w, mean, rstd, rows, c));
+        p.check("layernorm_bwd dinp", dinp, 4.0);
+        p.check("layernorm_bwd dweight", dw, 40.0);
+        p.check("layernorm_bwd dbias", db, 40.0);
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn matmuls_match_the_cpu() {
+    for dt in DTYPES {
+        for (rows, inp, out) in [(1024, 768, 2304), (77, 129, 33)] {
+            let mut p = Pair::new();
+            let s = Linear { rows, inp, out };
+            let x = p.input(rows * inp, dt, 1.0);
+            let w = p.input(out * inp, dt, 0.1);
+            let bias = p.input(out, dt, 1.0);
+            let y = p.alloc(rows * out, dt);
+            let scale = (inp as f32).sqrt() * 0.1;
+            p.run(|o| o.matmul_fwd(y, x, w, Some(bias), s));
+            p.check("matmul_fwd with bias", y, scale);
+            p.run(|o| o.matmul_fwd(y, x, w, None, s));
+            p.check("matmul_fwd", y, scale);
+            let dy = p.input(rows * out, dt, 1.0);
+            let dx = p.alloc(rows * inp, dt);
+            let (dw, db) = (p.input(out * inp, dt, 1.0), p.input(out, dt, 1.0));
+            p.run(|o| o.matmul_bwd(Some(dx), dw, Some(db), dy, x, w, s));
+            p.check("matmul_bwd dinp", dx, (out as f32).sqrt() * 0.1);
+            p.check("matmul_bwd dweight", dw, (rows as f32).sqrt());
+            p.check("matmul_bwd dbias", db, (rows as f32).sqrt());
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn attention_matches_the_cpu() {
+    for dt in DTYPES {
+        for (t, hs) in [(130, 32), (64, 64), (200, 128), (1, 64)] {
+            let mut p = Pair::new();
+            let d = dims(2, t, 3, hs, 10, 10, 0);
+            let n = d.tokens();
+            let width = d.nh * d.hs;
+            let qkv = p.input(n * 3 * width, dt, 1.0);
+            let out = p.alloc(n * width, dt);
+            let lse = p.alloc(n * d.nh, Dtype::F32);
+            p.run(|o| o.attention_fwd(out, lse, qkv, d));
+            p.check(&format!("attention_fwd out t={t} hs={hs}"), out, 1.0);
+            p.check(&format!("attention_fwd lse t={t} hs={hs}"), lse, 4.0);
+            let dout = p.input(n * width, dt, 1.0);
+            let dqkv = p.alloc(n * 3 * width, dt);
+            let delta = p.alloc(n * d.nh, Dtype::F32);
+            p.run(|o| o.attention_bwd(dqkv, delta, dout, qkv, out, lse, d));
+            p.check(&format!("attention_bwd t={t} hs={hs}"), dqkv, 2.0);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn crossentropy_matches_the_cpu_whole_and_split_over_the_vocabulary() {
+    for dt in DTYPES {
+        let mut p = Pair::new();
+        let (rows, v, vp) = (37, 50257, 50304);
+        let d = dims(1, rows, 1, 8, v, vp, 0);
+        let targets = p.tokens(rows, v);
+        let logits = p.input(rows * vp, dt, 8.0);
+        let [losses, max, sumexp] = [0; 3].map(|_| p.alloc(rows, Dtype::F32));
+        p.run(|o| o.crossentropy_fwd_bwd(logits, losses, max, sumexp, targets, 1.0 / 37.0, d));
+        p.check("crossentropy_fwd_bwd losses", losses, 4.0);
+        p.check("crossentropy_fwd_bwd dlogits", logits, 1e-3);
+
+        // The second of two tensor-parallel shards of 25152 columns: ids 25152.. of 50257.
+        let shard = dims(1, rows, 1, 8, v, vp / 2, vp / 2);
+        let logits = p.input(rows * shard.vp, dt, 8.0);
+        p.run(|o| o.crossentropy_max(logits, max, shard));
+        p.check("crossentropy_max", max, 8.0);
+        p.run(|o| o.crossentropy_sumexp(logits, losses, max, sumexp, targets, shard));
+        p.check("crossentropy_sumexp picked", losses, 8.0);
+        p.check("crossentropy_sumexp sumexp", sumexp, 100.0);
+        p.run(|o| o.crossentropy_finish(logits, losses, max, sumexp, targets, 0.5, shard));
+        p.check("crossentropy_finish losses", losses, 8.0);
+        p.check("crossentropy_finish dlogits", logits, 1e-3);
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn adamw_matches_the_cpu_with_and_without_master_weights() {
+    let hyper = AdamW {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        bias_correction1: 0.1,
+        bias_correction2: 0.05,
+        grad_scale: 0.5,
+    };
+    for dt in DTYPES {
+        let mut p = Pair::new();
+        let n = 70_001;
+        let param = p.input(n, dt, 1.0);
+        let grad = p.input(n, dt, 1.0);
+        let (m, v) = (p.input(n, Dtype::F32, 0.1), p.alloc(n, Dtype::F32));
+        let values: Vec<f32> = p.random(n, 0.01).iter().map(|x| x.abs()).collect();
+        p.put(v, &values);
+        let master = p.input(n, Dtype::F32, 1.0);
+        for _ in 0..3 {
+            p.run(|o| o.adamw(param, Some(master), m, v, Some(grad), hyper));
+        }
+        p.check("adamw master", master, 1.0);
+        p.check("adamw param", param, 1.0);
+        p.check("adamw m", m, 1.0);
+        p.check("adamw v", v, 0.01);
+        p.run(|o| o.adamw(param, Some(master), m, v, None, hyper));
+        p.check("adamw, gradient read from param", param, 1.0);
+        if dt == Dtype::F32 {
+            p.run(|o| o.adamw(param, None, m, v, Some(grad), hyper));
+            p.check("adamw without master", param, 1.0);
+        }
+    }
+    // bf16 rounding of the result is the same function on both sides.
+    assert_eq!(bf16::from_f32(1.0 / 3.0).to_bits(), 0x3eab);
+}
