@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context as _;
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use tessera_plan::bytes::format_size;
-use tessera_plan::config::{Backend, Device, Watchdog};
+use tessera_plan::config::{Device, Watchdog};
 use tessera_plan::memory::{MemoryPlan, Place};
 use tessera_plan::mesh::Mesh;
 use tessera_worker::arena::ArenaLayout;
@@ -89,11 +89,17 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     // Validated before anything starts.
     let hosts = hostfile::read(config)?;
     let cluster = config.cluster.nodes > 1 || options.listen.is_some() || hosts.is_some();
-    if config.cluster.device != Device::Cpu || config.cluster.backend != Backend::Tcp {
-        return Err(Failure::usage(
-            "this build trains on CPU workers over TCP only (the CUDA backend is issue 8); use \
-             --set cluster.device=cpu --set cluster.backend=tcp",
-        ));
+    // On one machine, say it once rather than once per worker. (Only the library's presence:
+    // a CUDA context here would take half a GiB of the GPU from the workers.)
+    if !cluster
+        && config.cluster.device == Device::Cuda
+        && !tessera_worker::tensor::cuda::driver_present()
+    {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "cluster.device is cuda, but this machine has no CUDA driver (libcuda.so.1 does not \
+             load)\n  help: run on a machine with an NVIDIA GPU and its driver, or train on CPU \
+             workers with --set cluster.device=cpu --set cluster.backend=tcp"
+        )));
     }
     // What each worker must allocate: the arena its plan lays out (checked again by the worker).
     let mut layout = Layout {

@@ -512,3 +512,22 @@ fn search_rejects_gpu_counts_that_do_not_fill_nodes() {
         "--gpu-memory: `lots` is not a size",
     );
 }
+
+#[test]
+fn a_cuda_run_without_a_driver_fails_once_before_any_worker_starts() {
+    if tessera_worker::tensor::cuda::driver_present() {
+        eprintln!("skipped: this machine has a CUDA driver (tests/gpu.rs trains there)");
+        return;
+    }
+    let output = fails(
+        &words(
+            "--config configs/tiny-cpu.yaml --set cluster.device=cuda --set cluster.backend=tcp \
+             --set training.steps=1",
+        ),
+        1,
+        "cluster.device is cuda, but this machine has no CUDA driver",
+    );
+    let message = stderr(&output);
+    assert!(message.contains("--set cluster.device=cpu"), "{message}");
+    assert!(!message.contains("[rank "), "no worker started: {message}");
+}

@@ -7,6 +7,9 @@
 //!   math to bf16, so results differ by the rounding of differently ordered sums, a few bf16
 //!   ulps (2^-8 relative each).
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
 use half::bf16;
 use tessera_plan::memory::{Dtype, Place};
 use tessera_worker::tensor::cpu::CpuBackend;
@@ -611,4 +614,167 @@ fn adamw_matches_the_cpu_with_and_without_master_weights() {
     }
     // bf16 rounding of the result is the same function on both sides.
     assert_eq!(bf16::from_f32(1.0 / 3.0).to_bits(), 0x3eab);
+}
+
+// --- whole runs of the worker on the GPU ---
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tessera-gpu-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `tessera-worker` alone on `config` with `sets` and returns its output and per-step
+/// losses.
+fn train(config: &str, sets: &[String], dir: &Path) -> (Output, Vec<f64>) {
+    let metrics = dir.join("metrics.jsonl");
+    let _ = std::fs::remove_file(&metrics);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tessera-worker"));
+    command.arg("--config").arg(repo(config)).arg("--fresh");
+    command.arg("--metrics").arg(&metrics);
+    for set in sets {
+        command.arg("--set").arg(set);
+    }
+    command
+        .arg("--set")
+        .arg(format!("checkpoint.dir={}", dir.join("ckpt").display()));
+    let out = command.env_remove("TESSERA_COORDINATOR").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let losses = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            value["loss"].as_f64().unwrap()
+        })
+        .collect();
+    (out, losses)
+}
+
+fn one_rank(device: &str, precision: &str, steps: u64) -> Vec<String> {
+    let backend = if device == "cuda" { "nccl" } else { "tcp" };
+    [
+        "parallel.data=1",
+        "parallel.tensor=1",
+        "parallel.pipeline=1",
+        "cluster.gpus_per_node=1",
+        "checkpoint.every=0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        format!("cluster.device={device}"),
+        format!("cluster.backend={backend}"),
+        format!("training.precision={precision}"),
+        format!("training.steps={steps}"),
+    ])
+    .collect()
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn the_tiny_config_trains_on_the_gpu_like_on_the_cpu() {
+    let dir = scratch("tiny");
+    for precision in ["fp32", "bf16"] {
+        let (_, cpu) = train(
+            "configs/tiny-cpu.yaml",
+            &one_rank("cpu", precision, 20),
+            &dir,
+        );
+        let (out, gpu) = train(
+            "configs/tiny-cpu.yaml",
+            &one_rank("cuda", precision, 20),
+            &dir,
+        );
+        let log = String::from_utf8_lossy(&out.stdout);
+        assert!(log.contains("device memory after the first step"), "{log}");
+        assert_eq!(cpu.len(), 20);
+        assert_eq!(gpu.len(), 20);
+        let relative = |i: usize| ((gpu[i] - cpu[i]) / cpu[i]).abs();
+        assert!(
+            relative(0) < 1e-2,
+            "{precision} step 1: gpu {} cpu {}",
+            gpu[0],
+            cpu[0]
+        );
+        for i in 0..20 {
+            assert!(
+                relative(i) < 2e-2,
+                "{precision} step {}: gpu {} cpu {} (all: gpu {gpu:?} cpu {cpu:?})",
+                i + 1,
+                gpu[i],
+                cpu[i]
+            );
+        }
+        eprintln!("{precision}: cpu {cpu:?}\n{precision}: gpu {gpu:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// GPT-2 124M for 200 steps on an llm.c-format shard (this repository's Rust sources as
+/// byte tokens: no tokenizer or download needed, and text a model can learn); also checks the
+/// memory plan against the GPU's own count after the first step.
+#[test]
+#[ignore = "needs a GPU"]
+fn gpt2_124m_learns_from_llmc_shards_within_its_planned_memory() {
+    let dir = scratch("124m");
+    let mut text = Vec::new();
+    for folder in ["worker/src", "plan/src", "launcher/src"] {
+        collect_sources(&repo(folder), &mut text);
+    }
+    let tokens: Vec<u16> = text.iter().map(|&b| b as u16).collect();
+    let shard = dir.join("train_000.bin");
+    tessera_worker::data::write_shard(&shard, &tokens).unwrap();
+    let mut sets = one_rank("cuda", "bf16", 200);
+    sets.extend([
+        "training.global_batch=16".to_string(),
+        "training.micro_batch=16".into(),
+        "data.kind=tokens".into(),
+        format!("data.path={}", shard.display()),
+    ]);
+    let (out, losses) = train("configs/gpt2-124m.yaml", &sets, &dir);
+    let log = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{log}");
+    let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
+    let (first, last) = (mean(&losses[..10]), mean(&losses[190..]));
+    assert!(
+        last < first - 1.0,
+        "the loss falls: first 10 steps {first:.3}, last 10 {last:.3}"
+    );
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("device memory after the first step"))
+        .unwrap_or_else(|| panic!("no memory line: {log}"));
+    let percent: f64 = line
+        .rsplit(", ")
+        .next()
+        .and_then(|p| p.trim_end_matches('%').parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(percent.abs() <= 2.0, "measured vs planned: {line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn collect_sources(dir: &Path, out: &mut Vec<u8>) {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            collect_sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.extend(std::fs::read(&path).unwrap());
+        }
+    }
 }

@@ -14,6 +14,7 @@
 
 pub mod blas;
 pub mod compile;
+mod nvml;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -310,6 +311,8 @@ pub struct CudaBackend {
     poisoned: RefCell<Option<String>>,
     /// Dense bf16 peak of this GPU, for MFU (see [`peak_flops`]).
     peak_flops: Option<f64>,
+    /// `domain:bus:device.0`, how NVML names this GPU.
+    pci_bus_id: String,
 }
 
 /// Dense bf16 tensor-core peak FLOP/s of the GPU called `name`, as NVIDIA's data sheets give
@@ -348,6 +351,17 @@ impl CudaBackend {
         let name = ctx
             .name()
             .map_err(|e| cuda_error("reading the GPU's name", e))?;
+        let pci = |a| {
+            ctx.attribute(a)
+                .map_err(|e| cuda_error("reading the GPU's PCI address", e))
+        };
+        use driver::CUdevice_attribute as A;
+        let pci_bus_id = format!(
+            "{:04x}:{:02x}:{:02x}.0",
+            pci(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
+            pci(A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?,
+            pci(A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?
+        );
         let stream = ctx
             .new_stream()
             .map_err(|e| cuda_error("creating a stream", e))?;
@@ -378,6 +392,7 @@ impl CudaBackend {
             segments: PinnedMemory::new(0)?,
             poisoned: RefCell::new(None),
             peak_flops: peak_flops(&name),
+            pci_bus_id,
         })
     }
 
@@ -690,8 +705,11 @@ impl Backend for CudaBackend {
         }
     }
 
+    /// NVML's count for this process (context, libraries, arena), or the whole GPU's use
+    /// where NVML cannot say (no library, or a pid namespace hides this process).
     fn measured_device_bytes(&self) -> Option<u64> {
-        self.device_used_bytes().ok().map(|b| b as u64)
+        nvml::process_bytes(&self.pci_bus_id)
+            .or_else(|| self.device_used_bytes().ok().map(|b| b as u64))
     }
 
     fn peak_flops(&self) -> Option<f64> {
