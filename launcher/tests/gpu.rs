@@ -6,17 +6,28 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The repository and `launch` (`TESSERA_REPO` and `TESSERA_LAUNCH` where the binary runs
+/// on a copy elsewhere, as on a lent GPU machine; see bench/gpu/tests.sh).
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("launcher/ has a parent")
-        .to_path_buf()
+    match std::env::var_os("TESSERA_REPO") {
+        Some(root) => PathBuf::from(root),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("launcher/ has a parent")
+            .to_path_buf(),
+    }
+}
+
+fn launch_binary() -> PathBuf {
+    std::env::var_os("TESSERA_LAUNCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_launch").into())
 }
 
 /// The default demo (2 x 2 x 2 ranks, fp32) on `device`, 10 steps; its losses.
 fn demo(device: &str, dir: &Path) -> Vec<f64> {
     let metrics = dir.join(format!("{device}.jsonl"));
-    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+    let out = Command::new(launch_binary())
         .current_dir(repo())
         .env_remove("TESSERA_COORDINATOR")
         .args(["--config", "configs/tiny-cpu.yaml", "--threads", "1"])

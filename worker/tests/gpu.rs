@@ -618,8 +618,19 @@ fn adamw_matches_the_cpu_with_and_without_master_weights() {
 
 // --- whole runs of the worker on the GPU ---
 
+/// The repository (`TESSERA_REPO` where the binary runs on a copy elsewhere, as on a lent
+/// GPU machine; see bench/gpu/tests.sh).
 fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+    match std::env::var_os("TESSERA_REPO") {
+        Some(root) => PathBuf::from(root).join(path),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path),
+    }
+}
+
+fn worker_binary() -> PathBuf {
+    std::env::var_os("TESSERA_WORKER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_tessera-worker").into())
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -634,7 +645,7 @@ fn scratch(name: &str) -> PathBuf {
 fn train(config: &str, sets: &[String], dir: &Path) -> (Output, Vec<f64>) {
     let metrics = dir.join("metrics.jsonl");
     let _ = std::fs::remove_file(&metrics);
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tessera-worker"));
+    let mut command = Command::new(worker_binary());
     command.arg("--config").arg(repo(config)).arg("--fresh");
     command.arg("--metrics").arg(&metrics);
     for set in sets {
