@@ -37,8 +37,8 @@ use crate::train::{self, Rank, RunOptions, StepMetrics};
 
 /// Train one rank of a tessera job.
 ///
-/// Alone it runs a single-rank config (data, tensor and pipeline degrees 1) on CPU workers:
-/// it resumes from the newest checkpoint in checkpoint.dir, prints one line per step, and
+/// Alone it runs a single-rank config (data, tensor and pipeline degrees 1) on the CPU, or on
+/// GPU 0 with cluster.device=cuda: it resumes from the newest checkpoint in checkpoint.dir, prints one line per step, and
 /// writes checkpoints as the config says. Exit status: 0 done, 2 bad config, data or usage, 1 a
 /// failure while training.
 #[derive(Debug, Parser)]

@@ -271,19 +271,6 @@ fn a_multi_rank_config_is_refused_with_the_fix() {
 }
 
 #[test]
-fn a_cuda_config_says_this_build_has_the_cpu_backend() {
-    let mut sets = ONE_RANK.to_vec();
-    sets.extend(["cluster.device=cuda", "cluster.backend=nccl"]);
-    let output = run(worker(&repo("configs/tiny-cpu.yaml"), &sets, &[]));
-    assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("CPU backend"),
-        "{}",
-        stderr(&output)
-    );
-}
-
-#[test]
 fn bad_config_input_exits_2_without_a_panic() {
     let scratch = Scratch::new("bad-config");
     let output = run(worker(&scratch.path("missing.yaml"), &[], &[]));
