@@ -322,7 +322,7 @@ fn verdict(name: &str, config: &Config, plan: &MemoryPlan) -> String {
     if estimated > 0 {
         let _ = writeln!(
             out,
-            "note: the runtime column ({} per rank: CUDA context, NCCL buffers) is an estimate until workers measure it.",
+            "note: {} per rank of the runtime column (CUDA context, cuBLASLt, kernels, NCCL buffers) is measured on an H100, not computed; a worker prints its GPU's own count after the first step.",
             format_size(estimated)
         );
     }

@@ -89,6 +89,11 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     // Validated before anything starts.
     let hosts = hostfile::read(config)?;
     let cluster = config.cluster.nodes > 1 || options.listen.is_some() || hosts.is_some();
+    if config.cluster.device == Device::Cuda
+        && let Err(e) = tessera_worker::tensor::cuda::check_model(&config.model)
+    {
+        return Err(Failure::usage(e.to_string()));
+    }
     // On one machine, say it once rather than once per worker. (Only the library's presence:
     // a CUDA context here would take half a GiB of the GPU from the workers.)
     if !cluster

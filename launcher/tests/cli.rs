@@ -531,3 +531,22 @@ fn a_cuda_run_without_a_driver_fails_once_before_any_worker_starts() {
     assert!(message.contains("--set cluster.device=cpu"), "{message}");
     assert!(!message.contains("[rank "), "no worker started: {message}");
 }
+
+#[test]
+fn a_cuda_run_with_a_head_size_the_kernels_lack_is_a_config_error() {
+    // hidden 128 / heads 8 = 16: planned fine, but no attention kernel variant exists.
+    let output = fails(
+        &words(
+            "--config configs/tiny-cpu.yaml --set cluster.device=cuda --set cluster.backend=tcp \
+             --set model.heads=8",
+        ),
+        2,
+        "head size 16, but the CUDA attention kernels are built for head sizes [32, 64, 80, 96, 128]",
+    );
+    let message = stderr(&output);
+    assert!(
+        message.contains("for hidden 128 use heads: 4 or heads: 2"),
+        "{message}"
+    );
+    assert!(!message.contains("[rank "), "no worker started: {message}");
+}

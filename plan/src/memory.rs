@@ -40,6 +40,13 @@ pub const CUDA_CONTEXT_BYTES: u64 = 552_402_944;
 /// The workspace cudarc's `CudaBlasLT::new` allocates (exact, see shared/GPU.md).
 pub const CUBLASLT_WORKSPACE_BYTES: u64 = 32 << 20;
 
+/// Device memory `cublasLtCreate` takes with lazy module loading (bench/gpu_runtime: 2 MiB).
+pub const CUBLASLT_HANDLE_BYTES: u64 = 2 << 20;
+
+/// Device memory of the worker's own kernels once loaded: the six cubins for sm_90 are 3.4 MB
+/// (`tessera-worker kernels --arch sm_90` prints each); rounded up, as the driver pads code.
+pub const KERNELS_BYTES: u64 = 4 << 20;
+
 /// Device memory each NCCL communicator takes: measured for a second single-rank communicator
 /// with NCCL 2.28 on an H100 (bench/gpu_runtime; 388 MiB). Communicators of more ranks size
 /// their channel buffers by topology, so this stays an estimate until the worker measures it.
@@ -914,14 +921,17 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// Memory outside the arena on a GPU: the CUDA context, cuBLASLt's workspace and one NCCL
-    /// communicator per group of more than one rank that this rank is in (tensor, pipeline,
-    /// data, and the embedding group joining the first and last stage). None on CPU.
+    /// Memory outside the arena on a GPU: the CUDA context, cuBLASLt's handle and workspace,
+    /// the worker's loaded kernels, and one NCCL communicator per group of more than one rank
+    /// that this rank is in (tensor, pipeline, data, and the embedding group joining the first
+    /// and last stage). None on CPU.
     fn runtime(&mut self, embedding_stage: bool) {
         if self.config.cluster.device != Device::Cuda {
             return;
         }
         self.add_estimate("runtime.cuda_context", CUDA_CONTEXT_BYTES, Per::Rank);
+        self.add_estimate("runtime.cublaslt_handle", CUBLASLT_HANDLE_BYTES, Per::Rank);
+        self.add_estimate("runtime.kernels", KERNELS_BYTES, Per::Rank);
         self.regions.push(Region {
             name: "runtime.cublaslt_workspace",
             category: Category::Runtime,

@@ -216,6 +216,9 @@ fn run(cli: &Cli) -> Result<(), (u8, String)> {
         eprintln!("warning: {warning}");
     }
     train::check_single_rank(&config).map_err(failure)?;
+    if config.cluster.device == Device::Cuda {
+        crate::tensor::cuda::check_model(&config.model).map_err(failure)?;
+    }
     start_threads(cli.threads)?;
     let plan = tessera_plan::memory::StagePlan::new(&config, 0);
     let layout = ArenaLayout::new(&plan);
@@ -248,10 +251,7 @@ fn cuda_backend(layout: &ArenaLayout, local_rank: usize) -> Result<CudaBackend, 
 
 /// GPUs the driver shows this process, or the error that says why there are none.
 fn gpu_count() -> Result<usize, Error> {
-    crate::tensor::cuda::open_device(0)?;
-    let count = cudarc::driver::CudaContext::device_count()
-        .map_err(|e| crate::tensor::cuda::cuda_error("counting GPUs", e))?;
-    Ok(count.max(1) as usize)
+    crate::tensor::cuda::device_count()
 }
 
 fn train_alone<B: Backend>(
@@ -376,7 +376,10 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
         .map_err(runtime_error)?;
     // Ranks share the node's GPUs round-robin (one each when there are enough).
     let gpu = match config.cluster.device {
-        Device::Cuda => Some(env.local_rank as usize % gpu_count().map_err(failure)?),
+        Device::Cuda => {
+            crate::tensor::cuda::check_model(&config.model).map_err(failure)?;
+            Some(env.local_rank as usize % gpu_count().map_err(failure)?)
+        }
         Device::Cpu => None,
     };
     let staging: Option<Arc<dyn DeviceCopy>> = match gpu {

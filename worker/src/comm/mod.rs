@@ -236,9 +236,14 @@ fn silent_ranks(silent: &[usize]) -> String {
 #[must_use = "a collective's result is only known after wait()"]
 pub struct Work {
     state: WorkState,
+    /// Applied to the result once the collective has finished, before `on_complete` (a
+    /// wrapper's last step, which may itself fail).
+    then: Option<Then>,
     /// Run once when the collective is known to have finished (tracing).
     on_complete: Option<Box<dyn FnOnce() + Send>>,
 }
+
+type Then = Box<dyn FnOnce(Result<(), CommError>) -> Result<(), CommError> + Send>;
 
 enum WorkState {
     Pending(mpsc::Receiver<Result<(), CommError>>),
@@ -250,6 +255,7 @@ impl Work {
     pub fn done(result: Result<(), CommError>) -> Work {
         Work {
             state: WorkState::Done(Some(result)),
+            then: None,
             on_complete: None,
         }
     }
@@ -259,6 +265,7 @@ impl Work {
     pub fn pending(receiver: mpsc::Receiver<Result<(), CommError>>) -> Work {
         Work {
             state: WorkState::Pending(receiver),
+            then: None,
             on_complete: None,
         }
     }
@@ -271,6 +278,20 @@ impl Work {
                 first();
                 f();
             }),
+            None => Box::new(f),
+        });
+        self
+    }
+
+    /// Passes the result through `f` once the collective has finished, after any function
+    /// given before: a wrapper's final step (copying results back) that runs only on success
+    /// and can fail the collective itself.
+    pub fn then(
+        mut self,
+        f: impl FnOnce(Result<(), CommError>) -> Result<(), CommError> + Send + 'static,
+    ) -> Work {
+        self.then = Some(match self.then.take() {
+            Some(first) => Box::new(move |result| f(first(result))),
             None => Box::new(f),
         });
         self
@@ -301,6 +322,10 @@ impl Work {
             WorkState::Done(result) => result.take().unwrap_or(Ok(())),
         };
         self.state = WorkState::Done(None);
+        let result = match self.then.take() {
+            Some(then) => then(result),
+            None => result,
+        };
         if let Some(f) = self.on_complete.take() {
             f();
         }

@@ -154,18 +154,28 @@ impl Communicator for Staged {
         let work = unsafe { self.inner.start(host_op) }?;
         let device = self.device.clone();
         let copy_back = written(&op);
-        Ok(work.on_complete(move || {
+        let (group, name) = (self.inner.group().name.clone(), op.name());
+        // The results go back only when the op succeeded; a failed copy fails the op.
+        Ok(work.then(move |result| {
+            result?;
             for buf in copy_back.into_iter().filter(|b| b.memory == Memory::Device) {
                 let Some(stage) = stages.iter().find(|s| s.contains(buf)) else {
                     continue;
                 };
                 let offset = buf.addr - stage.addr;
                 let bytes = &stage.bytes[offset..offset + buf.bytes()];
-                if let Err(e) = device.to_device(buf.addr, bytes) {
-                    // The context is broken: the rank's next kernel fails and says so.
-                    eprintln!("error: copying a collective's result back to the GPU: {e}");
-                }
+                device
+                    .to_device(buf.addr, bytes)
+                    .map_err(|e| CommError::Collective {
+                        group: group.clone(),
+                        op: name,
+                        seq: 0,
+                        silent: Vec::new(),
+                        waited: Default::default(),
+                        cause: format!("copying the result back to the GPU: {e}"),
+                    })?;
             }
+            Ok(())
         }))
     }
 }
@@ -327,6 +337,75 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(*device.log.lock().unwrap(), ["down 16"]);
+    }
+
+    #[test]
+    fn a_failed_op_copies_nothing_back_and_a_failed_copy_fails_the_op() {
+        struct Failing(Group);
+        impl Communicator for Failing {
+            fn group(&self) -> &Group {
+                &self.0
+            }
+            unsafe fn start(&mut self, _: Collective) -> Result<Work, CommError> {
+                Ok(Work::done(Err(CommError::Setup {
+                    group: "dp 0".into(),
+                    what: "peer gone".into(),
+                    help: String::new(),
+                })))
+            }
+        }
+        let device = Arc::new(HostDevice::default());
+        let group = Group::solo("dp 0", 0);
+        let mut staged = Staged::new(Box::new(Failing(group)), device.clone());
+        let values = vec![1.0f32; 2];
+        let buf = device_buf(&values);
+        // SAFETY: `values` outlives the wait.
+        let error = unsafe {
+            staged.start(Collective::AllReduce {
+                buf,
+                op: ReduceOp::Sum,
+            })
+        }
+        .unwrap()
+        .wait()
+        .unwrap_err();
+        assert!(error.to_string().contains("peer gone"), "{error}");
+        assert_eq!(
+            *device.log.lock().unwrap(),
+            ["down 8"],
+            "nothing copied back"
+        );
+
+        struct Broken;
+        impl DeviceCopy for Broken {
+            fn to_host(&self, dst: &mut [u8], _: usize) -> Result<(), String> {
+                dst.fill(0);
+                Ok(())
+            }
+            fn to_device(&self, _: usize, _: &[u8]) -> Result<(), String> {
+                Err("CUDA_ERROR_ILLEGAL_ADDRESS".into())
+            }
+        }
+        let mut staged = Staged::new(
+            Box::new(Solo::new(Group::solo("tp 0", 0))),
+            Arc::new(Broken),
+        );
+        // SAFETY: as above.
+        let error = unsafe {
+            staged.start(Collective::AllReduce {
+                buf,
+                op: ReduceOp::Sum,
+            })
+        }
+        .unwrap()
+        .wait()
+        .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("copying the result back to the GPU: CUDA_ERROR_ILLEGAL_ADDRESS"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -92,6 +92,27 @@ impl Checks {
         Ok(())
     }
 
+    /// A raw copy of `bytes` bytes to or from `t`: exactly its size.
+    pub fn bytes(
+        &self,
+        op: &'static str,
+        name: &'static str,
+        t: Tensor,
+        bytes: usize,
+    ) -> Result<()> {
+        let size = t.dtype.size() as usize;
+        if !bytes.is_multiple_of(size) {
+            return Err(Error::Shape {
+                op,
+                tensor: name,
+                expected: t.len,
+                got: bytes / size,
+                dtype: t.dtype,
+            });
+        }
+        self.tensor(op, name, t, t.dtype, bytes / size)
+    }
+
     pub fn copy(&self, dst: Tensor, src: Tensor) -> Result<()> {
         self.tensor("copy", "src", src, src.dtype, dst.len)?;
         self.tensor("copy", "dst", dst, dst.dtype, dst.len)?;

@@ -213,8 +213,7 @@ impl Backend for CpuBackend {
     }
 
     fn write_bytes(&mut self, dst: Tensor, src: &[u8]) -> Result<()> {
-        let elems = src.len() / dst.dtype.size() as usize;
-        self.check("write_bytes", "dst", dst, dst.dtype, elems)?;
+        self.checks().bytes("write_bytes", "dst", dst, src.len())?;
         // SAFETY: checked; `&mut self` excludes every other slice.
         let bytes = unsafe {
             self.slice_mut::<u8>(Tensor {
@@ -227,8 +226,7 @@ impl Backend for CpuBackend {
     }
 
     fn read_bytes(&self, src: Tensor, dst: &mut [u8]) -> Result<()> {
-        let elems = dst.len() / src.dtype.size() as usize;
-        self.check("read_bytes", "src", src, src.dtype, elems)?;
+        self.checks().bytes("read_bytes", "src", src, dst.len())?;
         // SAFETY: checked; no slice is mutable.
         dst.copy_from_slice(unsafe {
             self.slice::<u8>(Tensor {

@@ -48,10 +48,11 @@ struct Plan {
 
 pub struct Blas {
     handle: sys::cublasLtHandle_t,
-    stream: Arc<CudaStream>,
     workspace: DeviceMemory,
     /// Keyed by shape and the pointers' alignment (the heuristic picks by both).
     plans: HashMap<(Gemm, [u32; 3]), Plan>,
+    /// Last: it may hold the last reference to the context the rest lives in.
+    stream: Arc<CudaStream>,
 }
 
 fn blas_error(what: &str, e: impl std::fmt::Debug) -> Error {
@@ -208,8 +209,7 @@ impl Blas {
         let d = layout(g.m, g.n, g.ldd)?;
         let pref = lt::create_matmul_pref().map_err(|e| blas_error("preference", e))?;
         let pref_set = |attr, value: u64| {
-            // SAFETY: `pref` is live; the value is a u64 (uint64 or uint32 attributes read
-            // their own size from the little-endian start).
+            // SAFETY: `pref` is live; the value is the uint64 the attribute takes.
             unsafe {
                 lt::set_matmul_pref_attribute(
                     pref,
@@ -250,6 +250,13 @@ impl Blas {
         // SAFETY: created above, not used again.
         let _ = unsafe { lt::destroy_matmul_pref(pref) };
         let heuristic = heuristic.map_err(|e| {
+            // SAFETY: created above, used by nothing else.
+            unsafe {
+                let _ = lt::destroy_matrix_layout(a);
+                let _ = lt::destroy_matrix_layout(b);
+                let _ = lt::destroy_matrix_layout(d);
+                let _ = lt::destroy_matmul_desc(desc);
+            }
             blas_error(
                 &format!(
                     "finding an algorithm for a {}x{}x{} {} product",

@@ -124,7 +124,35 @@ impl DeviceCopy for CudaCopy {
     fn to_device(&self, dst: usize, src: &[u8]) -> std::result::Result<(), String> {
         self.0.bind_to_thread().map_err(|e| format!("{e:?}"))?;
         // SAFETY: as above, for `dst`.
-        unsafe { result::memcpy_htod_sync(dst as u64, src) }.map_err(|e| format!("{e:?}"))
+        unsafe { result::memcpy_htod_sync(dst as u64, src) }.map_err(|e| format!("{e:?}"))?;
+        // From pageable memory the copy returns once staged, not landed, and the backend's
+        // stream does not wait for the default stream: wait here, before any kernel reads it.
+        result::ctx::synchronize().map_err(|e| format!("{e:?}"))
+    }
+}
+
+/// The GPUs the driver shows this process, without creating a context (which would take
+/// memory on GPU 0 from whichever rank runs there).
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return open_device(0).map(|_| 0);
+    }
+    match catch_unwind(CudaContext::device_count) {
+        Ok(Ok(count)) if count > 0 => Ok(count as usize),
+        Ok(Ok(_)) => Err(Error::Cuda {
+            what: "the CUDA driver loaded but sees no GPU".into(),
+            help: "check CUDA_VISIBLE_DEVICES and nvidia-smi".into(),
+        }),
+        Ok(Err(e)) => Err(Error::Cuda {
+            what: format!("the CUDA driver loaded but found no usable GPU: {e:?}"),
+            help: DRIVER_HELP.into(),
+        }),
+        Err(_) => Err(Error::Cuda {
+            what: "loading the CUDA driver failed (a symbol is missing: a driver older than \
+                   CUDA 13?)"
+                .into(),
+            help: DRIVER_HELP.into(),
+        }),
     }
 }
 
@@ -167,7 +195,10 @@ impl DeviceMemory {
         let memory = DeviceMemory { ptr, bytes };
         // SAFETY: `ptr` has `bytes` bytes.
         unsafe { result::memset_d8_sync(ptr, 0, bytes) }
-            .map_err(|e| cuda_error("zeroing the device arena", e))?;
+            .map_err(|e| cuda_error("zeroing device memory", e))?;
+        // The memset may still run on the default stream, which the backend's stream does not
+        // wait for: finish it before the first write.
+        result::ctx::synchronize().map_err(|e| cuda_error("zeroing device memory", e))?;
         Ok(memory)
     }
 }
@@ -293,9 +324,10 @@ fn suffix(dtype: Dtype) -> &'static str {
 }
 
 /// The CUDA backend of one rank. See the module docs.
+///
+/// Fields drop in order: everything allocated in the context goes before the stream and the
+/// context themselves, which are last.
 pub struct CudaBackend {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
     /// `sm_XY` of the device, the architecture kernels are compiled for.
     arch: String,
     device: DeviceMemory,
@@ -313,6 +345,8 @@ pub struct CudaBackend {
     peak_flops: Option<f64>,
     /// `domain:bus:device.0`, how NVML names this GPU.
     pci_bus_id: String,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
 }
 
 /// Dense bf16 tensor-core peak FLOP/s of the GPU called `name`, as NVIDIA's data sheets give
@@ -326,6 +360,7 @@ pub fn peak_flops(name: &str) -> Option<f64> {
     }
     let tflops = match name {
         n if n.contains("H100") && n.contains("PCIe") => 756.0,
+        n if n.contains("H100 NVL") => 835.0,
         n if n.contains("H100") || n.contains("H200") => 989.0,
         n if n.contains("A100") => 312.0,
         n if n.contains("L40S") => 362.0,
@@ -506,11 +541,14 @@ impl CudaBackend {
     fn find(&self, name: &str) -> Result<CudaFunction> {
         for module in &self.modules {
             if let Ok(function) = module.load_function(name) {
-                if name.starts_with("attention_") {
+                let base = name.rsplit_once('_').map_or(name, |(base, _)| base);
+                let largest = Self::attention_shared(base, HEAD_SIZES[HEAD_SIZES.len() - 1]);
+                // Above 48 KiB a kernel must ask for its dynamic shared memory.
+                if base.starts_with("attention_") && largest > 48 << 10 {
                     function
                         .set_attribute(
                             driver::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            99 << 10,
+                            largest as i32,
                         )
                         .map_err(|e| cuda_error(&format!("raising {name}'s shared memory"), e))?;
                 }
@@ -596,6 +634,38 @@ impl CudaBackend {
         };
         (tiles + extra) as u32
     }
+}
+
+/// Fails (before anything is allocated) when the CUDA kernels cannot run `model`: its head
+/// size has no attention variant.
+pub fn check_model(model: &tessera_plan::config::Model) -> Result<()> {
+    let hs = model.hidden / model.heads.max(1);
+    if HEAD_SIZES.contains(&hs) {
+        return Ok(());
+    }
+    let fits: Vec<String> = HEAD_SIZES
+        .iter()
+        .filter(|&&size| model.hidden.is_multiple_of(size))
+        .map(|&size| format!("heads: {}", model.hidden / size))
+        .collect();
+    Err(Error::Unsupported {
+        what: format!(
+            "model.hidden ({}) / model.heads ({}) = head size {hs}, but the CUDA attention \
+             kernels are built for head sizes {HEAD_SIZES:?}",
+            model.hidden, model.heads
+        ),
+        help: if fits.is_empty() {
+            "choose model.hidden and model.heads so that hidden / heads is one of them, or train \
+             on CPU workers (cluster.device: cpu)"
+                .into()
+        } else {
+            format!(
+                "for hidden {} use {}, or train on CPU workers (cluster.device: cpu)",
+                model.hidden,
+                fits.join(" or ")
+            )
+        },
+    })
 }
 
 /// Fails unless the attention kernels have a variant for this head size.
@@ -743,9 +813,7 @@ impl Backend for CudaBackend {
     }
 
     fn write_bytes(&mut self, dst: Tensor, src: &[u8]) -> Result<()> {
-        let elems = src.len() / dst.dtype.size() as usize;
-        self.checks()
-            .tensor("write_bytes", "dst", dst, dst.dtype, elems)?;
+        self.checks().bytes("write_bytes", "dst", dst, src.len())?;
         if dst.place == Place::Host {
             return self.host_ops.write_bytes(Self::hosted(dst), src);
         }
@@ -753,9 +821,7 @@ impl Backend for CudaBackend {
     }
 
     fn read_bytes(&self, src: Tensor, dst: &mut [u8]) -> Result<()> {
-        let elems = dst.len() / src.dtype.size() as usize;
-        self.checks()
-            .tensor("read_bytes", "src", src, src.dtype, elems)?;
+        self.checks().bytes("read_bytes", "src", src, dst.len())?;
         if src.place == Place::Host {
             return self.host_ops.read_bytes(Self::hosted(src), dst);
         }
@@ -1399,7 +1465,8 @@ impl Backend for CudaBackend {
         if grads.len == 0 || partials.len == 0 {
             return Ok(0.0);
         }
-        // The CPU backend's blocking, so both sum the same blocks in the same order.
+        // The CPU backend's blocking: the same blocks, each summed in f64 (in a tree here), the
+        // partials added in order on the host.
         let block = grads.len.div_ceil(partials.len).max(1);
         let used = grads.len.div_ceil(block);
         let args = [

@@ -85,4 +85,6 @@ pub fn process_bytes(pci_bus_id: &str) -> Option<u64> {
         .iter()
         .find(|info| info.pid == pid)
         .map(|info| info.used_gpu_memory)
+        // NVML_VALUE_NOT_AVAILABLE: the driver does not say (some virtualised GPUs).
+        .filter(|&bytes| bytes != u64::MAX)
 }
