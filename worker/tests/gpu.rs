@@ -88,12 +88,6 @@ impl Pair {
         t
     }
 
-    /// Runs the same calls on both backends.
-    fn run(&mut self, mut calls: impl FnMut(&mut dyn Ops)) {
-        calls(&mut self.cpu);
-        calls(&mut self.gpu);
-    }
-
     /// Compares `t` on both backends within the dtype's tolerance, scaled by `scale` (the
     /// size of the values the op sums: larger sums round more).
     fn check(&self, what: &str, t: Tensor, scale: f32) {
@@ -127,278 +121,12 @@ impl Pair {
     }
 }
 
-/// Both backends behind one face (panicking on errors), so each test is written once.
-trait Ops {
-    fn fill(&mut self, dst: Tensor, v: f32);
-    fn copy(&mut self, dst: Tensor, src: Tensor);
-    fn scale(&mut self, dst: Tensor, f: f32);
-    fn add(&mut self, dst: Tensor, src: Tensor);
-    fn residual_fwd(&mut self, out: Tensor, a: Tensor, b: Tensor);
-    fn embedding_fwd(
-        &mut self,
-        out: Tensor,
-        tokens: Tensor,
-        wte: Tensor,
-        wpe: Option<Tensor>,
-        d: Dims,
-    );
-    fn embedding_bwd(
-        &mut self,
-        dwte: Tensor,
-        dwpe: Option<Tensor>,
-        dout: Tensor,
-        tokens: Tensor,
-        d: Dims,
-    );
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_fwd(
-        &mut self,
-        out: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        inp: Tensor,
-        w: Tensor,
-        b: Tensor,
-        rows: usize,
-        c: usize,
-    );
-    #[allow(clippy::too_many_arguments)]
-    fn layernorm_bwd(
-        &mut self,
-        dinp: Tensor,
-        dw: Tensor,
-        db: Tensor,
-        dout: Tensor,
-        inp: Tensor,
-        w: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        rows: usize,
-        c: usize,
-    );
-    fn matmul_fwd(&mut self, out: Tensor, inp: Tensor, w: Tensor, bias: Option<Tensor>, s: Linear);
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_bwd(
-        &mut self,
-        dinp: Option<Tensor>,
-        dw: Tensor,
-        db: Option<Tensor>,
-        dout: Tensor,
-        inp: Tensor,
-        w: Tensor,
-        s: Linear,
-    );
-    fn attention_fwd(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: Dims);
-    #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(
-        &mut self,
-        dqkv: Tensor,
-        delta: Tensor,
-        dout: Tensor,
-        qkv: Tensor,
-        out: Tensor,
-        lse: Tensor,
-        d: Dims,
-    );
-    fn gelu_fwd(&mut self, out: Tensor, inp: Tensor);
-    fn gelu_bwd(&mut self, dinout: Tensor, inp: Tensor);
-    #[allow(clippy::too_many_arguments)]
-    fn crossentropy_fwd_bwd(
-        &mut self,
-        logits: Tensor,
-        losses: Tensor,
-        max: Tensor,
-        sumexp: Tensor,
-        targets: Tensor,
-        dloss: f32,
-        d: Dims,
-    );
-    fn crossentropy_max(&mut self, logits: Tensor, max: Tensor, d: Dims);
-    #[allow(clippy::too_many_arguments)]
-    fn crossentropy_sumexp(
-        &mut self,
-        logits: Tensor,
-        losses: Tensor,
-        max: Tensor,
-        sumexp: Tensor,
-        targets: Tensor,
-        d: Dims,
-    );
-    #[allow(clippy::too_many_arguments)]
-    fn crossentropy_finish(
-        &mut self,
-        logits: Tensor,
-        losses: Tensor,
-        max: Tensor,
-        sumexp: Tensor,
-        targets: Tensor,
-        dloss: f32,
-        d: Dims,
-    );
-    fn sum_squares(&mut self, grads: Tensor, partials: Tensor) -> f64;
-    fn adamw(
-        &mut self,
-        p: Tensor,
-        master: Option<Tensor>,
-        m: Tensor,
-        v: Tensor,
-        g: Option<Tensor>,
-        h: AdamW,
-    );
-}
-
-impl<B: Backend> Ops for B {
-    fn fill(&mut self, dst: Tensor, v: f32) {
-        Backend::fill(self, dst, v).unwrap()
-    }
-    fn copy(&mut self, dst: Tensor, src: Tensor) {
-        Backend::copy(self, dst, src).unwrap()
-    }
-    fn scale(&mut self, dst: Tensor, f: f32) {
-        Backend::scale(self, dst, f).unwrap()
-    }
-    fn add(&mut self, dst: Tensor, src: Tensor) {
-        Backend::add(self, dst, src).unwrap()
-    }
-    fn residual_fwd(&mut self, out: Tensor, a: Tensor, b: Tensor) {
-        Backend::residual_fwd(self, out, a, b).unwrap()
-    }
-    fn embedding_fwd(
-        &mut self,
-        out: Tensor,
-        tokens: Tensor,
-        wte: Tensor,
-        wpe: Option<Tensor>,
-        d: Dims,
-    ) {
-        Backend::embedding_fwd(self, out, tokens, wte, wpe, d).unwrap()
-    }
-    fn embedding_bwd(
-        &mut self,
-        dwte: Tensor,
-        dwpe: Option<Tensor>,
-        dout: Tensor,
-        tokens: Tensor,
-        d: Dims,
-    ) {
-        Backend::embedding_bwd(self, dwte, dwpe, dout, tokens, d).unwrap()
-    }
-    fn layernorm_fwd(
-        &mut self,
-        out: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        inp: Tensor,
-        w: Tensor,
-        b: Tensor,
-        rows: usize,
-        c: usize,
-    ) {
-        Backend::layernorm_fwd(self, out, mean, rstd, inp, w, b, rows, c).unwrap()
-    }
-    fn layernorm_bwd(
-        &mut self,
-        dinp: Tensor,
-        dw: Tensor,
-        db: Tensor,
-        dout: Tensor,
-        inp: Tensor,
-        w: Tensor,
-        mean: Tensor,
-        rstd: Tensor,
-        rows: usize,
-        c: usize,
-    ) {
-        Backend::layernorm_bwd(self, dinp, dw, db, dout, inp, w, mean, rstd, rows, c).unwrap()
-    }
-    fn matmul_fwd(&mut self, out: Tensor, inp: Tensor, w: Tensor, bias: Option<Tensor>, s: Linear) {
-        Backend::matmul_fwd(self, out, inp, w, bias, s).unwrap()
-    }
-    fn matmul_bwd(
-        &mut self,
-        dinp: Option<Tensor>,
-        dw: Tensor,
-        db: Option<Tensor>,
-        dout: Tensor,
-        inp: Tensor,
-        w: Tensor,
-        s: Linear,
-    ) {
-        Backend::matmul_bwd(self, dinp, dw, db, dout, inp, w, s).unwrap()
-    }
-    fn attention_fwd(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, d: Dims) {
-        Backend::attention_fwd(self, out, lse, qkv, d).unwrap()
-    }
-    fn attention_bwd(
-        &mut self,
-        dqkv: Tensor,
-        delta: Tensor,
-        dout: Tensor,
-        qkv: Tensor,
-        out: Tensor,
-        lse: Tensor,
-        d: Dims,
-    ) {
-        Backend::attention_bwd(self, dqkv, delta, dout, qkv, out, lse, d).unwrap()
-    }
-    fn gelu_fwd(&mut self, out: Tensor, inp: Tensor) {
-        Backend::gelu_fwd(self, out, inp).unwrap()
-    }
-    fn gelu_bwd(&mut self, dinout: Tensor, inp: Tensor) {
-        Backend::gelu_bwd(self, dinout, inp).unwrap()
-    }
-    fn crossentropy_fwd_bwd(
-        &mut self,
-        logits: Tensor,
-        losses: Tensor,
-        max: Tensor,
-        sumexp: Tensor,
-        targets: Tensor,
-        dloss: f32,
-        d: Dims,
-    ) {
-        Backend::crossentropy_fwd_bwd(self, logits, losses, max, sumexp, targets, dloss, d).unwrap()
-    }
-    fn crossentropy_max(&mut self, logits: Tensor, max: Tensor, d: Dims) {
-        Backend::crossentropy_max(self, logits, max, d).unwrap()
-    }
-    fn crossentropy_sumexp(
-        &mut self,
-        logits: Tensor,
-        losses: Tensor,
-        max: Tensor,
-        sumexp: Tensor,
-        targets: Tensor,
-        d: Dims,
-    ) {
-        Backend::crossentropy_sumexp(self, logits, losses, max, sumexp, targets, d).unwrap()
-    }
-    fn crossentropy_finish(
-        &mut self,
-        logits: Tensor,
-        losses: Tensor,
-        max: Tensor,
-        sumexp: Tensor,
-        targets: Tensor,
-        dloss: f32,
-        d: Dims,
-    ) {
-        Backend::crossentropy_finish(self, logits, losses, max, sumexp, targets, dloss, d).unwrap()
-    }
-    fn sum_squares(&mut self, grads: Tensor, partials: Tensor) -> f64 {
-        Backend::sum_squares(self, grads, partials).unwrap()
-    }
-    fn adamw(
-        &mut self,
-        p: Tensor,
-        master: Option<Tensor>,
-        m: Tensor,
-        v: Tensor,
-        g: Option<Tensor>,
-        h: AdamW,
-    ) {
-        Backend::adamw(self, p, master, m, v, g, h).unwrap()
-    }
+/// Runs the same call on both backends, each of which must succeed.
+macro_rules! both {
+    ($pair:expr, $method:ident($($arg:expr),* $(,)?)) => {{
+        Backend::$method(&mut $pair.cpu, $($arg),*).unwrap();
+        Backend::$method(&mut $pair.gpu, $($arg),*).unwrap();
+    }};
 }
 
 const DTYPES: [Dtype; 2] = [Dtype::F32, Dtype::Bf16];
@@ -424,29 +152,28 @@ fn elementwise_ops_match_the_cpu() {
         let n = 100_003; // not a multiple of any block
         let (a, b) = (p.input(n, dt, 3.0), p.input(n, dt, 3.0));
         let out = p.alloc(n, dt);
-        p.run(|o| o.residual_fwd(out, a, b));
+        both!(p, residual_fwd(out, a, b));
         p.check("residual_fwd", out, 3.0);
-        p.run(|o| o.add(out, a));
+        both!(p, add(out, a));
         p.check("add", out, 3.0);
-        p.run(|o| o.scale(out, -0.37));
+        both!(p, scale(out, -0.37));
         p.check("scale", out, 3.0);
-        p.run(|o| o.gelu_fwd(out, a));
+        both!(p, gelu_fwd(out, a));
         p.check("gelu_fwd", out, 3.0);
-        p.run(|o| o.gelu_bwd(out, b));
+        both!(p, gelu_bwd(out, b));
         p.check("gelu_bwd", out, 3.0);
-        p.run(|o| o.fill(out, 0.1));
+        both!(p, fill(out, 0.1));
         p.check("fill", out, 1.0);
         for to in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
             let converted = p.alloc(n, to);
-            p.run(|o| o.copy(converted, a));
+            both!(p, copy(converted, a));
             p.check(&format!("copy to {}", to.name()), converted, 3.0);
         }
         let partials = p.alloc(1024, Dtype::F32);
-        let (mut sums, mut i) = ([0.0f64; 2], 0);
-        p.run(|o| {
-            sums[i] = o.sum_squares(a, partials);
-            i += 1;
-        });
+        let sums = [
+            p.cpu.sum_squares(a, partials).unwrap(),
+            p.gpu.sum_squares(a, partials).unwrap(),
+        ];
         let rel = ((sums[0] - sums[1]) / sums[0]).abs();
         assert!(
             rel < 1e-6,
@@ -469,11 +196,11 @@ fn embedding_and_layernorm_match_the_cpu() {
             let tokens = p.tokens(n, d.v);
             let (wte, wpe) = (p.input(d.vp * d.c, dt, 1.0), p.input(d.t * d.c, dt, 1.0));
             let out = p.alloc(n * d.c, dt);
-            p.run(|o| o.embedding_fwd(out, tokens, wte, Some(wpe), d));
+            both!(p, embedding_fwd(out, tokens, wte, Some(wpe), d));
             p.check("embedding_fwd", out, 2.0);
             let dout = p.input(n * d.c, dt, 1.0);
             let (dwte, dwpe) = (p.input(d.vp * d.c, dt, 1.0), p.input(d.t * d.c, dt, 1.0));
-            p.run(|o| o.embedding_bwd(dwte, Some(dwpe), dout, tokens, d));
+            both!(p, embedding_bwd(dwte, Some(dwpe), dout, tokens, d));
             p.check("embedding_bwd dwte", dwte, 4.0);
             p.check("embedding_bwd dwpe", dwpe, 4.0);
         }
@@ -483,14 +210,17 @@ fn embedding_and_layernorm_match_the_cpu() {
         let (w, b) = (p.input(c, dt, 1.0), p.input(c, dt, 1.0));
         let out = p.alloc(rows * c, dt);
         let (mean, rstd) = (p.alloc(rows, Dtype::F32), p.alloc(rows, Dtype::F32));
-        p.run(|o| o.layernorm_fwd(out, mean, rstd, inp, w, b, rows, c));
+        both!(p, layernorm_fwd(out, mean, rstd, inp, w, b, rows, c));
         p.check("layernorm_fwd out", out, 4.0);
         p.check("layernorm_fwd mean", mean, 1.0);
         p.check("layernorm_fwd rstd", rstd, 1.0);
         let dout = p.input(rows * c, dt, 1.0);
         let dinp = p.input(rows * c, dt, 1.0);
         let (dw, db) = (p.input(c, dt, 1.0), p.input(c, dt, 1.0));
-        p.run(|o| o.layernorm_bwd(dinp, dw, db, dout, inp, w, mean, rstd, rows, c));
+        both!(
+            p,
+            layernorm_bwd(dinp, dw, db, dout, inp, w, mean, rstd, rows, c)
+        );
         p.check("layernorm_bwd dinp", dinp, 4.0);
         p.check("layernorm_bwd dweight", dw, 40.0);
         p.check("layernorm_bwd dbias", db, 40.0);
@@ -509,14 +239,14 @@ fn matmuls_match_the_cpu() {
             let bias = p.input(out, dt, 1.0);
             let y = p.alloc(rows * out, dt);
             let scale = (inp as f32).sqrt() * 0.1;
-            p.run(|o| o.matmul_fwd(y, x, w, Some(bias), s));
+            both!(p, matmul_fwd(y, x, w, Some(bias), s));
             p.check("matmul_fwd with bias", y, scale);
-            p.run(|o| o.matmul_fwd(y, x, w, None, s));
+            both!(p, matmul_fwd(y, x, w, None, s));
             p.check("matmul_fwd", y, scale);
             let dy = p.input(rows * out, dt, 1.0);
             let dx = p.alloc(rows * inp, dt);
             let (dw, db) = (p.input(out * inp, dt, 1.0), p.input(out, dt, 1.0));
-            p.run(|o| o.matmul_bwd(Some(dx), dw, Some(db), dy, x, w, s));
+            both!(p, matmul_bwd(Some(dx), dw, Some(db), dy, x, w, s));
             p.check("matmul_bwd dinp", dx, (out as f32).sqrt() * 0.1);
             p.check("matmul_bwd dweight", dw, (rows as f32).sqrt());
             p.check("matmul_bwd dbias", db, (rows as f32).sqrt());
@@ -536,13 +266,13 @@ fn attention_matches_the_cpu() {
             let qkv = p.input(n * 3 * width, dt, 1.0);
             let out = p.alloc(n * width, dt);
             let lse = p.alloc(n * d.nh, Dtype::F32);
-            p.run(|o| o.attention_fwd(out, lse, qkv, d));
+            both!(p, attention_fwd(out, lse, qkv, d));
             p.check(&format!("attention_fwd out t={t} hs={hs}"), out, 1.0);
             p.check(&format!("attention_fwd lse t={t} hs={hs}"), lse, 4.0);
             let dout = p.input(n * width, dt, 1.0);
             let dqkv = p.alloc(n * 3 * width, dt);
             let delta = p.alloc(n * d.nh, Dtype::F32);
-            p.run(|o| o.attention_bwd(dqkv, delta, dout, qkv, out, lse, d));
+            both!(p, attention_bwd(dqkv, delta, dout, qkv, out, lse, d));
             p.check(&format!("attention_bwd t={t} hs={hs}"), dqkv, 2.0);
         }
     }
@@ -558,19 +288,28 @@ fn crossentropy_matches_the_cpu_whole_and_split_over_the_vocabulary() {
         let targets = p.tokens(rows, v);
         let logits = p.input(rows * vp, dt, 8.0);
         let [losses, max, sumexp] = [0; 3].map(|_| p.alloc(rows, Dtype::F32));
-        p.run(|o| o.crossentropy_fwd_bwd(logits, losses, max, sumexp, targets, 1.0 / 37.0, d));
+        both!(
+            p,
+            crossentropy_fwd_bwd(logits, losses, max, sumexp, targets, 1.0 / 37.0, d)
+        );
         p.check("crossentropy_fwd_bwd losses", losses, 4.0);
         p.check("crossentropy_fwd_bwd dlogits", logits, 1e-3);
 
         // The second of two tensor-parallel shards of 25152 columns: ids 25152.. of 50257.
         let shard = dims(1, rows, 1, 8, v, vp / 2, vp / 2);
         let logits = p.input(rows * shard.vp, dt, 8.0);
-        p.run(|o| o.crossentropy_max(logits, max, shard));
+        both!(p, crossentropy_max(logits, max, shard));
         p.check("crossentropy_max", max, 8.0);
-        p.run(|o| o.crossentropy_sumexp(logits, losses, max, sumexp, targets, shard));
+        both!(
+            p,
+            crossentropy_sumexp(logits, losses, max, sumexp, targets, shard)
+        );
         p.check("crossentropy_sumexp picked", losses, 8.0);
         p.check("crossentropy_sumexp sumexp", sumexp, 100.0);
-        p.run(|o| o.crossentropy_finish(logits, losses, max, sumexp, targets, 0.5, shard));
+        both!(
+            p,
+            crossentropy_finish(logits, losses, max, sumexp, targets, 0.5, shard)
+        );
         p.check("crossentropy_finish losses", losses, 8.0);
         p.check("crossentropy_finish dlogits", logits, 1e-3);
     }
@@ -599,16 +338,16 @@ fn adamw_matches_the_cpu_with_and_without_master_weights() {
         p.put(v, &values);
         let master = p.input(n, Dtype::F32, 1.0);
         for _ in 0..3 {
-            p.run(|o| o.adamw(param, Some(master), m, v, Some(grad), hyper));
+            both!(p, adamw(param, Some(master), m, v, Some(grad), hyper));
         }
         p.check("adamw master", master, 1.0);
         p.check("adamw param", param, 1.0);
         p.check("adamw m", m, 1.0);
         p.check("adamw v", v, 0.01);
-        p.run(|o| o.adamw(param, Some(master), m, v, None, hyper));
+        both!(p, adamw(param, Some(master), m, v, None, hyper));
         p.check("adamw, gradient read from param", param, 1.0);
         if dt == Dtype::F32 {
-            p.run(|o| o.adamw(param, None, m, v, Some(grad), hyper));
+            both!(p, adamw(param, None, m, v, Some(grad), hyper));
             p.check("adamw without master", param, 1.0);
         }
     }
