@@ -19,6 +19,7 @@
 //! its peers fail quickly too instead of waiting out their own timeout.
 
 pub mod nccl;
+pub mod shm;
 pub mod solo;
 pub mod staged;
 pub mod tcp;

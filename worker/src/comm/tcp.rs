@@ -30,6 +30,7 @@ use half::{bf16, f16};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use tessera_plan::memory::Dtype;
 
+use super::shm::ShmRing;
 use super::{
     Collective, CommBuf, CommError, Communicator, Group, Memory, ReduceOp, Work, copy_host,
     reducible,
@@ -107,7 +108,7 @@ impl TcpEndpoint {
         let mut links = Links {
             group: group.clone(),
             peers: peers.to_vec(),
-            streams: vec![None; group.size()],
+            links: vec![None; group.size()],
             token: self.token.clone(),
             inbox: self.inbox.clone(),
             timeout,
@@ -201,11 +202,70 @@ fn handshake_in(mut stream: &TcpStream, token: &str) -> Result<(String, usize), 
     Ok((group, sender))
 }
 
+/// A connection to one member: the TCP stream, and where the member runs on this host, the
+/// shared-memory rings that carry the bytes instead (the stream then carries wake-ups).
+#[derive(Clone)]
+struct Link {
+    stream: Arc<TcpStream>,
+    rings: Option<Arc<Rings>>,
+}
+
+/// The two one-way rings of a link: what this process writes, what it reads.
+struct Rings {
+    out: ShmRing,
+    incoming: ShmRing,
+}
+
+/// Whether links to members on this host use shared memory (`TESSERA_SHM=0` turns it off).
+fn shared_memory_enabled() -> bool {
+    std::env::var("TESSERA_SHM").map_or(true, |v| v != "0")
+}
+
+/// Sets up the rings of a fresh, still blocking connection, the same steps on both ends: each
+/// creates the ring it will write and sends its path, maps the peer's, and says whether that
+/// worked; only if both did are the rings used. Each end then removes its own file (both
+/// mappings stay). Any failure (no /dev/shm, a full tmpfs) leaves the link on plain TCP.
+fn share_rings(mut stream: &TcpStream, tag: &str) -> std::io::Result<Option<Rings>> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let created = ShmRing::create(tag).ok();
+    let mut message = vec![created.is_some() as u8];
+    let path = created.as_ref().map_or(Vec::new(), |(_, p)| {
+        p.as_os_str().as_encoded_bytes().to_vec()
+    });
+    message.extend_from_slice(&(path.len() as u16).to_le_bytes());
+    message.extend_from_slice(&path);
+    let exchanged = (|| -> std::io::Result<Option<ShmRing>> {
+        stream.write_all(&message)?;
+        let mut fixed = [0u8; 3];
+        stream.read_exact(&mut fixed)?;
+        let mut theirs = vec![0u8; u16::from_le_bytes([fixed[1], fixed[2]]) as usize];
+        stream.read_exact(&mut theirs)?;
+        let incoming = if fixed[0] == 1 && created.is_some() {
+            let theirs = std::path::PathBuf::from(String::from_utf8_lossy(&theirs).into_owned());
+            ShmRing::open(&theirs).ok()
+        } else {
+            None
+        };
+        stream.write_all(&[incoming.is_some() as u8])?;
+        let mut ack = [0u8; 1];
+        stream.read_exact(&mut ack)?;
+        Ok(incoming.filter(|_| ack[0] == 1))
+    })();
+    if let Some((_, path)) = &created {
+        let _ = std::fs::remove_file(path);
+    }
+    stream.set_read_timeout(None)?;
+    Ok(match (exchanged?, created) {
+        (Some(incoming), Some((out, _))) => Some(Rings { out, incoming }),
+        _ => None,
+    })
+}
+
 /// A communicator's connections, by member.
 struct Links {
     group: Group,
     peers: Vec<SocketAddr>,
-    streams: Vec<Option<Arc<TcpStream>>>,
+    links: Vec<Option<Link>>,
     token: Arc<str>,
     inbox: Arc<Inbox>,
     timeout: Duration,
@@ -213,9 +273,9 @@ struct Links {
 
 impl Links {
     /// The connection to member `peer`, made now if there is none.
-    fn ensure(&mut self, peer: usize) -> Result<Arc<TcpStream>, String> {
-        if let Some(stream) = &self.streams[peer] {
-            return Ok(stream.clone());
+    fn ensure(&mut self, peer: usize) -> Result<Link, String> {
+        if let Some(link) = &self.links[peer] {
+            return Ok(link.clone());
         }
         let deadline = Instant::now() + self.timeout;
         let stream = if self.group.index < peer {
@@ -224,11 +284,22 @@ impl Links {
             self.wait_for(peer, deadline)?
         };
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let same_host = self.peers[peer].ip() == self.peers[self.group.index].ip();
+        let rings = if same_host && shared_memory_enabled() {
+            share_rings(&stream, &self.group.ranks[self.group.index].to_string())
+                .map_err(|e| format!("setting up shared memory: {}", describe_io(&e)))?
+                .map(Arc::new)
+        } else {
+            None
+        };
         // Only the communicator's thread uses it, driving it with `poll` (see `Wire`).
         stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let stream = Arc::new(stream);
-        self.streams[peer] = Some(stream.clone());
-        Ok(stream)
+        let link = Link {
+            stream: Arc::new(stream),
+            rings,
+        };
+        self.links[peer] = Some(link.clone());
+        Ok(link)
     }
 
     fn connect(&self, peer: usize, deadline: Instant) -> Result<TcpStream, String> {
@@ -290,8 +361,8 @@ impl Links {
 
     /// Closes every connection, so that peers blocked on us fail at once.
     fn shut_all(&self) {
-        for stream in self.streams.iter().flatten() {
-            let _ = stream.shutdown(Shutdown::Both);
+        for link in self.links.iter().flatten() {
+            let _ = link.stream.shutdown(Shutdown::Both);
         }
     }
 }
@@ -362,8 +433,8 @@ enum Outgoing {
 /// waits for bytes to arrive it also writes whatever is queued, so a ring step forwards while
 /// it receives without a second thread competing for the cores.
 struct Wire {
-    to: Option<(Arc<TcpStream>, usize)>,
-    from: Option<(Arc<TcpStream>, usize)>,
+    to: Option<(Link, usize)>,
+    from: Option<(Link, usize)>,
     outbox: VecDeque<Outgoing>,
     /// How long a direction with work pending may make no progress.
     timeout: Duration,
@@ -372,11 +443,7 @@ struct Wire {
 }
 
 impl Wire {
-    fn new(
-        to: Option<(Arc<TcpStream>, usize)>,
-        from: Option<(Arc<TcpStream>, usize)>,
-        timeout: Duration,
-    ) -> Wire {
+    fn new(to: Option<(Link, usize)>, from: Option<(Link, usize)>, timeout: Duration) -> Wire {
         let now = Instant::now();
         Wire {
             to,
@@ -432,18 +499,29 @@ impl Wire {
         loop {
             let mut moved = self.write_some()?;
             if got < into.len() {
-                let (stream, peer) = self.from.as_ref().expect("invariant: a receiving op");
-                match (&**stream).read(&mut into[got..]) {
-                    Ok(0) => {
-                        return Err(receive_failure(*peer, "the peer closed the connection"));
-                    }
-                    Ok(k) => {
+                let (link, peer) = self.from.as_ref().expect("invariant: a receiving op");
+                if let Some(rings) = &link.rings {
+                    let k = rings.incoming.read(&mut into[got..]);
+                    if k > 0 {
                         got += k;
                         moved = true;
                         self.last_read = Instant::now();
+                        // The writer may be waiting for room.
+                        wake(&link.stream);
                     }
-                    Err(e) if would_block(&e) => {}
-                    Err(e) => return Err(receive_failure(*peer, &describe_io(&e))),
+                } else {
+                    match (&*link.stream).read(&mut into[got..]) {
+                        Ok(0) => {
+                            return Err(receive_failure(*peer, "the peer closed the connection"));
+                        }
+                        Ok(k) => {
+                            got += k;
+                            moved = true;
+                            self.last_read = Instant::now();
+                        }
+                        Err(e) if would_block(&e) => {}
+                        Err(e) => return Err(receive_failure(*peer, &describe_io(&e))),
+                    }
                 }
             }
             let reading = got < into.len();
@@ -461,7 +539,8 @@ impl Wire {
     fn write_some(&mut self) -> Result<bool, Failure> {
         let mut moved = false;
         while let Some(front) = self.outbox.front_mut() {
-            let (stream, peer) = self.to.as_ref().expect("invariant: a sending op");
+            let (link, peer) = self.to.as_ref().expect("invariant: a sending op");
+            let stream = &link.stream;
             let bytes: &[u8] = match front {
                 // SAFETY: the op's buffers are valid until it completes (start's contract),
                 // and a region is queued only once its bytes are final.
@@ -470,7 +549,14 @@ impl Wire {
                 },
                 Outgoing::Header { bytes, at } => &bytes[*at..],
             };
-            let (result, wanted) = ((&**stream).write(bytes), bytes.len());
+            let wanted = bytes.len();
+            let result = match &link.rings {
+                Some(rings) => match rings.out.write(bytes) {
+                    0 => break,
+                    k => Ok(k),
+                },
+                None => (&**stream).write(bytes),
+            };
             match result {
                 Ok(k) => {
                     moved = true;
@@ -495,6 +581,13 @@ impl Wire {
                     });
                 }
             }
+        }
+        if moved
+            && let Some((link, _)) = &self.to
+            && link.rings.is_some()
+        {
+            // The reader may be asleep in `poll` on this connection.
+            wake(&link.stream);
         }
         Ok(moved)
     }
@@ -528,12 +621,29 @@ impl Wire {
             }
             left = left.min(self.timeout - idle);
         }
+        // Wake-ups that came while this thread was busy: the rings may have moved, so look
+        // again before sleeping (a wake-up sent after this read makes `poll` return).
+        let mut woken = false;
+        for (direction, link) in [(reading, &self.from), (writing, &self.to)] {
+            if let (true, Some((link, peer))) = (direction, link)
+                && link.rings.is_some()
+            {
+                woken |= drain_wakeups(&link.stream, *peer)?;
+            }
+        }
+        if woken {
+            return Ok(());
+        }
         let read = match (reading, &self.from) {
-            (true, Some((stream, _))) => Some(PollFd::new(stream.as_fd(), PollFlags::POLLIN)),
+            (true, Some((link, _))) => Some(PollFd::new(link.stream.as_fd(), PollFlags::POLLIN)),
             _ => None,
         };
         let write = match (writing, &self.to) {
-            (true, Some((stream, _))) => Some(PollFd::new(stream.as_fd(), PollFlags::POLLOUT)),
+            // A ring's room comes back as a wake-up from its reader.
+            (true, Some((link, _))) if link.rings.is_some() => {
+                Some(PollFd::new(link.stream.as_fd(), PollFlags::POLLIN))
+            }
+            (true, Some((link, _))) => Some(PollFd::new(link.stream.as_fd(), PollFlags::POLLOUT)),
             _ => None,
         };
         let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
@@ -550,6 +660,28 @@ impl Wire {
                 silent: Vec::new(),
                 cause: format!("poll failed: {e}"),
             }),
+        }
+    }
+}
+
+/// Tells the process at the other end of a ring link to look at its rings again: one byte on
+/// the connection. A full socket already holds wake-ups, and a closed one is noticed by the
+/// next read, so failures are ignored here.
+fn wake(stream: &TcpStream) {
+    let _ = (&*stream).write(&[1]);
+}
+
+/// Reads the wake-ups waiting on a ring link's connection; whether there were any. The peer
+/// closing it is its death, as on a plain link.
+fn drain_wakeups(stream: &TcpStream, peer: usize) -> Result<bool, Failure> {
+    let mut sink = [0u8; 256];
+    let mut any = false;
+    loop {
+        match (&*stream).read(&mut sink) {
+            Ok(0) => return Err(receive_failure(peer, "the peer closed the connection")),
+            Ok(_) => any = true,
+            Err(e) if would_block(&e) => return Ok(any),
+            Err(e) => return Err(receive_failure(peer, &describe_io(&e))),
         }
     }
 }
@@ -635,13 +767,13 @@ impl Ring {
         }
     }
 
-    fn link(&mut self, peer: Option<usize>) -> Result<Option<(Arc<TcpStream>, usize)>, Failure> {
+    fn link(&mut self, peer: Option<usize>) -> Result<Option<(Link, usize)>, Failure> {
         let Some(peer) = peer else { return Ok(None) };
-        let stream = self.links.ensure(peer).map_err(|cause| Failure {
+        let link = self.links.ensure(peer).map_err(|cause| Failure {
             silent: vec![peer],
             cause,
         })?;
-        Ok(Some((stream, peer)))
+        Ok(Some((link, peer)))
     }
 
     /// The links of an op that sends to `to` and receives from `from`, with this op's header
