@@ -6,15 +6,22 @@
 //!
 //! A ring is a file in /dev/shm that the writer creates (space reserved with `posix_fallocate`,
 //! so a full tmpfs fails here rather than with SIGBUS later), the reader maps, and the writer
-//! removes once both have mapped it. Layout: the writer's running count of bytes written, the
-//! reader's count of bytes read (each on its own cache line), then the data.
+//! removes once both have mapped it. Layout: the writer's running count of bytes written and
+//! the reader's "asleep" flag, then on a cache line of their own the reader's count of bytes
+//! read and the writer's "asleep" flag, then the data.
+//!
+//! Wake-ups: a side about to sleep in `poll` raises its flag and looks at the ring once more
+//! ([`ShmRing::reader_sleeps`], [`ShmRing::writer_sleeps`]); the other side, after moving
+//! bytes, looks at the flag (the `bool` of [`ShmRing::write`] and [`ShmRing::read`]) and sends
+//! a wake-up when it is up. A fence between each side's store and load makes at least one of
+//! them see the other's, so a wake-up is never lost and none is sent while both are busy.
 
 use std::fs::{File, OpenOptions};
 use std::num::NonZeroUsize;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering, fence};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
@@ -107,8 +114,52 @@ impl ShmRing {
         self.counter(0)
     }
 
+    fn reader_asleep(&self) -> &AtomicU64 {
+        self.counter(8)
+    }
+
     fn read_count(&self) -> &AtomicU64 {
         self.counter(64)
+    }
+
+    fn writer_asleep(&self) -> &AtomicU64 {
+        self.counter(72)
+    }
+
+    /// Reader, before sleeping: raises its flag and says whether bytes arrived meanwhile (then
+    /// it must not sleep; the flag is lowered again).
+    pub fn reader_sleeps(&self) -> bool {
+        self.reader_asleep().store(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        let arrived =
+            self.written().load(Ordering::Acquire) != self.read_count().load(Ordering::Relaxed);
+        if arrived {
+            self.reader_asleep().store(0, Ordering::Relaxed);
+        }
+        arrived
+    }
+
+    /// Reader, awake again.
+    pub fn reader_woke(&self) {
+        self.reader_asleep().store(0, Ordering::Relaxed);
+    }
+
+    /// Writer, before sleeping: raises its flag and says whether room came meanwhile.
+    pub fn writer_sleeps(&self) -> bool {
+        self.writer_asleep().store(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        let used =
+            self.written().load(Ordering::Relaxed) - self.read_count().load(Ordering::Acquire);
+        let room = (used as usize) < self.capacity;
+        if room {
+            self.writer_asleep().store(0, Ordering::Relaxed);
+        }
+        room
+    }
+
+    /// Writer, awake again.
+    pub fn writer_woke(&self) {
+        self.writer_asleep().store(0, Ordering::Relaxed);
     }
 
     fn data(&self) -> *mut u8 {
@@ -116,8 +167,9 @@ impl ShmRing {
         unsafe { self.base.as_ptr().add(HEADER) }
     }
 
-    /// Writer: copies as much of `src` as there is room for; returns how much.
-    pub fn write(&self, src: &[u8]) -> usize {
+    /// Writer: copies as much of `src` as there is room for; returns how much, and whether the
+    /// reader is asleep (then it needs a wake-up).
+    pub fn write(&self, src: &[u8]) -> (usize, bool) {
         let head = self.written().load(Ordering::Relaxed);
         let tail = self.read_count().load(Ordering::Acquire);
         let room = self.capacity - (head - tail) as usize;
@@ -131,11 +183,16 @@ impl ShmRing {
             std::ptr::copy_nonoverlapping(src.as_ptr().add(first), self.data(), n - first);
         }
         self.written().store(head + n as u64, Ordering::Release);
-        n
+        fence(Ordering::SeqCst);
+        (
+            n,
+            n > 0 && self.reader_asleep().load(Ordering::Relaxed) == 1,
+        )
     }
 
-    /// Reader: copies as much as has arrived into `dst`; returns how much.
-    pub fn read(&self, dst: &mut [u8]) -> usize {
+    /// Reader: copies as much as has arrived into `dst`; returns how much, and whether the
+    /// writer is asleep waiting for room (then it needs a wake-up).
+    pub fn read(&self, dst: &mut [u8]) -> (usize, bool) {
         let tail = self.read_count().load(Ordering::Relaxed);
         let head = self.written().load(Ordering::Acquire);
         let n = ((head - tail) as usize).min(dst.len());
@@ -148,7 +205,11 @@ impl ShmRing {
             std::ptr::copy_nonoverlapping(self.data(), dst.as_mut_ptr().add(first), n - first);
         }
         self.read_count().store(tail + n as u64, Ordering::Release);
-        n
+        fence(Ordering::SeqCst);
+        (
+            n,
+            n > 0 && self.writer_asleep().load(Ordering::Relaxed) == 1,
+        )
     }
 }
 
@@ -174,17 +235,48 @@ mod tests {
         let (mut sent, mut got) = (0, Vec::new());
         let mut buf = vec![0u8; 300_001];
         while got.len() < data.len() {
-            sent += writer.write(&data[sent..(sent + 700_000).min(data.len())]);
+            let (n, _) = writer.write(&data[sent..(sent + 700_000).min(data.len())]);
+            sent += n;
             assert!(
                 sent - got.len() <= CAPACITY,
                 "never more in flight than fits"
             );
-            let n = reader.read(&mut buf);
+            let (n, _) = reader.read(&mut buf);
             got.extend_from_slice(&buf[..n]);
         }
         assert_eq!(got, data);
-        assert_eq!(writer.write(&[]), 0);
-        assert_eq!(reader.read(&mut buf), 0, "nothing left");
+        assert_eq!(writer.write(&[]).0, 0);
+        assert_eq!(reader.read(&mut buf).0, 0, "nothing left");
+    }
+
+    #[test]
+    fn a_side_about_to_sleep_is_woken_by_the_other_and_never_sleeps_on_work() {
+        let (writer, path) = ShmRing::create("sleep").unwrap();
+        let reader = ShmRing::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        // An empty ring: the reader may sleep, and the next write must wake it.
+        assert!(!reader.reader_sleeps());
+        assert_eq!(writer.write(b"abc"), (3, true));
+        assert_eq!(
+            writer.write(b"d"),
+            (1, true),
+            "asleep until it says it woke"
+        );
+        reader.reader_woke();
+        assert_eq!(writer.write(b"e"), (1, false));
+        // Bytes are there: the reader must not sleep.
+        assert!(reader.reader_sleeps());
+        assert_eq!(writer.write(b"f"), (1, false), "its flag went down again");
+        let mut buf = vec![0u8; 16];
+        assert_eq!(reader.read(&mut buf), (6, false));
+        // A full ring: the writer may sleep, and the next read must wake it.
+        let big = vec![7u8; CAPACITY];
+        assert_eq!(writer.write(&big).0, CAPACITY);
+        assert!(!writer.writer_sleeps());
+        assert_eq!(reader.read(&mut buf), (16, true));
+        writer.writer_woke();
+        assert!(writer.writer_sleeps(), "room again: no sleep");
+        assert_eq!(reader.read(&mut buf), (16, false));
     }
 
     #[test]

@@ -507,12 +507,13 @@ impl Wire {
             if got < into.len() {
                 let (link, peer) = self.from.as_ref().expect("invariant: a receiving op");
                 if let Some(rings) = &link.rings {
-                    let k = rings.incoming.read(&mut into[got..]);
+                    let (k, writer_asleep) = rings.incoming.read(&mut into[got..]);
                     if k > 0 {
                         got += k;
                         moved = true;
                         self.last_read = Instant::now();
-                        // The writer may be waiting for room.
+                    }
+                    if writer_asleep {
                         wake(&link.stream);
                     }
                 } else {
@@ -543,7 +544,7 @@ impl Wire {
 
     /// Writes queued bytes until the socket would block; says whether any moved.
     fn write_some(&mut self) -> Result<bool, Failure> {
-        let mut moved = false;
+        let (mut moved, mut wake_reader) = (false, false);
         while let Some(front) = self.outbox.front_mut() {
             let (link, peer) = self.to.as_ref().expect("invariant: a sending op");
             let stream = &link.stream;
@@ -558,8 +559,11 @@ impl Wire {
             let wanted = bytes.len();
             let result = match &link.rings {
                 Some(rings) => match rings.out.write(bytes) {
-                    0 => break,
-                    k => Ok(k),
+                    (0, _) => break,
+                    (k, reader_asleep) => {
+                        wake_reader |= reader_asleep;
+                        Ok(k)
+                    }
                 },
                 None => (&**stream).write(bytes),
             };
@@ -588,11 +592,8 @@ impl Wire {
                 }
             }
         }
-        if moved
-            && let Some((link, _)) = &self.to
-            && link.rings.is_some()
-        {
-            // The reader may be asleep in `poll` on this connection.
+        if wake_reader && let Some((link, _)) = &self.to {
+            // Its reader is asleep in `poll` on this connection.
             wake(&link.stream);
         }
         Ok(moved)
@@ -627,19 +628,49 @@ impl Wire {
             }
             left = left.min(self.timeout - idle);
         }
-        // Wake-ups that came while this thread was busy: the rings may have moved, so look
-        // again before sleeping (a wake-up sent after this read makes `poll` return).
-        let mut woken = false;
-        for (direction, link) in [(reading, &self.from), (writing, &self.to)] {
-            if let (true, Some((link, peer))) = (direction, link)
-                && link.rings.is_some()
-            {
-                woken |= drain_wakeups(&link.stream, *peer)?;
+        // Ring links: old wake-ups are drained, then each side raises its "asleep" flag and
+        // looks at the ring once more; a peer that moves bytes after that sees the flag and
+        // sends a wake-up, which makes `poll` return (see `shm`).
+        let ring_from = self
+            .from
+            .as_ref()
+            .and_then(|(l, p)| l.rings.clone().map(|r| (r, l, *p)));
+        let ring_to = self
+            .to
+            .as_ref()
+            .and_then(|(l, p)| l.rings.clone().map(|r| (r, l, *p)));
+        // Every wake-up is drained before any flag goes up: with two members both directions
+        // share one connection, and a wake-up drained after a flag went up would be lost.
+        for (pending, ring) in [(reading, &ring_from), (writing, &ring_to)] {
+            if let (true, Some((_, link, peer))) = (pending, ring) {
+                drain_wakeups(&link.stream, *peer)?;
             }
         }
-        if woken {
+        if let (true, Some((rings, ..))) = (reading, &ring_from)
+            && rings.incoming.reader_sleeps()
+        {
             return Ok(());
         }
+        if let (true, Some((rings, ..))) = (writing, &ring_to) {
+            if rings.out.writer_sleeps() {
+                if let (true, Some((rings, ..))) = (reading, &ring_from) {
+                    rings.incoming.reader_woke();
+                }
+                return Ok(());
+            }
+        }
+        let result = self.poll(reading, writing, left);
+        if let (true, Some((rings, ..))) = (reading, &ring_from) {
+            rings.incoming.reader_woke();
+        }
+        if let (true, Some((rings, ..))) = (writing, &ring_to) {
+            rings.out.writer_woke();
+        }
+        result
+    }
+
+    /// Sleeps in `poll` until a pending direction's connection is ready or `left` passes.
+    fn poll(&self, reading: bool, writing: bool, left: Duration) -> Result<(), Failure> {
         let read = match (reading, &self.from) {
             (true, Some((link, _))) => Some(PollFd::new(link.stream.as_fd(), PollFlags::POLLIN)),
             _ => None,
