@@ -651,13 +651,13 @@ impl Wire {
         {
             return Ok(());
         }
-        if let (true, Some((rings, ..))) = (writing, &ring_to) {
-            if rings.out.writer_sleeps() {
-                if let (true, Some((rings, ..))) = (reading, &ring_from) {
-                    rings.incoming.reader_woke();
-                }
-                return Ok(());
+        if let (true, Some((rings, ..))) = (writing, &ring_to)
+            && rings.out.writer_sleeps()
+        {
+            if let (true, Some((rings, ..))) = (reading, &ring_from) {
+                rings.incoming.reader_woke();
             }
+            return Ok(());
         }
         let result = self.poll(reading, writing, left);
         if let (true, Some((rings, ..))) = (reading, &ring_from) {
