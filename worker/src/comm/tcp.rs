@@ -634,11 +634,11 @@ impl Wire {
         let ring_from = self
             .from
             .as_ref()
-            .and_then(|(l, p)| l.rings.clone().map(|r| (r, l, *p)));
+            .and_then(|(l, p)| Some((l.rings.as_ref()?, l, *p)));
         let ring_to = self
             .to
             .as_ref()
-            .and_then(|(l, p)| l.rings.clone().map(|r| (r, l, *p)));
+            .and_then(|(l, p)| Some((l.rings.as_ref()?, l, *p)));
         // Every wake-up is drained before any flag goes up: with two members both directions
         // share one connection, and a wake-up drained after a flag went up would be lost.
         for (pending, ring) in [(reading, &ring_from), (writing, &ring_to)] {
