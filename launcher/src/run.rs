@@ -90,7 +90,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     let hosts = hostfile::read(config)?;
     let cluster = config.cluster.nodes > 1 || options.listen.is_some() || hosts.is_some();
     if config.cluster.device == Device::Cuda
-        && let Err(e) = tessera_worker::tensor::cuda::check_model(&config.model)
+        && let Err(e) = tessera_worker::tensor::cuda::check_config(config)
     {
         return Err(Failure::usage(e.to_string()));
     }

@@ -217,7 +217,7 @@ fn run(cli: &Cli) -> Result<(), (u8, String)> {
     }
     train::check_single_rank(&config).map_err(failure)?;
     if config.cluster.device == Device::Cuda {
-        crate::tensor::cuda::check_model(&config.model).map_err(failure)?;
+        crate::tensor::cuda::check_config(&config).map_err(failure)?;
     }
     start_threads(cli.threads)?;
     let plan = tessera_plan::memory::StagePlan::new(&config, 0);
@@ -235,23 +235,16 @@ fn run(cli: &Cli) -> Result<(), (u8, String)> {
     }
 }
 
-/// The CUDA backend on GPU `local_rank` (modulo the GPUs this process sees: several ranks
-/// share a GPU over the TCP backend), with the plan's arenas.
-fn cuda_backend(layout: &ArenaLayout, local_rank: usize) -> Result<CudaBackend, (u8, String)> {
-    let gpus = gpu_count().map_err(failure)?;
+/// The CUDA backend on GPU `ordinal`, with the plan's arenas.
+fn cuda_backend(layout: &ArenaLayout, ordinal: usize) -> Result<CudaBackend, (u8, String)> {
     let cache = crate::tensor::cuda::compile::default_cache();
     CudaBackend::new(
-        local_rank % gpus,
+        ordinal,
         layout.bytes(Place::Device),
         layout.bytes(Place::Host),
         cache.as_deref(),
     )
     .map_err(failure)
-}
-
-/// GPUs the driver shows this process, or the error that says why there are none.
-fn gpu_count() -> Result<usize, Error> {
-    crate::tensor::cuda::device_count()
 }
 
 fn train_alone<B: Backend>(
@@ -374,11 +367,13 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
     control
         .start_heartbeat(env.rank, last.clone(), config.watchdog.heartbeat)
         .map_err(runtime_error)?;
-    // Ranks share the node's GPUs round-robin (one each when there are enough).
+    // Ranks share the node's GPUs round-robin (one each when there are enough; several ranks
+    // on one GPU talk over TCP staged through the host).
     let gpu = match config.cluster.device {
         Device::Cuda => {
-            crate::tensor::cuda::check_model(&config.model).map_err(failure)?;
-            Some(env.local_rank as usize % gpu_count().map_err(failure)?)
+            crate::tensor::cuda::check_config(&config).map_err(failure)?;
+            let gpus = crate::tensor::cuda::device_count().map_err(failure)?;
+            Some(env.local_rank as usize % gpus)
         }
         Device::Cpu => None,
     };

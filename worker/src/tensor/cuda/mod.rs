@@ -71,36 +71,25 @@ pub fn driver_present() -> bool {
 
 /// Opens device `ordinal`'s primary context, or says why not (no driver, no such device).
 pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
-    if !driver_present() {
+    let count = device_count()?;
+    if ordinal >= count {
         return Err(Error::Cuda {
-            what: format!(
-                "cluster.device is cuda, but the CUDA driver library could not be loaded; \
-                 tried {}",
-                cudarc::get_lib_name_candidates("cuda").join(", ")
-            ),
-            help: DRIVER_HELP.into(),
-        });
-    }
-    let opened = catch_unwind(|| {
-        let count = CudaContext::device_count()?;
-        Ok::<_, DriverError>((count, CudaContext::new(ordinal)))
-    });
-    match opened {
-        Err(_) => Err(Error::Cuda {
-            what: "loading the CUDA driver failed (a symbol is missing: a driver older than \
-                   CUDA 13?)"
-                .into(),
-            help: DRIVER_HELP.into(),
-        }),
-        Ok(Err(e)) => Err(Error::Cuda {
-            what: format!("the CUDA driver loaded but found no usable GPU: {e:?}"),
-            help: DRIVER_HELP.into(),
-        }),
-        Ok(Ok((count, _))) if ordinal >= count.max(0) as usize => Err(Error::Cuda {
             what: format!("this rank wants GPU {ordinal}, but the driver sees {count}"),
             help: "check CUDA_VISIBLE_DEVICES and cluster.gpus_per_node".into(),
-        }),
-        Ok(Ok((_, context))) => context.map_err(|e| cuda_error("creating the CUDA context", e)),
+        });
+    }
+    match catch_unwind(|| CudaContext::new(ordinal)) {
+        Ok(context) => context.map_err(|e| cuda_error("creating the CUDA context", e)),
+        Err(_) => Err(driver_panicked()),
+    }
+}
+
+/// cudarc panicked inside the driver: the library loaded but lacks a symbol it calls.
+fn driver_panicked() -> Error {
+    Error::Cuda {
+        what: "loading the CUDA driver failed (a symbol is missing: a driver older than CUDA 13?)"
+            .into(),
+        help: DRIVER_HELP.into(),
     }
 }
 
@@ -135,7 +124,14 @@ impl DeviceCopy for CudaCopy {
 /// memory on GPU 0 from whichever rank runs there).
 pub fn device_count() -> Result<usize> {
     if !driver_present() {
-        return open_device(0).map(|_| 0);
+        return Err(Error::Cuda {
+            what: format!(
+                "cluster.device is cuda, but the CUDA driver library could not be loaded; \
+                 tried {}",
+                cudarc::get_lib_name_candidates("cuda").join(", ")
+            ),
+            help: DRIVER_HELP.into(),
+        });
     }
     match catch_unwind(CudaContext::device_count) {
         Ok(Ok(count)) if count > 0 => Ok(count as usize),
@@ -147,12 +143,7 @@ pub fn device_count() -> Result<usize> {
             what: format!("the CUDA driver loaded but found no usable GPU: {e:?}"),
             help: DRIVER_HELP.into(),
         }),
-        Err(_) => Err(Error::Cuda {
-            what: "loading the CUDA driver failed (a symbol is missing: a driver older than \
-                   CUDA 13?)"
-                .into(),
-            help: DRIVER_HELP.into(),
-        }),
+        Err(_) => Err(driver_panicked()),
     }
 }
 
@@ -217,6 +208,8 @@ impl Drop for DeviceMemory {
 struct PinnedMemory {
     ptr: *mut u8,
     bytes: usize,
+    /// The address kernels use for it (the host's under unified addressing).
+    device_ptr: u64,
 }
 
 impl PinnedMemory {
@@ -225,6 +218,7 @@ impl PinnedMemory {
             return Ok(PinnedMemory {
                 ptr: std::ptr::NonNull::<u64>::dangling().as_ptr() as *mut u8,
                 bytes,
+                device_ptr: 0,
             });
         }
         let flags = driver::CU_MEMHOSTALLOC_PORTABLE | driver::CU_MEMHOSTALLOC_DEVICEMAP;
@@ -236,18 +230,19 @@ impl PinnedMemory {
         })? as *mut u8;
         // SAFETY: `ptr` has `bytes` writable bytes.
         unsafe { std::ptr::write_bytes(ptr, 0, bytes) };
-        Ok(PinnedMemory { ptr, bytes })
-    }
-
-    /// The address kernels use for it (the same as the host's under unified addressing).
-    fn device_ptr(&self) -> Result<u64> {
-        let mut dptr = 0;
-        // SAFETY: `ptr` was allocated with DEVICEMAP; `dptr` is a valid place for the result.
+        let mut memory = PinnedMemory {
+            ptr,
+            bytes,
+            device_ptr: 0,
+        };
+        // SAFETY: `ptr` was allocated with DEVICEMAP; `device_ptr` is a valid place for the
+        // result.
         unsafe {
-            driver::cuMemHostGetDevicePointer_v2(&mut dptr, self.ptr as *mut c_void, 0).result()
+            driver::cuMemHostGetDevicePointer_v2(&mut memory.device_ptr, ptr as *mut c_void, 0)
+                .result()
         }
         .map_err(|e| cuda_error("mapping page-locked memory", e))?;
-        Ok(dptr)
+        Ok(memory)
     }
 }
 
@@ -335,7 +330,8 @@ pub struct CudaBackend {
     /// Runs the ops whose tensors live in the host arena (handles re-placed on its "device").
     host_ops: CpuBackend,
     modules: Vec<Arc<CudaModule>>,
-    functions: HashMap<String, CudaFunction>,
+    /// Kernels by base name and storage dtype, looked up once each.
+    functions: HashMap<(&'static str, Dtype), CudaFunction>,
     blas: Blas,
     /// The sorted token rows of the embedding backward (see `embedding_bwd`).
     segments: PinnedMemory,
@@ -493,15 +489,22 @@ impl CudaBackend {
         Ok(host > 0)
     }
 
-    fn launch(&mut self, name: &str, launch: Launch, args: &[Arg]) -> Result<()> {
+    /// Launches kernel `<base>_<dtype>`, found once and kept (no name is built per launch).
+    fn launch(
+        &mut self,
+        base: &'static str,
+        dtype: Dtype,
+        launch: Launch,
+        args: &[Arg],
+    ) -> Result<()> {
         if launch.grid.0 == 0 || launch.grid.1 == 0 || launch.grid.2 == 0 {
             return Ok(());
         }
-        if !self.functions.contains_key(name) {
-            let function = self.find(name)?;
-            self.functions.insert(name.to_string(), function);
+        if !self.functions.contains_key(&(base, dtype)) {
+            let function = self.find(base, dtype)?;
+            self.functions.insert((base, dtype), function);
         }
-        let function = &self.functions[name];
+        let function = &self.functions[&(base, dtype)];
         // Each argument's bytes sit at the start of one slot (little-endian), where the
         // kernel reads its 4 or 8 bytes; the driver copies them at launch.
         let mut slots = [0u64; 16];
@@ -533,15 +536,15 @@ impl CudaBackend {
                 &mut params[..args.len()],
             )
         }
-        .map_err(|e| cuda_error(&format!("launching kernel {name}"), e))
+        .map_err(|e| cuda_error(&format!("launching kernel {base}_{}", suffix(dtype)), e))
     }
 
     /// The kernel called `name` in whichever module has it; raises its dynamic shared memory
     /// limit for the attention kernels.
-    fn find(&self, name: &str) -> Result<CudaFunction> {
+    fn find(&self, base: &'static str, dtype: Dtype) -> Result<CudaFunction> {
+        let name = format!("{base}_{}", suffix(dtype));
         for module in &self.modules {
-            if let Ok(function) = module.load_function(name) {
-                let base = name.rsplit_once('_').map_or(name, |(base, _)| base);
+            if let Ok(function) = module.load_function(&name) {
                 let largest = Self::attention_shared(base, HEAD_SIZES[HEAD_SIZES.len() - 1]);
                 // Above 48 KiB a kernel must ask for its dynamic shared memory.
                 if base.starts_with("attention_") && largest > 48 << 10 {
@@ -562,12 +565,17 @@ impl CudaBackend {
     }
 
     /// Launches `base_<dtype>` element-wise over `n` elements.
-    fn elementwise(&mut self, base: &str, dtype: Dtype, n: usize, args: &[Arg]) -> Result<()> {
+    fn elementwise(
+        &mut self,
+        base: &'static str,
+        dtype: Dtype,
+        n: usize,
+        args: &[Arg],
+    ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
-        let name = format!("{base}_{}", suffix(dtype));
-        self.launch(&name, Launch::elementwise(n), args)
+        self.launch(base, dtype, Launch::elementwise(n), args)
     }
 
     /// A host-arena handle as the CPU executor sees it.
@@ -636,9 +644,26 @@ impl CudaBackend {
     }
 }
 
-/// Fails (before anything is allocated) when the CUDA kernels cannot run `model`: its head
-/// size has no attention variant.
-pub fn check_model(model: &tessera_plan::config::Model) -> Result<()> {
+/// Fails (before anything is allocated) when the CUDA kernels cannot run `config`: its head
+/// size has no attention variant, or a microbatch has more rows or a tensor row more columns
+/// than the kernels' 32-bit size arguments hold (their indexing itself is 64-bit).
+pub fn check_config(config: &tessera_plan::Config) -> Result<()> {
+    let model = &config.model;
+    let rows = config.training.micro_batch * model.seq_len;
+    let vocab = tessera_plan::model::ModelShape::new(model, config.parallel.tensor).vocab_padded;
+    let widest = [3 * model.hidden, model.ffn_hidden, vocab]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    if rows.max(widest) > i32::MAX as usize {
+        return Err(Error::Unsupported {
+            what: format!(
+                "a microbatch of {rows} tokens with rows up to {widest} wide is beyond the CUDA \
+                 kernels' 32-bit sizes"
+            ),
+            help: "lower training.micro_batch or model.seq_len".into(),
+        });
+    }
     let hs = model.hidden / model.heads.max(1);
     if HEAD_SIZES.contains(&hs) {
         return Ok(());
@@ -732,7 +757,7 @@ fn float(op: &'static str, dtype: Dtype) -> Result<()> {
 }
 
 fn int(v: usize) -> Arg {
-    Arg::I32(i32::try_from(v).expect("invariant: kernel sizes fit in i32 (checked by the plan)"))
+    Arg::I32(i32::try_from(v).expect("invariant: kernel sizes fit in i32 (check_config)"))
 }
 
 fn long(v: usize) -> Arg {
@@ -867,7 +892,12 @@ impl Backend for CudaBackend {
             (Place::Device, Place::Device) => {
                 float("copy", src.dtype)?;
                 float("copy", dst.dtype)?;
-                let name = format!("convert_{}_to_{}", suffix(src.dtype), suffix(dst.dtype));
+                // `convert_<src>_to_<dst>`: the source picks the base, the destination the dtype.
+                let base = match src.dtype {
+                    Dtype::F32 => "convert_f32_to",
+                    Dtype::Bf16 => "convert_bf16_to",
+                    _ => "convert_f16_to",
+                };
                 let args = [
                     Arg::Ptr(self.ptr(dst)),
                     Arg::Ptr(self.ptr(src)),
@@ -876,7 +906,7 @@ impl Backend for CudaBackend {
                 if dst.len == 0 {
                     return Ok(());
                 }
-                self.launch(&name, Launch::elementwise(dst.len), &args)
+                self.launch(base, dst.dtype, Launch::elementwise(dst.len), &args)
             }
             // Between the arenas (optimizer offload): bytes when the dtypes agree, through f32
             // values on the host otherwise.
@@ -949,7 +979,6 @@ impl Backend for CudaBackend {
         all.extend(wpe);
         self.on_device("embedding_fwd", &all)?;
         float("embedding_fwd", out.dtype)?;
-        let name = format!("embedding_fwd_{}", suffix(out.dtype));
         let args = [
             Arg::Ptr(self.ptr(out)),
             Arg::Ptr(self.ptr(tokens)),
@@ -961,7 +990,8 @@ impl Backend for CudaBackend {
             int(dims.vocab_start),
             int(dims.vp),
         ];
-        self.launch(&name, Launch::rows(dims.tokens(), 256), &args)
+        let rows = Launch::rows(dims.tokens(), 256);
+        self.launch("embedding_fwd", out.dtype, rows, &args)
     }
 
     fn embedding_bwd(
@@ -1006,7 +1036,7 @@ impl Backend for CudaBackend {
         if self.segments.bytes < needed {
             self.segments = PinnedMemory::new(needed.next_power_of_two())?;
         }
-        let base = self.segments.device_ptr()?;
+        let base = self.segments.device_ptr;
         let words: Vec<i32> = [order.as_slice(), &starts, &local].concat();
         // SAFETY: the buffer has `needed` bytes and no kernel reads it (the stream is idle
         // after the token copy above).
@@ -1019,7 +1049,6 @@ impl Backend for CudaBackend {
         };
         let (order_at, starts_at) = (base, base + order.len() as u64 * 4);
         let local_at = starts_at + starts.len() as u64 * 4;
-        let dt = suffix(dout.dtype);
         let args = [
             Arg::Ptr(self.ptr(dwte)),
             Arg::Ptr(self.ptr(dout)),
@@ -1030,7 +1059,8 @@ impl Backend for CudaBackend {
             int(dims.c),
         ];
         self.launch(
-            &format!("embedding_bwd_wte_{dt}"),
+            "embedding_bwd_wte",
+            dout.dtype,
             Launch::rows(segments, 256),
             &args,
         )?;
@@ -1072,8 +1102,7 @@ impl Backend for CudaBackend {
             int(rows),
             int(c),
         ];
-        let name = format!("layernorm_fwd_{}", suffix(out.dtype));
-        self.launch(&name, Launch::rows(rows, 256), &args)
+        self.launch("layernorm_fwd", out.dtype, Launch::rows(rows, 256), &args)
     }
 
     fn layernorm_bwd(
@@ -1094,7 +1123,6 @@ impl Backend for CudaBackend {
         let all = [dinp, dweight, dbias, dout, inp, weight, mean, rstd];
         self.on_device("layernorm_bwd", &all)?;
         float("layernorm_bwd", dout.dtype)?;
-        let dt = suffix(dout.dtype);
         let args = [
             Arg::Ptr(self.ptr(dinp)),
             Arg::Ptr(self.ptr(dout)),
@@ -1106,7 +1134,8 @@ impl Backend for CudaBackend {
             int(c),
         ];
         self.launch(
-            &format!("layernorm_bwd_dinp_{dt}"),
+            "layernorm_bwd_dinp",
+            dout.dtype,
             Launch::rows(rows, 256),
             &args,
         )?;
@@ -1124,7 +1153,8 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.launch(
-            &format!("layernorm_bwd_params_{dt}"),
+            "layernorm_bwd_params",
+            dout.dtype,
             Launch::columns(c),
             &args,
         )
@@ -1243,8 +1273,7 @@ impl Backend for CudaBackend {
                     int(shape.rows),
                     int(shape.out),
                 ];
-                let name = format!("colsum_add_{}", suffix(dtype));
-                self.launch(&name, Launch::columns(shape.out), &args)?;
+                self.launch("colsum_add", dtype, Launch::columns(shape.out), &args)?;
             }
         }
         Ok(())
@@ -1266,8 +1295,7 @@ impl Backend for CudaBackend {
             int(dims.hs),
         ];
         let shared = Self::attention_shared(op, dims.hs);
-        let name = format!("{op}_{}", suffix(out.dtype));
-        self.launch(&name, Launch::attention(dims, shared), &args)
+        self.launch(op, out.dtype, Launch::attention(dims, shared), &args)
     }
 
     fn attention_bwd(
@@ -1286,7 +1314,6 @@ impl Backend for CudaBackend {
             .attention_bwd(dqkv, delta, dout, qkv, out, lse, dims)?;
         self.on_device(op, &[dqkv, delta, dout, qkv, out, lse])?;
         float(op, dout.dtype)?;
-        let dt = suffix(dout.dtype);
         let rows = dims.tokens();
         let args = [
             Arg::Ptr(self.ptr(delta)),
@@ -1310,11 +1337,7 @@ impl Backend for CudaBackend {
         ];
         for kernel in ["attention_bwd_dkv", "attention_bwd_dq"] {
             let shared = Self::attention_shared(kernel, dims.hs);
-            self.launch(
-                &format!("{kernel}_{dt}"),
-                Launch::attention(dims, shared),
-                &args,
-            )?;
+            self.launch(kernel, dout.dtype, Launch::attention(dims, shared), &args)?;
         }
         Ok(())
     }
@@ -1370,8 +1393,7 @@ impl Backend for CudaBackend {
             int(dims.v),
             int(dims.vp),
         ];
-        let name = format!("{op}_{}", suffix(logits.dtype));
-        self.launch(&name, Launch::rows(rows, 1024), &args)
+        self.launch(op, logits.dtype, Launch::rows(rows, 1024), &args)
     }
 
     fn crossentropy_max(&mut self, logits: Tensor, max: Tensor, dims: Dims) -> Result<()> {
@@ -1387,8 +1409,7 @@ impl Backend for CudaBackend {
             int(dims.vp),
             int(dims.real_vocab()),
         ];
-        let name = format!("{op}_{}", suffix(logits.dtype));
-        self.launch(&name, Launch::rows(rows, 1024), &args)
+        self.launch(op, logits.dtype, Launch::rows(rows, 1024), &args)
     }
 
     fn crossentropy_sumexp(
@@ -1417,8 +1438,7 @@ impl Backend for CudaBackend {
             int(dims.real_vocab()),
             int(dims.vocab_start),
         ];
-        let name = format!("{op}_{}", suffix(logits.dtype));
-        self.launch(&name, Launch::rows(rows, 1024), &args)
+        self.launch(op, logits.dtype, Launch::rows(rows, 1024), &args)
     }
 
     fn crossentropy_finish(
@@ -1449,8 +1469,7 @@ impl Backend for CudaBackend {
             int(dims.real_vocab()),
             int(dims.vocab_start),
         ];
-        let name = format!("{op}_{}", suffix(logits.dtype));
-        self.launch(&name, Launch::rows(rows, 1024), &args)
+        self.launch(op, logits.dtype, Launch::rows(rows, 1024), &args)
     }
 
     fn sum_squares(&mut self, grads: Tensor, partials: Tensor) -> Result<f64> {
@@ -1476,8 +1495,7 @@ impl Backend for CudaBackend {
             long(block),
             int(used),
         ];
-        let name = format!("{op}_{}", suffix(grads.dtype));
-        self.launch(&name, Launch::rows(used, 256), &args)?;
+        self.launch(op, grads.dtype, Launch::rows(used, 256), &args)?;
         let mut bytes = vec![0u8; used * 4];
         self.copy_dtoh(&mut bytes, self.ptr(partials))?;
         let values: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
