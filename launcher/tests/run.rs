@@ -349,7 +349,8 @@ fn trains_like_one_process(layouts: &[Layout]) {
                 stdout
                     .lines()
                     .any(|l| l.contains(&format!("stage {stage} (")) && l.ends_with("(equal)")),
-                "{layout:?}: {stdout}"
+                "{layout:?}: {stdout}\n{}",
+                text(&out.stderr)
             );
         }
         let metrics = scratch.path("metrics.jsonl");

@@ -21,13 +21,15 @@
 //! Ranks on one host: a link whose two ends have the same IP address moves its bytes through
 //! two shared-memory rings ([`super::shm`]) instead of the loopback, which saves a copy and the
 //! TCP stack per byte; the connection then carries only one-byte wake-ups, and its closing
-//! still reports the peer's death. A link whose rings cannot be set up (no /dev/shm, a full
+//! still reports the peer's death, once the ring holds none of the bytes the peer wrote before
+//! it exited. A link whose rings cannot be set up (no /dev/shm, a full
 //! tmpfs) stays on plain TCP; `TESSERA_SHM=0` turns the rings off.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -220,6 +222,9 @@ struct Link {
 struct Rings {
     out: ShmRing,
     incoming: ShmRing,
+    /// The peer closed the connection. Its last bytes may still be in `incoming`: a peer
+    /// that wrote them and exited is not a failure until they are read.
+    peer_gone: AtomicBool,
 }
 
 /// Whether links to members on this host use shared memory (`TESSERA_SHM=0` turns it off).
@@ -262,7 +267,11 @@ fn share_rings(mut stream: &TcpStream, tag: &str) -> std::io::Result<Option<Ring
     }
     stream.set_read_timeout(None)?;
     Ok(match (exchanged?, created) {
-        (Some(incoming), Some((out, _))) => Some(Rings { out, incoming }),
+        (Some(incoming), Some((out, _))) => Some(Rings {
+            out,
+            incoming,
+            peer_gone: AtomicBool::new(false),
+        }),
         _ => None,
     })
 }
@@ -412,6 +421,7 @@ impl Drop for TcpCommunicator {
 }
 
 /// Why an op failed, before it becomes a [`CommError`].
+#[derive(Debug)]
 struct Failure {
     /// Group members the op was waiting on.
     silent: Vec<usize>,
@@ -516,6 +526,10 @@ impl Wire {
                     if writer_asleep {
                         wake(&link.stream);
                     }
+                    // `peer_gone` was seen before this read, so the ring held all it will.
+                    if k == 0 && rings.peer_gone.load(Ordering::SeqCst) {
+                        return Err(receive_failure(*peer, "the peer closed the connection"));
+                    }
                 } else {
                     match (&*link.stream).read(&mut into[got..]) {
                         Ok(0) => {
@@ -559,6 +573,9 @@ impl Wire {
             let wanted = bytes.len();
             let result = match &link.rings {
                 Some(rings) => match rings.out.write(bytes) {
+                    (0, _) if rings.peer_gone.load(Ordering::SeqCst) => {
+                        Err(std::io::Error::from(ErrorKind::UnexpectedEof))
+                    }
                     (0, _) => break,
                     (k, reader_asleep) => {
                         wake_reader |= reader_asleep;
@@ -642,8 +659,12 @@ impl Wire {
         // Every wake-up is drained before any flag goes up: with two members both directions
         // share one connection, and a wake-up drained after a flag went up would be lost.
         for (pending, ring) in [(reading, &ring_from), (writing, &ring_to)] {
-            if let (true, Some((_, link, peer))) = (pending, ring) {
-                drain_wakeups(&link.stream, *peer)?;
+            if let (true, Some((rings, link, peer))) = (pending, ring)
+                && drain_wakeups(&link.stream, *peer)? == Wakeups::Closed
+            {
+                // Look at the rings once more; `pump` fails if they have nothing left.
+                rings.peer_gone.store(true, Ordering::SeqCst);
+                return Ok(());
             }
         }
         if let (true, Some((rings, ..))) = (reading, &ring_from)
@@ -708,16 +729,23 @@ fn wake(stream: &TcpStream) {
     let _ = (&*stream).write(&[1]);
 }
 
-/// Reads the wake-ups waiting on a ring link's connection; whether there were any. The peer
-/// closing it is its death, as on a plain link.
-fn drain_wakeups(stream: &TcpStream, peer: usize) -> Result<bool, Failure> {
+/// What was waiting on a ring link's connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Wakeups {
+    /// Wake-ups (or nothing); all read.
+    Drained,
+    /// The peer closed the connection: it exited, perhaps after writing its last bytes.
+    Closed,
+}
+
+/// Reads the wake-ups waiting on a ring link's connection.
+fn drain_wakeups(stream: &TcpStream, peer: usize) -> Result<Wakeups, Failure> {
     let mut sink = [0u8; 256];
-    let mut any = false;
     loop {
         match (&*stream).read(&mut sink) {
-            Ok(0) => return Err(receive_failure(peer, "the peer closed the connection")),
-            Ok(_) => any = true,
-            Err(e) if would_block(&e) => return Ok(any),
+            Ok(0) => return Ok(Wakeups::Closed),
+            Ok(_) => {}
+            Err(e) if would_block(&e) => return Ok(Wakeups::Drained),
             Err(e) => return Err(receive_failure(peer, &describe_io(&e))),
         }
     }
@@ -1186,5 +1214,52 @@ mod tests {
                 assert_eq!(next, len);
             }
         }
+    }
+
+    /// Both ends of a loopback connection with shared-memory rings, as two members make them.
+    fn ring_link() -> (Link, Link) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let dialer = std::thread::spawn(move || {
+            let stream = TcpStream::connect(address).unwrap();
+            let rings = share_rings(&stream, "dialer").unwrap();
+            (stream, rings)
+        });
+        let (accepted, _) = listener.accept().unwrap();
+        let rings = share_rings(&accepted, "listener").unwrap();
+        let link = |stream: TcpStream, rings: Option<Rings>| {
+            stream.set_nonblocking(true).unwrap();
+            Link {
+                stream: Arc::new(stream),
+                rings: Some(Arc::new(rings.expect("/dev/shm works here"))),
+            }
+        };
+        let (stream, dialer_rings) = dialer.join().unwrap();
+        (link(accepted, rings), link(stream, dialer_rings))
+    }
+
+    #[test]
+    fn a_ring_peer_that_wrote_and_exited_is_read_to_its_last_byte() {
+        let (receiver, sender) = ring_link();
+        let message: Vec<f32> = (0..200).map(|i| i as f32).collect();
+        let mut wire = Wire::new(Some((sender, 1)), None, Duration::from_secs(5));
+        wire.send(CommBuf::host(&message));
+        wire.finish().unwrap();
+        // The sender exits: its connection closes with its last bytes still in the ring.
+        drop(wire);
+        let mut wire = Wire::new(None, Some((receiver, 0)), Duration::from_secs(5));
+        // The receiver was about to sleep when the close came.
+        wire.wait(true, false).unwrap();
+        let mut got = vec![0u8; message.len() * 4];
+        wire.recv(&mut got).unwrap();
+        assert_eq!(got, bytemuck::cast_slice::<f32, u8>(&message));
+        // Nothing more will come: the next receive fails at once instead of timing out.
+        let start = Instant::now();
+        let error = wire.recv(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(
+            error.cause,
+            "receiving from member 0: the peer closed the connection"
+        );
+        assert!(start.elapsed() < Duration::from_secs(1));
     }
 }
