@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tessera_launcher::coordinator::{Coordinator, JobSpec};
+use tessera_plan::config::Device;
 use tessera_plan::mesh::Mesh;
 use tessera_proto::v1::WorkerHello;
 
@@ -33,6 +34,7 @@ fn main() {
         config_yaml: "model: {}".into(),
         config_sets: Vec::new(),
         mesh: Mesh::new(ranks, 1, 1, 8).expect("a valid mesh"),
+        device: Device::Cpu,
         planned_device_bytes: vec![0; ranks],
         collective_timeout: Duration::from_secs(60),
         rendezvous_timeout: Duration::from_secs(120),

@@ -93,9 +93,10 @@ pub enum Command {
     /// One agent per node (started by srun, a Kubernetes pod or ssh) registers with the
     /// coordinator of `launch --config F` on the head node, gets this node's ranks, starts one
     /// worker per rank, relays their output prefixed `[rank N]`, reports their exits, and stops
-    /// them when the coordinator says so or when it loses the coordinator. TESSERA_TOKEN must
-    /// hold the same secret on every node and on the head. Exits 0 when all its workers
-    /// finished, 1 otherwise.
+    /// them when the coordinator says so or when it loses the coordinator. It reports the
+    /// node's GPUs and their free memory: a CUDA run refuses a node that cannot hold its share.
+    /// TESSERA_TOKEN must hold the same secret on every node and on the head. Exits 0 when all
+    /// its workers finished, 1 otherwise.
     Agent(AgentArgs),
 }
 

@@ -15,6 +15,8 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tessera_plan::bytes::format_size;
+use tessera_plan::config::Device;
 use tessera_plan::mesh::Mesh;
 use tessera_proto::v1::coordinator_server::{Coordinator as Service, CoordinatorServer};
 use tessera_proto::v1::{Abort, Ack, NcclId, NcclIdRequest, Restart};
@@ -33,6 +35,9 @@ pub struct JobSpec {
     pub config_yaml: String,
     pub config_sets: Vec<String>,
     pub mesh: Mesh,
+    /// What the ranks run on: a node agent without the GPUs (or their free memory) for its
+    /// share of a CUDA run is refused when it registers.
+    pub device: Device,
     /// Planned device bytes of each rank.
     pub planned_device_bytes: Vec<u64>,
     pub collective_timeout: Duration,
@@ -73,6 +78,10 @@ pub enum Event {
     /// A node agent's lifeline broke: the agent died or its node left the network.
     NodeLost {
         node: u32,
+    },
+    /// A node agent was refused: its node cannot run its share of the ranks (`reason`).
+    NodeRefused {
+        reason: String,
     },
     /// A call without the run's token.
     Refused {
@@ -145,11 +154,7 @@ impl Shared {
     }
 
     fn node_ranks(&self, node: usize) -> Vec<u32> {
-        let mesh = self.attempt(|a| a.mesh);
-        (0..mesh.world_size())
-            .filter(|&rank| mesh.node(rank) == node)
-            .map(|rank| rank as u32)
-            .collect()
+        ranks_on(&self.attempt(|a| a.mesh), node)
     }
 
     fn send(&self, event: Event) {
@@ -223,12 +228,32 @@ impl Service for Handler {
                 lost: false,
                 commands: None,
             };
-            if agents.len() < nodes {
-                agents.push(slot);
-                agents.len() - 1
-            } else if let Some(node) = agents.iter().position(|a| a.lost) {
-                // A replacement for a node that is gone.
-                agents[node] = slot;
+            // A replacement takes the slot of a node that is gone.
+            let free = if agents.len() < nodes {
+                Some(agents.len())
+            } else {
+                agents.iter().position(|a| a.lost)
+            };
+            if let Some(node) = free {
+                if self.shared.spec.device == Device::Cuda {
+                    let planned: Vec<u64> = self.shared.attempt(|a| {
+                        ranks_on(&a.mesh, node)
+                            .iter()
+                            .map(|&rank| a.planned_device_bytes[rank as usize])
+                            .collect()
+                    });
+                    if let Some(reason) = gpu_shortfall(&hello, &planned) {
+                        self.shared.send(Event::NodeRefused {
+                            reason: reason.clone(),
+                        });
+                        return Err(Status::failed_precondition(reason));
+                    }
+                }
+                if node == agents.len() {
+                    agents.push(slot);
+                } else {
+                    agents[node] = slot;
+                }
                 node
             } else {
                 let hosts: Vec<&str> = agents.iter().map(|a| a.hello.hostname.as_str()).collect();
@@ -439,6 +464,54 @@ impl Service for Handler {
             ))),
         }
     }
+}
+
+/// The global ranks that run on node `node`, in local-rank order.
+fn ranks_on(mesh: &Mesh, node: usize) -> Vec<u32> {
+    (0..mesh.world_size())
+        .filter(|&rank| mesh.node(rank) == node)
+        .map(|rank| rank as u32)
+        .collect()
+}
+
+/// Why the node of `hello` cannot run a CUDA share whose ranks plan `planned` device bytes
+/// each (in local-rank order, local rank i on GPU i): too few GPUs, or a GPU with less free
+/// memory than its rank's plan. `None`: it can, as far as the agent could tell.
+pub fn gpu_shortfall(hello: &AgentHello, planned: &[u64]) -> Option<String> {
+    let wanted = planned.len();
+    let ranks = if wanted == 1 { "rank" } else { "ranks" };
+    if (hello.gpus as usize) < wanted {
+        let has = match hello.gpus {
+            0 => "no GPU that the CUDA driver can see (or no driver)".to_string(),
+            1 => "1 GPU".to_string(),
+            n => format!("{n} GPUs"),
+        };
+        return Some(format!(
+            "{} has {has}, but cluster.device is cuda and the node runs {wanted} {ranks} \
+             (cluster.gpus_per_node)\n  help: start the agents on GPU nodes, check \
+             CUDA_VISIBLE_DEVICES there, or lower cluster.gpus_per_node",
+            hello.hostname
+        ));
+    }
+    // The agent lists free memory only if NVML could tell it for every GPU.
+    if hello.free_memory_bytes.len() < wanted {
+        return None;
+    }
+    let (gpu, free, plan) = hello
+        .free_memory_bytes
+        .iter()
+        .zip(planned)
+        .enumerate()
+        .map(|(gpu, (&free, &plan))| (gpu, free, plan))
+        .find(|&(_, free, plan)| free < plan)?;
+    Some(format!(
+        "GPU {gpu} of {} has {} free, but its rank plans {} there\n  help: another process \
+         holds that GPU's memory (see nvidia-smi), or the layout needs more memory than the \
+         GPUs have: see launch --dry-run",
+        hello.hostname,
+        format_size(free),
+        format_size(plan)
+    ))
 }
 
 /// What every worker of a node gets in its environment (RANK and LOCAL_RANK aside).
@@ -729,6 +802,7 @@ mod tests {
             config_yaml: "model: {}".into(),
             config_sets: vec!["training.steps=3".into()],
             mesh: Mesh::new(world, 1, 1, 8).unwrap(),
+            device: Device::Cpu,
             planned_device_bytes: vec![1000; world],
             collective_timeout: Duration::from_secs(5),
             rendezvous_timeout: rendezvous,
@@ -889,6 +963,86 @@ mod tests {
                 hostname: "bb".into(),
                 address: "10.0.0.2".into(),
                 ranks: second.ranks.clone(),
+            }),
+            "{events:?}"
+        );
+        coordinator.stop(&runtime);
+    }
+
+    #[test]
+    fn a_cuda_node_is_refused_without_enough_gpus_or_free_memory() {
+        let gib = 1u64 << 30;
+        let node = |gpus: u32, free: &[u64]| AgentHello {
+            hostname: "gpu7".into(),
+            gpus,
+            free_memory_bytes: free.to_vec(),
+            ..AgentHello::default()
+        };
+        let planned = [10 * gib, 12 * gib];
+        let no_gpu = gpu_shortfall(&node(0, &[]), &planned).unwrap();
+        assert!(
+            no_gpu.starts_with(
+                "gpu7 has no GPU that the CUDA driver can see (or no driver), but cluster.device \
+                 is cuda and the node runs 2 ranks (cluster.gpus_per_node)"
+            ),
+            "{no_gpu}"
+        );
+        let one = gpu_shortfall(&node(1, &[80 * gib]), &planned).unwrap();
+        assert!(one.starts_with("gpu7 has 1 GPU, but"), "{one}");
+        // GPU 1 holds 11 GiB free and its rank plans 12.
+        let short = gpu_shortfall(&node(2, &[79 * gib, 11 * gib]), &planned).unwrap();
+        assert!(
+            short.starts_with("GPU 1 of gpu7 has 11.00 GiB free, but its rank plans 12.00 GiB"),
+            "{short}"
+        );
+        assert_eq!(
+            gpu_shortfall(&node(2, &[10 * gib, 12 * gib]), &planned),
+            None
+        );
+        assert_eq!(
+            gpu_shortfall(&node(4, &[]), &planned),
+            None,
+            "NVML could not say"
+        );
+        assert_eq!(gpu_shortfall(&node(0, &[]), &[]), None, "no ranks there");
+    }
+
+    #[test]
+    fn a_cuda_run_refuses_an_agent_without_gpus_and_says_so_to_the_supervisor() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut job = spec(4, Duration::from_secs(5));
+        job.mesh = Mesh::new(2, 1, 2, 2).unwrap();
+        job.device = Device::Cuda;
+        let (events, received) = std_mpsc::channel();
+        let localhost = "127.0.0.1:0".parse().unwrap();
+        let coordinator = Coordinator::start(&runtime, localhost, job, events).unwrap();
+        let address = coordinator.address;
+        let agent = |host: &str, gpus: u32| AgentHello {
+            hostname: host.into(),
+            gpus,
+            ..AgentHello::default()
+        };
+        let (cpu_only, gpu_node) = runtime.block_on(async move {
+            let mut client = client(address, "secret").await;
+            let cpu_only = client.register_agent(agent("cpu1", 0)).await.unwrap_err();
+            let gpu_node = client.register_agent(agent("gpu1", 2)).await.unwrap();
+            (cpu_only, gpu_node.into_inner())
+        });
+        assert_eq!(cpu_only.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            cpu_only.message().starts_with("cpu1 has no GPU"),
+            "{}",
+            cpu_only.message()
+        );
+        assert_eq!(gpu_node.node, 0, "the refused agent took no slot");
+        let events: Vec<Event> = received.try_iter().collect();
+        assert!(
+            events.contains(&Event::NodeRefused {
+                reason: cpu_only.message().to_string()
             }),
             "{events:?}"
         );

@@ -26,6 +26,10 @@ pub trait Fleet {
     fn all_exited(&self) -> bool {
         (0..self.ranks()).all(|rank| self.exited(rank))
     }
+    /// Whether a rank may still be running: started and not known to have exited.
+    fn any_running(&self) -> bool {
+        !self.all_exited()
+    }
     /// "rank 2 (pid 4711)", with the node for a remote rank.
     fn describe(&self, rank: usize) -> String;
     /// Asks every rank to stop (SIGTERM), or makes it (SIGKILL) when `now`.
@@ -217,6 +221,13 @@ impl Fleet for RemoteFleet {
 
     fn exited(&self, rank: usize) -> bool {
         self.ranks[rank].ended.is_some()
+    }
+
+    fn any_running(&self) -> bool {
+        // A rank is placed when its node's agent registers, and starts right after.
+        self.ranks
+            .iter()
+            .any(|slot| slot.node.is_some() && slot.ended.is_none())
     }
 
     fn describe(&self, rank: usize) -> String {

@@ -139,6 +139,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
             config_yaml: loaded.text.clone(),
             config_sets: layout.sets.clone(),
             mesh: layout.mesh,
+            device: config.cluster.device,
             planned_device_bytes: layout.planned.clone(),
             collective_timeout: config.watchdog.collective_timeout,
             rendezvous_timeout: config.watchdog.rendezvous_timeout,
@@ -565,6 +566,8 @@ const DEFAULT_LISTEN: ([u8; 4], u16) = ([0, 0, 0, 0], 29400);
 /// Why the run is stopping.
 enum Stop {
     Failed(String),
+    /// A node cannot run its share (no GPU, too little free memory): no restart can help.
+    Refused(String),
     Interrupted,
 }
 
@@ -712,12 +715,23 @@ fn supervise(
                             "mfu": beat.mfu,
                             "peak_bytes": beat.peak_bytes,
                         });
-                        writeln!(file, "{line}")
+                        // One write per line: a reader following the file (a dashboard, the
+                        // tests) never sees half a line, as `writeln!` on a File could show.
+                        file.write_all(format!("{line}\n").as_bytes())
                             .with_context(|| format!("cannot write {}", path.display()))?;
                     }
                 }
                 Event::RendezvousComplete => {
                     progress.status(&format!("all {} ranks joined; training", fleet.ranks()));
+                }
+                Event::NodeRefused { reason } if stopping.is_none() => {
+                    // Nothing can start without that node: stop the others at once.
+                    coordinator.abort(&format!("a node agent was refused: {reason}"));
+                    aborted = true;
+                    stopping = Some((
+                        Stop::Refused(format!("the coordinator refused a node agent: {reason}")),
+                        Instant::now(),
+                    ));
                 }
                 Event::RendezvousFailed { missing } if stopping.is_none() => {
                     stopping = Some((
@@ -798,9 +812,11 @@ fn supervise(
         let gave_up = stopping
             .as_ref()
             .is_some_and(|(_, since)| since.elapsed() > GRACE + GIVE_UP);
-        if fleet.all_exited() || gave_up {
+        let refused = matches!(stopping, Some((Stop::Refused(_), _)));
+        if fleet.all_exited() || gave_up || refused && !fleet.any_running() {
             return match stopping {
                 None => Ok(last_step),
+                Some((Stop::Refused(message), _)) => Err(Failure::DoesNotFit(message)),
                 Some((Stop::Failed(message), _)) => Err(Failure::Runtime(anyhow::anyhow!(
                     "{message}{}",
                     describe_last_collectives(&last_collectives)

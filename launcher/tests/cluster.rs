@@ -642,3 +642,71 @@ fn a_hostfile_makes_the_head_start_an_agent_on_every_host() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_cuda_run_refuses_agents_without_gpus_before_any_worker_starts() {
+    if tessera_worker::tensor::cuda::driver_present() {
+        eprintln!("skipped: this machine has a CUDA driver, so its agents would be accepted");
+        return;
+    }
+    // On loopback: the agents are refused before any worker would need an address.
+    let dir = scratch("no-gpus");
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let token = format!("no-gpus-{}", std::process::id());
+    let mut args = job_args(&dir, 2, 4, &["cluster.device=cuda", "cluster.backend=tcp"]);
+    args.extend(["--listen".into(), format!("127.0.0.1:{port}")]);
+    let launch = |args: &[String]| {
+        Command::new(env!("CARGO_BIN_EXE_launch"))
+            .args(args)
+            .current_dir(repo())
+            .env("TESSERA_TOKEN", &token)
+            .env_remove("TESSERA_COORDINATOR")
+            .env_remove("TESSERA_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let head = launch(&args);
+    let coordinator = format!("127.0.0.1:{port}");
+    let agent_args: Vec<String> = ["agent", "--coordinator", &coordinator, "--wait", "10"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let agents = [launch(&agent_args), launch(&agent_args)];
+    let started = Instant::now();
+    let out = wait_with_limit(head, Duration::from_secs(60));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "{stdout}\n{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "refused at registration, not after the rendezvous timeout"
+    );
+    assert!(
+        stderr.contains("the coordinator refused a node agent: ")
+            && stderr.contains(
+                "has no GPU that the CUDA driver can see (or no driver), but \
+                                cluster.device is cuda and the node runs 2 ranks"
+            ),
+        "{stdout}\n{stderr}"
+    );
+    // The first agent refused ends the run; the other is refused too, or finds the head gone.
+    let agents: Vec<Output> = agents
+        .into_iter()
+        .map(|agent| wait_with_limit(agent, Duration::from_secs(30)))
+        .collect();
+    let told: Vec<String> = agents.iter().map(|out| text(&out.stderr)).collect();
+    assert!(agents.iter().all(|out| !out.status.success()), "{told:?}");
+    assert!(
+        told.iter()
+            .any(|stderr| stderr.contains("refused this node") && stderr.contains("has no GPU")),
+        "{told:?}"
+    );
+    assert!(
+        !dir.join("metrics.jsonl").exists() || losses(&dir.join("metrics.jsonl")).is_empty(),
+        "no step was trained"
+    );
+}

@@ -147,6 +147,38 @@ pub fn device_count() -> Result<usize> {
     }
 }
 
+/// The GPUs the driver shows this process, in ordinal order, each with its free memory as
+/// NVML says (`None` where it cannot). Empty without a driver or a GPU. No context is made: a
+/// node agent asks before its workers start, and a context would take memory from one of them.
+pub fn visible_gpus() -> Vec<Option<u64>> {
+    let Ok(count) = device_count() else {
+        return Vec::new();
+    };
+    (0..count)
+        .map(|ordinal| {
+            catch_unwind(|| pci_bus_id(ordinal))
+                .ok()?
+                .ok()
+                .and_then(|pci| nvml::free_bytes(&pci))
+        })
+        .collect()
+}
+
+/// `0000:1b:00.0`: GPU `ordinal`'s PCI address, the name NVML knows it by.
+fn pci_bus_id(ordinal: usize) -> Result<String> {
+    use driver::CUdevice_attribute as A;
+    let failed = |e| cuda_error("reading the GPU's PCI address", e);
+    let device = result::device::get(ordinal as i32).map_err(failed)?;
+    // SAFETY: a device handle the driver just gave, and attributes every device has.
+    let attribute = |a| unsafe { result::device::get_attribute(device, a) }.map_err(failed);
+    Ok(format!(
+        "{:04x}:{:02x}:{:02x}.0",
+        attribute(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
+        attribute(A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?,
+        attribute(A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?
+    ))
+}
+
 /// `sm_XY` of GPU `ordinal`: the architecture its kernels are compiled for.
 pub fn device_arch(ordinal: usize) -> Result<String> {
     arch_of(&*open_device(ordinal)?)
@@ -382,17 +414,7 @@ impl CudaBackend {
         let name = ctx
             .name()
             .map_err(|e| cuda_error("reading the GPU's name", e))?;
-        let pci = |a| {
-            ctx.attribute(a)
-                .map_err(|e| cuda_error("reading the GPU's PCI address", e))
-        };
-        use driver::CUdevice_attribute as A;
-        let pci_bus_id = format!(
-            "{:04x}:{:02x}:{:02x}.0",
-            pci(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
-            pci(A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?,
-            pci(A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?
-        );
+        let pci_bus_id = pci_bus_id(ordinal)?;
         let stream = ctx
             .new_stream()
             .map_err(|e| cuda_error("creating a stream", e))?;

@@ -1,7 +1,8 @@
-//! This process's memory on its GPU as the driver accounts it: NVML's per-process count, the
-//! number `nvidia-smi` shows next to the pid. It includes the CUDA context and every library's
-//! allocations and excludes what the driver keeps for itself and other processes, so it is the
-//! number the memory plan (arena + runtime rows) predicts.
+//! What NVML says of a GPU's memory, without a CUDA context: this process's share as the
+//! driver accounts it (the number `nvidia-smi` shows next to the pid: the CUDA context and
+//! every library's allocations, not what the driver keeps for itself or other processes, so
+//! the number the memory plan's arena and runtime rows predict), and the GPU's free memory
+//! (what a node agent reports before its workers start).
 //!
 //! libnvidia-ml ships with the driver; it is opened with `dlopen` when first needed, and every
 //! failure (no library, a pid namespace hiding our pid) gives `None`, never a panic.
@@ -19,12 +20,22 @@ struct ProcessInfo {
     compute_instance_id: c_uint,
 }
 
+/// `nvmlMemory_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct MemoryInfo {
+    total: u64,
+    free: u64,
+    used: u64,
+}
+
 type Device = *mut std::ffi::c_void;
 
 struct Nvml {
     _library: libloading::Library,
     by_pci_bus_id: unsafe extern "C" fn(*const c_char, *mut Device) -> c_int,
     processes: unsafe extern "C" fn(Device, *mut c_uint, *mut ProcessInfo) -> c_int,
+    memory: unsafe extern "C" fn(Device, *mut MemoryInfo) -> c_int,
 }
 
 // SAFETY: NVML is thread-safe after nvmlInit; the struct only holds function pointers and the
@@ -55,25 +66,43 @@ fn nvml() -> Option<&'static Nvml> {
                     b"nvmlDeviceGetComputeRunningProcesses_v3\0",
                 )
                 .ok()?;
+            let memory = *library
+                .get::<unsafe extern "C" fn(Device, *mut MemoryInfo) -> c_int>(
+                    b"nvmlDeviceGetMemoryInfo\0",
+                )
+                .ok()?;
             Some(Nvml {
                 _library: library,
                 by_pci_bus_id,
                 processes,
+                memory,
             })
         }
     })
     .as_ref()
 }
 
-/// Bytes this process uses on the GPU at `pci_bus_id` (`0000:1b:00.0`), if NVML can say.
-pub fn process_bytes(pci_bus_id: &str) -> Option<u64> {
-    let nvml = nvml()?;
+/// NVML's handle of the GPU at `pci_bus_id` (`0000:1b:00.0`).
+fn device(nvml: &Nvml, pci_bus_id: &str) -> Option<Device> {
     let id = CString::new(pci_bus_id).ok()?;
     let mut device: Device = std::ptr::null_mut();
     // SAFETY: a NUL-terminated id and a valid place for the handle.
-    if unsafe { (nvml.by_pci_bus_id)(id.as_ptr(), &mut device) } != 0 {
-        return None;
-    }
+    (unsafe { (nvml.by_pci_bus_id)(id.as_ptr(), &mut device) } == 0).then_some(device)
+}
+
+/// Free bytes on the GPU at `pci_bus_id`, if NVML can say.
+pub fn free_bytes(pci_bus_id: &str) -> Option<u64> {
+    let nvml = nvml()?;
+    let device = device(nvml, pci_bus_id)?;
+    let mut info = MemoryInfo::default();
+    // SAFETY: a handle NVML gave and a valid place for the answer.
+    (unsafe { (nvml.memory)(device, &mut info) } == 0).then_some(info.free)
+}
+
+/// Bytes this process uses on the GPU at `pci_bus_id`, if NVML can say.
+pub fn process_bytes(pci_bus_id: &str) -> Option<u64> {
+    let nvml = nvml()?;
+    let device = device(nvml, pci_bus_id)?;
     let mut infos = [ProcessInfo::default(); 256];
     let mut count = infos.len() as c_uint;
     // SAFETY: `infos` has room for `count` entries.
