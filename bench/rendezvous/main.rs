@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tessera_launcher::coordinator::{Coordinator, JobSpec};
-use tessera_plan::config::Device;
+use tessera_plan::config::{Backend, Device};
 use tessera_plan::mesh::Mesh;
 use tessera_proto::v1::WorkerHello;
 
@@ -35,6 +35,7 @@ fn main() {
         config_sets: Vec::new(),
         mesh: Mesh::new(ranks, 1, 1, 8).expect("a valid mesh"),
         device: Device::Cpu,
+        backend: Backend::Tcp,
         planned_device_bytes: vec![0; ranks],
         collective_timeout: Duration::from_secs(60),
         rendezvous_timeout: Duration::from_secs(120),

@@ -15,8 +15,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tessera_plan::bytes::format_size;
-use tessera_plan::config::Device;
+use tessera_plan::config::{Backend, Device};
 use tessera_plan::mesh::Mesh;
 use tessera_proto::v1::coordinator_server::{Coordinator as Service, CoordinatorServer};
 use tessera_proto::v1::{Abort, Ack, NcclId, NcclIdRequest, Restart};
@@ -28,6 +27,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::gpus::{Gpus, shortfall};
+
 /// What the coordinator hands every worker, besides its rank.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -35,9 +36,10 @@ pub struct JobSpec {
     pub config_yaml: String,
     pub config_sets: Vec<String>,
     pub mesh: Mesh,
-    /// What the ranks run on: a node agent without the GPUs (or their free memory) for its
-    /// share of a CUDA run is refused when it registers.
+    /// What the ranks run on and talk over: a node agent without the GPUs (or their free
+    /// memory) for its share of a CUDA run is refused when it registers.
     pub device: Device,
+    pub backend: Backend,
     /// Planned device bytes of each rank.
     pub planned_device_bytes: Vec<u64>,
     pub collective_timeout: Duration,
@@ -242,7 +244,12 @@ impl Service for Handler {
                             .map(|&rank| a.planned_device_bytes[rank as usize])
                             .collect()
                     });
-                    if let Some(reason) = gpu_shortfall(&hello, &planned) {
+                    let gpus = Gpus {
+                        host: &hello.hostname,
+                        count: hello.gpus as usize,
+                        free: &hello.free_memory_bytes,
+                    };
+                    if let Some(reason) = shortfall(&gpus, &planned, self.shared.spec.backend) {
                         self.shared.send(Event::NodeRefused {
                             reason: reason.clone(),
                         });
@@ -472,46 +479,6 @@ fn ranks_on(mesh: &Mesh, node: usize) -> Vec<u32> {
         .filter(|&rank| mesh.node(rank) == node)
         .map(|rank| rank as u32)
         .collect()
-}
-
-/// Why the node of `hello` cannot run a CUDA share whose ranks plan `planned` device bytes
-/// each (in local-rank order, local rank i on GPU i): too few GPUs, or a GPU with less free
-/// memory than its rank's plan. `None`: it can, as far as the agent could tell.
-pub fn gpu_shortfall(hello: &AgentHello, planned: &[u64]) -> Option<String> {
-    let wanted = planned.len();
-    let ranks = if wanted == 1 { "rank" } else { "ranks" };
-    if (hello.gpus as usize) < wanted {
-        let has = match hello.gpus {
-            0 => "no GPU that the CUDA driver can see (or no driver)".to_string(),
-            1 => "1 GPU".to_string(),
-            n => format!("{n} GPUs"),
-        };
-        return Some(format!(
-            "{} has {has}, but cluster.device is cuda and the node runs {wanted} {ranks} \
-             (cluster.gpus_per_node)\n  help: start the agents on GPU nodes, check \
-             CUDA_VISIBLE_DEVICES there, or lower cluster.gpus_per_node",
-            hello.hostname
-        ));
-    }
-    // The agent lists free memory only if NVML could tell it for every GPU.
-    if hello.free_memory_bytes.len() < wanted {
-        return None;
-    }
-    let (gpu, free, plan) = hello
-        .free_memory_bytes
-        .iter()
-        .zip(planned)
-        .enumerate()
-        .map(|(gpu, (&free, &plan))| (gpu, free, plan))
-        .find(|&(_, free, plan)| free < plan)?;
-    Some(format!(
-        "GPU {gpu} of {} has {} free, but its rank plans {} there\n  help: another process \
-         holds that GPU's memory (see nvidia-smi), or the layout needs more memory than the \
-         GPUs have: see launch --dry-run",
-        hello.hostname,
-        format_size(free),
-        format_size(plan)
-    ))
 }
 
 /// What every worker of a node gets in its environment (RANK and LOCAL_RANK aside).
@@ -803,6 +770,7 @@ mod tests {
             config_sets: vec!["training.steps=3".into()],
             mesh: Mesh::new(world, 1, 1, 8).unwrap(),
             device: Device::Cpu,
+            backend: Backend::Tcp,
             planned_device_bytes: vec![1000; world],
             collective_timeout: Duration::from_secs(5),
             rendezvous_timeout: rendezvous,
@@ -967,44 +935,6 @@ mod tests {
             "{events:?}"
         );
         coordinator.stop(&runtime);
-    }
-
-    #[test]
-    fn a_cuda_node_is_refused_without_enough_gpus_or_free_memory() {
-        let gib = 1u64 << 30;
-        let node = |gpus: u32, free: &[u64]| AgentHello {
-            hostname: "gpu7".into(),
-            gpus,
-            free_memory_bytes: free.to_vec(),
-            ..AgentHello::default()
-        };
-        let planned = [10 * gib, 12 * gib];
-        let no_gpu = gpu_shortfall(&node(0, &[]), &planned).unwrap();
-        assert!(
-            no_gpu.starts_with(
-                "gpu7 has no GPU that the CUDA driver can see (or no driver), but cluster.device \
-                 is cuda and the node runs 2 ranks (cluster.gpus_per_node)"
-            ),
-            "{no_gpu}"
-        );
-        let one = gpu_shortfall(&node(1, &[80 * gib]), &planned).unwrap();
-        assert!(one.starts_with("gpu7 has 1 GPU, but"), "{one}");
-        // GPU 1 holds 11 GiB free and its rank plans 12.
-        let short = gpu_shortfall(&node(2, &[79 * gib, 11 * gib]), &planned).unwrap();
-        assert!(
-            short.starts_with("GPU 1 of gpu7 has 11.00 GiB free, but its rank plans 12.00 GiB"),
-            "{short}"
-        );
-        assert_eq!(
-            gpu_shortfall(&node(2, &[10 * gib, 12 * gib]), &planned),
-            None
-        );
-        assert_eq!(
-            gpu_shortfall(&node(4, &[]), &planned),
-            None,
-            "NVML could not say"
-        );
-        assert_eq!(gpu_shortfall(&node(0, &[]), &[]), None, "no ranks there");
     }
 
     #[test]

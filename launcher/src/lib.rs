@@ -15,6 +15,7 @@ pub mod coordinator;
 pub mod dryrun;
 pub mod exit;
 pub mod fleet;
+pub mod gpus;
 pub mod hostfile;
 pub mod node;
 pub mod progress;

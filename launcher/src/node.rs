@@ -53,16 +53,11 @@ pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // The coordinator refuses a node whose GPUs cannot hold its share of a CUDA run.
-    let gpus = tessera_worker::tensor::cuda::visible_gpus();
-    let free_memory_bytes: Vec<u64> = gpus
-        .iter()
-        .copied()
-        .collect::<Option<_>>()
-        .unwrap_or_default();
+    let (gpus, free_memory_bytes) = crate::gpus::visible();
     let assignment = runtime
         .block_on(client.register_agent(AgentHello {
             hostname: hostname.clone(),
-            gpus: gpus.len() as u32,
+            gpus: gpus as u32,
             free_memory_bytes,
             comm_host: comm_host.clone(),
             cpu_cores: cores as u32,
@@ -78,7 +73,7 @@ pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
         .into_inner();
     let node = assignment.node;
     let progress = Progress::plain();
-    let gpus = match gpus.len() {
+    let gpus = match gpus {
         0 => String::new(),
         1 => "; 1 GPU".into(),
         n => format!("; {n} GPUs"),

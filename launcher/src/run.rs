@@ -26,6 +26,7 @@ use crate::config_file::Loaded;
 use crate::coordinator::{Coordinator, Event, JobSpec, Reshape, describe_ranks};
 use crate::exit::Failure;
 use crate::fleet::{Fleet, LocalFleet, RemoteFleet};
+use crate::gpus::{Gpus, shortfall};
 use crate::hostfile::{self, Host, RemoteAgents};
 use crate::progress::{Progress, StepLine};
 
@@ -112,6 +113,19 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
         planned: planned_bytes(config),
         mesh: Mesh::from_config(config),
     };
+    // Whether this machine's GPUs hold the ranks, before any worker starts (a node agent's
+    // are checked by the coordinator when it registers).
+    if !cluster && config.cluster.device == Device::Cuda {
+        let (count, free) = crate::gpus::visible();
+        let machine = Gpus {
+            host: "this machine",
+            count,
+            free: &free,
+        };
+        if let Some(reason) = shortfall(&machine, &layout.planned, config.cluster.backend) {
+            return Err(Failure::DoesNotFit(reason));
+        }
+    }
     let token = if cluster {
         token_from_env(
             "a run across nodes needs a secret shared with its node agents: set TESSERA_TOKEN to \
@@ -140,6 +154,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
             config_sets: layout.sets.clone(),
             mesh: layout.mesh,
             device: config.cluster.device,
+            backend: config.cluster.backend,
             planned_device_bytes: layout.planned.clone(),
             collective_timeout: config.watchdog.collective_timeout,
             rendezvous_timeout: config.watchdog.rendezvous_timeout,

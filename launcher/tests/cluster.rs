@@ -689,7 +689,7 @@ fn a_cuda_run_refuses_agents_without_gpus_before_any_worker_starts() {
         stderr.contains("the coordinator refused a node agent: ")
             && stderr.contains(
                 "has no GPU that the CUDA driver can see (or no driver), but \
-                                cluster.device is cuda and the node runs 2 ranks"
+                 cluster.device is cuda and 2 ranks run there"
             ),
         "{stdout}\n{stderr}"
     );
