@@ -809,6 +809,17 @@ mod tests {
         Coordinator,
         std_mpsc::Receiver<Event>,
     ) {
+        started_with(spec(world, rendezvous))
+    }
+
+    /// A coordinator of `job` on 127.0.0.1, its runtime and its events.
+    fn started_with(
+        job: JobSpec,
+    ) -> (
+        tokio::runtime::Runtime,
+        Coordinator,
+        std_mpsc::Receiver<Event>,
+    ) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -816,8 +827,7 @@ mod tests {
             .unwrap();
         let (events, received) = std_mpsc::channel();
         let localhost = "127.0.0.1:0".parse().unwrap();
-        let coordinator =
-            Coordinator::start(&runtime, localhost, spec(world, rendezvous), events).unwrap();
+        let coordinator = Coordinator::start(&runtime, localhost, job, events).unwrap();
         (runtime, coordinator, received)
     }
 
@@ -875,18 +885,11 @@ mod tests {
 
     #[test]
     fn agents_get_their_nodes_ranks_in_arrival_order_and_an_extra_agent_is_refused() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
         let mut job = spec(4, Duration::from_secs(5));
         // data 2 x pipeline 2 on nodes of 2 devices: two nodes.
         job.mesh = Mesh::new(2, 1, 2, 2).unwrap();
         job.worker_args = vec!["--fresh".into()];
-        let (events, received) = std_mpsc::channel();
-        let localhost = "127.0.0.1:0".parse().unwrap();
-        let coordinator = Coordinator::start(&runtime, localhost, job, events).unwrap();
+        let (runtime, coordinator, received) = started_with(job);
         let address = coordinator.address;
         let agent = |host: &str| AgentHello {
             hostname: host.into(),
@@ -939,17 +942,10 @@ mod tests {
 
     #[test]
     fn a_cuda_run_refuses_an_agent_without_gpus_and_says_so_to_the_supervisor() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
         let mut job = spec(4, Duration::from_secs(5));
         job.mesh = Mesh::new(2, 1, 2, 2).unwrap();
         job.device = Device::Cuda;
-        let (events, received) = std_mpsc::channel();
-        let localhost = "127.0.0.1:0".parse().unwrap();
-        let coordinator = Coordinator::start(&runtime, localhost, job, events).unwrap();
+        let (runtime, coordinator, received) = started_with(job);
         let address = coordinator.address;
         let agent = |host: &str, gpus: u32| AgentHello {
             hostname: host.into(),
