@@ -217,52 +217,24 @@ impl Service for Handler {
         request: Request<AgentHello>,
     ) -> Result<Response<AgentAssignment>, Status> {
         let hello = request.into_inner();
-        let mesh = self.shared.attempt(|a| a.mesh);
+        // One attempt's layout and plan: a restart may reshape both.
+        let (mesh, planned) = self
+            .shared
+            .attempt(|a| (a.mesh, a.planned_device_bytes.clone()));
         let nodes = mesh.nodes();
-        let node = {
+        let (node, ranks) = {
             let mut agents = self
                 .shared
                 .agents
                 .lock()
                 .expect("invariant: no panic under lock");
-            let slot = AgentSlot {
-                hello: hello.clone(),
-                lost: false,
-                commands: None,
-            };
             // A replacement takes the slot of a node that is gone.
             let free = if agents.len() < nodes {
                 Some(agents.len())
             } else {
                 agents.iter().position(|a| a.lost)
             };
-            if let Some(node) = free {
-                if self.shared.spec.device == Device::Cuda {
-                    let planned: Vec<u64> = self.shared.attempt(|a| {
-                        ranks_on(&a.mesh, node)
-                            .iter()
-                            .map(|&rank| a.planned_device_bytes[rank as usize])
-                            .collect()
-                    });
-                    let gpus = Gpus {
-                        host: &hello.hostname,
-                        count: hello.gpus as usize,
-                        free: &hello.free_memory_bytes,
-                    };
-                    if let Some(reason) = shortfall(&gpus, &planned, self.shared.spec.backend) {
-                        self.shared.send(Event::NodeRefused {
-                            reason: reason.clone(),
-                        });
-                        return Err(Status::failed_precondition(reason));
-                    }
-                }
-                if node == agents.len() {
-                    agents.push(slot);
-                } else {
-                    agents[node] = slot;
-                }
-                node
-            } else {
+            let Some(node) = free else {
                 let hosts: Vec<&str> = agents.iter().map(|a| a.hello.hostname.as_str()).collect();
                 return Err(Status::failed_precondition(format!(
                     "this run has {nodes} node{} and all have registered ({}); is this agent \
@@ -270,9 +242,34 @@ impl Service for Handler {
                     if nodes == 1 { "" } else { "s" },
                     hosts.join(", ")
                 )));
+            };
+            let ranks = ranks_on(&mesh, node);
+            if self.shared.spec.device == Device::Cuda {
+                let planned: Vec<u64> = ranks.iter().map(|&r| planned[r as usize]).collect();
+                let gpus = Gpus {
+                    host: &hello.hostname,
+                    count: hello.gpus as usize,
+                    free: &hello.free_memory_bytes,
+                };
+                if let Some(reason) = shortfall(&gpus, &planned, self.shared.spec.backend) {
+                    self.shared.send(Event::NodeRefused {
+                        reason: reason.clone(),
+                    });
+                    return Err(Status::failed_precondition(reason));
+                }
             }
+            let slot = AgentSlot {
+                hello: hello.clone(),
+                lost: false,
+                commands: None,
+            };
+            if node == agents.len() {
+                agents.push(slot);
+            } else {
+                agents[node] = slot;
+            }
+            (node, ranks)
         };
-        let ranks = self.shared.node_ranks(node);
         let env = node_env(&mesh, ranks.len(), &hello.comm_host);
         self.shared.send(Event::AgentRegistered {
             node: node as u32,
