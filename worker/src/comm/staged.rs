@@ -354,21 +354,25 @@ mod tests {
                 })))
             }
         }
+        /// The error of an all-reduce of `buf` through `staged`, which must fail.
+        fn failed_all_reduce(staged: &mut Staged, buf: CommBuf) -> CommError {
+            // SAFETY: the caller's `buf` outlives the wait.
+            unsafe {
+                staged.start(Collective::AllReduce {
+                    buf,
+                    op: ReduceOp::Sum,
+                })
+            }
+            .unwrap()
+            .wait()
+            .unwrap_err()
+        }
         let device = Arc::new(HostDevice::default());
         let group = Group::solo("dp 0", 0);
         let mut staged = Staged::new(Box::new(Failing(group)), device.clone());
         let values = vec![1.0f32; 2];
         let buf = device_buf(&values);
-        // SAFETY: `values` outlives the wait.
-        let error = unsafe {
-            staged.start(Collective::AllReduce {
-                buf,
-                op: ReduceOp::Sum,
-            })
-        }
-        .unwrap()
-        .wait()
-        .unwrap_err();
+        let error = failed_all_reduce(&mut staged, buf);
         assert!(error.to_string().contains("peer gone"), "{error}");
         assert_eq!(
             *device.log.lock().unwrap(),
@@ -390,16 +394,7 @@ mod tests {
             Box::new(Solo::new(Group::solo("tp 0", 0))),
             Arc::new(Broken),
         );
-        // SAFETY: as above.
-        let error = unsafe {
-            staged.start(Collective::AllReduce {
-                buf,
-                op: ReduceOp::Sum,
-            })
-        }
-        .unwrap()
-        .wait()
-        .unwrap_err();
+        let error = failed_all_reduce(&mut staged, buf);
         assert!(
             error
                 .to_string()

@@ -22,8 +22,8 @@
 //! two shared-memory rings ([`super::shm`]) instead of the loopback, which saves a copy and the
 //! TCP stack per byte; the connection then carries only one-byte wake-ups, and its closing
 //! still reports the peer's death, once the ring holds none of the bytes the peer wrote before
-//! it exited. A link whose rings cannot be set up (no /dev/shm, a full
-//! tmpfs) stays on plain TCP; `TESSERA_SHM=0` turns the rings off.
+//! it exited. A link whose rings cannot be set up (no /dev/shm, a full tmpfs) stays on plain
+//! TCP; `TESSERA_SHM=0` turns the rings off.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
