@@ -188,6 +188,19 @@ mod tests {
     use crate::comm::ReduceOp;
     use crate::comm::solo::Solo;
 
+    /// A summing all-reduce of `buf` through `staged`, waited for. The caller keeps `buf`'s
+    /// memory alive.
+    fn all_reduce(staged: &mut Staged, buf: CommBuf) -> Result<(), CommError> {
+        // SAFETY: the caller's `buf` outlives the wait, which ends the op.
+        unsafe {
+            staged.start(Collective::AllReduce {
+                buf,
+                op: ReduceOp::Sum,
+            })
+        }?
+        .wait()
+    }
+
     /// A "device" that is host memory: device addresses are host addresses, and every copy
     /// is logged.
     #[derive(Default)]
@@ -263,16 +276,7 @@ mod tests {
         let mut staged = Staged::new(Box::new(inner), device.clone());
         let values = vec![1.0f32, 2.0, 3.0];
         let buf = device_buf(&values);
-        // SAFETY: `values` outlives the wait.
-        unsafe {
-            staged.start(Collective::AllReduce {
-                buf,
-                op: ReduceOp::Sum,
-            })
-        }
-        .unwrap()
-        .wait()
-        .unwrap();
+        all_reduce(&mut staged, buf).unwrap();
         assert_eq!(values, [2.0, 4.0, 6.0], "the result reached the device");
         assert_eq!(*device.log.lock().unwrap(), ["down 12", "up 12"]);
         let seen = seen.lock().unwrap();
@@ -354,25 +358,12 @@ mod tests {
                 })))
             }
         }
-        /// The error of an all-reduce of `buf` through `staged`, which must fail.
-        fn failed_all_reduce(staged: &mut Staged, buf: CommBuf) -> CommError {
-            // SAFETY: the caller's `buf` outlives the wait.
-            unsafe {
-                staged.start(Collective::AllReduce {
-                    buf,
-                    op: ReduceOp::Sum,
-                })
-            }
-            .unwrap()
-            .wait()
-            .unwrap_err()
-        }
         let device = Arc::new(HostDevice::default());
         let group = Group::solo("dp 0", 0);
         let mut staged = Staged::new(Box::new(Failing(group)), device.clone());
         let values = vec![1.0f32; 2];
         let buf = device_buf(&values);
-        let error = failed_all_reduce(&mut staged, buf);
+        let error = all_reduce(&mut staged, buf).unwrap_err();
         assert!(error.to_string().contains("peer gone"), "{error}");
         assert_eq!(
             *device.log.lock().unwrap(),
@@ -394,7 +385,7 @@ mod tests {
             Box::new(Solo::new(Group::solo("tp 0", 0))),
             Arc::new(Broken),
         );
-        let error = failed_all_reduce(&mut staged, buf);
+        let error = all_reduce(&mut staged, buf).unwrap_err();
         assert!(
             error
                 .to_string()
