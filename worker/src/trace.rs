@@ -187,14 +187,17 @@ impl Communicator for Observed {
         self.last
             .set(op.name(), self.started, &self.inner.group().name);
         self.started += 1;
+        let (name, bytes) = (
+            op.name(),
+            op.buffers().first().map_or(0, |b| b.bytes() as u64),
+        );
         // SAFETY: the caller's contract, passed on unchanged.
         let work = unsafe { self.inner.start(op) }?;
         let Some(trace) = self.trace.clone() else {
             return Ok(work);
         };
         let track = self.inner.group().name.clone();
-        let bytes = op.buffers().first().map_or(0, |b| b.bytes() as u64);
-        let name = format!("{} {}", op.name(), format_size(bytes));
+        let name = format!("{name} {}", format_size(bytes));
         Ok(work.on_complete(move || trace.record(name, "collective", &track, start)))
     }
 }

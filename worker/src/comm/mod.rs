@@ -24,7 +24,8 @@ pub mod solo;
 pub mod staged;
 pub mod tcp;
 
-use std::sync::mpsc;
+use std::ptr::NonNull;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use tessera_plan::memory::Dtype;
@@ -49,24 +50,100 @@ pub enum Memory {
     Device,
 }
 
-/// `len` elements of `dtype` at address `addr`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A share in the memory that buffers point into (a backend's arena, a staging copy): the
+/// memory is freed only once every holder is gone.
+///
+/// Each [`CommBuf`] of an arena holds one, so a collective still in flight on a
+/// communicator's thread keeps the memory it reads and writes alive, whatever is dropped
+/// first when a rank tears down after a failure: the backend, the [`Work`], or the
+/// communicator. (Borrowed buffers have none; see [`CommBuf::host`].)
+#[derive(Clone)]
+pub struct Owner(Arc<dyn Send + Sync>);
+
+impl Owner {
+    pub fn new(memory: Arc<dyn Send + Sync>) -> Owner {
+        Owner(memory)
+    }
+}
+
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Owner")
+    }
+}
+
+/// Owners are equal when they share the same memory.
+impl PartialEq for Owner {
+    fn eq(&self, other: &Owner) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.0), Arc::as_ptr(&other.0))
+    }
+}
+
+impl Eq for Owner {}
+
+/// Zeroed host memory, 8-byte aligned, reached only through raw pointers (no reference to its
+/// bytes exists, so a backend and a collective's thread may each write their part) and freed
+/// when its last [`Owner`] goes: the CPU backend's arenas, staging copies of device buffers.
+pub struct HostMemory {
+    words: NonNull<[u64]>,
+}
+
+// SAFETY: plain heap memory; who may read or write which bytes when is the business of the
+// backend's checks and the collectives' contract, not of this owner, which only frees it.
+unsafe impl Send for HostMemory {}
+unsafe impl Sync for HostMemory {}
+
+impl HostMemory {
+    /// `bytes` zeroed bytes (rounded up to whole words), or why they cannot be had.
+    pub fn new(bytes: usize) -> Result<HostMemory, std::collections::TryReserveError> {
+        let mut words = Vec::new();
+        words.try_reserve_exact(bytes.div_ceil(8))?;
+        // Written now, so that the pages are the process's from the start, as planned.
+        words.resize(bytes.div_ceil(8), 0u64);
+        Ok(HostMemory {
+            words: NonNull::from(Box::leak(words.into_boxed_slice())),
+        })
+    }
+
+    pub fn ptr(&self) -> *mut u8 {
+        self.words.as_ptr() as *mut u8
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.words.len() * 8
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        // SAFETY: made by `Box::leak` in `new`, freed once, here.
+        drop(unsafe { Box::from_raw(self.words.as_ptr()) });
+    }
+}
+
+/// `len` elements of `dtype` at address `addr`, and a share in the memory they live in when
+/// the buffer comes from memory that is owned (an arena: [`crate::tensor::Backend::comm_buf`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommBuf {
     pub addr: usize,
     pub len: usize,
     pub dtype: Dtype,
     pub memory: Memory,
+    /// Keeps the memory allocated while the buffer (or a collective holding it) exists.
+    pub owner: Option<Owner>,
 }
 
 impl CommBuf {
-    /// A host slice's range. The caller keeps the slice alive and untouched until the
-    /// collective completes (see [`Communicator::start`]).
+    /// A host slice's range, borrowed: it holds no share of the memory, so the caller keeps
+    /// the slice alive and untouched until the collective completes (see
+    /// [`Communicator::start`]); the blocking calls of [`CommunicatorExt`] do.
     pub fn host<T: Elem>(slice: &[T]) -> CommBuf {
         CommBuf {
             addr: slice.as_ptr() as usize,
             len: slice.len(),
             dtype: T::DTYPE,
             memory: Memory::Host,
+            owner: None,
         }
     }
 
@@ -84,13 +161,13 @@ impl CommBuf {
         CommBuf {
             addr: self.addr + start * self.dtype.size() as usize,
             len,
-            ..*self
+            ..self.clone()
         }
     }
 }
 
 /// One collective. Peers and roots are indices in the group (0..size), not global ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Collective {
     /// Every member's `buf` becomes the reduction of all members' `buf`.
     AllReduce { buf: CommBuf, op: ReduceOp },
@@ -119,7 +196,7 @@ pub enum Collective {
 ///
 /// # Safety
 /// Both are valid host ranges of `from.bytes()` bytes that nobody else uses meanwhile.
-pub(crate) unsafe fn copy_host(from: CommBuf, to: CommBuf) {
+pub(crate) unsafe fn copy_host(from: &CommBuf, to: &CommBuf) {
     debug_assert_eq!(from.bytes(), to.bytes(), "invariant: equal lengths");
     if from.addr != to.addr && from.len > 0 {
         // SAFETY: the caller's contract; `ptr::copy` allows overlap.
@@ -134,8 +211,8 @@ pub fn reducible(dtype: Dtype) -> bool {
 
 impl Collective {
     /// The buffers the op reads or writes.
-    pub fn buffers(&self) -> Vec<CommBuf> {
-        match *self {
+    pub fn buffers(&self) -> Vec<&CommBuf> {
+        match self {
             Collective::AllReduce { buf, .. }
             | Collective::Broadcast { buf, .. }
             | Collective::Send { buf, .. }
@@ -158,6 +235,111 @@ impl Collective {
             Collective::Barrier => "barrier",
         }
     }
+}
+
+impl Collective {
+    /// Checks the op against the contract every backend implements, before anything is queued:
+    /// the buffers are in `memory` (what `backend` moves), aligned and non-null, reductions
+    /// are of float dtypes, inputs and outputs agree in dtype and in length (`size` chunks),
+    /// a one-chunk buffer overlaps the whole one only as this member's own chunk (in place),
+    /// and roots and peers are members (peers other than this one).
+    pub fn validate(&self, group: &Group, backend: &str, memory: Memory) -> Result<(), CommError> {
+        let (n, me) = (group.size(), group.index);
+        let invalid = |what: String| CommError::Invalid {
+            group: group.name.clone(),
+            op: self.name(),
+            what,
+        };
+        for buf in self.buffers() {
+            if buf.memory != memory {
+                let (theirs, ours) = match memory {
+                    Memory::Host => ("a device buffer", "host"),
+                    Memory::Device => ("a host buffer", "device"),
+                };
+                return Err(invalid(format!(
+                    "{theirs}: the {backend} backend moves {ours} memory only"
+                )));
+            }
+            if buf.len > 0 && buf.addr == 0 {
+                return Err(invalid("a null pointer".into()));
+            }
+            if !buf.addr.is_multiple_of(buf.dtype.size() as usize) {
+                return Err(invalid(format!(
+                    "address {:#x} is not aligned for {}",
+                    buf.addr,
+                    buf.dtype.name()
+                )));
+            }
+        }
+        let reduce = |dtype: Dtype| {
+            if reducible(dtype) {
+                Ok(())
+            } else {
+                Err(invalid(format!("cannot reduce {}", dtype.name())))
+            }
+        };
+        let same = |a: &CommBuf, b: &CommBuf| {
+            if a.dtype == b.dtype {
+                Ok(())
+            } else {
+                Err(invalid(format!(
+                    "input is {}, output {}",
+                    a.dtype.name(),
+                    b.dtype.name()
+                )))
+            }
+        };
+        match self {
+            Collective::AllReduce { buf, .. } => reduce(buf.dtype),
+            Collective::ReduceScatter { input, output, .. } => {
+                reduce(input.dtype)?;
+                same(input, output)?;
+                if input.len != output.len * n {
+                    return Err(invalid(format!(
+                        "input of {} elements is not {n} chunks of {}",
+                        input.len, output.len
+                    )));
+                }
+                in_place(input, output, me).map_err(invalid)
+            }
+            Collective::AllGather { input, output } => {
+                same(input, output)?;
+                if output.len != input.len * n {
+                    return Err(invalid(format!(
+                        "output of {} elements is not {n} chunks of {}",
+                        output.len, input.len
+                    )));
+                }
+                in_place(output, input, me).map_err(invalid)
+            }
+            Collective::Broadcast { root, .. } if *root >= n => {
+                Err(invalid(format!("root {root} of a group of {n}")))
+            }
+            Collective::Send { peer, .. } | Collective::Recv { peer, .. }
+                if *peer >= n || *peer == me =>
+            {
+                Err(invalid(format!("peer {peer} is not another member of {n}")))
+            }
+            Collective::Broadcast { .. }
+            | Collective::Send { .. }
+            | Collective::Recv { .. }
+            | Collective::Barrier => Ok(()),
+        }
+    }
+}
+
+/// The in-place rule: `chunk` may overlap `whole` only as member `me`'s chunk of it.
+fn in_place(whole: &CommBuf, chunk: &CommBuf, me: usize) -> Result<(), String> {
+    let overlaps = chunk.len > 0
+        && whole.len > 0
+        && chunk.addr < whole.addr + whole.bytes()
+        && whole.addr < chunk.addr + chunk.bytes();
+    if overlaps && chunk.addr != whole.addr + me * chunk.bytes() {
+        return Err(format!(
+            "the one-chunk buffer overlaps the full buffer but is not member {me}'s chunk of it"
+        ));
+    }
+    Ok(())
 }
 
 /// A process group: the global ranks of its members, in group order, and this process's index.
@@ -354,9 +536,14 @@ pub trait Communicator: Send {
 
     /// Starts `op` after every op started before it on this communicator and returns at once.
     ///
+    /// A backend keeps `op` (and so each buffer's [`Owner`]) until it will never touch the
+    /// op's memory again, also when the op fails, times out or is left behind by a watchdog:
+    /// memory with an owner cannot be freed under a collective.
+    ///
     /// # Safety
-    /// Every buffer of `op` must stay valid until the returned [`Work`] is waited for or
-    /// dropped; nobody else may write them (nor read the ones the op writes) meanwhile.
+    /// Every buffer of `op` without an owner must stay valid until the returned [`Work`] is
+    /// waited for or dropped. Nobody else may write the op's buffers (nor read the ones it
+    /// writes) until then.
     unsafe fn start(&mut self, op: Collective) -> Result<Work, CommError>;
 }
 
@@ -443,3 +630,142 @@ pub trait CommunicatorExt: Communicator {
 }
 
 impl<C: Communicator + ?Sized> CommunicatorExt for C {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buf(addr: usize, len: usize, dtype: Dtype, memory: Memory) -> CommBuf {
+        CommBuf {
+            addr,
+            len,
+            dtype,
+            memory,
+            owner: None,
+        }
+    }
+
+    #[test]
+    fn ops_are_validated_against_the_contract_of_every_backend() {
+        let group = Group {
+            name: "dp 0".into(),
+            ranks: vec![0, 1, 2, 3],
+            index: 1,
+        };
+        let check = |op: &Collective| op.validate(&group, "NCCL", Memory::Device);
+        let f32s = |addr, len| buf(addr, len, Dtype::F32, Memory::Device);
+        let fails = |op: Collective, needle: &str| {
+            let error = check(&op).unwrap_err();
+            let text = error.to_string();
+            assert!(matches!(error, CommError::Invalid { .. }), "{text}");
+            assert!(text.contains(needle), "{needle:?} not in {text}");
+            assert!(text.contains("this is a bug in tessera"), "{text}");
+        };
+        let sum = ReduceOp::Sum;
+        let host = CommBuf::host(&[0.0f32; 4]);
+        fails(
+            Collective::AllReduce {
+                buf: host.clone(),
+                op: sum,
+            },
+            "a host buffer: the NCCL backend moves device memory only",
+        );
+        let on_tcp = Collective::AllReduce { buf: host, op: sum };
+        on_tcp.validate(&group, "TCP", Memory::Host).unwrap();
+        let error = Collective::AllReduce {
+            buf: f32s(0x1000, 4),
+            op: sum,
+        }
+        .validate(&group, "TCP", Memory::Host)
+        .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("a device buffer: the TCP backend moves host memory only"),
+            "{error}"
+        );
+        fails(
+            Collective::AllReduce {
+                buf: f32s(0, 4),
+                op: sum,
+            },
+            "null pointer",
+        );
+        fails(
+            Collective::AllReduce {
+                buf: f32s(0x1002, 4),
+                op: sum,
+            },
+            "not aligned for f32",
+        );
+        let ints = buf(0x1000, 4, Dtype::I32, Memory::Device);
+        fails(
+            Collective::AllReduce {
+                buf: ints.clone(),
+                op: sum,
+            },
+            "cannot reduce i32",
+        );
+        check(&Collective::Broadcast { buf: ints, root: 3 }).unwrap();
+        check(&Collective::AllReduce {
+            buf: f32s(0, 0),
+            op: sum,
+        })
+        .unwrap();
+
+        // Reduce-scatter: 4 chunks of 8 floats (32 bytes each) at 0x1000.
+        let (input, own) = (f32s(0x1000, 32), f32s(0x1000 + 32, 8));
+        let rs = |input: &CommBuf, output| Collective::ReduceScatter {
+            input: input.clone(),
+            output,
+            op: sum,
+        };
+        check(&rs(&input, own.clone())).unwrap();
+        check(&rs(&input, f32s(0x9000, 8))).unwrap();
+        fails(rs(&input, f32s(0x1000, 8)), "not member 1's chunk");
+        fails(rs(&input, f32s(0x9000, 7)), "not 4 chunks of 7");
+        fails(
+            rs(&input, buf(0x9000, 8, Dtype::Bf16, Memory::Device)),
+            "input is f32, output bf16",
+        );
+
+        let ag = |input, output: &CommBuf| Collective::AllGather {
+            input,
+            output: output.clone(),
+        };
+        check(&ag(own, &input)).unwrap();
+        check(&ag(f32s(0x9000, 8), &input)).unwrap();
+        fails(ag(f32s(0x1000 + 64, 8), &input), "not member 1's chunk");
+        fails(ag(f32s(0x9000, 8), &f32s(0x1000, 31)), "not 4 chunks of 8");
+
+        let one = f32s(0x1000, 4);
+        fails(
+            Collective::Broadcast {
+                buf: one.clone(),
+                root: 4,
+            },
+            "root 4 of a group of 4",
+        );
+        fails(
+            Collective::Send {
+                buf: one.clone(),
+                peer: 1,
+            },
+            "peer 1 is not another member",
+        );
+        fails(
+            Collective::Recv {
+                buf: one.clone(),
+                peer: 4,
+            },
+            "peer 4 is not another member",
+        );
+        check(&Collective::Send {
+            buf: one.clone(),
+            peer: 0,
+        })
+        .unwrap();
+        check(&Collective::Recv { buf: one, peer: 3 }).unwrap();
+        check(&Collective::Barrier).unwrap();
+    }
+}

@@ -53,9 +53,7 @@ use cudarc::nccl::result::{self as nccl, NcclError};
 use cudarc::nccl::sys;
 use tessera_plan::memory::Dtype;
 
-use super::{
-    Collective, CommBuf, CommError, Communicator, Group, Memory, ReduceOp, Work, reducible,
-};
+use super::{Collective, CommBuf, CommError, Communicator, Group, Memory, ReduceOp, Work};
 
 /// Bytes in NCCL's unique id (`NCCL_UNIQUE_ID_BYTES`).
 pub const NCCL_ID_BYTES: usize = 128;
@@ -274,7 +272,7 @@ impl std::fmt::Debug for NcclId {
 // ---------------------------------------------------------------------------------------------
 // Mapping and validation
 
-/// NCCL's type for a dtype. Every dtype moves; only floats reduce (see [`reducible`]).
+/// NCCL's type for a dtype. Every dtype moves; only floats reduce (see [`super::reducible`]).
 fn nccl_dtype(dtype: Dtype) -> sys::ncclDataType_t {
     match dtype {
         Dtype::F32 => sys::ncclDataType_t::ncclFloat32,
@@ -291,103 +289,6 @@ fn nccl_op(op: ReduceOp) -> sys::ncclRedOp_t {
         ReduceOp::Avg => sys::ncclRedOp_t::ncclAvg,
         ReduceOp::Max => sys::ncclRedOp_t::ncclMax,
     }
-}
-
-/// Checks `op` against what NCCL accepts, on the caller's thread (nothing is queued if not).
-fn check(group: &Group, op: &Collective) -> Result<(), CommError> {
-    let (n, me) = (group.size(), group.index);
-    let invalid = |what: String| CommError::Invalid {
-        group: group.name.clone(),
-        op: op.name(),
-        what,
-    };
-    for buf in op.buffers() {
-        if buf.memory != Memory::Device {
-            return Err(invalid(
-                "a host buffer: the NCCL backend moves device memory only (the TCP backend \
-                 moves host memory)"
-                    .into(),
-            ));
-        }
-        if buf.len > 0 && buf.addr == 0 {
-            return Err(invalid("a null device pointer".into()));
-        }
-        if buf.addr % buf.dtype.size() as usize != 0 {
-            return Err(invalid(format!(
-                "device address {:#x} is not aligned for {}",
-                buf.addr,
-                buf.dtype.name()
-            )));
-        }
-    }
-    let reduce = |dtype: Dtype| {
-        if reducible(dtype) {
-            Ok(())
-        } else {
-            Err(invalid(format!("cannot reduce {}", dtype.name())))
-        }
-    };
-    let same = |a: CommBuf, b: CommBuf| {
-        if a.dtype == b.dtype {
-            Ok(())
-        } else {
-            Err(invalid(format!(
-                "input is {}, output {}",
-                a.dtype.name(),
-                b.dtype.name()
-            )))
-        }
-    };
-    match *op {
-        Collective::AllReduce { buf, .. } => reduce(buf.dtype),
-        Collective::ReduceScatter { input, output, .. } => {
-            reduce(input.dtype)?;
-            same(input, output)?;
-            if input.len != output.len * n {
-                return Err(invalid(format!(
-                    "input of {} elements is not {n} chunks of {}",
-                    input.len, output.len
-                )));
-            }
-            in_place(input, output, me).map_err(invalid)
-        }
-        Collective::AllGather { input, output } => {
-            same(input, output)?;
-            if output.len != input.len * n {
-                return Err(invalid(format!(
-                    "output of {} elements is not {n} chunks of {}",
-                    output.len, input.len
-                )));
-            }
-            in_place(output, input, me).map_err(invalid)
-        }
-        Collective::Broadcast { root, .. } if root >= n => {
-            Err(invalid(format!("root {root} of a group of {n}")))
-        }
-        Collective::Send { peer, .. } | Collective::Recv { peer, .. }
-            if peer >= n || peer == me =>
-        {
-            Err(invalid(format!("peer {peer} is not another member of {n}")))
-        }
-        Collective::Broadcast { .. }
-        | Collective::Send { .. }
-        | Collective::Recv { .. }
-        | Collective::Barrier => Ok(()),
-    }
-}
-
-/// NCCL's in-place rule: `chunk` may overlap `whole` only as member `me`'s chunk of it.
-fn in_place(whole: CommBuf, chunk: CommBuf, me: usize) -> Result<(), String> {
-    let overlaps = chunk.len > 0
-        && whole.len > 0
-        && chunk.addr < whole.addr + whole.bytes()
-        && whole.addr < chunk.addr + chunk.bytes();
-    if overlaps && chunk.addr != whole.addr + me * chunk.bytes() {
-        return Err(format!(
-            "the one-chunk buffer overlaps the full buffer but is not member {me}'s chunk of it"
-        ));
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -602,7 +503,8 @@ impl Communicator for NcclCommunicator {
     }
 
     unsafe fn start(&mut self, op: Collective) -> Result<Work, CommError> {
-        check(&self.group, &op)?;
+        // On the caller's thread: nothing is queued if NCCL would refuse it.
+        op.validate(&self.group, "NCCL", Memory::Device)?;
         let mut state = self.shared.lock();
         if let Some(error) = &state.poisoned {
             return Ok(Work::done(Err(error.clone())));
@@ -725,7 +627,9 @@ fn serve(
     while let Some(op) = shared.next(seq) {
         let started = Instant::now();
         let deadline = started + timeout;
-        let result = catch_unwind(AssertUnwindSafe(|| dev.run(op, deadline, timeout)))
+        // `op` (and its buffers' owners) lives until NCCL is done with its memory: also when
+        // the watchdog leaves this thread behind in a call that never returns.
+        let result = catch_unwind(AssertUnwindSafe(|| dev.run(&op, deadline, timeout)))
             .unwrap_or_else(|panic| {
                 Err(Failure::here(format!("panicked: {}", panic_text(&*panic))))
             })
@@ -859,7 +763,12 @@ impl Device {
     }
 
     /// Runs `op` to completion, or fails it at `deadline`.
-    fn run(&mut self, op: Collective, deadline: Instant, timeout: Duration) -> Result<(), Failure> {
+    fn run(
+        &mut self,
+        op: &Collective,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), Failure> {
         if self.comm.is_null() {
             return Err(Failure::here(
                 "the communicator was aborted by an earlier failure".into(),
@@ -875,12 +784,12 @@ impl Device {
     }
 
     /// Puts `op` on the stream; `false` if it moves nothing (then every member skips it).
-    fn enqueue(&self, op: Collective) -> Result<bool, Failure> {
+    fn enqueue(&self, op: &Collective) -> Result<bool, Failure> {
         let stream = self.stream.cu_stream() as sys::cudaStream_t;
         let comm = self.comm;
-        let ptr = |buf: CommBuf| buf.addr as *mut std::ffi::c_void;
+        let ptr = |buf: &CommBuf| buf.addr as *mut std::ffi::c_void;
         let int = |v: usize| v as std::ffi::c_int;
-        // SAFETY: `check` accepted `op`, so its buffers are device ranges of the right sizes
+        // SAFETY: `Collective::validate` accepted `op`, so its buffers are device ranges of the right sizes
         // placed as NCCL's in-place rules allow; start's contract keeps them valid and unused
         // by others until the op completes, which `run` waits for. The barrier buffer is ours.
         let status = unsafe {
@@ -890,7 +799,7 @@ impl Device {
                     ptr(buf),
                     buf.len,
                     nccl_dtype(buf.dtype),
-                    nccl_op(op),
+                    nccl_op(*op),
                     comm,
                     stream,
                 ),
@@ -900,7 +809,7 @@ impl Device {
                         ptr(output),
                         output.len,
                         nccl_dtype(input.dtype),
-                        nccl_op(op),
+                        nccl_op(*op),
                         comm,
                         stream,
                     )
@@ -918,7 +827,7 @@ impl Device {
                     ptr(buf),
                     buf.len,
                     nccl_dtype(buf.dtype),
-                    int(root),
+                    int(*root),
                     comm,
                     stream,
                 ),
@@ -926,7 +835,7 @@ impl Device {
                     ptr(buf),
                     buf.len,
                     nccl_dtype(buf.dtype),
-                    int(peer),
+                    int(*peer),
                     comm,
                     stream,
                 ),
@@ -934,7 +843,7 @@ impl Device {
                     ptr(buf),
                     buf.len,
                     nccl_dtype(buf.dtype),
-                    int(peer),
+                    int(*peer),
                     comm,
                     stream,
                 ),
@@ -1068,6 +977,7 @@ mod tests {
             len,
             dtype,
             memory: Memory::Device,
+            owner: None,
         }
     }
 
@@ -1135,7 +1045,7 @@ mod tests {
             assert_eq!(nccl_dtype(dtype), nccl_type, "{}", dtype.name());
             // The numbers nccl.h gives them, which the library reads.
             assert_eq!(nccl_type as u32, code, "{}", dtype.name());
-            assert_eq!(reducible(dtype), reduces, "{}", dtype.name());
+            assert_eq!(super::super::reducible(dtype), reduces, "{}", dtype.name());
         }
         assert_eq!(nccl_op(ReduceOp::Sum), R::ncclSum);
         assert_eq!(nccl_op(ReduceOp::Avg), R::ncclAvg);
@@ -1170,92 +1080,6 @@ mod tests {
     }
 
     #[test]
-    fn ops_are_checked_against_what_nccl_accepts_before_they_are_queued() {
-        let group = group_of(4, 1);
-        let f32s = |addr, len| device_buf(addr, len, Dtype::F32);
-        let fails = |op: Collective, needle: &str| {
-            let error = check(&group, &op).unwrap_err();
-            let text = error.to_string();
-            assert!(matches!(error, CommError::Invalid { .. }), "{text}");
-            assert!(text.contains(needle), "{needle:?} not in {text}");
-            assert!(text.contains("this is a bug in tessera"), "{text}");
-        };
-        let sum = ReduceOp::Sum;
-        let host = CommBuf::host(&[0.0f32; 4]);
-        fails(
-            Collective::AllReduce { buf: host, op: sum },
-            "device memory only",
-        );
-        fails(
-            Collective::AllReduce {
-                buf: f32s(0, 4),
-                op: sum,
-            },
-            "null device pointer",
-        );
-        fails(
-            Collective::AllReduce {
-                buf: f32s(0x1002, 4),
-                op: sum,
-            },
-            "not aligned for f32",
-        );
-        let ints = device_buf(0x1000, 4, Dtype::I32);
-        fails(
-            Collective::AllReduce { buf: ints, op: sum },
-            "cannot reduce i32",
-        );
-        check(&group, &Collective::Broadcast { buf: ints, root: 3 }).unwrap();
-        check(
-            &group,
-            &Collective::AllReduce {
-                buf: f32s(0, 0),
-                op: sum,
-            },
-        )
-        .unwrap();
-
-        // Reduce-scatter: 4 chunks of 8 floats (32 bytes each) at 0x1000.
-        let (input, own) = (f32s(0x1000, 32), f32s(0x1000 + 32, 8));
-        let rs = |input, output| Collective::ReduceScatter {
-            input,
-            output,
-            op: sum,
-        };
-        check(&group, &rs(input, own)).unwrap();
-        check(&group, &rs(input, f32s(0x9000, 8))).unwrap();
-        fails(rs(input, f32s(0x1000, 8)), "not member 1's chunk");
-        fails(rs(input, f32s(0x9000, 7)), "not 4 chunks of 7");
-        fails(
-            rs(input, device_buf(0x9000, 8, Dtype::Bf16)),
-            "input is f32, output bf16",
-        );
-
-        let ag = |input, output| Collective::AllGather { input, output };
-        check(&group, &ag(own, input)).unwrap();
-        check(&group, &ag(f32s(0x9000, 8), input)).unwrap();
-        fails(ag(f32s(0x1000 + 64, 8), input), "not member 1's chunk");
-        fails(ag(f32s(0x9000, 8), f32s(0x1000, 31)), "not 4 chunks of 8");
-
-        let buf = f32s(0x1000, 4);
-        fails(
-            Collective::Broadcast { buf, root: 4 },
-            "root 4 of a group of 4",
-        );
-        fails(
-            Collective::Send { buf, peer: 1 },
-            "peer 1 is not another member",
-        );
-        fails(
-            Collective::Recv { buf, peer: 4 },
-            "peer 4 is not another member",
-        );
-        check(&group, &Collective::Send { buf, peer: 0 }).unwrap();
-        check(&group, &Collective::Recv { buf, peer: 3 }).unwrap();
-        check(&group, &Collective::Barrier).unwrap();
-    }
-
-    #[test]
     fn a_timeout_blames_every_other_member_and_a_local_error_nobody() {
         let group = group_of(4, 2);
         let waited = Duration::from_secs(3);
@@ -1285,7 +1109,10 @@ mod tests {
         let (first, first_result) = mpsc::channel();
         let (second, second_result) = mpsc::channel();
         let op = Collective::Barrier;
-        shared.lock().queue.extend([(op, first), (op, second)]);
+        shared
+            .lock()
+            .queue
+            .extend([(op.clone(), first), (op, second)]);
         // A stand-in for the op thread: takes the first op and never comes back.
         let stuck = shared.clone();
         std::thread::spawn(move || {

@@ -148,8 +148,10 @@ impl ShmRing {
     pub fn writer_sleeps(&self) -> bool {
         self.writer_asleep().store(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        let used =
-            self.written().load(Ordering::Relaxed) - self.read_count().load(Ordering::Acquire);
+        let used = self
+            .written()
+            .load(Ordering::Relaxed)
+            .wrapping_sub(self.read_count().load(Ordering::Acquire));
         let room = (used as usize) < self.capacity;
         if room {
             self.writer_asleep().store(0, Ordering::Relaxed);
@@ -172,7 +174,11 @@ impl ShmRing {
     pub fn write(&self, src: &[u8]) -> (usize, bool) {
         let head = self.written().load(Ordering::Relaxed);
         let tail = self.read_count().load(Ordering::Acquire);
-        let room = self.capacity - (head - tail) as usize;
+        // The counters are in memory another process writes: whatever they say, no copy may
+        // leave the data area (a sane peer keeps `head - tail` within the capacity).
+        let room = self
+            .capacity
+            .saturating_sub(head.wrapping_sub(tail) as usize);
         let n = room.min(src.len());
         let at = (head % self.capacity as u64) as usize;
         let first = n.min(self.capacity - at);
@@ -182,7 +188,8 @@ impl ShmRing {
             std::ptr::copy_nonoverlapping(src.as_ptr(), self.data().add(at), first);
             std::ptr::copy_nonoverlapping(src.as_ptr().add(first), self.data(), n - first);
         }
-        self.written().store(head + n as u64, Ordering::Release);
+        self.written()
+            .store(head.wrapping_add(n as u64), Ordering::Release);
         fence(Ordering::SeqCst);
         (
             n,
@@ -195,7 +202,10 @@ impl ShmRing {
     pub fn read(&self, dst: &mut [u8]) -> (usize, bool) {
         let tail = self.read_count().load(Ordering::Relaxed);
         let head = self.written().load(Ordering::Acquire);
-        let n = ((head - tail) as usize).min(dst.len());
+        // Bounded by the capacity whatever the peer wrote into the counters (see `write`).
+        let n = (head.wrapping_sub(tail) as usize)
+            .min(self.capacity)
+            .min(dst.len());
         let at = (tail % self.capacity as u64) as usize;
         let first = n.min(self.capacity - at);
         // SAFETY: bytes `[tail, tail + n)` were published by the writer and are the reader's
@@ -204,7 +214,8 @@ impl ShmRing {
             std::ptr::copy_nonoverlapping(self.data().add(at), dst.as_mut_ptr(), first);
             std::ptr::copy_nonoverlapping(self.data(), dst.as_mut_ptr().add(first), n - first);
         }
-        self.read_count().store(tail + n as u64, Ordering::Release);
+        self.read_count()
+            .store(tail.wrapping_add(n as u64), Ordering::Release);
         fence(Ordering::SeqCst);
         (
             n,
@@ -277,6 +288,32 @@ mod tests {
         writer.writer_woke();
         assert!(writer.writer_sleeps(), "room again: no sleep");
         assert_eq!(reader.read(&mut buf), (16, false));
+    }
+
+    #[test]
+    fn counters_a_peer_corrupted_never_move_a_copy_outside_the_ring() {
+        let (writer, path) = ShmRing::create("corrupt").unwrap();
+        let reader = ShmRing::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let mut big = vec![0u8; 3 * CAPACITY];
+        // The peer claims more bytes than the ring holds, from the middle of the ring.
+        reader
+            .read_count()
+            .store(CAPACITY as u64 / 2, Ordering::SeqCst);
+        writer
+            .written()
+            .store(10 * CAPACITY as u64, Ordering::SeqCst);
+        assert_eq!(
+            reader.read(&mut big).0,
+            CAPACITY,
+            "at most one ring's worth"
+        );
+        // A reader ahead of the writer (impossible for a sane peer) leaves no room.
+        reader
+            .read_count()
+            .store(20 * CAPACITY as u64, Ordering::SeqCst);
+        assert_eq!(writer.write(&big).0, 0);
+        assert!(!writer.writer_sleeps(), "no room: the writer may sleep");
     }
 
     #[test]

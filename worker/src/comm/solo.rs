@@ -2,7 +2,7 @@
 //! Reductions over one member are the identity, so collectives only copy where the output is
 //! not the input.
 
-use super::{Collective, CommBuf, CommError, Communicator, Group, Memory, Work, copy_host};
+use super::{Collective, CommError, Communicator, Group, Memory, Work, copy_host};
 
 pub struct Solo {
     group: Group,
@@ -13,33 +13,6 @@ impl Solo {
         assert_eq!(group.size(), 1, "invariant: a solo group has one member");
         Solo { group }
     }
-
-    fn invalid(&self, op: &'static str, what: String) -> CommError {
-        CommError::Invalid {
-            group: self.group.name.clone(),
-            op,
-            what,
-        }
-    }
-
-    /// Copies `from` into `to` (same length and dtype) unless they are the same memory.
-    ///
-    /// # Safety
-    /// As [`Communicator::start`]: both ranges are valid and not otherwise in use.
-    unsafe fn copy(&self, op: &'static str, from: CommBuf, to: CommBuf) -> Result<(), CommError> {
-        if from.len != to.len || from.dtype != to.dtype {
-            return Err(self.invalid(
-                op,
-                format!("input has {} elements, output {}", from.len, to.len),
-            ));
-        }
-        if from.memory != Memory::Host || to.memory != Memory::Host {
-            return Err(self.invalid(op, "device memory needs a device backend".into()));
-        }
-        // SAFETY: the caller's contract.
-        unsafe { copy_host(from, to) };
-        Ok(())
-    }
 }
 
 impl Communicator for Solo {
@@ -48,27 +21,26 @@ impl Communicator for Solo {
     }
 
     unsafe fn start(&mut self, op: Collective) -> Result<Work, CommError> {
-        let result = match op {
-            Collective::AllReduce { .. }
-            | Collective::Barrier
-            | Collective::Broadcast { root: 0, .. } => Ok(()),
-            // SAFETY: the caller's contract of `start`.
-            Collective::ReduceScatter { input, output, .. } => unsafe {
-                self.copy(op.name(), input, output)
-            },
-            // SAFETY: the caller's contract of `start`.
-            Collective::AllGather { input, output } => unsafe {
-                self.copy(op.name(), input, output)
-            },
-            Collective::Broadcast { root, .. } => {
-                Err(self.invalid(op.name(), format!("root {root} is outside a group of one")))
+        // Whatever memory the buffers are in, as long as they agree: most ops touch nothing.
+        // Sends and receives are refused: a group of one has no other member.
+        let memory = op.buffers().first().map_or(Memory::Host, |b| b.memory);
+        op.validate(&self.group, "solo", memory)?;
+        if let Collective::ReduceScatter { input, output, .. }
+        | Collective::AllGather { input, output } = &op
+            && input.addr != output.addr
+        {
+            if memory != Memory::Host {
+                return Err(CommError::Invalid {
+                    group: self.group.name.clone(),
+                    op: op.name(),
+                    what: "copying device memory needs a device backend".into(),
+                });
             }
-            Collective::Send { .. } | Collective::Recv { .. } => Err(self.invalid(
-                op.name(),
-                "a group of one has no peer to exchange with".into(),
-            )),
-        };
-        result.map(|()| Work::done(Ok(())))
+            // SAFETY: both are valid ranges of the op, unused by others (start's contract),
+            // validated to be of one length and dtype.
+            unsafe { copy_host(input, output) };
+        }
+        Ok(Work::done(Ok(())))
     }
 }
 

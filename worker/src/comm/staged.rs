@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use super::{Collective, CommBuf, CommError, Communicator, Group, Memory, Work};
+use super::{Collective, CommBuf, CommError, Communicator, Group, HostMemory, Memory, Owner, Work};
 
 /// Copies between device memory and the host, for [`Staged`].
 pub trait DeviceCopy: Send + Sync + 'static {
@@ -31,44 +31,59 @@ impl Staged {
     }
 }
 
-/// One staged range: `bytes` on the host stand for device range `[addr, addr + bytes.len())`.
+/// One staged range: `memory` on the host stands for device range `[addr, addr + len)`. The
+/// inner op's buffers own shares of it, so it lives as long as the inner op may touch it.
 struct Stage {
     addr: usize,
-    bytes: Vec<u8>,
+    len: usize,
+    memory: Arc<HostMemory>,
 }
 
 impl Stage {
     /// The host buffer that stands for device buffer `buf` (inside this stage).
-    fn host(&self, buf: CommBuf) -> CommBuf {
+    fn host(&self, buf: &CommBuf) -> CommBuf {
         CommBuf {
-            addr: self.bytes.as_ptr() as usize + (buf.addr - self.addr),
+            addr: self.memory.ptr() as usize + (buf.addr - self.addr),
             memory: Memory::Host,
-            ..buf
+            owner: Some(Owner::new(self.memory.clone())),
+            ..buf.clone()
         }
     }
 
-    fn contains(&self, buf: CommBuf) -> bool {
-        buf.addr >= self.addr && buf.addr + buf.bytes() <= self.addr + self.bytes.len()
+    fn contains(&self, buf: &CommBuf) -> bool {
+        buf.addr >= self.addr && buf.addr + buf.bytes() <= self.addr + self.len
+    }
+
+    /// The staged bytes of device buffer `buf` (inside this stage).
+    ///
+    /// # Safety
+    /// No collective writes the stage meanwhile (the inner op has finished).
+    unsafe fn bytes_of(&self, buf: &CommBuf) -> &[u8] {
+        // SAFETY: inside the stage's memory (`contains`), which `self` keeps; not written
+        // meanwhile (the caller).
+        unsafe {
+            std::slice::from_raw_parts(self.memory.ptr().add(buf.addr - self.addr), buf.bytes())
+        }
     }
 }
 
 /// The buffers an op writes (they are copied back to the device when it completes).
 fn written(op: &Collective) -> Vec<CommBuf> {
-    match *op {
+    match op {
         Collective::AllReduce { buf, .. }
         | Collective::Broadcast { buf, .. }
-        | Collective::Recv { buf, .. } => vec![buf],
+        | Collective::Recv { buf, .. } => vec![buf.clone()],
         Collective::ReduceScatter { output, .. } | Collective::AllGather { output, .. } => {
-            vec![output]
+            vec![output.clone()]
         }
         Collective::Send { .. } | Collective::Barrier => Vec::new(),
     }
 }
 
 /// `op` with each device buffer replaced by its stand-in in `stages`.
-fn on_host(op: Collective, stages: &[Stage]) -> Collective {
-    let map = |buf: CommBuf| match buf.memory {
-        Memory::Host => buf,
+fn on_host(op: &Collective, stages: &[Stage]) -> Collective {
+    let map = |buf: &CommBuf| match buf.memory {
+        Memory::Host => buf.clone(),
         Memory::Device => stages
             .iter()
             .find(|s| s.contains(buf))
@@ -76,11 +91,14 @@ fn on_host(op: Collective, stages: &[Stage]) -> Collective {
             .host(buf),
     };
     match op {
-        Collective::AllReduce { buf, op } => Collective::AllReduce { buf: map(buf), op },
+        Collective::AllReduce { buf, op } => Collective::AllReduce {
+            buf: map(buf),
+            op: *op,
+        },
         Collective::ReduceScatter { input, output, op } => Collective::ReduceScatter {
             input: map(input),
             output: map(output),
-            op,
+            op: *op,
         },
         Collective::AllGather { input, output } => Collective::AllGather {
             input: map(input),
@@ -88,15 +106,15 @@ fn on_host(op: Collective, stages: &[Stage]) -> Collective {
         },
         Collective::Broadcast { buf, root } => Collective::Broadcast {
             buf: map(buf),
-            root,
+            root: *root,
         },
         Collective::Send { buf, peer } => Collective::Send {
             buf: map(buf),
-            peer,
+            peer: *peer,
         },
         Collective::Recv { buf, peer } => Collective::Recv {
             buf: map(buf),
-            peer,
+            peer: *peer,
         },
         Collective::Barrier => Collective::Barrier,
     }
@@ -138,19 +156,30 @@ impl Communicator for Staged {
         };
         let mut stages = Vec::new();
         for (start, end) in ranges(&op) {
-            let mut bytes = vec![0u8; end - start];
+            let memory = HostMemory::new(end - start).map_err(|e| {
+                failed(format!(
+                    "cannot allocate {} bytes of host memory to stage the collective: {e}",
+                    end - start
+                ))
+            })?;
+            // SAFETY: fresh memory of at least `end - start` bytes that nobody else sees yet.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(memory.ptr(), end - start) };
             self.device
-                .to_host(&mut bytes, start)
+                .to_host(bytes, start)
                 .map_err(|e| failed(format!("copying to the host for the collective: {e}")))?;
-            stages.push(Stage { addr: start, bytes });
+            stages.push(Stage {
+                addr: start,
+                len: end - start,
+                memory: Arc::new(memory),
+            });
         }
         if stages.is_empty() {
             // SAFETY: the caller's contract, unchanged.
             return unsafe { self.inner.start(op) };
         }
-        let host_op = on_host(op, &stages);
-        // SAFETY: the stand-ins live in `stages`, which the completion below owns until the
-        // op has finished; nobody else touches them.
+        let host_op = on_host(&op, &stages);
+        // SAFETY: the stand-ins' memory is owned by their buffers (and by `stages`, which the
+        // completion below keeps); nobody else touches it.
         let work = unsafe { self.inner.start(host_op) }?;
         let device = self.device.clone();
         let copy_back = written(&op);
@@ -158,12 +187,12 @@ impl Communicator for Staged {
         // The results go back only when the op succeeded; a failed copy fails the op.
         Ok(work.then(move |result| {
             result?;
-            for buf in copy_back.into_iter().filter(|b| b.memory == Memory::Device) {
+            for buf in copy_back.iter().filter(|b| b.memory == Memory::Device) {
                 let Some(stage) = stages.iter().find(|s| s.contains(buf)) else {
                     continue;
                 };
-                let offset = buf.addr - stage.addr;
-                let bytes = &stage.bytes[offset..offset + buf.bytes()];
+                // SAFETY: the inner op has finished (`then` runs after it).
+                let bytes = unsafe { stage.bytes_of(buf) };
                 device
                     .to_device(buf.addr, bytes)
                     .map_err(|e| CommError::Collective {
@@ -276,11 +305,11 @@ mod tests {
         let mut staged = Staged::new(Box::new(inner), device.clone());
         let values = vec![1.0f32, 2.0, 3.0];
         let buf = device_buf(&values);
-        all_reduce(&mut staged, buf).unwrap();
+        all_reduce(&mut staged, buf.clone()).unwrap();
         assert_eq!(values, [2.0, 4.0, 6.0], "the result reached the device");
         assert_eq!(*device.log.lock().unwrap(), ["down 12", "up 12"]);
         let seen = seen.lock().unwrap();
-        let Collective::AllReduce { buf: host, .. } = seen[0] else {
+        let Collective::AllReduce { buf: host, .. } = &seen[0] else {
             panic!("{seen:?}")
         };
         assert_eq!(host.memory, Memory::Host);
@@ -363,7 +392,7 @@ mod tests {
         let mut staged = Staged::new(Box::new(Failing(group)), device.clone());
         let values = vec![1.0f32; 2];
         let buf = device_buf(&values);
-        let error = all_reduce(&mut staged, buf).unwrap_err();
+        let error = all_reduce(&mut staged, buf.clone()).unwrap_err();
         assert!(error.to_string().contains("peer gone"), "{error}");
         assert_eq!(
             *device.log.lock().unwrap(),

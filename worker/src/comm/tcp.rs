@@ -41,7 +41,6 @@ use tessera_plan::memory::Dtype;
 use super::shm::ShmRing;
 use super::{
     Collective, CommBuf, CommError, Communicator, Group, Memory, ReduceOp, Work, copy_host,
-    reducible,
 };
 
 const MAGIC: &[u8; 4] = b"TSRA";
@@ -398,6 +397,7 @@ impl Communicator for TcpCommunicator {
     }
 
     unsafe fn start(&mut self, op: Collective) -> Result<Work, CommError> {
+        op.validate(&self.group, "TCP", Memory::Host)?;
         let (reply, result) = mpsc::channel();
         let ops = self.ops.as_ref().expect("invariant: open until dropped");
         if ops.send((op, reply)).is_err() {
@@ -472,7 +472,7 @@ impl Wire {
     }
 
     /// Queues `part` for the outgoing member.
-    fn send(&mut self, part: CommBuf) {
+    fn send(&mut self, part: &CommBuf) {
         let (addr, len) = (part.addr, part.bytes());
         if len == 0 {
             return;
@@ -762,7 +762,8 @@ fn receive_failure(peer: usize, cause: &str) -> Failure {
     }
 }
 
-/// The communicator's thread: runs ops in order until the communicator is dropped.
+/// The communicator's thread: runs ops in order until the communicator is dropped. Each op
+/// (with its buffers' owners) is kept until its reply is sent: it touches no memory after.
 fn serve(links: Links, queue: mpsc::Receiver<(Collective, mpsc::Sender<Result<(), CommError>>)>) {
     let mut state = Ring {
         links,
@@ -778,7 +779,7 @@ fn serve(links: Links, queue: mpsc::Receiver<(Collective, mpsc::Sender<Result<()
                 let start = Instant::now();
                 let seq = state.seq;
                 state.seq += 1;
-                state.run(op, seq).map_err(|failure| {
+                state.run(&op, seq).map_err(|failure| {
                     state.links.shut_all();
                     let group = &state.links.group;
                     let error = CommError::Collective {
@@ -823,13 +824,6 @@ impl Ring {
 
     fn index(&self) -> usize {
         self.links.group.index
-    }
-
-    fn invalid(&self, what: String) -> Failure {
-        Failure {
-            silent: Vec::new(),
-            cause: format!("invalid call ({what}); this is a bug in tessera"),
-        }
     }
 
     fn link(&mut self, peer: Option<usize>) -> Result<Option<(Link, usize)>, Failure> {
@@ -889,27 +883,20 @@ impl Ring {
         Ok(wire)
     }
 
-    fn run(&mut self, op: Collective, seq: u64) -> Result<(), Failure> {
+    /// Runs `op`, which [`Collective::validate`] accepted.
+    fn run(&mut self, op: &Collective, seq: u64) -> Result<(), Failure> {
         let (n, me) = (self.n(), self.index());
-        for buf in op.buffers() {
-            if buf.memory != Memory::Host {
-                return Err(self.invalid("the TCP backend moves host memory only".into()));
-            }
-        }
         let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
         match op {
             Collective::AllReduce { buf, op: reduce } => {
-                if !reducible(buf.dtype) {
-                    return Err(self.invalid(format!("cannot reduce {}", buf.dtype.name())));
-                }
                 if n == 1 {
                     return Ok(());
                 }
-                let mut wire = self.open(&op, seq, buf.len, buf.dtype, Some(next), Some(prev))?;
+                let mut wire = self.open(op, seq, buf.len, buf.dtype, Some(next), Some(prev))?;
                 let seg = |i| segment(buf.len, n, i);
                 // The all-gather's first step sends each part of this member's segment as soon
                 // as the reduce-scatter has finished it, overlapping the two phases.
-                self.reduce_scatter(&mut wire, buf, reduce, &seg, true)?;
+                self.reduce_scatter(&mut wire, buf, *reduce, &seg, true)?;
                 self.all_gather(&mut wire, buf, &seg, false)?;
                 wire.finish()
             }
@@ -918,76 +905,52 @@ impl Ring {
                 output,
                 op: reduce,
             } => {
-                if !reducible(input.dtype) || input.dtype != output.dtype {
-                    return Err(self.invalid("reduce_scatter needs equal float dtypes".into()));
-                }
-                if input.len != output.len * n {
-                    return Err(self.invalid(format!(
-                        "input of {} elements is not {n} chunks of {}",
-                        input.len, output.len
-                    )));
-                }
                 let chunk = output.len;
                 let seg = |i: usize| (i * chunk, chunk);
                 if n > 1 {
                     let mut wire =
-                        self.open(&op, seq, input.len, input.dtype, Some(next), Some(prev))?;
-                    self.reduce_scatter(&mut wire, input, reduce, &seg, false)?;
+                        self.open(op, seq, input.len, input.dtype, Some(next), Some(prev))?;
+                    self.reduce_scatter(&mut wire, input, *reduce, &seg, false)?;
                     wire.finish()?;
                 }
                 let own = input.slice(me * chunk, chunk);
-                if reduce == ReduceOp::Avg {
-                    scale(own, 1.0 / n as f32);
+                if *reduce == ReduceOp::Avg {
+                    scale(&own, 1.0 / n as f32);
                 }
                 // SAFETY: both are ranges of the op (start's contract).
-                unsafe { copy_host(own, output) };
+                unsafe { copy_host(&own, output) };
                 Ok(())
             }
             Collective::AllGather { input, output } => {
-                if input.dtype != output.dtype || output.len != input.len * n {
-                    return Err(self.invalid(format!(
-                        "output of {} elements is not {n} chunks of {}",
-                        output.len, input.len
-                    )));
-                }
                 let chunk = input.len;
                 // SAFETY: both are ranges of the op (start's contract).
-                unsafe { copy_host(input, output.slice(me * chunk, chunk)) };
+                unsafe { copy_host(input, &output.slice(me * chunk, chunk)) };
                 if n == 1 {
                     return Ok(());
                 }
                 let mut wire =
-                    self.open(&op, seq, output.len, output.dtype, Some(next), Some(prev))?;
+                    self.open(op, seq, output.len, output.dtype, Some(next), Some(prev))?;
                 self.all_gather(&mut wire, output, &|i| (i * chunk, chunk), true)?;
                 wire.finish()
             }
             Collective::Broadcast { buf, root } => {
-                if root >= n {
-                    return Err(self.invalid(format!("root {root} of a group of {n}")));
-                }
                 if n == 1 {
                     return Ok(());
                 }
                 // A pipelined chain from the root around the ring.
-                let to = (next != root).then_some(next);
-                let from = (me != root).then_some(prev);
-                let mut wire = self.open(&op, seq, buf.len, buf.dtype, to, from)?;
+                let to = (next != *root).then_some(next);
+                let from = (me != *root).then_some(prev);
+                let mut wire = self.open(op, seq, buf.len, buf.dtype, to, from)?;
                 forward(&mut wire, buf)?;
                 wire.finish()
             }
             Collective::Send { buf, peer } => {
-                if peer >= n || peer == me {
-                    return Err(self.invalid(format!("send to member {peer} of {n}")));
-                }
-                let mut wire = self.open(&op, seq, buf.len, buf.dtype, Some(peer), None)?;
+                let mut wire = self.open(op, seq, buf.len, buf.dtype, Some(*peer), None)?;
                 wire.send(buf);
                 wire.finish()
             }
             Collective::Recv { buf, peer } => {
-                if peer >= n || peer == me {
-                    return Err(self.invalid(format!("recv from member {peer} of {n}")));
-                }
-                let mut wire = self.open(&op, seq, buf.len, buf.dtype, None, Some(peer))?;
+                let mut wire = self.open(op, seq, buf.len, buf.dtype, None, Some(*peer))?;
                 forward(&mut wire, buf)
             }
             Collective::Barrier => {
@@ -998,7 +961,7 @@ impl Ring {
                 self.barrier.resize(n, 0.0);
                 let buf = CommBuf::host(&self.barrier);
                 self.run(
-                    Collective::AllReduce {
+                    &Collective::AllReduce {
                         buf,
                         op: ReduceOp::Sum,
                     },
@@ -1017,7 +980,7 @@ impl Ring {
     fn reduce_scatter(
         &mut self,
         wire: &mut Wire,
-        buf: CommBuf,
+        buf: &CommBuf,
         reduce: ReduceOp,
         seg: &dyn Fn(usize) -> (usize, usize),
         gather_after: bool,
@@ -1027,7 +990,7 @@ impl Ring {
         let send_seg = |s: usize| (me + 2 * n - s - 1) % n;
         let recv_seg = |s: usize| (me + 2 * n - s - 2) % n;
         let (start, len) = seg(send_seg(0));
-        wire.send(buf.slice(start, len));
+        wire.send(&buf.slice(start, len));
         // Received and reduced in cache-sized parts, so that the scratch is still in cache
         // when the reduction reads it.
         let part = (REDUCE_PART / size).max(1);
@@ -1038,14 +1001,14 @@ impl Ring {
                 let count = part.min(len - at);
                 let target = buf.slice(start + at, count);
                 wire.recv(&mut bytes[..count * size])?;
-                combine(target, &bytes[..count * size], reduce);
+                combine(&target, &bytes[..count * size], reduce);
                 if s + 1 < n - 1 {
-                    wire.send(target);
+                    wire.send(&target);
                 } else if gather_after {
                     if reduce == ReduceOp::Avg {
-                        scale(target, 1.0 / n as f32);
+                        scale(&target, 1.0 / n as f32);
                     }
-                    wire.send(target);
+                    wire.send(&target);
                 }
             }
         }
@@ -1058,14 +1021,14 @@ impl Ring {
     fn all_gather(
         &mut self,
         wire: &mut Wire,
-        buf: CommBuf,
+        buf: &CommBuf,
         seg: &dyn Fn(usize) -> (usize, usize),
         send_own: bool,
     ) -> Result<(), Failure> {
         let (n, me) = (self.n(), self.index());
         if send_own {
             let (start, len) = seg(me);
-            wire.send(buf.slice(start, len));
+            wire.send(&buf.slice(start, len));
         }
         let piece = (PIECE / buf.dtype.size() as usize).max(1);
         for s in 0..n - 1 {
@@ -1079,7 +1042,7 @@ impl Ring {
                 };
                 wire.recv(bytes)?;
                 if s + 1 < n - 1 {
-                    wire.send(target);
+                    wire.send(&target);
                 }
             }
         }
@@ -1089,7 +1052,7 @@ impl Ring {
 
 /// Receives `buf` (if the wire receives) and forwards it (if it sends), piece by piece; a
 /// wire that only sends queues the whole buffer.
-fn forward(wire: &mut Wire, buf: CommBuf) -> Result<(), Failure> {
+fn forward(wire: &mut Wire, buf: &CommBuf) -> Result<(), Failure> {
     if wire.from.is_none() {
         wire.send(buf);
         return Ok(());
@@ -1102,7 +1065,7 @@ fn forward(wire: &mut Wire, buf: CommBuf) -> Result<(), Failure> {
             unsafe { std::slice::from_raw_parts_mut(target.addr as *mut u8, target.bytes()) };
         wire.recv(bytes)?;
         if wire.to.is_some() {
-            wire.send(target);
+            wire.send(&target);
         }
     }
     Ok(())
@@ -1137,7 +1100,7 @@ fn kind_name(code: u8) -> &'static str {
 
 /// `target = target (op) bytes` element-wise (bytes hold `target.len` elements of its dtype):
 /// a sum for `Sum` and `Avg` (scaled afterwards), the larger value for `Max`.
-fn combine(target: CommBuf, bytes: &[u8], op: ReduceOp) {
+fn combine(target: &CommBuf, bytes: &[u8], op: ReduceOp) {
     match op {
         ReduceOp::Sum | ReduceOp::Avg => combine_with(target, bytes, |a, b| a + b),
         ReduceOp::Max => combine_with(target, bytes, f32::max),
@@ -1146,7 +1109,7 @@ fn combine(target: CommBuf, bytes: &[u8], op: ReduceOp) {
 
 /// `target = f(target, bytes)` in f32 whatever the dtype; generic over `f` so that each
 /// reduction compiles to its own vectorised loop.
-fn combine_with(target: CommBuf, bytes: &[u8], f: impl Fn(f32, f32) -> f32 + Copy) {
+fn combine_with(target: &CommBuf, bytes: &[u8], f: impl Fn(f32, f32) -> f32 + Copy) {
     // SAFETY: the op's buffer is valid and ours (start's contract) and aligned for its dtype
     // (arena regions and their slices are); `bytes` is the u64-aligned scratch.
     unsafe {
@@ -1158,14 +1121,14 @@ fn combine_with(target: CommBuf, bytes: &[u8], f: impl Fn(f32, f32) -> f32 + Cop
             Dtype::F16 => combine_elems::<f16>(target, bytes, |a, b| {
                 f16::from_f32(f(a.to_f32(), b.to_f32()))
             }),
-            _ => unreachable!("invariant: checked by `reducible`"),
+            _ => unreachable!("invariant: `Collective::validate` lets only floats reduce"),
         }
     }
 }
 
 /// # Safety
 /// `target` is a valid, exclusively owned range of `T`s.
-unsafe fn combine_elems<T: bytemuck::Pod>(target: CommBuf, bytes: &[u8], f: impl Fn(T, T) -> T) {
+unsafe fn combine_elems<T: bytemuck::Pod>(target: &CommBuf, bytes: &[u8], f: impl Fn(T, T) -> T) {
     // SAFETY: the caller's contract.
     let dst = unsafe { std::slice::from_raw_parts_mut(target.addr as *mut T, target.len) };
     let src: &[T] = bytemuck::cast_slice(bytes);
@@ -1175,21 +1138,21 @@ unsafe fn combine_elems<T: bytemuck::Pod>(target: CommBuf, bytes: &[u8], f: impl
 }
 
 /// `buf *= factor`, computed in f32.
-fn scale(buf: CommBuf, factor: f32) {
+fn scale(buf: &CommBuf, factor: f32) {
     // SAFETY: as in `add`.
     unsafe {
         match buf.dtype {
             Dtype::F32 => map::<f32>(buf, |v| v * factor),
             Dtype::Bf16 => map::<bf16>(buf, |v| bf16::from_f32(v.to_f32() * factor)),
             Dtype::F16 => map::<f16>(buf, |v| f16::from_f32(v.to_f32() * factor)),
-            _ => unreachable!("invariant: checked by `reducible`"),
+            _ => unreachable!("invariant: `Collective::validate` lets only floats reduce"),
         }
     }
 }
 
 /// # Safety
 /// `buf` is a valid, exclusively owned range of `T`s.
-unsafe fn map<T: Copy>(buf: CommBuf, f: impl Fn(T) -> T) {
+unsafe fn map<T: Copy>(buf: &CommBuf, f: impl Fn(T) -> T) {
     // SAFETY: the caller's contract.
     let values = unsafe { std::slice::from_raw_parts_mut(buf.addr as *mut T, buf.len) };
     for v in values {
@@ -1238,12 +1201,73 @@ mod tests {
         (link(accepted, rings), link(stream, dialer_rings))
     }
 
+    /// The two members of a group of two, each on its own endpoint in this process (their
+    /// link uses shared-memory rings, as two ranks on one host do).
+    fn pair(timeout: Duration) -> (TcpCommunicator, TcpCommunicator) {
+        let ends = [(); 2].map(|()| TcpEndpoint::bind("127.0.0.1", "token").unwrap());
+        let peers: Vec<SocketAddr> = ends.iter().map(TcpEndpoint::address).collect();
+        std::thread::scope(|scope| {
+            let members: Vec<_> = (0..2)
+                .map(|index| {
+                    let (end, peers) = (&ends[index], &peers);
+                    scope.spawn(move || {
+                        let group = Group {
+                            name: "dp 0".into(),
+                            ranks: vec![0, 1],
+                            index,
+                        };
+                        end.communicator(group, peers, timeout).unwrap()
+                    })
+                })
+                .collect();
+            let mut members = members.into_iter().map(|m| m.join().unwrap());
+            (members.next().unwrap(), members.next().unwrap())
+        })
+    }
+
+    #[test]
+    fn a_collective_in_flight_keeps_the_arena_alive_when_the_backend_is_dropped_first() {
+        use crate::tensor::cpu::CpuBackend;
+        use crate::tensor::{Backend as _, Tensor};
+        use tessera_plan::memory::Place;
+
+        // Large enough that the allocator returns the arena to the kernel when it is freed:
+        // a use after free faults instead of reading stale bytes.
+        let len = 4 << 20;
+        let (mut first, mut second) = pair(Duration::from_secs(20));
+        let mut backend = CpuBackend::new(len * 4, 0).unwrap();
+        let grads = Tensor {
+            place: Place::Device,
+            offset: 0,
+            len,
+            dtype: Dtype::F32,
+        };
+        backend.write(grads, &vec![1.0; len]).unwrap();
+        let op = Collective::AllReduce {
+            buf: backend.comm_buf(grads),
+            op: ReduceOp::Sum,
+        };
+        // SAFETY: under test: the op must keep the arena alive by itself.
+        let work = unsafe { first.start(op) }.unwrap();
+        // A rank that fails elsewhere tears down in any order: here its backend goes first,
+        // while the all-reduce still waits for the peer.
+        drop(backend);
+        let mut theirs = vec![2.0f32; len];
+        crate::comm::CommunicatorExt::all_reduce(&mut second, &mut theirs, ReduceOp::Sum).unwrap();
+        work.wait().unwrap();
+        drop(first);
+        assert!(
+            theirs.iter().all(|&v| v == 3.0),
+            "the peer got the dropped rank's values"
+        );
+    }
+
     #[test]
     fn a_ring_peer_that_wrote_and_exited_is_read_to_its_last_byte() {
         let (receiver, sender) = ring_link();
         let message: Vec<f32> = (0..200).map(|i| i as f32).collect();
         let mut wire = Wire::new(Some((sender, 1)), None, Duration::from_secs(5));
-        wire.send(CommBuf::host(&message));
+        wire.send(&CommBuf::host(&message));
         wire.finish().unwrap();
         // The sender exits: its connection closes with its last bytes still in the ring.
         drop(wire);

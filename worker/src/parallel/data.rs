@@ -113,13 +113,13 @@ impl DataParallel {
                 }
             } else {
                 Collective::ReduceScatter {
-                    input: grads,
                     output: grads.slice(unit.shard.start, unit.shard.len()),
+                    input: grads,
                     op: ReduceOp::Sum,
                 }
             };
-            // SAFETY: the gradients live in the arena for the whole run, and no kernel touches
-            // this unit's gradients until `finish` has waited: they are final for the step
+            // SAFETY: the gradients are in the arena, which the op owns a share of, and no
+            // kernel touches this unit's gradients until `finish` has waited: they are final for the step
             // and the optimizer runs after `finish`.
             let work = unsafe { comm.start(op) }?;
             self.pending.push(work);

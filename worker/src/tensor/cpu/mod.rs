@@ -9,10 +9,12 @@ pub mod attention;
 pub mod gemm;
 pub mod ops;
 
+use std::sync::Arc;
+
 use half::{bf16, f16};
 use tessera_plan::memory::{Dtype, Place};
 
-use crate::comm::{CommBuf, Memory};
+use crate::comm::{CommBuf, HostMemory, Memory, Owner};
 use crate::error::{Error, Result};
 use crate::tensor::check::{self, Checks};
 use crate::tensor::{AdamW, Backend, Dims, Elem, Linear, Tensor};
@@ -29,25 +31,22 @@ pub struct CpuBackend {
 struct Arena {
     base: *mut u8,
     bytes: usize,
-    /// The allocation when this arena owns it; `base` points into it.
-    _owned: Vec<u64>,
+    /// The memory's owner, shared with every collective in flight on it: the memory outlives
+    /// the backend until the last of them is done (see [`Owner`]).
+    owner: Owner,
 }
 
 impl Arena {
     fn new(place: &'static str, bytes: usize) -> Result<Arena> {
-        let mut words = Vec::new();
-        words
-            .try_reserve_exact(bytes.div_ceil(8))
-            .map_err(|e| Error::Allocation {
-                place,
-                bytes: bytes as u64,
-                reason: e.to_string(),
-            })?;
-        words.resize(bytes.div_ceil(8), 0);
+        let memory = HostMemory::new(bytes).map_err(|e| Error::Allocation {
+            place,
+            bytes: bytes as u64,
+            reason: e.to_string(),
+        })?;
         Ok(Arena {
-            base: words.as_mut_ptr() as *mut u8,
+            base: memory.ptr(),
             bytes,
-            _owned: words,
+            owner: Owner::new(Arc::new(memory)),
         })
     }
 }
@@ -68,26 +67,18 @@ impl CpuBackend {
         })
     }
 
-    /// A backend whose device arena is `bytes` bytes at `base`, which it does not own, and
-    /// with no host arena: a GPU backend runs the ops on its host arena (pinned memory) with
-    /// it, handing over handles with `place` [`Place::Device`].
+    /// A backend whose device arena is `bytes` bytes at `base`, which `owner` owns, and with
+    /// no host arena: a GPU backend runs the ops on its host arena (pinned memory) with it,
+    /// handing over handles with `place` [`Place::Device`].
     ///
     /// # Safety
-    /// `base` is valid for reads and writes of `bytes` bytes, 8-byte aligned, and used by
-    /// nobody else while the returned backend lives.
-    pub unsafe fn over(base: *mut u8, bytes: usize) -> CpuBackend {
+    /// `base` is valid for reads and writes of `bytes` bytes as long as `owner` lives,
+    /// 8-byte aligned, and used by nobody else while the returned backend lives.
+    pub unsafe fn over(base: *mut u8, bytes: usize, owner: Owner) -> CpuBackend {
         gemm::warm_up();
         CpuBackend {
-            device: Arena {
-                base,
-                bytes,
-                _owned: Vec::new(),
-            },
-            host: Arena {
-                base: std::ptr::NonNull::<u64>::dangling().as_ptr() as *mut u8,
-                bytes: 0,
-                _owned: Vec::new(),
-            },
+            device: Arena { base, bytes, owner },
+            host: Arena::new("host", 0).expect("invariant: an empty arena needs no memory"),
         }
     }
 
@@ -175,12 +166,14 @@ impl Backend for CpuBackend {
             t.offset + t.bytes() <= self.arena(t.place).bytes,
             "invariant: handles come from this backend's arena layout"
         );
+        let arena = self.arena(t.place);
         CommBuf {
             // Both arenas are host memory on the CPU backend.
-            addr: self.base(t.place) as usize + t.offset,
+            addr: arena.base as usize + t.offset,
             len: t.len,
             dtype: t.dtype,
             memory: Memory::Host,
+            owner: Some(arena.owner.clone()),
         }
     }
 

@@ -100,7 +100,7 @@ impl Blas {
             });
         }
         let handle = lt::create_handle().map_err(|e| blas_error("cublasLtCreate", e))?;
-        let workspace = DeviceMemory::new(CUBLASLT_WORKSPACE_BYTES as usize)?;
+        let workspace = DeviceMemory::new(stream.context(), CUBLASLT_WORKSPACE_BYTES as usize)?;
         Ok(Blas {
             handle,
             stream,

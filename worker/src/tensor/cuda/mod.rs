@@ -32,7 +32,7 @@ use tessera_plan::memory::{Dtype, Place};
 
 use self::blas::{Blas, Gemm};
 use crate::comm::staged::DeviceCopy;
-use crate::comm::{CommBuf, Memory};
+use crate::comm::{CommBuf, Memory, Owner};
 use crate::error::{Error, Result};
 use crate::tensor::check::{self, Checks};
 use crate::tensor::cpu::CpuBackend;
@@ -197,17 +197,21 @@ fn arch_of(ctx: &CudaContext) -> Result<String> {
     ))
 }
 
-/// One device allocation, zeroed, freed when dropped.
+/// One device allocation, zeroed, freed when dropped. It holds its context, and binds it to
+/// the dropping thread before the free: the last share of an arena (see [`Owner`]) may go on a
+/// communicator's thread after the backend is gone.
 pub(crate) struct DeviceMemory {
     pub ptr: u64,
     pub bytes: usize,
+    ctx: Arc<CudaContext>,
 }
 
 impl DeviceMemory {
-    /// Allocates on the context bound to this thread.
-    pub fn new(bytes: usize) -> Result<DeviceMemory> {
+    /// Allocates on `ctx`, which must be bound to this thread.
+    pub fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<DeviceMemory> {
+        let ctx = ctx.clone();
         if bytes == 0 {
-            return Ok(DeviceMemory { ptr: 0, bytes });
+            return Ok(DeviceMemory { ptr: 0, bytes, ctx });
         }
         // SAFETY: a plain allocation on the current context; zeroed before use.
         let ptr = unsafe { result::malloc_sync(bytes) }.map_err(|e| Error::Allocation {
@@ -215,7 +219,7 @@ impl DeviceMemory {
             bytes: bytes as u64,
             reason: format!("{e:?}"),
         })?;
-        let memory = DeviceMemory { ptr, bytes };
+        let memory = DeviceMemory { ptr, bytes, ctx };
         // SAFETY: `ptr` has `bytes` bytes.
         unsafe { result::memset_d8_sync(ptr, 0, bytes) }
             .map_err(|e| cuda_error("zeroing device memory", e))?;
@@ -228,8 +232,8 @@ impl DeviceMemory {
 
 impl Drop for DeviceMemory {
     fn drop(&mut self) {
-        if self.ptr != 0 {
-            // SAFETY: allocated by `new`, freed once.
+        if self.ptr != 0 && self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by `new` in this context, freed once.
             let _ = unsafe { result::free_sync(self.ptr) };
         }
     }
@@ -242,15 +246,26 @@ struct PinnedMemory {
     bytes: usize,
     /// The address kernels use for it (the host's under unified addressing).
     device_ptr: u64,
+    /// Bound before the free, as for [`DeviceMemory`].
+    ctx: Arc<CudaContext>,
 }
 
+// SAFETY: plain page-locked host memory reached only through raw pointers; who may touch which
+// bytes when is the business of the backend and the collectives' contract. This owner only
+// frees it.
+unsafe impl Send for PinnedMemory {}
+unsafe impl Sync for PinnedMemory {}
+
 impl PinnedMemory {
-    fn new(bytes: usize) -> Result<PinnedMemory> {
+    /// Allocates for `ctx`, which must be bound to this thread.
+    fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<PinnedMemory> {
+        let ctx = ctx.clone();
         if bytes == 0 {
             return Ok(PinnedMemory {
                 ptr: std::ptr::NonNull::<u64>::dangling().as_ptr() as *mut u8,
                 bytes,
                 device_ptr: 0,
+                ctx,
             });
         }
         let flags = driver::CU_MEMHOSTALLOC_PORTABLE | driver::CU_MEMHOSTALLOC_DEVICEMAP;
@@ -266,6 +281,7 @@ impl PinnedMemory {
             ptr,
             bytes,
             device_ptr: 0,
+            ctx,
         };
         // SAFETY: `ptr` was allocated with DEVICEMAP; `device_ptr` is a valid place for the
         // result.
@@ -280,7 +296,7 @@ impl PinnedMemory {
 
 impl Drop for PinnedMemory {
     fn drop(&mut self) {
-        if self.bytes > 0 {
+        if self.bytes > 0 && self.ctx.bind_to_thread().is_ok() {
             // SAFETY: allocated by `new`, freed once.
             let _ = unsafe { result::free_host(self.ptr as *mut c_void) };
         }
@@ -357,8 +373,9 @@ fn suffix(dtype: Dtype) -> &'static str {
 pub struct CudaBackend {
     /// `sm_XY` of the device, the architecture kernels are compiled for.
     arch: String,
-    device: DeviceMemory,
-    host: PinnedMemory,
+    /// The arenas, shared with the collectives in flight on them (see [`Owner`]).
+    device: Arc<DeviceMemory>,
+    host: Arc<PinnedMemory>,
     /// Runs the ops whose tensors live in the host arena (handles re-placed on its "device").
     host_ops: CpuBackend,
     modules: Vec<Arc<CudaModule>>,
@@ -418,11 +435,11 @@ impl CudaBackend {
         let stream = ctx
             .new_stream()
             .map_err(|e| cuda_error("creating a stream", e))?;
-        let device = DeviceMemory::new(device_bytes)?;
-        let host = PinnedMemory::new(host_bytes)?;
+        let device = Arc::new(DeviceMemory::new(&ctx, device_bytes)?);
+        let host = Arc::new(PinnedMemory::new(&ctx, host_bytes)?);
         // SAFETY: the host arena is page-locked memory of `host_bytes`, 8-byte aligned (page
-        // aligned), used only through `host_ops` while this backend lives.
-        let host_ops = unsafe { CpuBackend::over(host.ptr, host.bytes) };
+        // aligned), kept by its owner, used only through `host_ops` while this backend lives.
+        let host_ops = unsafe { CpuBackend::over(host.ptr, host.bytes, Owner::new(host.clone())) };
         let blas = Blas::new(stream.clone())?;
         let mut modules = Vec::new();
         for source in compile::SOURCES {
@@ -432,6 +449,7 @@ impl CudaBackend {
                 .map_err(|e| cuda_error(&format!("loading kernels {}.cu", source.name), e))?;
             modules.push(module);
         }
+        let segments = PinnedMemory::new(&ctx, 0)?;
         Ok(CudaBackend {
             ctx,
             stream,
@@ -442,7 +460,7 @@ impl CudaBackend {
             modules,
             functions: HashMap::new(),
             blas,
-            segments: PinnedMemory::new(0)?,
+            segments,
             poisoned: RefCell::new(None),
             peak_flops: peak_flops(&name),
             pci_bus_id,
@@ -812,12 +830,14 @@ impl Backend for CudaBackend {
                 len: t.len,
                 dtype: t.dtype,
                 memory: Memory::Device,
+                owner: Some(Owner::new(self.device.clone())),
             },
             Place::Host => CommBuf {
                 addr: self.host.ptr as usize + t.offset,
                 len: t.len,
                 dtype: t.dtype,
                 memory: Memory::Host,
+                owner: Some(Owner::new(self.host.clone())),
             },
         }
     }
@@ -1056,7 +1076,7 @@ impl Backend for CudaBackend {
         let segments = local.len();
         let needed = (order.len() + starts.len() + local.len()) * 4;
         if self.segments.bytes < needed {
-            self.segments = PinnedMemory::new(needed.next_power_of_two())?;
+            self.segments = PinnedMemory::new(&self.ctx, needed.next_power_of_two())?;
         }
         let base = self.segments.device_ptr;
         let words: Vec<i32> = [order.as_slice(), &starts, &local].concat();
