@@ -405,12 +405,19 @@ impl Service for Handler {
             .commands
             .lock()
             .expect("invariant: no panic under lock")
-            .push(commands);
+            .push(commands.clone());
         let shared = self.shared.clone();
         tokio::spawn(async move {
             while let Ok(Some(beat)) = beats.message().await {
                 shared.send(Event::Beat(beat));
             }
+            // The worker closed its side: every beat it sent is an event now. Closing ours
+            // tells it so (it waits for this before it exits, so no beat is lost).
+            shared
+                .commands
+                .lock()
+                .expect("invariant: no panic under lock")
+                .retain(|c| !c.same_channel(&commands));
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
@@ -757,7 +764,7 @@ impl Coordinator {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn spec(world: usize, rendezvous: Duration) -> JobSpec {
@@ -798,7 +805,7 @@ mod tests {
     }
 
     /// A coordinator for `world` ranks on 127.0.0.1, its runtime and its events.
-    fn started(
+    pub(crate) fn started(
         world: usize,
         rendezvous: Duration,
     ) -> (

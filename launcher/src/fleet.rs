@@ -7,12 +7,24 @@ use nix::sys::signal::Signal;
 use crate::agent::{Worker, describe_status};
 use crate::coordinator::{Coordinator, Event, NodeInfo};
 
-/// A rank that exited with a failure: its number, how it ended, and whether a signal (or the
-/// loss of its node) ended it, which makes it the likely root cause.
+/// A rank that exited with a failure: its number, how it ended, in words and as a value
+/// (which [`crate::blame::Blame`] ranks to find the run's cause).
+#[derive(Debug, Clone)]
 pub struct Failed {
     pub rank: usize,
     pub how: String,
-    pub killed: bool,
+    pub end: End,
+}
+
+/// How a rank's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// It exited with this status.
+    Status(i32),
+    /// A signal killed it.
+    Signal(i32),
+    /// Its node was lost (agent dead or unreachable); nobody knows how it ended.
+    Lost,
 }
 
 pub trait Fleet {
@@ -58,10 +70,16 @@ impl Fleet for LocalFleet<'_> {
                 && !already
                 && !status.success()
             {
+                use std::os::unix::process::ExitStatusExt as _;
+                let end = match (status.code(), status.signal()) {
+                    (Some(code), _) => End::Status(code),
+                    (None, Some(signal)) => End::Signal(signal),
+                    (None, None) => End::Lost,
+                };
                 failed.push(Failed {
                     rank: worker.rank,
                     how: describe_status(status),
-                    killed: status.code().is_none(),
+                    end,
                 });
             }
         }
@@ -99,8 +117,8 @@ struct RemoteRank {
     /// "hostname, address" of its node.
     host: String,
     pid: Option<u32>,
-    /// How it ended and whether a signal (or its node's loss) ended it; `None` while running.
-    ended: Option<(String, bool, bool)>,
+    /// How it ended, and whether that was a success; `None` while running.
+    ended: Option<(String, End, bool)>,
     reported: bool,
 }
 
@@ -169,20 +187,24 @@ impl Fleet for RemoteFleet {
                     && slot.ended.is_none()
                 {
                     slot.pid = Some(exit.pid);
-                    let (how, killed, ok) = match (exit.code, exit.signal) {
-                        (Some(0), _) => ("exited with status 0".into(), false, true),
-                        (Some(code), _) => (format!("exited with status {code}"), false, false),
+                    let (how, end, ok) = match (exit.code, exit.signal) {
+                        (Some(0), _) => ("exited with status 0".into(), End::Status(0), true),
+                        (Some(code), _) => (
+                            format!("exited with status {code}"),
+                            End::Status(code),
+                            false,
+                        ),
                         (None, Some(number)) => (
                             match Signal::try_from(number) {
                                 Ok(signal) => format!("was killed by {signal}"),
                                 Err(_) => format!("was killed by signal {number}"),
                             },
-                            true,
+                            End::Signal(number),
                             false,
                         ),
-                        (None, None) => ("ended in an unknown way".into(), false, false),
+                        (None, None) => ("ended in an unknown way".into(), End::Lost, false),
                     };
-                    slot.ended = Some((how, killed, ok));
+                    slot.ended = Some((how, end, ok));
                 }
             }
             Event::NodeLost { node } => {
@@ -192,7 +214,7 @@ impl Fleet for RemoteFleet {
                             "was lost with node {node} ({}): its agent died or the node left the network",
                             slot.host
                         );
-                        slot.ended = Some((how, true, false));
+                        slot.ended = Some((how, End::Lost, false));
                     }
                 }
             }
@@ -203,7 +225,7 @@ impl Fleet for RemoteFleet {
     fn newly_failed(&mut self) -> Vec<Failed> {
         let mut failed = Vec::new();
         for (rank, slot) in self.ranks.iter_mut().enumerate() {
-            if let Some((how, killed, ok)) = &slot.ended
+            if let Some((how, end, ok)) = &slot.ended
                 && !slot.reported
             {
                 slot.reported = true;
@@ -211,7 +233,7 @@ impl Fleet for RemoteFleet {
                     failed.push(Failed {
                         rank,
                         how: how.clone(),
-                        killed: *killed,
+                        end: *end,
                     });
                 }
             }
@@ -287,7 +309,7 @@ mod tests {
         let failed = fleet.newly_failed();
         assert_eq!(failed.len(), 1, "rank 3 had finished cleanly before");
         assert_eq!(failed[0].rank, 2);
-        assert!(failed[0].killed);
+        assert_eq!(failed[0].end, End::Lost);
         assert_eq!(
             format!("{} {}", fleet.describe(2), failed[0].how),
             "rank 2 (pid 102 on node 1: host1, 10.0.0.1) was lost with node 1 (host1, 10.0.0.1): \
@@ -315,16 +337,16 @@ mod tests {
                 attempt: 0,
             }));
         }
-        let failed: Vec<(usize, String, bool)> = fleet
+        let failed: Vec<(usize, String, End)> = fleet
             .newly_failed()
             .into_iter()
-            .map(|f| (f.rank, f.how, f.killed))
+            .map(|f| (f.rank, f.how, f.end))
             .collect();
         assert_eq!(
             failed,
             [
-                (0, "exited with status 1".to_string(), false),
-                (1, "was killed by SIGKILL".to_string(), true)
+                (0, "exited with status 1".to_string(), End::Status(1)),
+                (1, "was killed by SIGKILL".to_string(), End::Signal(9))
             ]
         );
     }

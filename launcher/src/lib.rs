@@ -9,6 +9,7 @@
 //! one executable is all a machine needs. `exit.rs` maps outcomes to exit statuses.
 
 pub mod agent;
+pub mod blame;
 pub mod cli;
 pub mod config_file;
 pub mod coordinator;

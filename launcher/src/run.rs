@@ -22,6 +22,7 @@ use tessera_worker::arena::ArenaLayout;
 use tessera_worker::checkpoint;
 
 use crate::agent::{Worker, WorkerSpec};
+use crate::blame::Blame;
 use crate::config_file::Loaded;
 use crate::coordinator::{Coordinator, Event, JobSpec, Reshape, describe_ranks};
 use crate::exit::Failure;
@@ -580,7 +581,8 @@ const DEFAULT_LISTEN: ([u8; 4], u16) = ([0, 0, 0, 0], 29400);
 
 /// Why the run is stopping.
 enum Stop {
-    Failed(String),
+    /// A rank failed: why, and the rank whose own failure it was (not one that went silent).
+    Failed(String, Option<usize>),
     /// A node cannot run its share (no GPU, too little free memory): no restart can help.
     Refused(String),
     Interrupted,
@@ -680,6 +682,9 @@ fn supervise(
     let mut stopping: Option<(Stop, Instant)> = None;
     let mut announced = false;
     let mut aborted = false;
+    // Whether the launcher has signalled the ranks: their deaths by signal are its own doing.
+    let mut signalled = false;
+    let mut blame = Blame::new(fleet.ranks());
     let mut last_step = 0;
     // Each rank's last collective, as its heartbeats said: where a stuck rank waits.
     let mut last_collectives = vec![String::new(); fleet.ranks()];
@@ -687,10 +692,16 @@ fn supervise(
     let mut heard: Vec<Option<Instant>> = vec![None; fleet.ranks()];
     let mut finished = vec![false; fleet.ranks()];
     loop {
+        // Read before this round's events: the ranks' last beats reach the channel before they
+        // exit, so once every rank had exited, this round's events hold every beat.
+        let all_exited = fleet.all_exited();
         while let Ok(event) = events.try_recv() {
             fleet.observe(&event);
             if let Event::Beat(beat) = &event {
                 let rank = beat.rank as usize;
+                if !beat.error.is_empty() {
+                    blame.reported(rank, &beat.error, beat.caused_by_peer);
+                }
                 if let Some(slot) = heard.get_mut(rank) {
                     *slot = Some(Instant::now());
                 }
@@ -750,11 +761,14 @@ fn supervise(
                 }
                 Event::RendezvousFailed { missing } if stopping.is_none() => {
                     stopping = Some((
-                        Stop::Failed(format!(
-                            "{} never reached the rendezvous within {:.0?}",
-                            describe_ranks(&missing),
-                            watchdog.rendezvous_timeout
-                        )),
+                        Stop::Failed(
+                            format!(
+                                "{} never reached the rendezvous within {:.0?}",
+                                describe_ranks(&missing),
+                                watchdog.rendezvous_timeout
+                            ),
+                            None,
+                        ),
                         Instant::now(),
                     ));
                 }
@@ -765,26 +779,31 @@ fn supervise(
         if SIGNALS.load(Ordering::SeqCst) > 0 && !matches!(stopping, Some((Stop::Interrupted, _))) {
             progress.status("interrupted: stopping the workers (again to kill them now)");
             fleet.stop(coordinator, false);
+            signalled = true;
             stopping = Some((Stop::Interrupted, Instant::now()));
         }
 
-        let mut failed = fleet.newly_failed();
-        if stopping.is_none() && !failed.is_empty() {
-            // The root cause is a rank killed by a signal if there is one (the others then
-            // failed because it went silent), else the lowest rank that failed.
-            failed.sort_by_key(|f| (!f.killed, f.rank));
-            let first = &failed[0];
+        for failed in fleet.newly_failed() {
+            blame.ended(&failed, signalled);
+        }
+        // The cause is the rank whose own failure it was (see `blame`), once that is clear.
+        if stopping.is_none()
+            && let Some(cause) = blame.cause(all_exited)
+        {
             stopping = Some((
-                Stop::Failed(format!(
-                    "{} {}{}; stopped the other ranks",
-                    fleet.describe(first.rank),
-                    first.how,
-                    if last_step > 0 {
-                        format!(" after step {last_step}")
-                    } else {
-                        String::new()
-                    }
-                )),
+                Stop::Failed(
+                    format!(
+                        "{} {}{}; stopped the other ranks",
+                        fleet.describe(cause),
+                        blame.how(cause),
+                        if last_step > 0 {
+                            format!(" after step {last_step}")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    Some(cause),
+                ),
                 Instant::now(),
             ));
         }
@@ -798,24 +817,28 @@ fn supervise(
         {
             let silent = heard[rank].map_or(Duration::ZERO, |t| t.elapsed());
             stopping = Some((
-                Stop::Failed(format!(
-                    "{} sent no heartbeat for {:.0?} (watchdog.heartbeat_timeout): it hangs, was \
-                     stopped, or its node is unreachable{}; stopped the other ranks",
-                    fleet.describe(rank),
-                    silent,
-                    if last_step > 0 {
-                        format!(", after step {last_step}")
-                    } else {
-                        String::new()
-                    }
-                )),
+                Stop::Failed(
+                    format!(
+                        "{} sent no heartbeat for {:.0?} (watchdog.heartbeat_timeout): it hangs, \
+                         was stopped, or its node is unreachable{}; stopped the other ranks",
+                        fleet.describe(rank),
+                        silent,
+                        if last_step > 0 {
+                            format!(", after step {last_step}")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    Some(rank),
+                ),
                 Instant::now(),
             ));
             // A stopped process ignores everything but SIGKILL; don't wait for it.
             fleet.kill(rank);
+            signalled = true;
         }
 
-        if let Some((Stop::Failed(reason), _)) = &stopping
+        if let Some((Stop::Failed(reason, _), _)) = &stopping
             && !announced
         {
             // At once: stopping every rank can take a while, the cause should not wait.
@@ -828,21 +851,31 @@ fn supervise(
             .as_ref()
             .is_some_and(|(_, since)| since.elapsed() > GRACE + GIVE_UP);
         let refused = matches!(stopping, Some((Stop::Refused(_), _)));
-        if fleet.all_exited() || gave_up || refused && !fleet.any_running() {
+        if all_exited || gave_up || refused && !fleet.any_running() {
             return match stopping {
                 None => Ok(last_step),
                 Some((Stop::Refused(message), _)) => Err(Failure::DoesNotFit(message)),
-                Some((Stop::Failed(message), _)) => Err(Failure::Runtime(anyhow::anyhow!(
-                    "{message}{}",
-                    describe_last_collectives(&last_collectives)
-                ))),
+                Some((Stop::Failed(message, cause), _)) => {
+                    let then = cause.map_or(String::new(), |rank| blame.consequences(rank));
+                    let message = format!(
+                        "{message}{then}{}",
+                        describe_last_collectives(&last_collectives)
+                    );
+                    // A rank's own bad input or missing memory fails every attempt alike: it
+                    // keeps its class, and no restart is tried.
+                    Err(match cause.and_then(|rank| blame.status(rank)) {
+                        Some(2) => Failure::Usage(message),
+                        Some(3) => Failure::DoesNotFit(message),
+                        _ => Failure::Runtime(anyhow::anyhow!("{message}")),
+                    })
+                }
                 Some((Stop::Interrupted, _)) => Err(Failure::Interrupted),
             };
         }
 
         if let Some((stop, since)) = &stopping {
             // Let the other ranks fail on their own first: their errors name what they saw.
-            if let Stop::Failed(reason) = stop
+            if let Stop::Failed(reason, _) = stop
                 && !aborted
                 && since.elapsed() > ABORT_AFTER
             {
@@ -852,6 +885,7 @@ fn supervise(
             let hurry = SIGNALS.load(Ordering::SeqCst) > 1;
             if since.elapsed() > GRACE || hurry {
                 fleet.stop(coordinator, true);
+                signalled = true;
             }
         }
         std::thread::sleep(POLL);
@@ -861,6 +895,96 @@ fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::Failed;
+    use tessera_proto::v1::Beat;
+
+    /// Ranks that all finish at once, with their last beats still on the way when the
+    /// supervisor first sees them exited: the race that lost metrics lines.
+    struct Finishing {
+        ranks: usize,
+        /// The beats each rank sent before exiting; they reach the channel at the first look.
+        late: Vec<Beat>,
+        events: mpsc::Sender<Event>,
+        looked: bool,
+    }
+
+    impl Fleet for Finishing {
+        fn ranks(&self) -> usize {
+            self.ranks
+        }
+        fn observe(&mut self, _: &Event) {}
+        /// The supervisor polls exits after reading events: the beats land in between.
+        fn newly_failed(&mut self) -> Vec<Failed> {
+            if !self.looked {
+                self.looked = true;
+                for beat in self.late.drain(..) {
+                    self.events.send(Event::Beat(beat)).unwrap();
+                }
+            }
+            Vec::new()
+        }
+        fn exited(&self, _: usize) -> bool {
+            self.looked
+        }
+        fn all_exited(&self) -> bool {
+            self.looked
+        }
+        fn describe(&self, rank: usize) -> String {
+            format!("rank {rank}")
+        }
+        fn stop(&self, _: &Coordinator, _: bool) {}
+        fn kill(&self, _: usize) {}
+    }
+
+    #[test]
+    fn beats_that_arrive_as_the_last_rank_exits_still_become_metrics_lines() {
+        let (runtime, coordinator, _) =
+            crate::coordinator::tests::started(1, Duration::from_secs(5));
+        let (events, received) = mpsc::channel();
+        let dir = std::env::temp_dir().join(format!("tessera-late-beats-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let metrics = dir.join("metrics.jsonl");
+        let _ = std::fs::remove_file(&metrics);
+        let beat = |step| Beat {
+            rank: 0,
+            step,
+            loss: 1.0,
+            finished: step == 20,
+            ..Beat::default()
+        };
+        let mut fleet = Finishing {
+            ranks: 1,
+            late: (1..=20).map(beat).collect(),
+            events,
+            looked: false,
+        };
+        let options = RunOptions {
+            metrics: Some(metrics.clone()),
+            fresh: false,
+            listen: None,
+            threads: None,
+            trace: None,
+        };
+        let watchdog = crate::config_file::load(None, &[]).unwrap().config.watchdog;
+        let steps = supervise(
+            &mut fleet,
+            &coordinator,
+            &received,
+            &Progress::new(20),
+            &options,
+            &watchdog,
+            &mut [None],
+        )
+        .unwrap();
+        coordinator.stop(&runtime);
+        let lines = std::fs::read_to_string(&metrics).unwrap().lines().count();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            (steps, lines),
+            (20, 20),
+            "every step's line, and `done: 20 steps`"
+        );
+    }
 
     #[test]
     fn last_collectives_are_grouped_with_the_odd_one_first() {

@@ -472,6 +472,95 @@ fn a_killed_worker_stops_every_rank_and_the_launcher_names_it() {
     assert!(workers.iter().all(|&pid| !alive(pid)), "no worker survives");
 }
 
+/// `runs` runs of the 8-rank tiny job (data 2 x tensor 2 x pipeline 2, checkpointing every
+/// 3 steps), each with a random worker SIGKILLed at a random moment after step 1: the
+/// launcher names the killed rank first, and every survivor exits on its own with status 1
+/// after a failed collective (none dies of a signal, none has to be stopped).
+fn random_kills(runs: usize) {
+    // Printed, so that a failing run can be repeated with TESSERA_KILL_SEED.
+    let seed = std::env::var("TESSERA_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("random kills: TESSERA_KILL_SEED={seed}");
+    let mut state = seed | 1;
+    let mut random = move |below: u64| {
+        // xorshift64: enough to spread victims and moments.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % below
+    };
+    let sets = [
+        "parallel.data=2",
+        "parallel.tensor=2",
+        "parallel.pipeline=2",
+        "training.steps=100000",
+        "checkpoint.every=3",
+        "restart.max=0",
+    ];
+    for run in 0..runs {
+        let scratch = Scratch::new(&format!("random-kill-{run}"));
+        let (child, workers) = start_and_wait_for_step(&scratch, &sets, 1 + random(3));
+        assert_eq!(workers.len(), 8, "one process per rank");
+        std::thread::sleep(Duration::from_millis(random(400)));
+        let victim = workers[random(8) as usize];
+        let rank = rank_of(victim).expect("a worker has a RANK");
+        kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = text(&out.stderr);
+        let context = format!("run {run} (seed {seed}), rank {rank} killed:\n{stderr}");
+        assert_eq!(out.status.code(), Some(1), "{context}");
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("no error line: {context}"));
+        assert!(
+            error.starts_with(&format!(
+                "error: rank {rank} (pid {victim}) was killed by SIGKILL"
+            )),
+            "the killed rank is named first: {context}"
+        );
+        let then = stderr
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("then: "))
+            .unwrap_or_else(|| panic!("no consequences: {context}"));
+        let others: Vec<String> = (0..8)
+            .filter(|&r| r != rank)
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(
+            then,
+            format!(
+                "ranks {} exited with status 1 (their collectives failed with it)",
+                others.join(", ")
+            ),
+            "every survivor ended on its own after a failed collective: {context}"
+        );
+        assert!(
+            workers.iter().all(|&pid| !alive(pid)),
+            "no worker survives: {context}"
+        );
+    }
+}
+
+#[test]
+fn a_randomly_killed_worker_is_named_first_and_every_survivor_exits_on_its_own() {
+    random_kills(5);
+}
+
+/// The stress version: `cargo test --release -p tessera-launcher --test run -- --ignored
+/// thirty_random_kills` (about 3 minutes on two cores).
+#[test]
+#[ignore = "30 runs take minutes; CI runs 5"]
+fn thirty_random_kills() {
+    random_kills(30);
+}
+
 #[test]
 fn a_stopped_worker_is_named_once_its_heartbeats_stop_and_nothing_is_left_running() {
     let scratch = Scratch::new("sigstop");

@@ -127,10 +127,18 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     })
 }
 
-fn finish(result: Result<(), (u8, String)>) -> ExitCode {
+/// Why the worker stops early: its exit status, its message, and whether the error is a
+/// peer's failure seen through a collective (a consequence, not a cause).
+struct Stop {
+    code: u8,
+    message: String,
+    caused_by_peer: bool,
+}
+
+fn finish(result: Result<(), Stop>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err((code, message)) => {
+        Err(Stop { code, message, .. }) => {
             let _ = writeln!(std::io::stderr(), "error: {message}");
             ExitCode::from(code)
         }
@@ -138,10 +146,7 @@ fn finish(result: Result<(), (u8, String)>) -> ExitCode {
 }
 
 /// `tessera-worker kernels`: every source compiled (or found) in the cache, a line each.
-fn compile_kernels(
-    arch: Option<&str>,
-    cache: Option<&std::path::Path>,
-) -> Result<(), (u8, String)> {
+fn compile_kernels(arch: Option<&str>, cache: Option<&std::path::Path>) -> Result<(), Stop> {
     use crate::tensor::cuda::compile;
     let arch = match arch {
         Some(arch) => arch.to_string(),
@@ -180,24 +185,39 @@ fn compile_kernels(
     Ok(())
 }
 
-fn usage(error: impl ToString) -> (u8, String) {
-    (2, error.to_string())
+fn usage(error: impl ToString) -> Stop {
+    Stop {
+        code: 2,
+        message: error.to_string(),
+        caused_by_peer: false,
+    }
 }
 
-fn failure(error: Error) -> (u8, String) {
+/// The exit status says the class, as `launch` does: 2 bad input the user can fix before
+/// training (a restart would fail the same way), 3 memory that is not there (does not fit),
+/// 1 anything else.
+fn failure(error: Error) -> Stop {
     let code = match error {
-        // Bad input the user can fix before training: the same status as a bad config.
         Error::Plan(_)
         | Error::Unsupported { .. }
         | Error::DataIo { .. }
         | Error::DataNoFiles { .. }
         | Error::DataFormat { .. } => 2,
+        Error::Allocation { .. } => 3,
         _ => 1,
     };
-    (code, error.to_string())
+    let caused_by_peer = match &error {
+        Error::Comm(comm) => !matches!(**comm, CommError::Invalid { .. }),
+        _ => false,
+    };
+    Stop {
+        code,
+        message: error.to_string(),
+        caused_by_peer,
+    }
 }
 
-fn run(cli: &Cli) -> Result<(), (u8, String)> {
+fn run(cli: &Cli) -> Result<(), Stop> {
     let path = cli
         .config
         .as_ref()
@@ -236,7 +256,7 @@ fn run(cli: &Cli) -> Result<(), (u8, String)> {
 }
 
 /// The CUDA backend on GPU `ordinal`, with the plan's arenas.
-fn cuda_backend(layout: &ArenaLayout, ordinal: usize) -> Result<CudaBackend, (u8, String)> {
+fn cuda_backend(layout: &ArenaLayout, ordinal: usize) -> Result<CudaBackend, Stop> {
     let cache = crate::tensor::cuda::compile::default_cache();
     CudaBackend::new(
         ordinal,
@@ -252,7 +272,7 @@ fn train_alone<B: Backend>(
     config: Config,
     layout: &ArenaLayout,
     backend: B,
-) -> Result<(), (u8, String)> {
+) -> Result<(), Stop> {
     let steps = config.training.steps;
     let mut rank = Rank::new(config, backend).map_err(failure)?;
     rank.trace = cli.trace.as_ref().map(|_| Trace::new(0));
@@ -298,7 +318,7 @@ fn train_alone<B: Backend>(
     Ok(())
 }
 
-fn start_threads(threads: Option<usize>) -> Result<(), (u8, String)> {
+fn start_threads(threads: Option<usize>) -> Result<(), Stop> {
     if let Some(threads) = threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
@@ -308,13 +328,42 @@ fn start_threads(threads: Option<usize>) -> Result<(), (u8, String)> {
     Ok(())
 }
 
-fn runtime_error(message: impl ToString) -> (u8, String) {
-    (1, message.to_string())
+fn runtime_error(message: impl ToString) -> Stop {
+    Stop {
+        code: 1,
+        message: message.to_string(),
+        caused_by_peer: false,
+    }
 }
 
-/// One rank of a run started by `launch`.
-fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
+/// A collective's failure or a group that could not be set up: what this rank saw of a peer
+/// that died, hung or never started.
+fn peer_failure(error: CommError) -> Stop {
+    Stop {
+        code: 1,
+        message: error.to_string(),
+        caused_by_peer: true,
+    }
+}
+
+/// One rank of a run started by `launch`. Its last beat says how it ended: finished, or the
+/// error it stops with (so that the launcher can tell a cause from its consequences).
+fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), Stop> {
     let mut control = Control::connect(env, Duration::from_secs(30)).map_err(runtime_error)?;
+    match launched(cli, env, &mut control) {
+        Ok(last) => {
+            control.finish(last);
+            Ok(())
+        }
+        Err(stop) => {
+            control.fail(env.rank, &stop.message, stop.caused_by_peer);
+            Err(stop)
+        }
+    }
+}
+
+/// Registers, joins the mesh and trains; returns the final beat.
+fn launched(cli: &Cli, env: &LaunchEnv, control: &mut Control) -> Result<Beat, Stop> {
     // Peers on other nodes reach this worker at TESSERA_COMM_HOST (the node's address); a
     // local run keeps everything on the loopback interface.
     let host = std::env::var("TESSERA_COMM_HOST").unwrap_or_else(|_| "127.0.0.1".into());
@@ -416,7 +465,7 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
             )))
         },
     )
-    .map_err(runtime_error)?;
+    .map_err(peer_failure)?;
     let coord = comms.coord;
 
     let plan = StagePlan::new(&config, coord.pp_rank);
@@ -446,12 +495,12 @@ fn run_launched(cli: &Cli, env: &LaunchEnv) -> Result<(), (u8, String)> {
 fn train_in_mesh<B: Backend>(
     cli: &Cli,
     env: &LaunchEnv,
-    control: Control,
+    control: &Control,
     config: Config,
     comms: Comms,
     backend: B,
     (trace, last): (Option<Trace>, LastCollective),
-) -> Result<(), (u8, String)> {
+) -> Result<Beat, Stop> {
     let rank = comms.rank;
     let steps = config.training.steps;
     let mut rank_state = Rank::in_mesh(config, backend, comms).map_err(failure)?;
@@ -480,11 +529,12 @@ fn train_in_mesh<B: Backend>(
         arena_bytes: m.peak_bytes,
         last_collective: last.get(),
         finished,
+        ..Beat::default()
     };
     let summary =
         train::run(rank_state, &options, |_, m| control.beat(beat(m, false))).map_err(failure)?;
     let last = summary.metrics.last().copied();
-    control.finish(match last {
+    Ok(match last {
         Some(m) => beat(&m, true),
         None => {
             if env.rank == 0 {
@@ -500,6 +550,5 @@ fn train_in_mesh<B: Backend>(
                 ..Beat::default()
             }
         }
-    });
-    Ok(())
+    })
 }

@@ -7,13 +7,14 @@
 //! launcher is gone, and the worker exits instead of training on as an orphan.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tessera_proto::v1::{
     Beat, NcclId as NcclIdMessage, NcclIdRequest, WorkerAssignment, WorkerHello, command,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt as _;
 
 use crate::comm::Group;
 use crate::comm::nccl::NcclId;
@@ -66,9 +67,17 @@ pub struct Control {
     runtime: tokio::runtime::Runtime,
     client: tessera_proto::Client,
     beats: Option<mpsc::UnboundedSender<Beat>>,
+    /// Beats handed to the stream and not yet sent: idle beats wait for an empty queue.
+    queued: Arc<AtomicUsize>,
     /// Set once the run is over, so that the coordinator closing the stream is expected.
     finished: Arc<AtomicBool>,
+    /// Fires when the coordinator has closed the command stream: after the worker closed
+    /// its beats, that means it has read every one of them.
+    closed: Option<oneshot::Receiver<()>>,
 }
+
+/// How long a finishing worker waits for the coordinator to confirm its last beats.
+const FLUSH: Duration = Duration::from_secs(10);
 
 impl Control {
     /// Connects to the coordinator (retrying for `patience`: it may still be starting).
@@ -109,7 +118,9 @@ impl Control {
             client,
             runtime,
             beats: None,
+            queued: Arc::new(AtomicUsize::new(0)),
             finished: Arc::new(AtomicBool::new(false)),
+            closed: None,
         })
     }
 
@@ -171,13 +182,20 @@ impl Control {
         every: Duration,
     ) -> Result<(), String> {
         let (sender, receiver) = mpsc::unbounded_channel();
-        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(receiver);
+        let queued = self.queued.clone();
+        let stream =
+            tokio_stream::wrappers::UnboundedReceiverStream::new(receiver).map(move |beat| {
+                queued.fetch_sub(1, Ordering::SeqCst);
+                beat
+            });
         let mut commands = self
             .runtime
             .block_on(self.client.heartbeat(stream))
             .map_err(|s| format!("cannot open the heartbeat stream: {}", s.message()))?
             .into_inner();
         let finished = self.finished.clone();
+        let (closed, on_closed) = oneshot::channel();
+        self.closed = Some(on_closed);
         self.runtime.spawn(async move {
             loop {
                 match commands.message().await {
@@ -197,24 +215,38 @@ impl Control {
                             );
                             std::process::exit(1);
                         }
+                        let _ = closed.send(());
                         return;
                     }
                 }
             }
         });
-        let (idle, done) = (sender.clone(), self.finished.clone());
+        // The ticker holds no sender of its own: closing the stream is `finish`'s alone.
+        let (idle, done, queued) = (
+            sender.downgrade(),
+            self.finished.clone(),
+            self.queued.clone(),
+        );
         self.runtime.spawn(async move {
             let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
                 if done.load(Ordering::SeqCst) {
                     return;
                 }
+                // A beat still waiting says as much as this one would: never queue behind it,
+                // so a slow link cannot make the queue (and a step's beat's wait) grow.
+                if queued.load(Ordering::SeqCst) > 0 {
+                    continue;
+                }
+                let Some(idle) = idle.upgrade() else { return };
                 let beat = Beat {
                     rank,
                     last_collective: last.get(),
                     ..Beat::default()
                 };
+                queued.fetch_add(1, Ordering::SeqCst);
                 if idle.send(beat).is_err() {
                     return;
                 }
@@ -227,17 +259,36 @@ impl Control {
     /// Sends one beat (dropped silently if the stream is gone: the reader exits the process).
     pub fn beat(&self, beat: Beat) {
         if let Some(beats) = &self.beats {
-            let _ = beats.send(beat);
+            self.queued.fetch_add(1, Ordering::SeqCst);
+            if beats.send(beat).is_err() {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     }
 
-    /// Sends the final beat and closes the stream.
+    /// Sends the final beat and closes the stream, then waits (up to [`FLUSH`]) until the
+    /// coordinator has read every beat: a metrics line is never lost to a worker that exits
+    /// while its beats are still on the way.
     pub fn finish(mut self, beat: Beat) {
         self.finished.store(true, Ordering::SeqCst);
         self.beat(beat);
         self.beats = None;
-        // The runtime's thread sends beats as they come; give it a moment for the last one.
-        self.runtime
-            .block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });
+        if let Some(closed) = self.closed.take() {
+            self.runtime
+                .block_on(async { tokio::time::timeout(FLUSH, closed).await })
+                .ok();
+        }
+    }
+
+    /// The last beat of a rank that fails with `error`: the launcher names the rank whose own
+    /// error stopped the run (`caused_by_peer` false) before those that only noticed it.
+    pub fn fail(self, rank: u32, error: &str, caused_by_peer: bool) {
+        self.finish(Beat {
+            rank,
+            error: error.to_string(),
+            caused_by_peer,
+            finished: false,
+            ..Beat::default()
+        });
     }
 }

@@ -162,9 +162,33 @@ fn watchdog_durations_are_seconds_and_the_timeout_spans_two_beats() {
     assert!(message.contains("heartbeat_timeout: 20"), "{message}");
     let message = error(&with("watchdog: {collective_timeout: 0}\n"));
     assert!(
-        message.contains("must be a number of seconds, more than 0"),
+        message.contains("must be a number of seconds from 1 to a day"),
         "{message}"
     );
+}
+
+#[test]
+fn every_watchdog_duration_has_a_floor() {
+    // A beat every nanosecond flooded the coordinator and the workers' queues.
+    for (set, floor) in [
+        ("watchdog.heartbeat=1e-9", "from 0.1"),
+        ("watchdog.heartbeat=0.05", "from 0.1"),
+        ("watchdog.heartbeat_timeout=0.5", "from 1"),
+        ("watchdog.collective_timeout=0.001", "from 1"),
+        ("watchdog.rendezvous_timeout=0.2", "from 1"),
+        ("watchdog.rendezvous_timeout=1e9", "to a day"),
+    ] {
+        let message = load_with(MINIMAL, &[set]).unwrap_err().to_string();
+        let key = set.split('=').next().unwrap();
+        assert!(message.contains(key), "{set}: {message}");
+        assert!(message.contains(floor), "{set}: {message}");
+    }
+    let config = load_with(
+        MINIMAL,
+        &["watchdog.heartbeat=0.1", "watchdog.heartbeat_timeout=1"],
+    )
+    .unwrap();
+    assert_eq!(config.watchdog.heartbeat, Duration::from_millis(100));
 }
 
 #[test]

@@ -376,29 +376,34 @@ impl Reader<'_> {
     }
 
     fn watchdog(&mut self, raw: raw::RawWatchdog) -> Option<Watchdog> {
-        let seconds = |v: f64| v > 0.0 && v <= 86_400.0;
-        const SECONDS: &str = "a number of seconds, more than 0 and at most a day";
-        let heartbeat = self.number("watchdog.heartbeat", raw.heartbeat, 1.0, seconds, SECONDS);
+        // Floors: a beat is a message from every rank to the coordinator (a thousand ranks
+        // beating every millisecond would drown it), and no timeout can be shorter than the
+        // scheduling hiccups of a loaded machine without failing healthy runs.
+        let beat_ok = |v: f64| (0.1..=86_400.0).contains(&v);
+        const BEAT: &str = "a number of seconds from 0.1 to a day (86400)";
+        let timeout_ok = |v: f64| (1.0..=86_400.0).contains(&v);
+        const TIMEOUT: &str = "a number of seconds from 1 to a day (86400)";
+        let heartbeat = self.number("watchdog.heartbeat", raw.heartbeat, 1.0, beat_ok, BEAT);
         let heartbeat_timeout = self.number(
             "watchdog.heartbeat_timeout",
             raw.heartbeat_timeout,
             10.0,
-            seconds,
-            SECONDS,
+            timeout_ok,
+            TIMEOUT,
         );
         let collective_timeout = self.number(
             "watchdog.collective_timeout",
             raw.collective_timeout,
             60.0,
-            seconds,
-            SECONDS,
+            timeout_ok,
+            TIMEOUT,
         );
         let rendezvous_timeout = self.number(
             "watchdog.rendezvous_timeout",
             raw.rendezvous_timeout,
             120.0,
-            seconds,
-            SECONDS,
+            timeout_ok,
+            TIMEOUT,
         );
         if let (Some(beat), Some(timeout)) = (heartbeat, heartbeat_timeout)
             && timeout < 2.0 * beat
