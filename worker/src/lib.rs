@@ -8,13 +8,15 @@
 //! step loop and writes metrics. [`comm`] runs collectives between ranks and [`parallel`]
 //! uses them for data parallelism with ZeRO, tensor and pipeline parallelism; [`trace`]
 //! records a Chrome/Perfetto trace of a rank; [`control`] talks to the launcher's coordinator
-//! and [`cli`] is the `tessera-worker` command. The model never reads the mesh: it computes at
+//! and [`cli`] is the `tessera-worker` command ([`config_file`] reads its config, and
+//! `launch`'s). The model never reads the mesh: it computes at
 //! its rank's widths and calls `parallel::tensor` where the math crosses ranks.
 
 pub mod arena;
 pub mod checkpoint;
 pub mod cli;
 pub mod comm;
+pub mod config_file;
 pub mod control;
 pub mod data;
 pub mod error;
@@ -22,6 +24,7 @@ pub mod model;
 pub mod optim;
 pub mod parallel;
 pub mod tensor;
+pub mod throttle;
 pub mod trace;
 pub mod train;
 

@@ -29,7 +29,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,6 +42,7 @@ use super::shm::ShmRing;
 use super::{
     Collective, CommBuf, CommError, Communicator, Group, Memory, ReduceOp, Work, copy_host,
 };
+use crate::throttle::Throttle;
 
 const MAGIC: &[u8; 4] = b"TSRA";
 const VERSION: u8 = 1;
@@ -156,33 +157,63 @@ impl TcpEndpoint {
     }
 }
 
-/// Accepts connections forever, routing authenticated ones to the inbox.
+/// Handshakes read at once: a rank's peers open a few connections each, so anything beyond
+/// this is a flood, and its connections are closed unread.
+const MAX_HANDSHAKES: usize = 32;
+/// How long a connection may take to present its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Refused connections are warned about a few at a time.
+static REFUSED: Throttle = Throttle::new(5, Duration::from_secs(10));
+
+/// Accepts connections forever, routing authenticated ones to the inbox. Each handshake runs
+/// on a thread of its own (a slow or hostile client must not hold up the others), at most
+/// [`MAX_HANDSHAKES`] at a time.
 fn accept(listener: TcpListener, token: Arc<str>, inbox: Arc<Inbox>) {
+    let busy = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let (token, inbox) = (token.clone(), inbox.clone());
-        // A slow or hostile client must not hold up the others.
-        std::thread::spawn(move || {
-            let peer = stream.peer_addr().ok();
-            match handshake_in(&stream, &token) {
-                Ok(key) => {
-                    let mut streams = inbox.streams.lock().unwrap_or_else(|e| e.into_inner());
-                    streams.insert(key, stream);
-                    inbox.arrived.notify_all();
+        let peer = stream.peer_addr().ok();
+        let from = move || peer.map(|p| format!(" from {p}")).unwrap_or_default();
+        if busy.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+            busy.fetch_sub(1, Ordering::SeqCst);
+            REFUSED.warn(|| {
+                format!(
+                    "warning: closed a collective connection{}: {MAX_HANDSHAKES} handshakes are \
+                     already being read",
+                    from()
+                )
+            });
+            continue;
+        }
+        let (token, inbox, held) = (token.clone(), inbox.clone(), busy.clone());
+        let spawned = std::thread::Builder::new()
+            .name("tessera-handshake".into())
+            .spawn(move || {
+                match handshake_in(&stream, &token) {
+                    Ok(key) => {
+                        let mut streams = inbox.streams.lock().unwrap_or_else(|e| e.into_inner());
+                        streams.insert(key, stream);
+                        inbox.arrived.notify_all();
+                    }
+                    Err(reason) => REFUSED.warn(|| {
+                        format!(
+                            "warning: refused a collective connection{}: {reason}",
+                            from()
+                        )
+                    }),
                 }
-                Err(reason) => eprintln!(
-                    "warning: refused a collective connection{}: {reason}",
-                    peer.map(|p| format!(" from {p}")).unwrap_or_default()
-                ),
-            }
-        });
+                held.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            busy.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
 /// Reads and checks a connection's handshake; answers 1 (accepted) or 0.
 fn handshake_in(mut stream: &TcpStream, token: &str) -> Result<(String, usize), String> {
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| e.to_string())?;
     let mut fixed = [0u8; 4 + 1 + 2 + 2 + 4];
     stream
@@ -1199,6 +1230,26 @@ mod tests {
         };
         let (stream, dialer_rings) = dialer.join().unwrap();
         (link(accepted, rings), link(stream, dialer_rings))
+    }
+
+    /// Threads of this process.
+    fn threads() -> usize {
+        std::fs::read_dir("/proc/self/task").unwrap().count()
+    }
+
+    #[test]
+    fn a_flood_of_silent_connections_holds_a_bounded_number_of_threads() {
+        let end = TcpEndpoint::bind("127.0.0.1", "token").unwrap();
+        let before = threads();
+        let flood: Vec<TcpStream> = (0..400)
+            .filter_map(|_| TcpStream::connect(end.address()).ok())
+            .collect();
+        assert!(flood.len() > 300, "the flood connected");
+        std::thread::sleep(Duration::from_millis(500));
+        let added = threads().saturating_sub(before);
+        // A thread per connection would add 400; the bound is 32, and the other tests of
+        // this binary start a few dozen at most meanwhile.
+        assert!(added <= 150, "{added} threads more than before the flood");
     }
 
     /// The two members of a group of two, each on its own endpoint in this process (their
