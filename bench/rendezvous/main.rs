@@ -36,7 +36,13 @@ fn main() {
         mesh: Mesh::new(ranks, 1, 1, 8).expect("a valid mesh"),
         device: Device::Cpu,
         backend: Backend::Tcp,
-        planned_device_bytes: vec![0; ranks],
+        planned: vec![
+            tessera_launcher::capacity::RankBytes {
+                device: 0,
+                host_memory: 0,
+            };
+            ranks
+        ],
         collective_timeout: Duration::from_secs(60),
         rendezvous_timeout: Duration::from_secs(120),
         heartbeat: Duration::from_secs(1),

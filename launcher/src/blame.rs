@@ -128,16 +128,18 @@ impl Blame {
         }
     }
 
-    /// "exited with status 1: <the first line of its error>" for the cause `rank`.
+    /// How `rank` ended: "exited with status 2", "was killed by SIGKILL".
     pub fn how(&self, rank: usize) -> String {
-        let Some(ended) = &self.ended[rank] else {
-            return String::new();
-        };
-        match (&self.reports[rank], ended.end) {
-            (Some(report), End::Status(_)) => {
-                format!("{}: {}", ended.how, first_line(&report.error))
-            }
-            _ => ended.how.clone(),
+        self.ended[rank]
+            .as_ref()
+            .map_or(String::new(), |e| e.how.clone())
+    }
+
+    /// The first line of the error `rank` reported, when it exited by itself after one.
+    pub fn error(&self, rank: usize) -> Option<String> {
+        match (&self.reports[rank], self.ended[rank].as_ref()?.end) {
+            (Some(report), End::Status(_)) => Some(first_line(&report.error)),
+            _ => None,
         }
     }
 
@@ -153,7 +155,9 @@ impl Blame {
             let what = match class {
                 Class::Consequence => format!("{} (their collectives failed with it)", ended.how),
                 Class::Stopped => format!("{} (stopped by the launcher)", ended.how),
-                Class::OwnError => self.how(rank),
+                Class::OwnError => {
+                    format!("{}: {}", ended.how, self.error(rank).unwrap_or_default())
+                }
                 Class::Killed | Class::Crashed | Class::Unknown => ended.how.clone(),
             };
             match groups.iter_mut().find(|(w, _)| *w == what) {
@@ -265,10 +269,12 @@ mod tests {
         own.ended(&failed(0, End::Status(2)), false);
         assert_eq!(own.cause(false), Some(0));
         assert_eq!(own.status(0), Some(2));
+        assert_eq!(own.how(0), "exited with status 2");
         assert_eq!(
-            own.how(0),
-            "exited with status 2: checkpoint /ro/step-50: cannot create it"
+            own.error(0).as_deref(),
+            Some("checkpoint /ro/step-50: cannot create it")
         );
+        assert_eq!(own.error(1).as_deref(), Some("barrier #7 failed"));
         assert_eq!(
             blame.consequences(3),
             "\n  then: rank 0 exited with status 1: checkpoint /ro/step-50: cannot create it: \

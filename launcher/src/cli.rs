@@ -147,18 +147,18 @@ pub struct JobArgs {
     pub sets: Vec<String>,
 }
 
-/// What `--dry-run` prints.
+/// What `--dry-run` prints (each is refused without `--dry-run`).
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     /// Print the per-rank memory plan and exit without starting anything.
     #[arg(long)]
     pub dry_run: bool,
 
-    /// Output format of the plan.
-    #[arg(long, value_enum, default_value_t = Format::Table)]
-    pub format: Format,
+    /// Output format of the plan (with --dry-run) [default: table].
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
 
-    /// Also draw the plan as an SVG stacked-bar chart per pipeline stage.
+    /// Also draw the plan as an SVG stacked-bar chart per pipeline stage (with --dry-run).
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
 

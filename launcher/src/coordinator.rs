@@ -27,7 +27,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::gpus::{Gpus, shortfall};
+use crate::capacity::{Machine, RankBytes, shortfall};
+use tessera_worker::throttle::Throttle;
 
 /// What the coordinator hands every worker, besides its rank.
 #[derive(Debug, Clone)]
@@ -40,8 +41,8 @@ pub struct JobSpec {
     /// memory) for its share of a CUDA run is refused when it registers.
     pub device: Device,
     pub backend: Backend,
-    /// Planned device bytes of each rank.
-    pub planned_device_bytes: Vec<u64>,
+    /// What each rank plans to allocate.
+    pub planned: Vec<RankBytes>,
     pub collective_timeout: Duration,
     /// How long the barrier waits for every rank to register, from the coordinator's start.
     pub rendezvous_timeout: Duration,
@@ -126,7 +127,7 @@ struct Attempt {
     /// The layout, which a restart on fewer nodes shrinks ([`Reshape`]).
     mesh: Mesh,
     config_sets: Vec<String>,
-    planned_device_bytes: Vec<u64>,
+    planned: Vec<RankBytes>,
     /// When the rendezvous barrier gives up.
     deadline: Instant,
 }
@@ -198,7 +199,7 @@ impl Shared {
                 config_name: self.spec.config_name.clone(),
                 config_yaml: self.spec.config_yaml.clone(),
                 config_sets: attempt.config_sets.clone(),
-                planned_device_bytes: attempt.planned_device_bytes[rank as usize],
+                planned_device_bytes: attempt.planned[rank as usize].device,
                 collective_timeout_ms: self.spec.collective_timeout.as_millis() as u32,
                 run_id: attempt.run_id.clone(),
             }
@@ -218,9 +219,7 @@ impl Service for Handler {
     ) -> Result<Response<AgentAssignment>, Status> {
         let hello = request.into_inner();
         // One attempt's layout and plan: a restart may reshape both.
-        let (mesh, planned) = self
-            .shared
-            .attempt(|a| (a.mesh, a.planned_device_bytes.clone()));
+        let (mesh, planned) = self.shared.attempt(|a| (a.mesh, a.planned.clone()));
         let nodes = mesh.nodes();
         let (node, ranks) = {
             let mut agents = self
@@ -244,19 +243,20 @@ impl Service for Handler {
                 )));
             };
             let ranks = ranks_on(&mesh, node);
-            if self.shared.spec.device == Device::Cuda {
-                let planned: Vec<u64> = ranks.iter().map(|&r| planned[r as usize]).collect();
-                let gpus = Gpus {
-                    host: &hello.hostname,
-                    count: hello.gpus as usize,
-                    free: &hello.free_memory_bytes,
-                };
-                if let Some(reason) = shortfall(&gpus, &planned, self.shared.spec.backend) {
-                    self.shared.send(Event::NodeRefused {
-                        reason: reason.clone(),
-                    });
-                    return Err(Status::failed_precondition(reason));
-                }
+            let planned: Vec<RankBytes> = ranks.iter().map(|&r| planned[r as usize]).collect();
+            let machine = Machine {
+                host: &hello.hostname,
+                gpus: hello.gpus as usize,
+                free: &hello.free_memory_bytes,
+                available: (hello.available_memory_bytes > 0)
+                    .then_some(hello.available_memory_bytes),
+            };
+            let spec = &self.shared.spec;
+            if let Some(reason) = shortfall(&machine, &planned, spec.device, spec.backend) {
+                self.shared.send(Event::NodeRefused {
+                    reason: reason.clone(),
+                });
+                return Err(Status::failed_precondition(reason));
             }
             let slot = AgentSlot {
                 hello: hello.clone(),
@@ -503,8 +503,11 @@ pub struct Reshape {
     pub mesh: Mesh,
     /// The run's `--set` overrides plus the new cluster.nodes and parallel.data.
     pub config_sets: Vec<String>,
-    pub planned_device_bytes: Vec<u64>,
+    pub planned: Vec<RankBytes>,
 }
+
+/// Refused calls are warned about a few at a time: a scanner makes thousands a second.
+static REFUSED: Throttle = Throttle::new(5, Duration::from_secs(10));
 
 /// The size of an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`).
 pub const NCCL_ID_BYTES: usize = 128;
@@ -539,7 +542,7 @@ impl Coordinator {
                 worker_args: spec.worker_args.clone(),
                 mesh: spec.mesh,
                 config_sets: spec.config_sets.clone(),
-                planned_device_bytes: spec.planned_device_bytes.clone(),
+                planned: spec.planned.clone(),
                 deadline: Instant::now() + spec.rendezvous_timeout,
             }),
             spec,
@@ -561,10 +564,12 @@ impl Coordinator {
                 return Ok(request);
             }
             let peer = request.remote_addr();
-            eprintln!(
-                "warning: refused a call{} without this run's token",
-                peer.map(|p| format!(" from {p}")).unwrap_or_default()
-            );
+            REFUSED.warn(|| {
+                format!(
+                    "warning: refused a call{} without this run's token",
+                    peer.map(|p| format!(" from {p}")).unwrap_or_default()
+                )
+            });
             refused.send(Event::Refused { peer });
             Err(Status::unauthenticated(
                 "this call lacks the run's token (metadata `authorization: Bearer <TESSERA_TOKEN>`)",
@@ -692,7 +697,7 @@ impl Coordinator {
             if let Some(reshape) = &reshape {
                 attempt.mesh = reshape.mesh;
                 attempt.config_sets = reshape.config_sets.clone();
-                attempt.planned_device_bytes = reshape.planned_device_bytes.clone();
+                attempt.planned = reshape.planned.clone();
             }
             attempt.number
         };
@@ -740,9 +745,13 @@ impl Coordinator {
     }
 
     /// Ranks that have not registered yet.
-    #[cfg(test)]
     pub fn missing(&self) -> Vec<u32> {
         self.shared.missing()
+    }
+
+    /// The nodes this attempt's layout has.
+    pub fn expected_nodes(&self) -> usize {
+        self.shared.attempt(|a| a.mesh.nodes())
     }
 
     /// Stops serving and waits for the server task.
@@ -775,7 +784,13 @@ pub(crate) mod tests {
             mesh: Mesh::new(world, 1, 1, 8).unwrap(),
             device: Device::Cpu,
             backend: Backend::Tcp,
-            planned_device_bytes: vec![1000; world],
+            planned: vec![
+                RankBytes {
+                    device: 1000,
+                    host_memory: 1000
+                };
+                world
+            ],
             collective_timeout: Duration::from_secs(5),
             rendezvous_timeout: rendezvous,
             heartbeat: Duration::from_secs(1),

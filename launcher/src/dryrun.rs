@@ -285,7 +285,7 @@ fn render_rows(rows: &[Vec<String>], text_columns: usize) -> String {
 }
 
 /// Whether the plan fits, and if not, which ranks, why, and what would fit.
-fn verdict(name: &str, config: &Config, plan: &MemoryPlan) -> String {
+pub fn verdict(name: &str, config: &Config, plan: &MemoryPlan) -> String {
     let mut out = String::new();
     let peak = plan.peak_stage();
     let estimated: u64 = peak

@@ -10,13 +10,13 @@
 
 pub mod agent;
 pub mod blame;
+pub mod capacity;
 pub mod cli;
 pub mod config_file;
 pub mod coordinator;
 pub mod dryrun;
 pub mod exit;
 pub mod fleet;
-pub mod gpus;
 pub mod hostfile;
 pub mod node;
 pub mod progress;

@@ -49,6 +49,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 eprintln!("warning: {warning}");
             }
             if !cli.report.dry_run {
+                refuse_report_flags(&cli.report)?;
                 let options = run_job::RunOptions {
                     metrics: cli.run.metrics.clone(),
                     fresh: cli.run.fresh,
@@ -64,6 +65,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 fn export(args: &cli::ExportArgs) -> Result<(), Failure> {
+    // Before the consolidation, which reads the whole checkpoint.
+    check_output_file(&args.out, "--out")?;
     let loaded = config_file::load(args.job.config.as_deref(), &args.job.sets)?;
     let config = &loaded.config;
     let checkpoint = match &args.checkpoint {
@@ -89,7 +92,9 @@ fn export(args: &cli::ExportArgs) -> Result<(), Failure> {
         .and_then(|files| files.consolidate(&written, checkpoint::export::State::Params))
         .map_err(usage)?
         .expect("invariant: every checkpoint has parameters");
-    checkpoint::export::write(&model, &args.out).map_err(|e| Failure::Runtime(e.into()))?;
+    // The error's message already holds its cause: no second copy from the source chain.
+    checkpoint::export::write(&model, &args.out)
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!("{e}")))?;
     let elements: usize = model.values().map(|t| t.values.len()).sum();
     println!(
         "wrote {}: {} tensors, {elements} parameters, from {}",
@@ -100,9 +105,38 @@ fn export(args: &cli::ExportArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// A file the command will write: not a directory, in a directory that exists.
+fn check_output_file(path: &std::path::Path, flag: &str) -> Result<(), Failure> {
+    tessera_worker::cli::check_output_file(path, flag).map_err(Failure::Usage)
+}
+
+/// The dry-run's own flags mean nothing to a run: refuse them rather than ignore them.
+fn refuse_report_flags(report: &cli::ReportArgs) -> Result<(), Failure> {
+    let given = [
+        (
+            report.format.is_some(),
+            "--format",
+            "chooses how the plan is printed",
+        ),
+        (report.svg.is_some(), "--svg", "draws the plan"),
+        (
+            report.rank.is_some(),
+            "--rank",
+            "lists one rank's buffers in the plan",
+        ),
+    ];
+    match given.iter().find(|(given, ..)| *given) {
+        Some((_, flag, what)) => Err(Failure::usage(format!(
+            "{flag} is a --dry-run option (it {what}), and this command starts a run\n  help: \
+             add --dry-run to see the plan (launch --dry-run {flag} ...), or drop {flag} to train"
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn dry_run(loaded: &config_file::Loaded, report: &cli::ReportArgs) -> Result<(), Failure> {
     let plan = MemoryPlan::new(&loaded.config);
-    let output = match report.format {
+    let output = match report.format.unwrap_or(Format::Table) {
         Format::Table => {
             let mut text = dryrun::table(&loaded.name, &loaded.config, &plan);
             if let Some(rank) = report.rank {

@@ -53,7 +53,7 @@ pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // The coordinator refuses a node whose GPUs cannot hold its share of a CUDA run.
-    let (gpus, free_memory_bytes) = crate::gpus::visible();
+    let (gpus, free_memory_bytes) = crate::capacity::visible();
     let assignment = runtime
         .block_on(client.register_agent(AgentHello {
             hostname: hostname.clone(),
@@ -62,6 +62,7 @@ pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
             comm_host: comm_host.clone(),
             cpu_cores: cores as u32,
             pid: std::process::id(),
+            available_memory_bytes: crate::capacity::available_memory().unwrap_or(0),
         }))
         .map_err(|s| {
             Failure::Runtime(anyhow::anyhow!(

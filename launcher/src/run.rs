@@ -23,11 +23,11 @@ use tessera_worker::checkpoint;
 
 use crate::agent::{Worker, WorkerSpec};
 use crate::blame::Blame;
+use crate::capacity::{Machine, RankBytes, shortfall};
 use crate::config_file::Loaded;
 use crate::coordinator::{Coordinator, Event, JobSpec, Reshape, describe_ranks};
 use crate::exit::Failure;
 use crate::fleet::{Fleet, LocalFleet, RemoteFleet};
-use crate::gpus::{Gpus, shortfall};
 use crate::hostfile::{self, Host, RemoteAgents};
 use crate::progress::{Progress, StepLine};
 
@@ -48,6 +48,9 @@ pub struct RunOptions {
 /// How long workers get to exit on their own after a failure or a Ctrl-C before SIGKILL.
 pub(crate) const GRACE: Duration = Duration::from_secs(5);
 pub(crate) const POLL: Duration = Duration::from_millis(20);
+/// How long past `watchdog.rendezvous_timeout` the supervisor gives the coordinator's own
+/// barrier timeout (which names the ranks it waited for) before it fails the rendezvous itself.
+const RENDEZVOUS_GRACE: Duration = Duration::from_secs(1);
 /// How long after a failure the coordinator tells the remaining workers to abort.
 const ABORT_AFTER: Duration = Duration::from_secs(1);
 /// How long after SIGKILL a run waits for exits that nobody reports (a node that left the
@@ -108,24 +111,46 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
              workers with --set cluster.device=cpu --set cluster.backend=tcp"
         )));
     }
+    // A run starts only what the dry-run accepts, with the dry-run's own verdict.
+    let plan = MemoryPlan::new(config);
+    if !plan.fits() {
+        eprint!("{}", crate::dryrun::verdict(&loaded.name, config, &plan));
+        return Err(Failure::DoesNotFit(crate::dryrun::does_not_fit(&plan)));
+    }
     // What each worker must allocate: the arena its plan lays out (checked again by the worker).
     let mut layout = Layout {
         sets: loaded.sets.clone(),
         planned: planned_bytes(config),
         mesh: Mesh::from_config(config),
     };
-    // Whether this machine's GPUs hold the ranks, before any worker starts (a node agent's
-    // are checked by the coordinator when it registers).
-    if !cluster && config.cluster.device == Device::Cuda {
-        let (count, free) = crate::gpus::visible();
-        let machine = Gpus {
-            host: "this machine",
-            count,
-            free: &free,
+    // Whether this machine holds the ranks (its GPUs, its memory), before any worker starts;
+    // a node agent's machine is checked by the coordinator when it registers.
+    if !cluster {
+        let (gpus, free) = match config.cluster.device {
+            Device::Cuda => crate::capacity::visible(),
+            Device::Cpu => (0, Vec::new()),
         };
-        if let Some(reason) = shortfall(&machine, &layout.planned, config.cluster.backend) {
+        let machine = Machine {
+            host: "this machine",
+            gpus,
+            free: &free,
+            available: crate::capacity::available_memory(),
+        };
+        let (device, backend) = (config.cluster.device, config.cluster.backend);
+        if let Some(reason) = shortfall(&machine, &layout.planned, device, backend) {
             return Err(Failure::DoesNotFit(reason));
         }
+    }
+    // What the run writes, before anything starts (a cluster's workers check their own
+    // checkpoint.dir: it may be another file system there).
+    if let Some(path) = &options.metrics {
+        tessera_worker::cli::check_output_file(path, "--metrics").map_err(Failure::Usage)?;
+    }
+    if let Some(dir) = &options.trace {
+        tessera_worker::cli::check_output_dir(dir, "--trace").map_err(Failure::Usage)?;
+    }
+    if !cluster {
+        tessera_worker::cli::check_checkpoint_dir(config).map_err(Failure::Usage)?;
     }
     let token = if cluster {
         token_from_env(
@@ -156,7 +181,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
             mesh: layout.mesh,
             device: config.cluster.device,
             backend: config.cluster.backend,
-            planned_device_bytes: layout.planned.clone(),
+            planned: layout.planned.clone(),
             collective_timeout: config.watchdog.collective_timeout,
             rendezvous_timeout: config.watchdog.rendezvous_timeout,
             heartbeat: config.watchdog.heartbeat,
@@ -212,7 +237,8 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     // After every worker's output has been relayed and the bar is gone.
     progress.finish();
     let (steps, measured) = outcome?;
-    print_memory(&layout.mesh, &layout.planned, &measured);
+    let device: Vec<u64> = layout.planned.iter().map(|r| r.device).collect();
+    print_memory(&layout.mesh, &device, &measured);
     if let Some(dir) = &options.trace {
         println!(
             "traces: {}/rank-*.json (open in ui.perfetto.dev or chrome://tracing)",
@@ -284,8 +310,9 @@ fn attempt(
     let coordinator = Coordinator::start(runtime, localhost, spec, events)
         .context("cannot start the coordinator on 127.0.0.1")?;
     progress.status(&format!(
-        "coordinator on {}; starting {world} workers",
-        coordinator.address
+        "coordinator on {}; starting {world} worker{}",
+        coordinator.address,
+        if world == 1 { "" } else { "s" }
     ));
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -418,7 +445,7 @@ fn cluster_attempt(
             let reshape = reshape.map(|(smaller, _)| Reshape {
                 mesh: smaller.mesh,
                 config_sets: smaller.sets,
-                planned_device_bytes: smaller.planned,
+                planned: smaller.planned,
             });
             let reshaped = reshape.is_some();
             head.attempt = head
@@ -444,13 +471,14 @@ fn cluster_attempt(
             let token = spec.token.clone();
             let (events, received) = mpsc::channel();
             let listen = options.listen.unwrap_or(DEFAULT_LISTEN.into());
-            let coordinator =
-                Coordinator::start(runtime, listen, spec, events).with_context(|| {
-                    format!(
-                        "cannot listen on {listen} for the node agents; choose another address \
-                         with --listen"
-                    )
-                })?;
+            // A port in use (or an address this machine lacks) fails every attempt alike:
+            // the command line must change, no restart can help.
+            let coordinator = Coordinator::start(runtime, listen, spec, events).map_err(|e| {
+                Failure::usage(format!(
+                    "cannot listen on {listen} for the node agents: {e}\n  help: choose another \
+                     address or port with --listen ADDR:PORT"
+                ))
+            })?;
             progress.status(&format!(
                 "coordinator on {}: waiting for {nodes} node agent{} (on each node: launch \
                  agent --coordinator THIS_HOST:{}, with this TESSERA_TOKEN)",
@@ -524,23 +552,33 @@ struct ClusterJob<'a> {
     hosts: Option<&'a [Host]>,
 }
 
-/// The layout a run trains with: its `--set` overrides, mesh and each rank's planned device
-/// bytes. A restart on fewer nodes makes a smaller one.
+/// The layout a run trains with: its `--set` overrides, mesh and what each rank plans to
+/// allocate. A restart on fewer nodes makes a smaller one.
 #[derive(Debug, Clone)]
 struct Layout {
     sets: Vec<String>,
     mesh: Mesh,
-    planned: Vec<u64>,
+    planned: Vec<RankBytes>,
 }
 
-/// What each worker of `config` must allocate: the arena its plan lays out (checked again by
-/// the worker).
-fn planned_bytes(config: &tessera_plan::Config) -> Vec<u64> {
+/// What each worker of `config` must allocate: the arenas its plan lays out (the device one
+/// is checked again by the worker).
+fn planned_bytes(config: &tessera_plan::Config) -> Vec<RankBytes> {
     let plan = MemoryPlan::new(config);
     (0..config.parallel.world_size())
         .map(|rank| {
-            let stage = plan.rank(rank).expect("invariant: rank < world");
-            ArenaLayout::new(stage).bytes(Place::Device) as u64
+            let layout = ArenaLayout::new(plan.rank(rank).expect("invariant: rank < world"));
+            let (device, host) = (
+                layout.bytes(Place::Device) as u64,
+                layout.bytes(Place::Host) as u64,
+            );
+            RankBytes {
+                device,
+                host_memory: match config.cluster.device {
+                    Device::Cpu => device + host,
+                    Device::Cuda => host,
+                },
+            }
         })
         .collect()
 }
@@ -691,10 +729,14 @@ fn supervise(
     // When each rank last beat (from its first beat on), and whether it said it finished.
     let mut heard: Vec<Option<Instant>> = vec![None; fleet.ranks()];
     let mut finished = vec![false; fleet.ranks()];
+    // The rendezvous: every rank registered (the coordinator fails it itself once a worker
+    // waits at its barrier; this covers a run whose node agents never all came).
+    let started = Instant::now();
+    let mut joined = false;
     loop {
         // Read before this round's events: the ranks' last beats reach the channel before they
         // exit, so once every rank had exited, this round's events hold every beat.
-        let all_exited = fleet.all_exited();
+        let (all_exited, none_running) = (fleet.all_exited(), !fleet.any_running());
         while let Ok(event) = events.try_recv() {
             fleet.observe(&event);
             if let Event::Beat(beat) = &event {
@@ -748,6 +790,7 @@ fn supervise(
                     }
                 }
                 Event::RendezvousComplete => {
+                    joined = true;
                     progress.status(&format!("all {} ranks joined; training", fleet.ranks()));
                 }
                 Event::NodeRefused { reason } if stopping.is_none() => {
@@ -793,13 +836,21 @@ fn supervise(
             stopping = Some((
                 Stop::Failed(
                     format!(
-                        "{} {}{}; stopped the other ranks",
+                        "{} {}{}{}{}",
                         fleet.describe(cause),
                         blame.how(cause),
                         if last_step > 0 {
                             format!(" after step {last_step}")
                         } else {
                             String::new()
+                        },
+                        blame
+                            .error(cause)
+                            .map_or(String::new(), |e| format!(": {e}")),
+                        if fleet.ranks() > 1 {
+                            "; stopped the other ranks"
+                        } else {
+                            ""
                         }
                     ),
                     Some(cause),
@@ -838,6 +889,44 @@ fn supervise(
             signalled = true;
         }
 
+        if stopping.is_none()
+            && !joined
+            && started.elapsed() > watchdog.rendezvous_timeout + RENDEZVOUS_GRACE
+        {
+            let nodes = coordinator.nodes();
+            let live: Vec<String> = nodes
+                .iter()
+                .filter(|n| !n.lost)
+                .map(|n| format!("{} ({})", n.hostname, n.address))
+                .collect();
+            let expected = coordinator.expected_nodes();
+            let agents = if options.listen.is_some() || expected > 1 || !nodes.is_empty() {
+                format!(
+                    "; {} of {expected} node agents registered{}",
+                    live.len(),
+                    if live.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", live.join(", "))
+                    }
+                )
+            } else {
+                String::new()
+            };
+            stopping = Some((
+                Stop::Failed(
+                    format!(
+                        "the rendezvous did not complete within {:.0?} (watchdog.rendezvous_timeout): \
+                         {} never registered{agents}",
+                        watchdog.rendezvous_timeout,
+                        describe_ranks(&coordinator.missing())
+                    ),
+                    None,
+                ),
+                Instant::now(),
+            ));
+        }
+
         if let Some((Stop::Failed(reason, _), _)) = &stopping
             && !announced
         {
@@ -850,8 +939,8 @@ fn supervise(
         let gave_up = stopping
             .as_ref()
             .is_some_and(|(_, since)| since.elapsed() > GRACE + GIVE_UP);
-        let refused = matches!(stopping, Some((Stop::Refused(_), _)));
-        if all_exited || gave_up || refused && !fleet.any_running() {
+        // A remote rank whose node never registered never ran: nothing to wait for.
+        if all_exited || gave_up || stopping.is_some() && none_running {
             return match stopping {
                 None => Ok(last_step),
                 Some((Stop::Refused(message), _)) => Err(Failure::DoesNotFit(message)),

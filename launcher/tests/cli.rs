@@ -271,9 +271,26 @@ fn bad_files_exit_2_with_what_where_and_how() {
             "is not UTF-8 text (invalid byte at offset",
         ),
         (&deep, "model"),
+        // Endless, and 0 bytes long as far as its metadata says: the read itself is bounded.
+        ("/dev/zero", "holds more than 1048576 bytes"),
     ] {
         let output = fails(&["--config", path, "--dry-run"], 2, expected);
         assert!(stderr(&output).starts_with("error: "), "{path}");
+        // An excerpt, not the whole 20 KB line.
+        assert!(stderr(&output).len() < 1000, "{path}: {}", stderr(&output));
+    }
+}
+
+#[test]
+fn dry_run_flags_without_dry_run_are_refused_with_the_fix() {
+    for (flags, named) in [
+        (&["--format", "json"][..], "--format"),
+        (&["--svg", "plan.svg"][..], "--svg"),
+        (&["--rank", "3"][..], "--rank"),
+    ] {
+        let output = fails(flags, 2, &format!("{named} is a --dry-run option"));
+        assert_contains(&stderr(&output), &["add --dry-run"]);
+        assert!(output.stdout.is_empty(), "nothing started");
     }
 }
 
@@ -549,4 +566,74 @@ fn a_cuda_run_with_a_head_size_the_kernels_lack_is_a_config_error() {
         "{message}"
     );
     assert!(!message.contains("[rank "), "no worker started: {message}");
+}
+
+#[test]
+fn a_run_refuses_before_any_worker_what_its_dry_run_refuses() {
+    let scratch = Scratch::new("run-does-not-fit");
+    let checkpoints = format!("checkpoint.dir={}", scratch.0.join("ckpt").display());
+    let set = ["--set", "cluster.gpu_memory=8MiB", "--set", &checkpoints];
+    let dry = fails(&[&["--dry-run"], &set[..]].concat(), 3, "does not fit: ");
+    let run = fails(&set, 3, "does not fit: ");
+    let last_line = |output: &Output| stderr(output).lines().last().unwrap_or("").to_string();
+    assert_eq!(
+        last_line(&run),
+        last_line(&dry),
+        "the dry-run's own message"
+    );
+    assert_contains(
+        &stderr(&run),
+        &["what would fit (each change planned exactly):"],
+    );
+    // Nothing started: no coordinator, no worker, no checkpoint directory.
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(!stdout.contains("coordinator on"), "{stdout}");
+    assert!(!scratch.0.join("ckpt").exists());
+}
+
+#[test]
+fn a_cpu_run_whose_arenas_exceed_the_available_memory_is_refused_naming_the_machine() {
+    // 8 ranks of up to 9.33 GiB each: more than any machine this runs on but a large server.
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m
+                .lines()
+                .find(|l| l.starts_with("MemAvailable:"))?
+                .to_string();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0);
+    if available * 1024 > 74 << 30 {
+        eprintln!("skipped: this machine has more memory available than the test's arenas");
+        return;
+    }
+    let scratch = Scratch::new("run-beyond-memory");
+    let checkpoints = format!("checkpoint.dir={}", scratch.0.join("ckpt").display());
+    // 8 ranks of a hidden-8192 model: a few GiB each, more than this machine has, with a
+    // device size that lets the plan itself fit.
+    let output = fails(
+        &[
+            "--set",
+            "model.hidden=8192",
+            "--set",
+            "model.heads=64",
+            "--set",
+            "model.ffn_hidden=32768",
+            "--set",
+            "cluster.gpu_memory=1TiB",
+            "--set",
+            &checkpoints,
+        ],
+        3,
+        "this machine has ",
+    );
+    assert_contains(
+        &stderr(&output),
+        &[
+            "of memory available (MemAvailable), but its 8 ranks plan ",
+            "help: ",
+        ],
+    );
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("coordinator on"));
 }

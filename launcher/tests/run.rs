@@ -989,3 +989,176 @@ fn the_manifest_maps_every_global_tensor_to_its_shards() {
         "every kind of split is covered"
     );
 }
+
+/// A failure no restart can mend: `launch` with `sets` and restart.max=2 exits `status` with
+/// `expected` in its error, trying once (no "restart 1 of" anywhere).
+fn fails_without_restarting(
+    scratch: &Scratch,
+    sets: &[&str],
+    status: i32,
+    expected: &str,
+    prepare: impl FnOnce(&mut Command),
+) -> String {
+    let mut command = launch(scratch, &[sets, &["restart.max=2"]].concat(), &[]);
+    prepare(&mut command);
+    let out = output(command);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(status), "{stdout}\n{stderr}");
+    assert!(stderr.contains(expected), "{expected:?} not in:\n{stderr}");
+    assert!(
+        !stdout.contains("restart 1 of") && !stderr.contains("restart 1 of"),
+        "a deterministic failure is not restarted:\n{stdout}\n{stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn a_bad_data_shard_keeps_its_class_and_is_not_restarted() {
+    let scratch = Scratch::new("bad-shard");
+    let shard = scratch.path("train.bin");
+    std::fs::write(&shard, vec![7u8; 4096]).unwrap();
+    let path = format!("data.path={}", shard.display());
+    let stderr = fails_without_restarting(
+        &scratch,
+        &["data.kind=tokens", &path, "parallel.data=2"],
+        2,
+        &shard.display().to_string(),
+        |_| {},
+    );
+    // The rank whose own error it is comes first, with that error.
+    let error = stderr.lines().find(|l| l.starts_with("error: ")).unwrap();
+    assert!(error.contains("exited with status 2: "), "{stderr}");
+}
+
+#[test]
+fn an_arena_that_cannot_be_allocated_keeps_its_class_and_is_not_restarted() {
+    use nix::sys::resource::{Resource, setrlimit};
+    use std::os::unix::process::CommandExt as _;
+    let scratch = Scratch::new("no-arena");
+    // One rank of a 3 GiB arena under a 2 GiB address-space limit: the plan fits the device
+    // and the machine's memory, but the allocation is refused.
+    let sets = [
+        "parallel.data=1",
+        "cluster.gpus_per_node=1",
+        "model.hidden=2048",
+        "model.heads=16",
+        "model.ffn_hidden=8192",
+        "cluster.gpu_memory=64GiB",
+    ];
+    fails_without_restarting(&scratch, &sets, 3, "exited with status 3: ", |command| {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                setrlimit(Resource::RLIMIT_AS, 2 << 30, 2 << 30).map_err(std::io::Error::from)
+            });
+        }
+    });
+}
+
+#[test]
+fn a_listen_port_in_use_is_a_usage_error_said_once() {
+    let scratch = Scratch::new("port-in-use");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let stderr = fails_without_restarting(
+        &scratch,
+        &[],
+        2,
+        &format!("cannot listen on {address} for the node agents"),
+        |command| {
+            command
+                .args(["--listen", &address])
+                .env("TESSERA_TOKEN", "0123456789abcdef0123456789abcdef");
+        },
+    );
+    assert_eq!(stderr.matches("cannot listen on").count(), 1, "{stderr}");
+}
+
+#[test]
+fn an_unwritable_checkpoint_dir_is_found_before_training() {
+    let scratch = Scratch::new("ckpt-file");
+    let file = scratch.path("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let dir = format!("checkpoint.dir={}", file.display());
+    let mut command = launch(&scratch, &[&dir, "checkpoint.every=1"], &[]);
+    let out = output({
+        command.stdout(Stdio::piped());
+        command
+    });
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "checkpoint.dir {}: is a file, not a directory",
+            file.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !text(&out.stdout).contains("coordinator on"),
+        "nothing started"
+    );
+}
+
+#[test]
+fn a_head_whose_agents_never_come_gives_up_at_the_rendezvous_timeout_and_refused_calls_are_throttled()
+ {
+    use std::io::BufRead as _;
+    let scratch = Scratch::new("no-agents");
+    let sets = ["watchdog.rendezvous_timeout=3", "restart.max=0"];
+    let mut command = launch(&scratch, &sets, &[]);
+    command
+        .args(["--listen", "127.0.0.1:0"])
+        .env("TESSERA_TOKEN", "0123456789abcdef0123456789abcdef")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = command.spawn().unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines = stdout.lines();
+    let address = loop {
+        let line = lines
+            .next()
+            .expect("the head says where it listens")
+            .unwrap();
+        if let Some(rest) = line.split("coordinator on ").nth(1) {
+            break rest.split(':').take(2).collect::<Vec<_>>().join(":");
+        }
+    };
+    // A client without the token calls the coordinator 300 times.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = tessera_proto::client(channel, "not-the-token-of-this-run").unwrap();
+        for _ in 0..300 {
+            let refused = client
+                .register_agent(tessera_proto::v1::AgentHello::default())
+                .await;
+            assert!(refused.is_err());
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    let elapsed = started.elapsed();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "the rendezvous did not complete within 3s (watchdog.rendezvous_timeout): ranks 0, 1 \
+             never registered; 0 of 1 node agents registered"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(8),
+        "gave up after {elapsed:?}"
+    );
+    let refused = stderr.matches("refused a call").count();
+    assert!((1..=5).contains(&refused), "{refused} lines: {stderr}");
+}

@@ -9,7 +9,7 @@
 use std::ffi::OsString;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -185,6 +185,75 @@ fn compile_kernels(arch: Option<&str>, cache: Option<&std::path::Path>) -> Resul
     Ok(())
 }
 
+/// A directory the run writes into (`--trace`), made now: a file in its place, or a folder it
+/// may not write, is found before training instead of after it.
+pub fn check_output_dir(path: &Path, flag: &str) -> Result<(), String> {
+    if path.exists() && !path.is_dir() {
+        return Err(format!(
+            "{flag} {} is a file, but names the directory to write into\n  help: pass a \
+             directory (it is made if missing), e.g. {flag} traces/",
+            path.display()
+        ));
+    }
+    std::fs::create_dir_all(path)
+        .map_err(|e| format!("{flag} {}: cannot make the directory: {e}", path.display()))?;
+    probe(path).map_err(|e| format!("{flag} {}: cannot write into it: {e}", path.display()))
+}
+
+/// A file the command writes (`--metrics`, `--out`): not a directory, in a directory that
+/// exists.
+pub fn check_output_file(path: &Path, flag: &str) -> Result<(), String> {
+    if path.is_dir() {
+        return Err(format!(
+            "{flag} {} is a directory; name the file to write, e.g. {flag} {}",
+            path.display(),
+            path.join("out.safetensors").display()
+        ));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(format!(
+            "{flag} {}: the directory {} does not exist\n  help: make it first (mkdir -p {})",
+            path.display(),
+            parent.display(),
+            parent.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether checkpoints can be written to `config`'s checkpoint.dir (made if missing), checked
+/// before training: a directory that cannot be written would otherwise be found at the first
+/// save, possibly hours in.
+pub fn check_checkpoint_dir(config: &Config) -> Result<(), String> {
+    if config.checkpoint.every == 0 {
+        return Ok(());
+    }
+    let dir = Path::new(&config.checkpoint.dir);
+    let fail = |what: String| {
+        format!(
+            "checkpoint.dir {}: {what}\n  help: point checkpoint.dir at a writable directory \
+             (--set checkpoint.dir=PATH), or turn checkpoints off with --set checkpoint.every=0",
+            dir.display()
+        )
+    };
+    if dir.exists() && !dir.is_dir() {
+        return Err(fail("is a file, not a directory".into()));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot make the directory: {e}")))?;
+    probe(dir).map_err(|e| fail(format!("cannot write into it: {e}")))
+}
+
+/// Creates and removes a file in `dir`.
+fn probe(dir: &Path) -> std::io::Result<()> {
+    let path = dir.join(format!(".tessera-write-test-{}", std::process::id()));
+    std::fs::write(&path, b"")?;
+    std::fs::remove_file(&path)
+}
+
 fn usage(error: impl ToString) -> Stop {
     Stop {
         code: 2,
@@ -223,19 +292,13 @@ fn run(cli: &Cli) -> Result<(), Stop> {
         .as_ref()
         .ok_or_else(|| usage("--config FILE is required"))?;
     let shown = path.display();
-    let bytes =
-        std::fs::read(path).map_err(|e| usage(format!("cannot read config file {shown}: {e}")))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        usage(format!(
-            "config file {shown} is not UTF-8 text (invalid byte at offset {})",
-            e.utf8_error().valid_up_to()
-        ))
-    })?;
+    let text = crate::config_file::read(path).map_err(usage)?;
     let config = Config::from_yaml(&shown.to_string(), &text, &cli.sets).map_err(usage)?;
     for warning in &config.warnings {
         eprintln!("warning: {warning}");
     }
     train::check_single_rank(&config).map_err(failure)?;
+
     if config.cluster.device == Device::Cuda {
         crate::tensor::cuda::check_config(&config).map_err(failure)?;
     }
@@ -273,6 +336,15 @@ fn train_alone<B: Backend>(
     layout: &ArenaLayout,
     backend: B,
 ) -> Result<(), Stop> {
+    // What the run will write, checked before it trains (after the device is known to work:
+    // the checks make missing directories).
+    if let Some(dir) = &cli.trace {
+        check_output_dir(dir, "--trace").map_err(usage)?;
+    }
+    if let Some(file) = &cli.metrics {
+        check_output_file(file, "--metrics").map_err(usage)?;
+    }
+    check_checkpoint_dir(&config).map_err(usage)?;
     let steps = config.training.steps;
     let mut rank = Rank::new(config, backend).map_err(failure)?;
     rank.trace = cli.trace.as_ref().map(|_| Trace::new(0));
@@ -416,6 +488,11 @@ fn launched(cli: &Cli, env: &LaunchEnv, control: &mut Control) -> Result<Beat, S
     control
         .start_heartbeat(env.rank, last.clone(), config.watchdog.heartbeat)
         .map_err(runtime_error)?;
+    // Every rank writes its own checkpoint file and trace: each checks where, before training.
+    if let Some(dir) = &cli.trace {
+        check_output_dir(dir, "--trace").map_err(usage)?;
+    }
+    check_checkpoint_dir(&config).map_err(usage)?;
     // Ranks share the node's GPUs round-robin (one each when there are enough; several ranks
     // on one GPU talk over TCP staged through the host).
     let gpu = match config.cluster.device {

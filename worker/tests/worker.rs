@@ -373,3 +373,48 @@ fn bad_data_exits_2_naming_the_file_and_offset() {
     );
     assert!(err.contains("999"), "{err}");
 }
+
+#[test]
+fn output_paths_are_checked_before_training() {
+    let scratch = Scratch::new("outputs");
+    let file = scratch.path("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let config = repo("configs/tiny-cpu.yaml");
+    let checkpoints = format!("checkpoint.dir={}", scratch.path("ckpt").display());
+    let sets = [&ONE_RANK[..], &[checkpoints.as_str(), "training.steps=2"]].concat();
+    let cases: [(Vec<String>, Vec<&str>, String); 3] = [
+        (
+            vec!["--trace".into(), file.display().to_string()],
+            vec![],
+            format!("--trace {} is a file", file.display()),
+        ),
+        (
+            vec![
+                "--metrics".into(),
+                scratch.path("no/such/dir/m.jsonl").display().to_string(),
+            ],
+            vec![],
+            "does not exist".into(),
+        ),
+        (
+            vec![],
+            vec!["checkpoint.every=1"],
+            format!("checkpoint.dir {}: is a file", file.display()),
+        ),
+    ];
+    for (extra, more_sets, expected) in cases {
+        let mut all_sets = sets.clone();
+        let in_place = format!("checkpoint.dir={}", file.display());
+        if !more_sets.is_empty() {
+            all_sets.push(&in_place);
+            all_sets.extend(more_sets);
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let output = run(worker(&config, &all_sets, &extra));
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{message}");
+        assert!(message.contains(&expected), "{expected:?} not in {message}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(!stdout.contains("step "), "nothing trained: {stdout}");
+    }
+}

@@ -73,18 +73,19 @@ impl fmt::Display for Issue {
             } => {
                 write!(f, "{path}:{line}:{column}: {key}{}", self.message)?;
                 let gutter = line.to_string().len();
-                let caret_pad: String = line_text
+                let (excerpt, caret) = excerpt(line_text, column.saturating_sub(1) as usize);
+                let caret_pad: String = excerpt
                     .chars()
-                    .take(column.saturating_sub(1) as usize)
+                    .take(caret)
                     .map(|c| if c == '\t' { '\t' } else { ' ' })
                     .collect();
                 write!(
                     f,
-                    "\n{:gutter$} |\n{line} | {line_text}\n{:gutter$} | {caret_pad}^",
+                    "\n{:gutter$} |\n{line} | {excerpt}\n{:gutter$} | {caret_pad}^",
                     "", ""
                 )?;
             }
-            Origin::Set { arg } => write!(f, "--set {arg}: {key}{}", self.message)?,
+            Origin::Set { arg } => write!(f, "--set {}: {key}{}", excerpt(arg, 0).0, self.message)?,
             Origin::Default { path } => write!(
                 f,
                 "{path}: {key}{} (not set in the file: default used)",
@@ -97,6 +98,33 @@ impl fmt::Display for Issue {
         }
         Ok(())
     }
+}
+
+/// Characters of a source line shown on each side of the column: a line of a config is a few
+/// dozen characters, and one of 100 KB (a generated file, a binary) must not flood the terminal.
+const EXCERPT_SIDE: usize = 60;
+
+/// At most `2 * EXCERPT_SIDE` characters of `text` around character `column`, with `...` where
+/// it was cut, and the column's position in the excerpt.
+fn excerpt(text: &str, column: usize) -> (String, usize) {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= 2 * EXCERPT_SIDE {
+        return (text.to_string(), column);
+    }
+    let column = column.min(chars.len());
+    let start = column.saturating_sub(EXCERPT_SIDE);
+    let end = (start + 2 * EXCERPT_SIDE).min(chars.len());
+    let mut out = String::new();
+    let mut caret = column - start;
+    if start > 0 {
+        out.push_str("...");
+        caret += 3;
+    }
+    out.extend(&chars[start..end]);
+    if end < chars.len() {
+        out.push_str("...");
+    }
+    (out, caret)
 }
 
 /// The candidate closest to `word`, if it is close enough to be what the user meant.
@@ -139,6 +167,42 @@ mod tests {
             text,
             "c.yaml:12:9: parallel.data: must be at least 1, got 0\n   |\n12 |   data: 0\n   |         ^\n  help: use 1 to turn data parallelism off"
         );
+    }
+
+    #[test]
+    fn a_long_line_is_cut_around_the_column_with_the_caret_in_place() {
+        let line_text = format!("model: {}bad{}", "x".repeat(50_000), "y".repeat(50_000));
+        let column = 8 + 50_000;
+        let issue = Issue {
+            origin: Origin::File {
+                path: "c.yaml".into(),
+                line: 1,
+                column: column as u64,
+                line_text,
+            },
+            key: "model".into(),
+            message: "must be a mapping".into(),
+            help: None,
+        };
+        let text = issue.to_string();
+        assert!(text.len() < 400, "{} bytes", text.len());
+        let lines: Vec<&str> = text.lines().collect();
+        let (shown, caret) = (lines[2], lines[3]);
+        assert!(
+            shown.starts_with("1 | ...x") && shown.ends_with("y..."),
+            "{shown}"
+        );
+        let at = caret.find('^').unwrap();
+        assert_eq!(&shown[at..at + 3], "bad", "{shown}\n{caret}");
+        let set = Issue {
+            origin: Origin::Set {
+                arg: format!("data.path={}", "z".repeat(10_000)),
+            },
+            key: "data.path".into(),
+            message: "is too long".into(),
+            help: None,
+        };
+        assert!(set.to_string().len() < 200);
     }
 
     #[test]

@@ -443,6 +443,29 @@ pub(crate) fn override_document(arg: &str) -> Result<String, ReadError> {
             Some(format!("for example --set {key}=2")),
         ));
     }
+    // YAML reads a leading `*` as an alias, `&` as an anchor, `!` as a tag; `|` and `>` open a
+    // block, and `%`, `@` and a backquote are reserved. In a one-line override none of them is
+    // meant that way (`data.path=*.bin` is a glob), so say how to write the value as text.
+    let value = value.trim();
+    if let Some(first) = value.chars().next()
+        && let Some(means) = match first {
+            '*' => Some("an alias"),
+            '&' => Some("an anchor"),
+            '!' => Some("a tag"),
+            '|' | '>' => Some("the start of a block of lines"),
+            '%' | '@' | '`' => Some("a reserved character"),
+            _ => None,
+        }
+    {
+        return Err(problem(
+            key,
+            format!("the value `{value}` starts with `{first}`, which YAML reads as {means}"),
+            Some(format!(
+                "quote the value inside the shell's quotes: --set '{key}=\"{}\"'",
+                value.replace('\\', "\\\\").replace('"', "\\\"")
+            )),
+        ));
+    }
     let mut document = String::new();
     for (depth, segment) in segments.iter().enumerate() {
         document.push_str(&"  ".repeat(depth));
@@ -453,7 +476,7 @@ pub(crate) fn override_document(arg: &str) -> Result<String, ReadError> {
         }
     }
     document.push(' ');
-    document.push_str(value.trim());
+    document.push_str(value);
     document.push('\n');
     Ok(document)
 }

@@ -754,3 +754,33 @@ fn one_node_may_run_fewer_ranks_than_it_has_devices_with_a_warning() {
         "{message}"
     );
 }
+
+#[test]
+fn a_set_value_yaml_would_read_as_an_alias_anchor_or_tag_says_to_quote_it() {
+    for (value, means) in [
+        ("*.bin", "an alias"),
+        ("&x", "an anchor"),
+        ("!bin", "a tag"),
+    ] {
+        let set = format!("data.path={value}");
+        let message = load_with(MINIMAL, &[set.as_str()]).unwrap_err().to_string();
+        assert!(
+            message.contains(&format!(
+                "starts with `{}`, which YAML reads as {means}",
+                &value[..1]
+            )),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("--set 'data.path=\"{value}\"'")),
+            "{message}"
+        );
+    }
+    let quoted = load_with(MINIMAL, &["data.kind=tokens", "data.path=\"*.bin\""]).unwrap();
+    assert_eq!(
+        quoted.data,
+        crate::config::Data::Tokens {
+            path: "*.bin".into()
+        }
+    );
+}
