@@ -96,8 +96,10 @@ pub enum Command {
     /// worker per rank, relays their output prefixed `[rank N]`, reports their exits, and stops
     /// them when the coordinator says so or when it loses the coordinator. It reports the
     /// node's GPUs and their free memory: a CUDA run refuses a node that cannot hold its share.
-    /// TESSERA_TOKEN must hold the same secret on every node and on the head. Exits 0 when all
-    /// its workers finished, 1 otherwise.
+    /// TESSERA_TOKEN must hold the same secret on every node and on the head. When the head's
+    /// config has cluster.tls, give the agent this node's certificate too (--tls-ca, --tls-cert,
+    /// --tls-key, as `launch certs` made them); its workers get them in TESSERA_TLS_CA,
+    /// TESSERA_TLS_CERT and TESSERA_TLS_KEY. Exits 0 when all its workers finished, 1 otherwise.
     Agent(AgentArgs),
 
     /// Make a CA and a certificate per host for TLS on the control plane (cluster.tls).
@@ -161,6 +163,18 @@ pub struct AgentArgs {
     /// Kernel threads per CPU worker [default: this node's cores divided among its workers].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+
+    /// With TLS (the head's cluster.tls): the CA certificate (ca.pem of `launch certs`).
+    #[arg(long, value_name = "FILE", env = "TESSERA_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+
+    /// With TLS: this node's certificate (HOST.pem), which the agent and its workers present.
+    #[arg(long, value_name = "FILE", env = "TESSERA_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// With TLS: this node's private key (HOST-key.pem).
+    #[arg(long, value_name = "FILE", env = "TESSERA_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -18,6 +18,7 @@ use tessera_plan::bytes::format_size;
 use tessera_plan::config::{Device, Watchdog};
 use tessera_plan::memory::{MemoryPlan, Place};
 use tessera_plan::mesh::Mesh;
+use tessera_proto::tls::{Setting, Tls, TlsFiles};
 use tessera_worker::arena::ArenaLayout;
 use tessera_worker::checkpoint;
 
@@ -90,6 +91,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     // Validated before anything starts.
     let hosts = hostfile::read(config)?;
     let cluster = config.cluster.nodes > 1 || options.listen.is_some() || hosts.is_some();
+    let tls = head_tls(config, cluster, options.listen)?;
     if config.cluster.device == Device::Cuda
         && let Err(e) = tessera_worker::tensor::cuda::check_config(config)
     {
@@ -164,6 +166,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
             // Each attempt's own: its collective connections cannot meet the last one's.
             run_id: random_hex(4)?,
             token: token.clone(),
+            tls: tls.clone(),
         };
         let result = if cluster {
             cluster_attempt(
@@ -278,6 +281,7 @@ fn attempt(
     let world = spec.mesh.world_size();
     let token = spec.token.clone();
     let spec_args = spec.worker_args.clone();
+    let tls = spec.tls.clone();
     let (events, received) = mpsc::channel();
     let localhost = "127.0.0.1:0".parse().expect("invariant: a valid address");
     let coordinator = Coordinator::start(runtime, localhost, spec, events)
@@ -295,7 +299,7 @@ fn attempt(
     let mut outcome = Ok(0);
     let mut measured = vec![None; world];
     for rank in 0..world {
-        let env = vec![
+        let mut env = vec![
             ("RANK".into(), rank.to_string()),
             ("WORLD_SIZE".into(), world.to_string()),
             ("LOCAL_RANK".into(), rank.to_string()),
@@ -308,6 +312,11 @@ fn attempt(
             ),
             ("TESSERA_TOKEN".into(), token.clone()),
         ];
+        // They present the head's certificate.
+        env.extend(match &tls {
+            Some(tls) => tls.files().env(),
+            None => TlsFiles::env_off(),
+        });
         let spec = WorkerSpec {
             rank,
             env,
@@ -368,6 +377,39 @@ pub(crate) fn token_from_env(missing: &str) -> Result<String, Failure> {
         Ok(token) if !token.is_empty() => Ok(token),
         _ => Err(Failure::usage(missing)),
     }
+}
+
+/// The head's TLS (`cluster.tls`), read and checked before anything starts. A run on this
+/// machine's workers dial 127.0.0.1, so there the certificate must be valid for it. Without
+/// TLS a run that listens beyond loopback warns that its token crosses the network in plain
+/// text.
+fn head_tls(
+    config: &tessera_plan::Config,
+    cluster: bool,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<Option<Tls>, Failure> {
+    let Some(paths) = &config.cluster.tls else {
+        if cluster && !listen.is_some_and(|a| a.ip().is_loopback()) {
+            eprintln!(
+                "warning: cluster.tls is not set, so the run's token and control messages cross \
+                 the network in plain text (`launch certs --help` says how to turn TLS on)"
+            );
+        }
+        return Ok(None);
+    };
+    let usage = |e: tessera_proto::Error| Failure::usage(e.to_string());
+    let files = TlsFiles {
+        ca: paths.ca.clone().into(),
+        cert: paths.cert.clone().into(),
+        key: paths.key.clone().into(),
+        setting: Setting::Config,
+    };
+    let tls = Tls::load(&files).map_err(usage)?;
+    if !cluster {
+        tls.check_server_name("127.0.0.1", "this machine's workers")
+            .map_err(usage)?;
+    }
+    Ok(Some(tls))
 }
 
 /// The coordinator of a run across nodes, kept from one attempt to the next.
@@ -441,6 +483,7 @@ fn cluster_attempt(
         }
         None => {
             let token = spec.token.clone();
+            let tls = spec.tls.clone();
             let (events, received) = mpsc::channel();
             let listen = options.listen.unwrap_or(DEFAULT_LISTEN.into());
             let coordinator =
@@ -468,12 +511,19 @@ fn cluster_attempt(
                     } else {
                         listen.ip().to_string()
                     };
+                    if let Some(tls) = &tls {
+                        tls.check_server_name(&host, "the agents it starts over ssh")
+                            .map_err(|e| Failure::usage(e.to_string()))?;
+                    }
                     let address = format!("{host}:{}", coordinator.address.port());
                     progress.status(&format!(
                         "starting the agents of {} hosts over ssh (coordinator at {address})",
                         hosts.len()
                     ));
-                    Some(RemoteAgents::start(hosts, &address, &token, progress)?)
+                    let files = tls.as_ref().map(Tls::files);
+                    Some(RemoteAgents::start(
+                        hosts, &address, &token, files, progress,
+                    )?)
                 }
                 None => None,
             };
