@@ -370,11 +370,21 @@ fn worker_args(options: &RunOptions, fresh: bool) -> anyhow::Result<Vec<String>>
     Ok(args)
 }
 
+/// The fewest bytes a shared token may have: 128 bits, which nobody guesses.
+pub(crate) const MIN_TOKEN_BYTES: usize = 16;
+
 /// The secret every node of a run across nodes shares, from TESSERA_TOKEN; `missing` says
-/// what to do when it is unset or empty.
+/// what to do when it is unset or empty. One shorter than [`MIN_TOKEN_BYTES`] is refused.
 pub(crate) fn token_from_env(missing: &str) -> Result<String, Failure> {
     match std::env::var("TESSERA_TOKEN") {
-        Ok(token) if !token.is_empty() => Ok(token),
+        Ok(token) if token.len() >= MIN_TOKEN_BYTES => Ok(token),
+        Ok(token) if !token.is_empty() => Err(Failure::usage(format!(
+            "TESSERA_TOKEN has {} byte{}, but a token needs at least {MIN_TOKEN_BYTES} to be \
+             hard to guess; make one with `export TESSERA_TOKEN=$(openssl rand -hex 16)` and use \
+             it on the head and every node",
+            token.len(),
+            if token.len() == 1 { "" } else { "s" }
+        ))),
         _ => Err(Failure::usage(missing)),
     }
 }

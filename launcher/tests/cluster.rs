@@ -759,7 +759,7 @@ fn a_cuda_run_refuses_agents_without_gpus_before_any_worker_starts() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
     };
-    let token = format!("no-gpus-{}", std::process::id());
+    let token = format!("no-gpus-test-{}", std::process::id());
     let mut args = job_args(&dir, 2, 4, &["cluster.device=cuda", "cluster.backend=tcp"]);
     args.extend(["--listen".into(), format!("127.0.0.1:{port}")]);
     let launch = |args: &[String]| {
