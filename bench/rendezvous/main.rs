@@ -50,6 +50,7 @@ fn main() {
         worker_args: Vec::new(),
         run_id: "bench".into(),
         token: TOKEN.into(),
+        tls: None,
     };
     let localhost = "127.0.0.1:0".parse().expect("an address");
     let coordinator =

@@ -1,4 +1,5 @@
-//! The command line: `launch --config F [--dry-run]` and `launch search`.
+//! The command line: `launch --config F [--dry-run]`, `launch search`, `launch export`,
+//! `launch agent` and `launch certs`.
 
 use std::path::PathBuf;
 
@@ -95,9 +96,53 @@ pub enum Command {
     /// worker per rank, relays their output prefixed `[rank N]`, reports their exits, and stops
     /// them when the coordinator says so or when it loses the coordinator. It reports the
     /// node's GPUs and their free memory: a CUDA run refuses a node that cannot hold its share.
-    /// TESSERA_TOKEN must hold the same secret on every node and on the head. Exits 0 when all
-    /// its workers finished, 1 otherwise.
+    /// TESSERA_TOKEN must hold the same secret on every node and on the head. When the head's
+    /// config has cluster.tls, give the agent this node's certificate too (--tls-ca, --tls-cert,
+    /// --tls-key, as `launch certs` made them); its workers get them in TESSERA_TLS_CA,
+    /// TESSERA_TLS_CERT and TESSERA_TLS_KEY. Exits 0 when all its workers finished, 1 otherwise.
     Agent(AgentArgs),
+
+    /// Make a CA and a certificate per host for TLS on the control plane (cluster.tls).
+    ///
+    /// Without TLS the run's token and every control message cross the network in plain text.
+    /// With it the coordinator accepts only clients that present a certificate of this CA,
+    /// and agents and workers accept only a coordinator whose certificate the CA made for the
+    /// name they dial. Writes into DIR: ca.pem (the CA certificate every node trusts),
+    /// ca-key.pem (the CA's key: it only makes certificates, keep it off the cluster), and
+    /// for each host HOST.pem and HOST-key.pem. Keys are written with mode 0600.
+    ///
+    /// List each host as the others reach it: a host name or an IP address (the head's as in
+    /// `launch agent --coordinator HEAD:PORT`); `localhost` also covers 127.0.0.1 and ::1, for
+    /// a run on one machine. Every certificate serves as server and client certificate. Then:
+    ///
+    ///   head:       cluster: {tls: {ca: DIR/ca.pem, cert: DIR/HEAD.pem, key: DIR/HEAD-key.pem}}
+    ///
+    ///   each node:  launch agent --coordinator HEAD:29400 --tls-ca DIR/ca.pem --tls-cert
+    ///               DIR/NODE.pem --tls-key DIR/NODE-key.pem
+    ///
+    /// On Slurm put DIR on the shared filesystem; on Kubernetes make it a Secret mounted into
+    /// the pods (README: "TLS"). An existing non-empty DIR is refused unless --force.
+    Certs(CertsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// The directory to write the files to (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// The head and every node, comma-separated, as the others reach them: host names or IP
+    /// addresses.
+    #[arg(long, value_name = "HOST,...", value_delimiter = ',', required = true)]
+    pub hosts: Vec<String>,
+
+    /// Days the certificates are valid.
+    #[arg(long, value_name = "DAYS", default_value_t = 365)]
+    pub days: u32,
+
+    /// Write into a non-empty DIR, replacing files of the same names.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +163,18 @@ pub struct AgentArgs {
     /// Kernel threads per CPU worker [default: this node's cores divided among its workers].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+
+    /// With TLS (the head's cluster.tls): the CA certificate (ca.pem of `launch certs`).
+    #[arg(long, value_name = "FILE", env = "TESSERA_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+
+    /// With TLS: this node's certificate (HOST.pem), which the agent and its workers present.
+    #[arg(long, value_name = "FILE", env = "TESSERA_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// With TLS: this node's private key (HOST-key.pem).
+    #[arg(long, value_name = "FILE", env = "TESSERA_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,9 @@
 //! the supervisor sends [`Command`]s back with [`Coordinator::broadcast`].
 //!
 //! Every call must carry the run's token (`authorization: Bearer <token>`); one without it is
-//! refused with UNAUTHENTICATED and reported as [`Event::Refused`].
+//! refused with UNAUTHENTICATED and reported as [`Event::Refused`]. With `cluster.tls` the
+//! server speaks only TLS and requires a client certificate of the run's CA: a connection
+//! without one is dropped at the handshake and reported the same way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tessera_plan::config::{Backend, Device};
 use tessera_plan::mesh::Mesh;
+use tessera_proto::tls::Tls;
 use tessera_proto::v1::coordinator_server::{Coordinator as Service, CoordinatorServer};
 use tessera_proto::v1::{Abort, Ack, NcclId, NcclIdRequest, Restart};
 use tessera_proto::v1::{
@@ -53,6 +56,9 @@ pub struct JobSpec {
     pub worker_args: Vec<String>,
     pub run_id: String,
     pub token: String,
+    /// TLS with mutual authentication (cluster.tls): the coordinator serves only clients with
+    /// a certificate of the CA. None: plain text.
+    pub tls: Option<Tls>,
 }
 
 /// What the supervisor hears from the coordinator.
@@ -86,7 +92,8 @@ pub enum Event {
     NodeRefused {
         reason: String,
     },
-    /// A call without the run's token.
+    /// A call without the run's token, or (with TLS) a connection without a certificate of
+    /// the run's CA.
     Refused {
         peer: Option<SocketAddr>,
     },
@@ -525,6 +532,105 @@ pub fn describe_ranks(ranks: &[u32]) -> String {
     }
 }
 
+/// How long a client may take over its TLS handshake before its connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `router` on the connections of `incoming` until `stop`.
+async fn serve<IO, E>(
+    router: tonic::transport::server::Router,
+    incoming: impl tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
+    stop: impl std::future::Future<Output = ()> + Send,
+) where
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let served = router.serve_with_incoming_shutdown(incoming, stop).await;
+    if let Err(e) = served {
+        eprintln!("error: the coordinator stopped serving: {e}");
+    }
+}
+
+type TlsConnection = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// The TLS connections of `listener`: each handshake runs on its own task (a slow client holds
+/// up no other), and one that fails (no certificate, one of another CA, not TLS at all) is
+/// dropped, logged and reported as [`Event::Refused`]. Accepting stops once the server drops
+/// the stream.
+fn tls_incoming(
+    runtime: &tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    shared: Arc<Shared>,
+) -> ReceiverStream<std::io::Result<TlsConnection>> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let (connections, incoming) = mpsc::channel(16);
+    runtime.spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = connections.closed() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((tcp, peer)) = accepted else {
+                // Out of file descriptors and the like: try again shortly.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let (acceptor, connections, shared) =
+                (acceptor.clone(), connections.clone(), shared.clone());
+            tokio::spawn(async move {
+                let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(connection)) => {
+                        let _ = connections.send(Ok(connection)).await;
+                        return;
+                    }
+                    // Closed before a byte was sent: a probe of the port (an agent finds its
+                    // address towards the coordinator so), no client.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
+                    Ok(Err(e)) => refusal(&e),
+                    Err(_) => format!("no TLS handshake within {HANDSHAKE_TIMEOUT:.0?}"),
+                };
+                eprintln!("warning: refused a connection from {peer}: {why}");
+                shared.send(Event::Refused { peer: Some(peer) });
+            });
+        }
+    });
+    ReceiverStream::new(incoming)
+}
+
+/// Why a client's TLS handshake failed, in words.
+fn refusal(error: &std::io::Error) -> String {
+    let tls = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => {
+            "it does not speak TLS: an agent or worker without its node's TLS files (--tls-*), \
+             or not tessera at all"
+                .into()
+        }
+        Some(rustls::Error::NoCertificatesPresented) => {
+            "it presented no certificate; agents and workers present their node's certificate \
+             of the run's CA (launch agent --tls-cert)"
+                .into()
+        }
+        Some(rustls::Error::InvalidCertificate(why)) => {
+            format!("its certificate is not one the run's CA made ({why:?})")
+        }
+        Some(rustls::Error::AlertReceived(alert)) => format!(
+            "it refused this coordinator's certificate ({alert:?}): does it trust this run's \
+             ca.pem, and dial a name the head's certificate holds?"
+        ),
+        _ => error.to_string(),
+    }
+}
+
 impl Coordinator {
     /// Starts serving on `bind` (port 0: any free port) on `runtime`; events go to `events`.
     pub fn start(
@@ -582,18 +688,20 @@ impl Coordinator {
             check,
         );
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-        let incoming = TcpListenerStream::new(listener);
-        let server = runtime.spawn(async move {
-            let served = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stop.await;
-                })
-                .await;
-            if let Err(e) = served {
-                eprintln!("error: the coordinator stopped serving: {e}");
+        let stop = async {
+            let _ = stop.await;
+        };
+        let router = tonic::transport::Server::builder().add_service(service);
+        let server = match &shared.spec.tls {
+            None => runtime.spawn(serve(router, TcpListenerStream::new(listener), stop)),
+            Some(tls) => {
+                let config = tls
+                    .server_config()
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let incoming = tls_incoming(runtime, listener, config, shared.clone());
+                runtime.spawn(serve(router, incoming, stop))
             }
-        });
+        };
         Ok(Coordinator {
             shared,
             address,
@@ -798,6 +906,7 @@ pub(crate) mod tests {
             worker_args: Vec::new(),
             run_id: "run".into(),
             token: "secret".into(),
+            tls: None,
         }
     }
 
@@ -1109,6 +1218,7 @@ pub(crate) mod tests {
             rank: 1,
             world_size: 2,
             local_rank: 1,
+            tls: None,
         };
         let mut control =
             tessera_worker::control::Control::connect(&env, Duration::from_secs(5)).unwrap();

@@ -3,8 +3,9 @@
 //! node (`#` starts a comment); there must be `cluster.nodes` hosts of `cluster.gpus_per_node`
 //! slots. Each host runs the same `launch` path in the same directory as the head (a shared
 //! filesystem, or the same install everywhere), and gets the run's token on its standard
-//! input, never on a command line. TESSERA_SSH replaces `ssh` (e.g. with a wrapper that adds
-//! options, or pdsh-like tools that take `HOST COMMAND`).
+//! input, never on a command line. With `cluster.tls` the agents present the head's
+//! certificate, from the same paths on their hosts. TESSERA_SSH replaces `ssh` (e.g. with a
+//! wrapper that adds options, or pdsh-like tools that take `HOST COMMAND`).
 
 use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
@@ -13,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
 use tessera_plan::Config;
+use tessera_proto::tls::TlsFiles;
 
 use crate::agent::relay;
 use crate::exit::Failure;
@@ -98,23 +100,34 @@ pub struct RemoteAgents {
 }
 
 impl RemoteAgents {
-    /// Starts `launch agent --coordinator COORDINATOR` on every host.
+    /// Starts `launch agent --coordinator COORDINATOR` on every host; with `tls`, each agent
+    /// presents the head's certificate, read at the same paths on its host.
     pub fn start(
         hosts: &[Host],
         coordinator: &str,
         token: &str,
+        tls: Option<&TlsFiles>,
         progress: &Progress,
     ) -> anyhow::Result<RemoteAgents> {
         let ssh = std::env::var("TESSERA_SSH").unwrap_or_else(|_| "ssh".into());
         let launch = std::env::current_exe().context("cannot find the launcher's own path")?;
         let here = std::env::current_dir().context("cannot read the current directory")?;
-        let remote = format!(
+        let mut remote = format!(
             "IFS= read -r TESSERA_TOKEN && export TESSERA_TOKEN && cd {} && exec {} agent \
              --coordinator {}",
             quote(&here.display().to_string()),
             quote(&launch.display().to_string()),
             quote(coordinator)
         );
+        if let Some(tls) = tls {
+            for ((_, path), flag) in tls
+                .env()
+                .iter()
+                .zip(["--tls-ca", "--tls-cert", "--tls-key"])
+            {
+                remote.push_str(&format!(" {flag} {}", quote(path)));
+            }
+        }
         let mut sessions = Vec::new();
         for host in hosts {
             let mut command = Command::new(&ssh);

@@ -4,13 +4,15 @@
 //!
 //! `--dry-run` prints every rank's exact memory plan (table, JSON or SVG) and `search` ranks
 //! the layouts that fit; the logic lives in `tessera-plan`. Without `--dry-run`, `run` starts
-//! the gRPC `coordinator`, spawns and watches the workers (`agent`) and shows `progress`.
+//! the gRPC `coordinator`, spawns and watches the workers (`agent`) and shows `progress`;
+//! `certs` makes the CA and node certificates of TLS on the control plane (`cluster.tls`).
 //! The workers are this same binary (`launch worker`, the code of `tessera_worker::cli`), so
 //! one executable is all a machine needs. `exit.rs` maps outcomes to exit statuses.
 
 pub mod agent;
 pub mod blame;
 pub mod capacity;
+pub mod certs;
 pub mod cli;
 pub mod config_file;
 pub mod coordinator;

@@ -43,6 +43,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Search(args)) => search::run(&args),
         Some(Command::Export(args)) => export(&args),
         Some(Command::Agent(args)) => tessera_launcher::node::run_agent(&args),
+        Some(Command::Certs(args)) => tessera_launcher::certs::run(&args),
         None => {
             let loaded = config_file::load(cli.job.config.as_deref(), &cli.job.sets)?;
             for warning in &loaded.config.warnings {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
 use tessera_proto::Client;
+use tessera_proto::tls::{Setting, Tls, TlsFiles};
 use tessera_proto::v1::{AgentBeat, AgentHello, Restart, WorkerExit, command};
 
 use crate::agent::{Worker, WorkerSpec, describe_status};
@@ -34,6 +35,19 @@ pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
     let token = token_from_env(
         "set TESSERA_TOKEN to the secret the head node's `launch` was started with",
     )?;
+    let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let files = TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                setting: Setting::Flags,
+            };
+            Some(Tls::load(&files).map_err(|e| Failure::usage(e.to_string()))?)
+        }
+        // clap requires all three or none.
+        _ => None,
+    };
     catch_signals()?;
     let patience = Duration::from_secs(args.wait.max(1));
     let comm_host = match &args.host {
@@ -46,7 +60,7 @@ pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("cannot start the agent's runtime")?;
-    let mut client = runtime.block_on(connect(&args.coordinator, &token, None))?;
+    let mut client = runtime.block_on(connect(&args.coordinator, &token, tls.as_ref(), None))?;
     let hostname = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -65,11 +79,23 @@ pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
             available_memory_bytes: crate::capacity::available_memory().unwrap_or(0),
         }))
         .map_err(|s| {
-            Failure::Runtime(anyhow::anyhow!(
-                "the coordinator at {} refused this node: {}",
-                args.coordinator,
-                s.message()
-            ))
+            use tonic::Code;
+            // The coordinator refuses with a reason; anything else broke the connection.
+            let refused = !matches!(s.code(), Code::Internal | Code::Unavailable | Code::Unknown);
+            Failure::Runtime(if refused {
+                anyhow::anyhow!(
+                    "the coordinator at {} refused this node: {}",
+                    args.coordinator,
+                    s.message()
+                )
+            } else {
+                anyhow::anyhow!(
+                    "the coordinator at {} did not answer: {}{}",
+                    args.coordinator,
+                    s.message(),
+                    tls_hint(tls.is_some())
+                )
+            })
         })?
         .into_inner();
     let node = assignment.node;
@@ -92,8 +118,12 @@ pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
     let patience = Duration::from_millis(assignment.heartbeat_timeout_ms.max(1).into());
     // Its own connection, with keepalive pings, so that a coordinator that went silent (its
     // node left the network) is noticed like one that closed the connection.
-    let lifeline_client =
-        runtime.block_on(connect(&args.coordinator, &token, Some((every, patience))))?;
+    let lifeline_client = runtime.block_on(connect(
+        &args.coordinator,
+        &token,
+        tls.as_ref(),
+        Some((every, patience)),
+    ))?;
     open_lifeline(&runtime, lifeline_client, node, every, lifeline)?;
 
     let (coordinator_host, coordinator_port) = args
@@ -113,6 +143,11 @@ pub fn run_agent(args: &AgentArgs) -> Result<(), Failure> {
         ("TESSERA_COORDINATOR".into(), args.coordinator.clone()),
         ("TESSERA_TOKEN".into(), token.clone()),
     ]);
+    // The workers present the node's certificate too.
+    node_env.extend(match &tls {
+        Some(tls) => tls.files().env(),
+        None => TlsFiles::env_off(),
+    });
     let mut share = Share {
         node,
         ranks: assignment.ranks.clone(),
@@ -368,14 +403,15 @@ fn local_address_towards(coordinator: &str, patience: Duration) -> Result<String
     }
 }
 
-/// A client of the coordinator; with `keepalive` (interval, timeout) the connection pings
-/// and fails once a ping goes unanswered for the timeout.
+/// A client of the coordinator, over TLS with `tls`; with `keepalive` (interval, timeout) the
+/// connection pings and fails once a ping goes unanswered for the timeout.
 async fn connect(
     coordinator: &str,
     token: &str,
+    tls: Option<&Tls>,
     keepalive: Option<(Duration, Duration)>,
 ) -> Result<Client, Failure> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{coordinator}"))
+    let mut endpoint = tessera_proto::tls::endpoint(coordinator, tls)
         .map_err(|e| Failure::usage(format!("--coordinator {coordinator}: {e}")))?
         .connect_timeout(Duration::from_secs(5));
     if let Some((interval, timeout)) = keepalive {
@@ -386,11 +422,26 @@ async fn connect(
     }
     let channel = endpoint.connect().await.map_err(|e| {
         Failure::Runtime(anyhow::anyhow!(
-            "cannot connect to the coordinator at {coordinator}: {e}"
+            "cannot connect to the coordinator at {coordinator}: {}{}",
+            tessera_proto::error_chain(&e),
+            tls_hint(tls.is_some())
         ))
     })?;
     tessera_proto::client(channel, token)
         .ok_or_else(|| Failure::usage("TESSERA_TOKEN must be printable ASCII"))
+}
+
+/// What to check when a coordinator that is reachable breaks the connection: most often one
+/// end has TLS and the other not, or their certificates are of different CAs.
+fn tls_hint(tls: bool) -> &'static str {
+    if tls {
+        "; if the head runs without cluster.tls, start this agent without --tls-*; else check \
+         that the head's certificate and this node's come from one `launch certs`, the head's \
+         for the name in --coordinator"
+    } else {
+        "; if the head's config sets cluster.tls, give this agent the node's certificate \
+         (--tls-ca, --tls-cert, --tls-key)"
+    }
 }
 
 /// Opens the AgentChannel: beats every `every`, and forwards Abort commands and the loss of

@@ -18,6 +18,7 @@ use tessera_plan::bytes::format_size;
 use tessera_plan::config::{Device, Watchdog};
 use tessera_plan::memory::{MemoryPlan, Place};
 use tessera_plan::mesh::Mesh;
+use tessera_proto::tls::{Setting, Tls, TlsFiles};
 use tessera_worker::arena::ArenaLayout;
 use tessera_worker::checkpoint;
 
@@ -94,6 +95,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     // Validated before anything starts.
     let hosts = hostfile::read(config)?;
     let cluster = config.cluster.nodes > 1 || options.listen.is_some() || hosts.is_some();
+    let tls = head_tls(config, cluster, options.listen)?;
     if config.cluster.device == Device::Cuda
         && let Err(e) = tessera_worker::tensor::cuda::check_config(config)
     {
@@ -190,6 +192,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
             // Each attempt's own: its collective connections cannot meet the last one's.
             run_id: random_hex(4)?,
             token: token.clone(),
+            tls: tls.clone(),
         };
         let result = if cluster {
             cluster_attempt(
@@ -305,6 +308,7 @@ fn attempt(
     let world = spec.mesh.world_size();
     let token = spec.token.clone();
     let spec_args = spec.worker_args.clone();
+    let tls = spec.tls.clone();
     let (events, received) = mpsc::channel();
     let localhost = "127.0.0.1:0".parse().expect("invariant: a valid address");
     let coordinator = Coordinator::start(runtime, localhost, spec, events)
@@ -323,7 +327,7 @@ fn attempt(
     let mut outcome = Ok(0);
     let mut measured = vec![None; world];
     for rank in 0..world {
-        let env = vec![
+        let mut env = vec![
             ("RANK".into(), rank.to_string()),
             ("WORLD_SIZE".into(), world.to_string()),
             ("LOCAL_RANK".into(), rank.to_string()),
@@ -336,6 +340,11 @@ fn attempt(
             ),
             ("TESSERA_TOKEN".into(), token.clone()),
         ];
+        // They present the head's certificate.
+        env.extend(match &tls {
+            Some(tls) => tls.files().env(),
+            None => TlsFiles::env_off(),
+        });
         let spec = WorkerSpec {
             rank,
             env,
@@ -389,13 +398,56 @@ fn worker_args(options: &RunOptions, fresh: bool) -> anyhow::Result<Vec<String>>
     Ok(args)
 }
 
+/// The fewest bytes a shared token may have: 128 bits, which nobody guesses.
+pub(crate) const MIN_TOKEN_BYTES: usize = 16;
+
 /// The secret every node of a run across nodes shares, from TESSERA_TOKEN; `missing` says
-/// what to do when it is unset or empty.
+/// what to do when it is unset or empty. One shorter than [`MIN_TOKEN_BYTES`] is refused.
 pub(crate) fn token_from_env(missing: &str) -> Result<String, Failure> {
     match std::env::var("TESSERA_TOKEN") {
-        Ok(token) if !token.is_empty() => Ok(token),
+        Ok(token) if token.len() >= MIN_TOKEN_BYTES => Ok(token),
+        Ok(token) if !token.is_empty() => Err(Failure::usage(format!(
+            "TESSERA_TOKEN has {} byte{}, but a token needs at least {MIN_TOKEN_BYTES} to be \
+             hard to guess; make one with `export TESSERA_TOKEN=$(openssl rand -hex 16)` and use \
+             it on the head and every node",
+            token.len(),
+            if token.len() == 1 { "" } else { "s" }
+        ))),
         _ => Err(Failure::usage(missing)),
     }
+}
+
+/// The head's TLS (`cluster.tls`), read and checked before anything starts. A run on this
+/// machine's workers dial 127.0.0.1, so there the certificate must be valid for it. Without
+/// TLS a run that listens beyond loopback warns that its token crosses the network in plain
+/// text.
+fn head_tls(
+    config: &tessera_plan::Config,
+    cluster: bool,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<Option<Tls>, Failure> {
+    let Some(paths) = &config.cluster.tls else {
+        if cluster && !listen.is_some_and(|a| a.ip().is_loopback()) {
+            eprintln!(
+                "warning: cluster.tls is not set, so the run's token and control messages cross \
+                 the network in plain text (`launch certs --help` says how to turn TLS on)"
+            );
+        }
+        return Ok(None);
+    };
+    let usage = |e: tessera_proto::Error| Failure::usage(e.to_string());
+    let files = TlsFiles {
+        ca: paths.ca.clone().into(),
+        cert: paths.cert.clone().into(),
+        key: paths.key.clone().into(),
+        setting: Setting::Config,
+    };
+    let tls = Tls::load(&files).map_err(usage)?;
+    if !cluster {
+        tls.check_server_name("127.0.0.1", "this machine's workers")
+            .map_err(usage)?;
+    }
+    Ok(Some(tls))
 }
 
 /// The coordinator of a run across nodes, kept from one attempt to the next.
@@ -469,6 +521,7 @@ fn cluster_attempt(
         }
         None => {
             let token = spec.token.clone();
+            let tls = spec.tls.clone();
             let (events, received) = mpsc::channel();
             let listen = options.listen.unwrap_or(DEFAULT_LISTEN.into());
             // A port in use (or an address this machine lacks) fails every attempt alike:
@@ -497,12 +550,19 @@ fn cluster_attempt(
                     } else {
                         listen.ip().to_string()
                     };
+                    if let Some(tls) = &tls {
+                        tls.check_server_name(&host, "the agents it starts over ssh")
+                            .map_err(|e| Failure::usage(e.to_string()))?;
+                    }
                     let address = format!("{host}:{}", coordinator.address.port());
                     progress.status(&format!(
                         "starting the agents of {} hosts over ssh (coordinator at {address})",
                         hosts.len()
                     ));
-                    Some(RemoteAgents::start(hosts, &address, &token, progress)?)
+                    let files = tls.as_ref().map(Tls::files);
+                    Some(RemoteAgents::start(
+                        hosts, &address, &token, files, progress,
+                    )?)
                 }
                 None => None,
             };

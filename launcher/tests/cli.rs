@@ -637,3 +637,52 @@ fn a_cpu_run_whose_arenas_exceed_the_available_memory_is_refused_naming_the_mach
     );
     assert!(!String::from_utf8_lossy(&output.stdout).contains("coordinator on"));
 }
+
+/// `launch ARGS` with TESSERA_TOKEN=`token`, killed if it runs past 30 s (a head that accepts
+/// the token waits for agents).
+fn with_token(token: &str, args: &[&str]) -> Output {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("launcher/ has a parent");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .args(args)
+        .current_dir(repo)
+        .env_remove("TESSERA_CONFIG")
+        .env_remove("TESSERA_COORDINATOR")
+        .env("TESSERA_TOKEN", token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("launch runs");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("launch is waited for").is_none()
+        && start.elapsed() < std::time::Duration::from_secs(30)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait_with_output().expect("launch ends")
+}
+
+#[test]
+fn a_token_under_16_bytes_is_refused_on_the_head_and_the_agent_with_how_to_make_one() {
+    let head = ["--set", "training.steps=1", "--listen", "127.0.0.1:0"];
+    let agent = ["agent", "--coordinator", "127.0.0.1:1", "--wait", "1"];
+    for args in [&head[..], &agent[..]] {
+        let output = with_token("abc", args);
+        let message = stderr(&output);
+        assert_eq!(code(&output), 2, "{args:?}: {message}");
+        assert_contains(
+            &message,
+            &[
+                "TESSERA_TOKEN has 3 bytes",
+                "at least 16",
+                "export TESSERA_TOKEN=$(openssl rand -hex 16)",
+            ],
+        );
+    }
+    // 16 bytes pass the check: the agent then fails to reach the coordinator (status 1).
+    let output = with_token("0123456789abcdef", &agent);
+    assert_eq!(code(&output), 1, "{}", stderr(&output));
+    assert!(stderr(&output).contains("cannot reach the coordinator"));
+}

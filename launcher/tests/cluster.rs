@@ -77,7 +77,10 @@ impl Nodes {
             .current_dir(repo())
             .env("TESSERA_TOKEN", &self.token)
             .env_remove("TESSERA_COORDINATOR")
-            .env_remove("TESSERA_CONFIG");
+            .env_remove("TESSERA_CONFIG")
+            .env_remove("TESSERA_TLS_CA")
+            .env_remove("TESSERA_TLS_CERT")
+            .env_remove("TESSERA_TLS_KEY");
         command
     }
 
@@ -102,7 +105,13 @@ impl Nodes {
     }
 
     fn agent(&self, i: usize, port: u16) -> Child {
-        self.launch(
+        self.agent_with(i, port, None)
+    }
+
+    /// Node `i`'s agent; with `certs` (what [`make_certs`] wrote) it presents node `i`'s
+    /// certificate, given in the environment as a job's script would.
+    fn agent_with(&self, i: usize, port: u16, certs: Option<&Path>) -> Child {
+        let mut command = self.launch(
             i,
             &[
                 "agent".into(),
@@ -111,11 +120,19 @@ impl Nodes {
                 "--threads".into(),
                 "1".into(),
             ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("an agent starts")
+        );
+        if let Some(certs) = certs {
+            let address = &self.addresses[i];
+            command
+                .env("TESSERA_TLS_CA", certs.join("ca.pem"))
+                .env("TESSERA_TLS_CERT", certs.join(format!("{address}.pem")))
+                .env("TESSERA_TLS_KEY", certs.join(format!("{address}-key.pem")));
+        }
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("an agent starts")
     }
 }
 
@@ -193,6 +210,9 @@ fn one_node_losses(dir: &Path, steps: u64, sets: &[&str]) -> Vec<(u64, f64)> {
         .args(job_args(dir, 1, steps, sets))
         .current_dir(repo())
         .env_remove("TESSERA_TOKEN")
+        .env_remove("TESSERA_TLS_CA")
+        .env_remove("TESSERA_TLS_CERT")
+        .env_remove("TESSERA_TLS_KEY")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -256,8 +276,25 @@ fn port() -> u16 {
 
 /// The head in node 0's namespace and an agent in each; `steps` steps of the job.
 fn start(nodes: &Nodes, scratch: &Path, steps: u64, extra: &[&str]) -> (Child, [Child; 2]) {
+    start_with(nodes, scratch, steps, extra, None)
+}
+
+/// [`start`], over TLS with `certs` (what [`make_certs`] wrote).
+fn start_with(
+    nodes: &Nodes,
+    scratch: &Path,
+    steps: u64,
+    extra: &[&str],
+    certs: Option<&Path>,
+) -> (Child, [Child; 2]) {
     let port = port();
-    let mut head_args = job_args(scratch, 2, steps, extra);
+    let tls = certs.map_or(Vec::new(), |certs| tls_sets(certs, &nodes.addresses[0]));
+    let extra: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain(tls.iter().map(String::as_str))
+        .collect();
+    let mut head_args = job_args(scratch, 2, steps, &extra);
     head_args.extend(["--listen".into(), format!("{}:{port}", nodes.addresses[0])]);
     let head = nodes
         .launch(0, &head_args)
@@ -265,7 +302,43 @@ fn start(nodes: &Nodes, scratch: &Path, steps: u64, extra: &[&str]) -> (Child, [
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    (head, [nodes.agent(0, port), nodes.agent(1, port)])
+    (
+        head,
+        [
+            nodes.agent_with(0, port, certs),
+            nodes.agent_with(1, port, certs),
+        ],
+    )
+}
+
+/// `launch certs` for the two nodes' addresses, into `dir/certs`.
+fn make_certs(nodes: &Nodes, dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    let out = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .arg("certs")
+        .arg("--out")
+        .arg(&certs)
+        .arg("--hosts")
+        .arg(nodes.addresses.join(","))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    certs
+}
+
+/// The head's `--set`s for its certificate of `certs` as `host`.
+fn tls_sets(certs: &Path, host: &str) -> Vec<String> {
+    vec![
+        format!("cluster.tls.ca={}", certs.join("ca.pem").display()),
+        format!(
+            "cluster.tls.cert={}",
+            certs.join(format!("{host}.pem")).display()
+        ),
+        format!(
+            "cluster.tls.key={}",
+            certs.join(format!("{host}-key.pem")).display()
+        ),
+    ]
 }
 
 /// Processes of `nodes`' run still alive (they carry its token in their environment).
@@ -389,14 +462,33 @@ fn a_cut_link_fails_the_run_naming_the_unreachable_rank_and_nothing_is_left_runn
 
 #[test]
 fn a_job_across_two_namespaces_trains_like_one_node() {
-    let Some(nodes) = Nodes::new("t") else { return };
-    let single = scratch("single");
+    trains_like_one_node("t", false);
+}
+
+#[test]
+fn a_job_across_two_namespaces_trains_like_one_node_over_tls() {
+    trains_like_one_node("l", true);
+}
+
+/// The job on two nodes, over TLS with `tls` (each agent and its workers presenting their
+/// node's certificate), against the same job on one node.
+fn trains_like_one_node(tag: &str, tls: bool) {
+    let Some(nodes) = Nodes::new(tag) else { return };
+    let single = scratch(&format!("{tag}-single"));
     let reference = one_node_losses(&single, 6, &[]);
 
-    let two = scratch("two");
-    let (head, agents) = start(&nodes, &two, 6, &[]);
+    let two = scratch(&format!("{tag}-two"));
+    let certs = tls.then(|| make_certs(&nodes, &two));
+    let (head, agents) = start_with(&nodes, &two, 6, &[], certs.as_deref());
     let out = wait_with_limit(head, Duration::from_secs(120));
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    // Every connection was a client of the CA; without TLS the head says what that risks.
+    assert!(!stderr.contains("refused a connection"), "{stderr}");
+    assert_eq!(
+        stderr.contains("warning: cluster.tls is not set"),
+        !tls,
+        "{stderr}"
+    );
     let agent_logs: Vec<String> = agents
         .into_iter()
         .map(|a| {
@@ -574,8 +666,19 @@ fn after_a_cut_link_is_mended_a_new_agent_resumes_the_run_from_its_last_checkpoi
 
 #[test]
 fn a_hostfile_makes_the_head_start_an_agent_on_every_host() {
-    let Some(nodes) = Nodes::new("h") else { return };
-    let dir = scratch("hostfile");
+    hostfile_run("h", false);
+}
+
+#[test]
+fn a_hostfile_run_over_tls_gives_the_agents_it_starts_the_heads_certificate() {
+    hostfile_run("f", true);
+}
+
+/// The head starts both agents over (a stand-in for) ssh, with `tls` on or off.
+fn hostfile_run(tag: &str, tls: bool) {
+    let Some(nodes) = Nodes::new(tag) else { return };
+    let dir = scratch(&format!("hostfile-{tag}"));
+    let certs = tls.then(|| make_certs(&nodes, &dir));
     // An `ssh HOST COMMAND` that enters HOST's namespace instead of logging in to it.
     let ssh = dir.join("fake-ssh");
     let cases: String = (0..2)
@@ -602,12 +705,12 @@ fn a_hostfile_makes_the_head_start_an_agent_on_every_host() {
     )
     .unwrap();
 
-    let mut args = job_args(
-        &dir,
-        2,
-        4,
-        &[&format!("cluster.hostfile={}", hosts.display())],
-    );
+    let mut sets = vec![format!("cluster.hostfile={}", hosts.display())];
+    if let Some(certs) = &certs {
+        sets.extend(tls_sets(certs, &nodes.addresses[0]));
+    }
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let mut args = job_args(&dir, 2, 4, &sets);
     args.extend([
         "--listen".into(),
         format!("{}:{}", nodes.addresses[0], port()),
@@ -628,6 +731,7 @@ fn a_hostfile_makes_the_head_start_an_agent_on_every_host() {
         stdout.contains("starting the agents of 2 hosts over ssh"),
         "{stdout}"
     );
+    assert!(!stderr.contains("refused a connection"), "{stderr}");
     for address in &nodes.addresses {
         assert!(
             stdout.contains(&format!(", {address}): ranks")),
@@ -655,7 +759,7 @@ fn a_cuda_run_refuses_agents_without_gpus_before_any_worker_starts() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
     };
-    let token = format!("no-gpus-{}", std::process::id());
+    let token = format!("no-gpus-test-{}", std::process::id());
     let mut args = job_args(&dir, 2, 4, &["cluster.device=cuda", "cluster.backend=tcp"]);
     args.extend(["--listen".into(), format!("127.0.0.1:{port}")]);
     let launch = |args: &[String]| {

@@ -135,51 +135,81 @@ impl Drop for Slurm {
 }
 
 #[test]
-fn the_slurm_script_trains_the_tiny_job_through_sbatch() {
+fn the_slurm_script_trains_the_tiny_job_through_sbatch_in_plain_text_and_over_tls() {
     if !root() {
         eprintln!("skipped: starting slurmctld and slurmd needs root");
         return;
     }
     let slurm = Slurm::start();
-    let output = slurm.dir.join("job.out");
     let port = 29_000 + (std::process::id() % 400) as u16;
-    let out = slurm
-        .command("sbatch")
-        .arg("--wait")
-        .arg(format!("--output={}", output.display()))
-        .arg(format!("--chdir={}", repo().display()))
-        .arg("deploy/slurm/tessera.sbatch")
-        .arg("configs/tiny-cpu.yaml")
-        .args(["--set", "parallel.data=2", "--set", "parallel.tensor=1"])
-        .args([
-            "--set",
-            "parallel.pipeline=1",
-            "--set",
-            "cluster.gpus_per_node=2",
-        ])
-        .args(["--set", "training.steps=3", "--threads", "1"])
-        .arg("--set")
-        .arg(format!(
-            "checkpoint.dir={}",
-            slurm.dir.join("ckpt").display()
-        ))
-        .current_dir(repo())
-        .env("TESSERA_LAUNCH", env!("CARGO_BIN_EXE_launch"))
-        .env("TESSERA_PORT", port.to_string())
-        .env_remove("TESSERA_TOKEN")
+    // The node as Slurm names it (and as the agents dial the head).
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    let certs = slurm.dir.join("certs");
+    let made = Command::new(env!("CARGO_BIN_EXE_launch"))
+        .arg("certs")
+        .arg("--out")
+        .arg(&certs)
+        .args(["--hosts", &host])
         .output()
-        .expect("sbatch runs");
-    let log = std::fs::read_to_string(&output).unwrap_or_default();
+        .expect("launch certs runs");
     assert!(
-        out.status.success(),
-        "{}\n{log}",
-        String::from_utf8_lossy(&out.stderr)
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
     );
-    assert!(
-        log.contains("node 0 of 1"),
-        "an agent started by srun: {log}"
-    );
-    assert!(log.contains("done: 3 steps on 2 ranks"), "{log}");
+    for tls in [false, true] {
+        let output = slurm.dir.join(format!("job-{tls}.out"));
+        let mut sbatch = slurm.command("sbatch");
+        sbatch
+            .arg("--wait")
+            .arg(format!("--output={}", output.display()))
+            .arg(format!("--chdir={}", repo().display()))
+            .arg("deploy/slurm/tessera.sbatch")
+            .arg("configs/tiny-cpu.yaml")
+            .args(["--set", "parallel.data=2", "--set", "parallel.tensor=1"])
+            .args([
+                "--set",
+                "parallel.pipeline=1",
+                "--set",
+                "cluster.gpus_per_node=2",
+            ])
+            .args(["--set", "training.steps=3", "--threads", "1"])
+            .arg("--set")
+            .arg(format!(
+                "checkpoint.dir={}",
+                slurm.dir.join(format!("ckpt-{tls}")).display()
+            ))
+            .current_dir(repo())
+            .env("TESSERA_LAUNCH", env!("CARGO_BIN_EXE_launch"))
+            .env("TESSERA_PORT", port.to_string())
+            .env_remove("TESSERA_TOKEN")
+            .env_remove("TESSERA_TLS_CA")
+            .env_remove("TESSERA_TLS_CERT")
+            .env_remove("TESSERA_TLS_KEY");
+        if tls {
+            sbatch.env("TESSERA_TLS_DIR", &certs);
+        } else {
+            sbatch.env_remove("TESSERA_TLS_DIR");
+        }
+        let out = sbatch.output().expect("sbatch runs");
+        let log = std::fs::read_to_string(&output).unwrap_or_default();
+        assert!(
+            out.status.success(),
+            "tls {tls}: {}\n{log}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            log.contains("node 0 of 1"),
+            "an agent started by srun: {log}"
+        );
+        assert!(log.contains("done: 3 steps on 2 ranks"), "{log}");
+        assert_eq!(
+            log.contains("warning: cluster.tls is not set"),
+            !tls,
+            "{log}"
+        );
+        assert!(!log.contains("refused a connection"), "{log}");
+    }
 }
 
 /// `kubernetes-validate` in a venv under target/tmp, installed on first use.

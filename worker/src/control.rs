@@ -1,6 +1,8 @@
 //! The worker's side of the control plane: register with the coordinator, wait at the
 //! rendezvous for the assignment, then stream one heartbeat per step and obey the
-//! coordinator's commands.
+//! coordinator's commands. With TESSERA_TLS_CA, TESSERA_TLS_CERT and TESSERA_TLS_KEY (the
+//! node's files, from its agent or a local `launch` with `cluster.tls`) the link is TLS, the
+//! worker presenting the node's certificate and checking the coordinator's.
 //!
 //! gRPC runs on a small tokio runtime of its own; the training loop stays synchronous and only
 //! hands beats to a channel. If the heartbeat stream breaks before the run is finished, the
@@ -19,7 +21,7 @@ use tokio_stream::StreamExt as _;
 use crate::comm::Group;
 use crate::comm::nccl::NcclId;
 use crate::trace::LastCollective;
-use tonic::transport::Endpoint;
+use tessera_proto::tls::{Tls, TlsFiles};
 
 /// Where the launcher told this worker to find the coordinator (the environment of
 /// DESIGN.md).
@@ -30,11 +32,14 @@ pub struct LaunchEnv {
     pub rank: u32,
     pub world_size: u32,
     pub local_rank: u32,
+    /// The node's TLS files (TESSERA_TLS_CA, TESSERA_TLS_CERT, TESSERA_TLS_KEY) when the
+    /// coordinator speaks TLS.
+    pub tls: Option<TlsFiles>,
 }
 
 impl LaunchEnv {
-    /// Reads TESSERA_COORDINATOR, TESSERA_TOKEN, RANK, WORLD_SIZE and LOCAL_RANK; `None`
-    /// when TESSERA_COORDINATOR is unset (the worker runs alone).
+    /// Reads TESSERA_COORDINATOR, TESSERA_TOKEN, RANK, WORLD_SIZE, LOCAL_RANK and the
+    /// TESSERA_TLS_* files; `None` when TESSERA_COORDINATOR is unset (the worker runs alone).
     pub fn from_env() -> Result<Option<LaunchEnv>, String> {
         let Ok(coordinator) = std::env::var("TESSERA_COORDINATOR") else {
             return Ok(None);
@@ -58,6 +63,7 @@ impl LaunchEnv {
             rank: number("RANK")?,
             world_size: number("WORLD_SIZE")?,
             local_rank: number("LOCAL_RANK").unwrap_or(0),
+            tls: TlsFiles::from_env().map_err(|e| e.to_string())?,
         }))
     }
 }
@@ -88,14 +94,12 @@ impl Control {
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start the control-plane runtime: {e}"))?;
-        let url = format!("http://{}", env.coordinator);
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| {
-                format!(
-                    "TESSERA_COORDINATOR={} is not an address: {e}",
-                    env.coordinator
-                )
-            })?
+        let tls = match &env.tls {
+            Some(files) => Some(Tls::load(files).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let endpoint = tessera_proto::tls::endpoint(&env.coordinator, tls.as_ref())
+            .map_err(|e| format!("TESSERA_COORDINATOR: {e}"))?
             .connect_timeout(Duration::from_secs(5));
         let channel = runtime.block_on(async {
             let start = tokio::time::Instant::now();
@@ -104,8 +108,9 @@ impl Control {
                     Ok(channel) => return Ok(channel),
                     Err(e) if start.elapsed() > patience => {
                         return Err(format!(
-                            "cannot reach the coordinator at {} after {patience:.0?}: {e}",
-                            env.coordinator
+                            "cannot reach the coordinator at {} after {patience:.0?}: {}",
+                            env.coordinator,
+                            tessera_proto::error_chain(&e)
                         ));
                     }
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,

@@ -159,6 +159,21 @@ pub struct Cluster {
     /// Fraction of each device kept free: a plan fits when its peak is at most
     /// `gpu_memory * (1 - headroom)`.
     pub headroom: f64,
+    /// TLS with mutual authentication on the control plane; None: plain text.
+    pub tls: Option<Tls>,
+}
+
+/// `cluster.tls:` — the head's PEM files, paths relative to the directory `launch` runs in
+/// (like every path of the config). The launcher reads and checks them; this crate does no I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// The CA certificate every node trusts (`ca.pem` of `launch certs`).
+    pub ca: String,
+    /// The head's certificate (`HOST.pem`): the coordinator presents it, and a run on one
+    /// machine's workers present it too.
+    pub cert: String,
+    /// Its private key (`HOST-key.pem`).
+    pub key: String,
 }
 
 impl Cluster {

@@ -183,14 +183,23 @@ section!(RawData {
     path: String,
 });
 
-section!(RawCluster {
-    nodes: i64,
-    gpus_per_node: i64,
-    gpu_memory: String,
-    backend: String,
-    device: String,
-    hostfile: String,
-    headroom: f64,
+section!(
+    RawCluster {
+        nodes: i64,
+        gpus_per_node: i64,
+        gpu_memory: String,
+        backend: String,
+        device: String,
+        hostfile: String,
+        headroom: f64,
+    }
+    sections { tls: RawTls }
+);
+
+section!(RawTls {
+    ca: String,
+    cert: String,
+    key: String,
 });
 
 section!(RawCheckpoint {

@@ -784,3 +784,56 @@ fn a_set_value_yaml_would_read_as_an_alias_anchor_or_tag_says_to_quote_it() {
         }
     );
 }
+
+#[test]
+fn cluster_tls_takes_three_paths_and_names_a_missing_one_where_the_others_are() {
+    assert_eq!(load(MINIMAL).unwrap().cluster.tls, None);
+    let config = load(&with(
+        "cluster:\n  tls: {ca: certs/ca.pem, cert: certs/head.pem, key: certs/head-key.pem}\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        config.cluster.tls,
+        Some(Tls {
+            ca: "certs/ca.pem".into(),
+            cert: "certs/head.pem".into(),
+            key: "certs/head-key.pem".into(),
+        })
+    );
+    // Line 5 holds the section's ca; the key that is missing is reported there.
+    let message = error(&with(
+        "cluster:\n  tls:\n    ca: certs/ca.pem\n    cert: certs/head.pem\n",
+    ));
+    assert!(
+        message.starts_with("c.yaml:5:9: cluster.tls.key: is required when cluster.tls is set"),
+        "{message}"
+    );
+    assert!(
+        message.contains("help: cluster.tls needs the CA certificate")
+            && message.contains("launch certs --out DIR --hosts HOST"),
+        "{message}"
+    );
+    let message = error(&with("cluster: {tls: {}}\n"));
+    assert!(
+        message.contains("c.yaml: cluster.tls: is empty") && message.contains("remove it"),
+        "{message}"
+    );
+    let message = error(&with("cluster: {tls: {ca: '', cert: c.pem, key: k.pem}}\n"));
+    assert!(
+        message.contains("cluster.tls.ca: must be a path, got an empty one"),
+        "{message}"
+    );
+    let message = error(&with("cluster: {tls: {ca: a, cert: b, key: c, crt: d}}\n"));
+    assert!(message.contains("unknown key `crt`"), "{message}");
+    // --set fills in the section like the file.
+    let config = load_with(
+        MINIMAL,
+        &[
+            "cluster.tls.ca=/tls/ca.pem",
+            "cluster.tls.cert=/tls/n.pem",
+            "cluster.tls.key=/tls/n-key.pem",
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.cluster.tls.unwrap().key, "/tls/n-key.pem");
+}

@@ -11,7 +11,7 @@ use super::issue::{Issue, Origin, Place};
 use super::raw::{self, Leaf, RawConfig, ReadError, Section};
 use super::{
     Arch, Backend, Checkpoint, Choice, Cluster, Config, Data, DataKind, Device, Model, Offload,
-    Optimizer, Parallel, Precision, Recompute, Restart, Schedule, Training, Watchdog, Zero,
+    Optimizer, Parallel, Precision, Recompute, Restart, Schedule, Tls, Training, Watchdog, Zero,
     did_you_mean,
 };
 use crate::bytes::parse_size;
@@ -672,6 +672,7 @@ impl Reader<'_> {
             self.places.insert("cluster.hostfile", leaf.place);
             leaf.value
         });
+        let tls = raw.tls.and_then(|tls| self.tls(tls));
         let headroom = self.number(
             "cluster.headroom",
             raw.headroom,
@@ -708,7 +709,55 @@ impl Reader<'_> {
             device: device?,
             hostfile,
             headroom: headroom?,
+            tls,
         })
+    }
+
+    /// `cluster.tls`: all three files or none, each a path that is not empty.
+    fn tls(&mut self, raw: raw::RawTls) -> Option<Tls> {
+        const KEYS: [&str; 3] = ["cluster.tls.ca", "cluster.tls.cert", "cluster.tls.key"];
+        const HELP: &str = "cluster.tls needs the CA certificate, this node's certificate and its \
+                            key: `tls: {ca: DIR/ca.pem, cert: DIR/HOST.pem, key: DIR/HOST-key.pem}` \
+                            as `launch certs --out DIR --hosts HOST,...` writes them";
+        let leaves = [raw.ca, raw.cert, raw.key];
+        // A missing key is reported where the section's other keys are.
+        let Some(given) = (0..3).find(|&i| leaves[i].is_some()) else {
+            self.issues.push(Issue {
+                origin: self.sources.document(),
+                key: "cluster.tls".into(),
+                message: "is empty".into(),
+                help: Some(format!("{HELP}; or remove it to run without TLS")),
+            });
+            return None;
+        };
+        let mut paths = Vec::new();
+        for (index, leaf) in leaves.into_iter().enumerate() {
+            let key = KEYS[index];
+            match leaf {
+                Some(leaf) => {
+                    self.places.insert(key, leaf.place);
+                    if leaf.value.trim().is_empty() {
+                        self.fail(
+                            key,
+                            "must be a path, got an empty one".into(),
+                            Some(HELP.into()),
+                        );
+                    }
+                    paths.push(leaf.value);
+                }
+                None => self.fail_at(
+                    key,
+                    KEYS[given],
+                    "is required when cluster.tls is set".into(),
+                    Some(HELP.into()),
+                ),
+            }
+        }
+        let [ca, cert, key] = <[String; 3]>::try_from(paths).ok()?;
+        if [&ca, &cert, &key].iter().any(|p| p.trim().is_empty()) {
+            return None;
+        }
+        Some(Tls { ca, cert, key })
     }
 
     fn parallel(&mut self, raw: raw::RawParallel, cluster: Option<&Cluster>) -> Option<Parallel> {
