@@ -513,6 +513,8 @@ pub struct Reshape {
     pub planned: Vec<RankBytes>,
 }
 
+/// TLS handshakes the coordinator runs at once (see `tls_incoming`).
+const MAX_TLS_HANDSHAKES: usize = 256;
 /// Refused calls are warned about a few at a time: a scanner makes thousands a second.
 static REFUSED: Throttle = Throttle::new(5, Duration::from_secs(10));
 
@@ -570,6 +572,9 @@ fn tls_incoming(
 ) -> ReceiverStream<std::io::Result<TlsConnection>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let (connections, incoming) = mpsc::channel(16);
+    // Handshakes under way at once: a run's agents and workers come a few at a time, so
+    // beyond this a flood is closed unread instead of holding a task each.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES));
     runtime.spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -581,9 +586,19 @@ fn tls_incoming(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            let Ok(slot) = handshakes.clone().try_acquire_owned() else {
+                REFUSED.warn(|| {
+                    format!(
+                        "warning: closed a connection from {peer}: {MAX_TLS_HANDSHAKES} TLS \
+                         handshakes are already under way"
+                    )
+                });
+                continue;
+            };
             let (acceptor, connections, shared) =
                 (acceptor.clone(), connections.clone(), shared.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 {
                     Ok(Ok(connection)) => {
@@ -596,7 +611,7 @@ fn tls_incoming(
                     Ok(Err(e)) => refusal(&e),
                     Err(_) => format!("no TLS handshake within {HANDSHAKE_TIMEOUT:.0?}"),
                 };
-                eprintln!("warning: refused a connection from {peer}: {why}");
+                REFUSED.warn(|| format!("warning: refused a connection from {peer}: {why}"));
                 shared.send(Event::Refused { peer: Some(peer) });
             });
         }
