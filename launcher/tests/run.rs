@@ -900,3 +900,41 @@ fn the_manifest_maps_every_global_tensor_to_its_shards() {
         "every kind of split is covered"
     );
 }
+
+#[test]
+fn a_damaged_file_that_one_rank_reads_makes_every_rank_fall_back_together() {
+    // ZeRO 1 over two data-parallel ranks: rank 1 alone reads its optimizer shard's file.
+    let sets = [
+        "parallel.data=2",
+        "parallel.zero=1",
+        "training.steps=6",
+        "checkpoint.every=2",
+    ];
+    let scratch = Scratch::new("fallback");
+    let out = output(launch(&scratch, &sets, &[]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let reference = losses(&scratch.path("metrics.jsonl"));
+    assert_eq!(reference.len(), 6);
+
+    let dir = scratch.path("ckpt");
+    let file = dir.join("step-00000006").join("rank-00001.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 100;
+    bytes[last] ^= 0x10;
+    std::fs::write(&file, bytes).unwrap();
+
+    let out = output(launch(&scratch, &sets, &[]));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("step-00000006 is damaged: rank-00001.safetensors tensor `"),
+        "rank 1 names what it found: {stderr}"
+    );
+    assert!(
+        stdout.contains("resuming from") && stdout.contains("step-00000004"),
+        "both ranks resume from step 4: {stdout}\n{stderr}"
+    );
+    assert!(dir.join("step-00000006.damaged").is_dir());
+    // Steps 5 and 6 again, bit for bit the first run's.
+    assert_eq!(last_per_step(&losses(&scratch.path("metrics.jsonl"))), reference);
+}

@@ -595,20 +595,29 @@ fn run_steps<B: Backend>(
         dp_rank: rank.comms.dp_rank(),
     };
     let dir = PathBuf::from(&config.checkpoint.dir);
-    let resumed_from = if options.fresh {
+    let resumed = if options.fresh {
         None
     } else {
-        checkpoint::latest(&dir)?
+        checkpoint::resume(
+            &dir,
+            &config,
+            &mut rank.backend,
+            &rank.units,
+            &mut rank.comms,
+        )?
     };
-    match &resumed_from {
-        Some(path) => {
-            let manifest =
-                checkpoint::load(path, &config, &mut rank.backend, &rank.units, &rank.comms)?;
+    match &resumed {
+        Some(resumed) => {
+            let manifest = &resumed.loaded.manifest;
             rank.step = manifest.step;
             rank.optimizer.loss_scale = manifest.loss_scale;
+            if rank.comms.rank == 0 {
+                println!("resuming from {}", resumed.path.display());
+            }
         }
         None => rank.initialize()?,
     }
+    let resumed_from = resumed.map(|resumed| resumed.path);
     let mut metrics_file = match &options.metrics {
         Some(path) => Some(
             OpenOptions::new()

@@ -13,14 +13,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use safetensors::SafeTensors;
 use tessera_plan::Config;
 use tessera_plan::config::{Schedule, Zero};
 use tessera_plan::memory::StagePlan;
 use tessera_plan::mesh::{Coord, Mesh};
 use tessera_plan::model::{ModelShape, Placed, Split, Unit as UnitKind};
 
-use super::{Manifest, encode, rank_file, read_file};
+use super::read::Reader;
+use super::{Manifest, rank_file};
 use crate::error::{Error, Result};
 use crate::model::init::global_index;
 use crate::model::stage_units;
@@ -74,7 +74,10 @@ impl State {
 }
 
 /// `config` as the run that wrote `manifest` laid it out: its mesh, ZeRO stage and model
-/// chunks (the model, precision and batch must be `config`'s: `read_manifest` checks).
+/// chunks (the model and precision must be `config`'s: `read_manifest` checks, as it checks
+/// that the layout is possible). Only the layout of the files is taken from it, so the rest
+/// is made to fit any possible layout: the cluster is one node holding every rank, and a step
+/// is one microbatch of one sequence per pipeline stage and data-parallel rank.
 pub fn written_config(manifest: &Manifest, config: &Config) -> Config {
     let mut written = config.clone();
     let run = &manifest.run;
@@ -82,11 +85,16 @@ pub fn written_config(manifest: &Manifest, config: &Config) -> Config {
     [parallel.data, parallel.tensor, parallel.pipeline] = run.mesh;
     parallel.zero = Zero::ALL[run.zero]; // read_manifest checked 0..=3
     parallel.virtual_stages = run.virtual_stages;
+    parallel.sequence_parallel = false;
     if run.virtual_stages > 1 {
         parallel.schedule = Schedule::Interleaved;
     } else if parallel.schedule == Schedule::Interleaved {
         parallel.schedule = Schedule::OneFOneB;
     }
+    written.cluster.nodes = 1;
+    written.cluster.gpus_per_node = parallel.world_size();
+    written.training.micro_batch = 1;
+    written.training.global_batch = parallel.data * parallel.pipeline;
     written
 }
 
@@ -250,35 +258,42 @@ pub fn tensor_maps(written: &Config) -> Vec<TensorMap> {
     maps.into_values().collect()
 }
 
-/// The rank files of a checkpoint, each read (and checked) once.
-pub struct Files {
+/// The rank files of a checkpoint, read through a [`Reader`] (each byte checked).
+pub struct Files<'a> {
     path: PathBuf,
-    bytes: BTreeMap<usize, Vec<u8>>,
+    reader: Source<'a>,
 }
 
-impl Files {
-    /// Reads the files of the checkpoint at `path` that `written` (see [`written_config`])
-    /// wrote: the first data-parallel rank's of each (pipeline, tensor) coordinate, and every
-    /// rank's where ZeRO sharded the states.
-    pub fn read(path: &Path, written: &Config) -> Result<Files> {
-        let mesh = Mesh::from_config(written);
-        let sharded = written.parallel.zero >= Zero::Optimizer && written.parallel.data > 1;
-        let bad = |what: String, help: &str| Error::Checkpoint {
+enum Source<'a> {
+    Owned(Reader),
+    Borrowed(&'a Reader),
+}
+
+impl Files<'static> {
+    /// The files of the checkpoint at `path`, checked against the checksums of its
+    /// `manifest` (from [`super::read_manifest`]).
+    pub fn read(path: &Path, manifest: &Manifest) -> Files<'static> {
+        Files {
             path: path.to_path_buf(),
-            what,
-            help: help.into(),
-        };
-        let mut bytes = BTreeMap::new();
-        for rank in 0..mesh.world_size() {
-            let first = mesh.coord(rank).is_ok_and(|c| c.dp_rank == 0);
-            if sharded || first {
-                bytes.insert(rank, read_file(path, rank, &bad)?);
-            }
+            reader: Source::Owned(super::reader(path, manifest)),
         }
-        Ok(Files {
+    }
+}
+
+impl<'a> Files<'a> {
+    /// The files of the checkpoint at `path`, read through `reader`.
+    pub fn over(path: &Path, reader: &'a Reader) -> Files<'a> {
+        Files {
             path: path.to_path_buf(),
-            bytes,
-        })
+            reader: Source::Borrowed(reader),
+        }
+    }
+
+    fn reader(&self) -> &Reader {
+        match &self.reader {
+            Source::Owned(reader) => reader,
+            Source::Borrowed(reader) => reader,
+        }
     }
 
     /// Every tensor of `state` in the files, which `written` laid out, by global parameter
@@ -297,22 +312,7 @@ impl Files {
         if !state.kept(written) {
             return Ok(None);
         }
-        let files: BTreeMap<usize, SafeTensors> = self
-            .bytes
-            .iter()
-            .map(|(&rank, bytes)| {
-                let parsed =
-                    SafeTensors::deserialize(bytes).expect("invariant: read_file checked the file");
-                (rank, parsed)
-            })
-            .collect();
-        let file = |rank: usize| {
-            files.get(&rank).ok_or_else(|| Error::Checkpoint {
-                path: self.path.clone(),
-                what: format!("{} was not read", rank_file(rank)),
-                help: "this is a bug in tessera; please report it".into(),
-            })
-        };
+        let file = |rank: usize| Ok::<_, Error>(rank_file(rank));
         let mut model: BTreeMap<String, Global> = BTreeMap::new();
         for unit in unit_shards(written) {
             let rank_of = |dp_rank| {
@@ -327,7 +327,7 @@ impl Files {
                 let mut flat = Vec::new();
                 for dp_rank in 0..dp {
                     let name = format!("{}.{}", state.prefix(), unit.name);
-                    flat.extend(self.tensor(file(rank_of(dp_rank))?, &name)?);
+                    flat.extend(self.tensor(&file(rank_of(dp_rank))?, &name)?);
                 }
                 Some(flat)
             } else {
@@ -340,10 +340,10 @@ impl Files {
                         let start = placed.offset as usize;
                         flat[start..start + placed.numel() as usize].to_vec()
                     }
-                    None if state == State::Params => self.tensor(first, global_name)?,
+                    None if state == State::Params => self.tensor(&first, global_name)?,
                     None => {
                         let stored = format!("{}.{global_name}", state.prefix());
-                        self.tensor(first, &stored)?
+                        self.tensor(&first, &stored)?
                     }
                 };
                 let global_shape = shape.global_shape(&placed.spec);
@@ -366,33 +366,35 @@ impl Files {
         Ok(Some(model))
     }
 
-    /// Tensor `name` of a rank file, converted to f32.
-    fn tensor(&self, file: &SafeTensors, name: &str) -> Result<Vec<f32>> {
-        let bad = |what: String| Error::Checkpoint {
+    /// Tensor `name` of rank file `file`, converted to f32.
+    fn tensor(&self, file: &str, name: &str) -> Result<Vec<f32>> {
+        let stored = self.reader().stored(file, name)?;
+        let data = self.reader().read(file, name)?;
+        to_f32(&data, stored.dtype).ok_or_else(|| Error::CheckpointDamaged {
             path: self.path.clone(),
-            what,
+            what: format!("{file}: `{name}` is {:?}, not a float tensor", stored.dtype),
             help: "the checkpoint is damaged, or the config is not the one that wrote it".into(),
-        };
-        let view = file
-            .tensor(name)
-            .map_err(|_| bad(format!("no rank file there holds `{name}`")))?;
-        let data = view.data();
-        Ok(match view.dtype() {
-            safetensors::Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            safetensors::Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            safetensors::Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => return Err(bad(format!("`{name}` is {other:?}, not a float tensor"))),
         })
     }
+}
+
+/// Little-endian `data` of `dtype` as f32 values; `None` for a dtype that is not a float.
+pub fn to_f32(data: &[u8], dtype: safetensors::Dtype) -> Option<Vec<f32>> {
+    Some(match dtype {
+        safetensors::Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        safetensors::Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
 }
 
 /// Writes `model` as one safetensors file of f32 tensors.
@@ -409,6 +411,15 @@ pub fn write(model: &BTreeMap<String, Global>, out: &Path) -> Result<()> {
             data.as_slice(),
         )
     });
-    let encoded = encode(tensors, out)?;
+    let views = tensors.map(|(name, dtype, shape, bytes)| {
+        let view = safetensors::tensor::TensorView::new(dtype, shape, bytes)
+            .expect("invariant: the shape matches the bytes");
+        (name, view)
+    });
+    let encoded = safetensors::serialize(views, None).map_err(|e| Error::Checkpoint {
+        path: out.to_path_buf(),
+        what: format!("cannot encode the tensors: {e}"),
+        help: "this is a bug in tessera; please report it".into(),
+    })?;
     std::fs::write(out, encoded).map_err(Error::io(out))
 }
