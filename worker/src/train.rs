@@ -614,6 +614,12 @@ fn run_steps<B: Backend>(
             if rank.comms.rank == 0 {
                 println!("resuming from {}", resumed.path.display());
             }
+            // What this rank read: its own shards (and the headers that locate them) only.
+            let (read, state) = (resumed.loaded.read, resumed.loaded.state_bytes);
+            println!(
+                "checkpoint read: {} bytes of tensors and {} bytes of headers from {} files for {state} bytes of state",
+                read.data, read.headers, read.files
+            );
         }
         None => rank.initialize()?,
     }

@@ -1,8 +1,9 @@
 //! A distributed checkpoint as the one model it shards: every parameter (and every optimizer
 //! state) as the global tensor a single process holds, in f32, the vocabulary's padding rows
 //! removed, like DeepSpeed's `zero_to_fp32`. `launch export` writes the parameters as one
-//! safetensors file; tests compare the weights of different meshes with it; and a run on
-//! another mesh resumes from it ([`super::load`] reshards through [`Files::consolidate`]).
+//! safetensors file, and tests compare the weights of different meshes with it. A run on
+//! another mesh does not consolidate: each rank reads only its shards (`super::reshard`),
+//! located through the same map of shards (`shard_sources`).
 //!
 //! The files are read as the layout that wrote them (the manifest's mesh, ZeRO stage and
 //! virtual stages) places the model: each (pipeline stage, tensor rank) holds its units; a
@@ -193,17 +194,27 @@ pub enum Location {
     },
 }
 
-/// The manifest's `tensors` for a checkpoint that `written` lays out.
-pub fn tensor_maps(written: &Config) -> Vec<TensorMap> {
+/// One tensor-parallel shard of a global tensor in a checkpoint: how its unit places it and
+/// where each state's values are.
+pub(super) struct SourceShard {
+    pub pipeline_stage: usize,
+    pub tp_rank: usize,
+    pub placed: Placed,
+    /// By state prefix (`params`, `master`, `adam_m`, `adam_v`); only the states kept.
+    pub states: BTreeMap<String, Location>,
+}
+
+/// The shards of every global tensor of a checkpoint that `written` lays out, by global name,
+/// each in tensor-rank order.
+pub(super) fn shard_sources(written: &Config) -> BTreeMap<String, Vec<SourceShard>> {
     let parallel = &written.parallel;
     let mesh = Mesh::from_config(written);
-    let shape = ModelShape::new(&written.model, parallel.tensor);
     let dp = parallel.data;
     let states: Vec<State> = [State::Params, State::Master, State::AdamM, State::AdamV]
         .into_iter()
         .filter(|state| state.kept(written))
         .collect();
-    let mut maps: BTreeMap<String, TensorMap> = BTreeMap::new();
+    let mut sources: BTreeMap<String, Vec<SourceShard>> = BTreeMap::new();
     for unit in unit_shards(written) {
         let file_of = |dp_rank| {
             rank_file(mesh.rank(Coord {
@@ -234,65 +245,63 @@ pub fn tensor_maps(written: &Config) -> Vec<TensorMap> {
                 };
                 locations.insert(state.prefix().to_string(), location);
             }
-            let entry = maps
+            sources
                 .entry(global_name.clone())
-                .or_insert_with(|| TensorMap {
-                    name: global_name.clone(),
-                    shape: shape.global_shape(&placed.spec),
-                    tensor_split: match placed.spec.split {
-                        Split::Replicated => "replicated".into(),
-                        Split::Rows { chunks: 1 } => "rows".into(),
-                        Split::Rows { chunks } => format!("rows in {chunks} blocks"),
-                        Split::Columns => "columns".into(),
-                    },
+                .or_default()
+                .push(SourceShard {
                     pipeline_stage: unit.pp_rank,
-                    shards: Vec::new(),
+                    tp_rank: unit.tp_rank,
+                    placed: placed.clone(),
+                    states: locations,
                 });
-            entry.shards.push(ShardMap {
-                tensor_rank: unit.tp_rank,
-                shape: placed.local_shape.clone(),
-                states: locations,
-            });
         }
     }
-    maps.into_values().collect()
+    sources
+}
+
+/// The manifest's `tensors` for a checkpoint that `written` lays out.
+pub fn tensor_maps(written: &Config) -> Vec<TensorMap> {
+    let shape = ModelShape::new(&written.model, written.parallel.tensor);
+    shard_sources(written)
+        .into_iter()
+        .map(|(name, shards)| {
+            let first = &shards[0];
+            TensorMap {
+                shape: shape.global_shape(&first.placed.spec),
+                tensor_split: match first.placed.spec.split {
+                    Split::Replicated => "replicated".into(),
+                    Split::Rows { chunks: 1 } => "rows".into(),
+                    Split::Rows { chunks } => format!("rows in {chunks} blocks"),
+                    Split::Columns => "columns".into(),
+                },
+                pipeline_stage: first.pipeline_stage,
+                shards: shards
+                    .into_iter()
+                    .map(|shard| ShardMap {
+                        tensor_rank: shard.tp_rank,
+                        shape: shard.placed.local_shape,
+                        states: shard.states,
+                    })
+                    .collect(),
+                name,
+            }
+        })
+        .collect()
 }
 
 /// The rank files of a checkpoint, read through a [`Reader`] (each byte checked).
-pub struct Files<'a> {
+pub struct Files {
     path: PathBuf,
-    reader: Source<'a>,
+    reader: Reader,
 }
 
-enum Source<'a> {
-    Owned(Reader),
-    Borrowed(&'a Reader),
-}
-
-impl Files<'static> {
+impl Files {
     /// The files of the checkpoint at `path`, checked against the checksums of its
     /// `manifest` (from [`super::read_manifest`]).
-    pub fn read(path: &Path, manifest: &Manifest) -> Files<'static> {
+    pub fn read(path: &Path, manifest: &Manifest) -> Files {
         Files {
             path: path.to_path_buf(),
-            reader: Source::Owned(super::reader(path, manifest)),
-        }
-    }
-}
-
-impl<'a> Files<'a> {
-    /// The files of the checkpoint at `path`, read through `reader`.
-    pub fn over(path: &Path, reader: &'a Reader) -> Files<'a> {
-        Files {
-            path: path.to_path_buf(),
-            reader: Source::Borrowed(reader),
-        }
-    }
-
-    fn reader(&self) -> &Reader {
-        match &self.reader {
-            Source::Owned(reader) => reader,
-            Source::Borrowed(reader) => reader,
+            reader: super::reader(path, manifest),
         }
     }
 
@@ -368,8 +377,8 @@ impl<'a> Files<'a> {
 
     /// Tensor `name` of rank file `file`, converted to f32.
     fn tensor(&self, file: &str, name: &str) -> Result<Vec<f32>> {
-        let stored = self.reader().stored(file, name)?;
-        let data = self.reader().read(file, name)?;
+        let stored = self.reader.stored(file, name)?;
+        let data = self.reader.read(file, name)?;
         to_f32(&data, stored.dtype).ok_or_else(|| Error::CheckpointDamaged {
             path: self.path.clone(),
             what: format!("{file}: `{name}` is {:?}, not a float tensor", stored.dtype),

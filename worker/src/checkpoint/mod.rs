@@ -2,8 +2,9 @@
 //! file, and a JSON manifest with what resuming needs (step, data position, loss scale), what
 //! must match (model, precision, batch, seed), the layout that wrote it (mesh, ZeRO stage,
 //! virtual stages), and a map of every global tensor to its shards in the files (so that tools
-//! other than tessera can reassemble it). A run with another layout resumes too: [`export`]
-//! reassembles the global tensors and each rank takes its shards.
+//! other than tessera can reassemble it). A run with another layout resumes too: each rank
+//! reads just the parts of the files that hold its shards (`reshard`), and [`export`]
+//! reassembles the global tensors for tools.
 //!
 //! A checkpoint is written into `DIR/step-NNNNNNNN.partial-PID`, every file fsynced, then the
 //! directory is renamed to `DIR/step-NNNNNNNN` and `DIR` fsynced: the rename is the commit, so
@@ -29,6 +30,7 @@
 
 pub mod export;
 pub mod read;
+mod reshard;
 pub mod write;
 
 use std::collections::{BTreeMap, HashMap};
@@ -41,12 +43,10 @@ use tessera_plan::Config;
 use tessera_plan::config::Choice as _;
 use tessera_plan::memory::Dtype;
 use tessera_plan::mesh::Coord;
-use tessera_plan::model::ModelShape;
 
 use crate::comm::CommunicatorExt as _;
 use crate::error::{Error, Result};
 use crate::model::Unit;
-use crate::model::init::global_index;
 use crate::optim::LossScale;
 use crate::parallel::Comms;
 use crate::parallel::data::gather_over_group;
@@ -641,7 +641,7 @@ pub fn load<B: Backend>(
         .map(|t| t.1.bytes() as u64)
         .sum();
     if !manifest.run.same_layout(&RunIdentity::of(config)) {
-        reshard(path, &manifest, &reader, config, backend, units, loader)?;
+        reshard::reshard(path, &manifest, &reader, config, backend, units, loader)?;
     } else {
         load_same_layout(path, &reader, backend, units, loader)?;
     }
@@ -682,77 +682,6 @@ fn load_same_layout<B: Backend>(
             ));
         }
         backend.write_bytes(tensor, &reader.read(&file, &name)?)?;
-    }
-    Ok(())
-}
-
-/// Loads a checkpoint written with another layout: every state is consolidated into global
-/// tensors (see [`export`]) and this rank takes its tensor shard and ZeRO shard of each. Every
-/// rank reads the whole checkpoint (each file once), which is fine for the models a CPU run
-/// trains and slow for large ones.
-fn reshard<B: Backend>(
-    path: &Path,
-    manifest: &Manifest,
-    reader: &Reader,
-    config: &Config,
-    backend: &mut B,
-    units: &[Unit],
-    loader: Loader,
-) -> Result<()> {
-    use export::{Global, State};
-    let written = export::written_config(manifest, config);
-    let files = export::Files::over(path, reader);
-    let consolidate = |state| files.consolidate(&written, state);
-    let missing = |what: &str| damaged(path, format!("it has no {what}"));
-    let params = consolidate(State::Params)?.ok_or_else(|| missing("parameters"))?;
-    let master = consolidate(State::Master)?;
-    let adam_m = consolidate(State::AdamM)?.ok_or_else(|| missing("Adam moments"))?;
-    let adam_v = consolidate(State::AdamV)?.ok_or_else(|| missing("Adam moments"))?;
-    let shape = ModelShape::new(&config.model, config.parallel.tensor);
-    let tp_rank = loader.coord.tp_rank;
-    for unit in units {
-        for placed in &unit.layout.params {
-            let name = placed.spec.name;
-            let global_name = unit.param_name(name);
-            // This rank's shard of a global tensor; the vocabulary's padding rows are 0.
-            let local = |tensors: &BTreeMap<String, Global>| -> Result<Vec<f32>> {
-                let global = tensors
-                    .get(&global_name)
-                    .ok_or_else(|| missing(&format!("tensor `{global_name}`")))?;
-                Ok((0..placed.numel() as usize)
-                    .map(|i| {
-                        let index = global_index(placed, &shape, tp_rank, i);
-                        global.values.get(index).copied().unwrap_or(0.0)
-                    })
-                    .collect())
-            };
-            let offset = placed.offset as usize;
-            let part = |values: &[f32], range: &std::ops::Range<usize>| {
-                values[range.start - offset..range.end - offset].to_vec()
-            };
-            let values = local(&params)?;
-            let range = unit.shard_of(name);
-            match (unit.params(), &range) {
-                (Some(whole), _) => backend.write(unit.view(whole, name), &values)?,
-                (None, Some(range)) => {
-                    backend.write(unit.params_at(range), &part(&values, range))?
-                }
-                (None, None) => {}
-            }
-            let Some(range) = range else { continue };
-            if let Some(target) = unit.master {
-                // An fp32 run without master weights wrote its parameters in fp32.
-                let master = match &master {
-                    Some(master) => local(master)?,
-                    None => values.clone(),
-                };
-                backend.write(unit.state_view(target, &range), &part(&master, &range))?;
-            }
-            let m = local(&adam_m)?;
-            backend.write(unit.state_view(unit.adam_m, &range), &part(&m, &range))?;
-            let v = local(&adam_v)?;
-            backend.write(unit.state_view(unit.adam_v, &range), &part(&v, &range))?;
-        }
     }
     Ok(())
 }

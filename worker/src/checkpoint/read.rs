@@ -115,7 +115,7 @@ impl Reader {
     }
 
     /// A damage error about `file` (and what in it).
-    fn damaged(&self, what: String) -> Error {
+    pub(super) fn damaged(&self, what: String) -> Error {
         Error::CheckpointDamaged {
             path: self.dir.clone(),
             what,
