@@ -222,3 +222,34 @@ fn a_format_2_checkpoint_without_checksums_still_resumes() {
     assert_eq!(summary.resumed_from, Some(checkpoint::step_dir(&dir, 4)));
     assert_eq!(losses(&summary), reference[4..]);
 }
+
+#[test]
+fn a_save_does_not_wait_for_its_files_and_the_run_ends_once_they_are_committed() {
+    let scratch = Scratch::new("async");
+    let dir = scratch.path("ckpt");
+    let config = config(&dir, &[]);
+    let layout = ArenaLayout::new(&StagePlan::new(&config, 0));
+    let backend = CpuBackend::new(layout.bytes(Place::Device), layout.bytes(Place::Host)).unwrap();
+    let rank = Rank::new(config.clone(), backend).unwrap();
+    let mut committed_at_save = Vec::new();
+    let summary = train::run(rank, &RunOptions::default(), |_, metrics| {
+        if metrics.step % 2 == 0 {
+            // The step loop goes on while the save of this step is being written: it is
+            // committed after a later step (or at the end), never before the loop moves on.
+            committed_at_save.push(steps(&dir).contains(&metrics.step));
+        }
+    })
+    .unwrap();
+    assert_eq!(committed_at_save, [false, false, false]);
+    assert_eq!(
+        steps(&dir),
+        [2, 4, 6],
+        "the run ends once the last save is committed"
+    );
+    // What was written is the state of its step, though training went on meanwhile: a resume
+    // from step 4 continues with the same bits.
+    std::fs::remove_dir_all(checkpoint::step_dir(&dir, 6)).unwrap();
+    let resumed = train(&config, false).unwrap();
+    assert_eq!(resumed.first_step, 4);
+    assert_eq!(losses(&resumed), losses(&summary)[4..]);
+}

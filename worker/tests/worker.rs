@@ -431,3 +431,38 @@ fn a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_one_before() {
     // Steps 3 and 4 again, with the losses of the run that was never damaged.
     assert_eq!(losses(&metrics), losses(&reference)[2..]);
 }
+
+#[test]
+fn a_failed_background_write_fails_the_run_naming_the_file() {
+    let scratch = Scratch::new("write-fails");
+    let dir = format!("checkpoint.dir={}", scratch.path("ckpt").display());
+    let sets = checkpointing_every_step(&dir);
+    // Files may not grow past 64 KiB (ulimit -f counts 512-byte blocks in sh, 1024 in bash:
+    // either is below a checkpoint of this model), and going past fails the write instead of
+    // killing the process.
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 64; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_tessera-worker"))
+        .arg("--config")
+        .arg(repo("configs/tiny-cpu.yaml"));
+    for set in &sets {
+        command.args(["--set", set]);
+    }
+    let output = run(command);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("step-00000001.partial-") && err.contains("rank-00000.safetensors"),
+        "the error names the file it could not write: {err}"
+    );
+    assert!(err.contains("File too large"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        tessera_worker::checkpoint::list(&scratch.path("ckpt"))
+            .unwrap()
+            .is_empty(),
+        "nothing half-written is committed"
+    );
+}

@@ -10,6 +10,9 @@
 //! directory is renamed to `DIR/step-NNNNNNNN` and `DIR` fsynced: the rename is the commit, so
 //! a crash at any point leaves the previous checkpoint intact and a `.partial-*` directory
 //! that the next save removes. Only directories without that suffix count as checkpoints.
+//! The files are written in the background from a host copy of the state ([`Saver`]), and
+//! the commit happens once every rank's file is written: after a later step, at the next
+//! save, or at the end of the run.
 //!
 //! Integrity (format 3): each file's header holds the crc32c of every 64 KiB chunk of every
 //! tensor, and the manifest holds the crc32c of every file's header ([`read`]), so every byte a
@@ -31,7 +34,10 @@
 pub mod export;
 pub mod read;
 mod reshard;
+mod save;
 pub mod write;
+
+pub use save::Saver;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -44,7 +50,6 @@ use tessera_plan::config::Choice as _;
 use tessera_plan::memory::Dtype;
 use tessera_plan::mesh::Coord;
 
-use crate::comm::CommunicatorExt as _;
 use crate::error::{Error, Result};
 use crate::model::Unit;
 use crate::optim::LossScale;
@@ -52,7 +57,6 @@ use crate::parallel::Comms;
 use crate::parallel::data::gather_over_group;
 use crate::tensor::{Backend, Tensor};
 use read::{IoCount, Reader};
-use write::Entry;
 
 /// The manifest format this build writes.
 const FORMAT: u32 = 3;
@@ -350,71 +354,6 @@ impl Loader {
     }
 }
 
-/// Writes the checkpoint of `step` atomically. Every rank of the run calls it at the same
-/// step: rank 0 prepares the directory, each rank that holds state no other rank holds writes
-/// its file into the shared partial directory, and once all have (their header checksums
-/// gathered over `comms.world`) rank 0 writes the manifest and renames the directory, which
-/// commits the checkpoint for all of them.
-pub fn save<B: Backend>(
-    dir: &Path,
-    step: u64,
-    config: &Config,
-    backend: &B,
-    units: &[Unit],
-    loss_scale: LossScale,
-    comms: &mut Comms,
-) -> Result<PathBuf> {
-    let leader = comms.rank == 0;
-    let target = step_dir(dir, step);
-    let partial = dir.join(format!("{PREFIX}{step:08}{PARTIAL}{}", comms.run_id));
-    if leader {
-        fs::create_dir_all(dir).map_err(Error::io(dir))?;
-        remove_stale_partials(dir)?;
-        fs::create_dir(&partial).map_err(Error::io(&partial))?;
-    }
-    comms.world.barrier()?;
-
-    let first = comms.dp_rank() == 0;
-    let sharded = sharded(units);
-    // The header's checksum, or -1 for a rank that writes no file.
-    let mut crc = -1.0;
-    if first || sharded {
-        let tensors: Vec<_> = state_tensors(units)
-            .into_iter()
-            .filter(|t| t.3 == Kind::State || first)
-            .collect();
-        crc = write_tensors(&partial, &rank_file(comms.rank), backend, &tensors)?.into();
-    }
-    let crcs = gather_over_group(comms.world.as_mut(), crc)?;
-
-    if leader {
-        let headers = crcs
-            .iter()
-            .enumerate()
-            .filter(|(_, crc)| **crc >= 0.0)
-            .map(|(rank, crc)| (rank_file(rank), *crc as u32))
-            .collect();
-        let run = RunIdentity::of(config);
-        let manifest = Manifest {
-            format: FORMAT,
-            step,
-            samples: step * config.training.global_batch as u64,
-            loss_scale,
-            files: layout_files(&run),
-            run,
-            tensors: export::tensor_maps(config),
-            checksums: Some(Checksums {
-                algorithm: "crc32c".into(),
-                chunk_bytes: read::CHUNK_BYTES as u64,
-                headers,
-            }),
-        };
-        commit(dir, &partial, &target, &manifest)?;
-    }
-    comms.world.barrier()?;
-    Ok(target)
-}
-
 /// Writes `manifest` into `partial` and renames it to `target`: the commit.
 fn commit(dir: &Path, partial: &Path, target: &Path, manifest: &Manifest) -> Result<()> {
     let json = serde_json::to_vec_pretty(manifest).expect("invariant: a manifest serialises");
@@ -426,32 +365,6 @@ fn commit(dir: &Path, partial: &Path, target: &Path, manifest: &Manifest) -> Res
     }
     fs::rename(partial, target).map_err(Error::io(target))?;
     sync_dir(dir)
-}
-
-/// Writes `tensors` into `partial/file`, fsynced; returns its header's checksum.
-fn write_tensors<B: Backend>(
-    partial: &Path,
-    file: &str,
-    backend: &B,
-    tensors: &[(String, Tensor, Vec<usize>, Kind)],
-) -> Result<u32> {
-    let total: usize = tensors.iter().map(|t| t.1.bytes()).sum();
-    let mut data = vec![0u8; total];
-    let mut entries = Vec::with_capacity(tensors.len());
-    let mut offset = 0;
-    for (name, tensor, shape, _) in tensors {
-        let bytes = tensor.bytes();
-        backend.read_bytes(*tensor, &mut data[offset..offset + bytes])?;
-        entries.push(Entry {
-            name: name.clone(),
-            dtype: safetensors_dtype(tensor.dtype),
-            shape: shape.clone(),
-            offset,
-            bytes,
-        });
-        offset += bytes;
-    }
-    write::write_file(&partial.join(file), &entries, &data)
 }
 
 /// Deletes all but the newest `keep` complete checkpoints. Those set aside as damaged are not
