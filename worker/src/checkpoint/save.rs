@@ -119,8 +119,8 @@ impl Saver {
                 .into_iter()
                 .filter(|t| t.3 == Kind::State || first)
                 .collect();
-            let (staged, entries) = self.stage(backend, units, &tensors)?;
             let path = partial.join(rank_file(comms.rank));
+            let (staged, entries) = self.stage(&path, backend, units, &tensors)?;
             Some(std::thread::spawn(move || {
                 // SAFETY: the staging region is `staged.len` bytes at `staged.addr` and stays
                 // alive and unwritten until this thread is joined (see `Staged`).
@@ -158,15 +158,17 @@ impl Saver {
     }
 
     /// Copies the buffers that hold `tensors` into the staging region, each whole at the next
-    /// 256-byte offset; returns the region and where each tensor's bytes are in it.
+    /// 256-byte offset; returns the region and where each tensor's bytes are in it (for the
+    /// file at `path`).
     fn stage<B: Backend>(
         &self,
+        path: &Path,
         backend: &mut B,
         units: &[Unit],
         tensors: &[(String, Tensor, Vec<usize>, Kind)],
     ) -> Result<(Staged, Vec<Entry>)> {
         let staging = self.staging.ok_or_else(|| Error::Checkpoint {
-            path: PathBuf::new(),
+            path: path.to_path_buf(),
             what: "the plan has no checkpoint staging row, but a save started".into(),
             help: "this is a bug in tessera; please report it".into(),
         })?;
