@@ -185,7 +185,7 @@ pub fn table(name: &str, config: &Config, plan: &MemoryPlan) -> String {
         "ranks".into(),
         "layers".into(),
     ];
-    headings.extend(Category::ALL.iter().map(|c| short_name(*c).to_string()));
+    headings.extend(Category::DEVICE.iter().map(|c| short_name(*c).to_string()));
     headings.extend(["total".to_string(), "free".to_string(), "fits".to_string()]);
     if host {
         headings.push("host".into());
@@ -206,7 +206,7 @@ pub fn table(name: &str, config: &Config, plan: &MemoryPlan) -> String {
                 )
             },
         ];
-        for category in Category::ALL {
+        for category in Category::DEVICE {
             let bytes = stage.bytes(Place::Device, category);
             row.push(if bytes == 0 {
                 "-".into()
@@ -517,6 +517,8 @@ pub struct JsonHostBytes {
     pub optimizer: u64,
     pub master: u64,
     pub staging: u64,
+    /// The staging buffer of asynchronous checkpoints.
+    pub checkpoint: u64,
     pub total: u64,
 }
 
@@ -540,6 +542,7 @@ pub fn json(config: &Config, plan: &MemoryPlan) -> JsonPlan {
         optimizer: stage.bytes(Place::Host, Category::Optimizer),
         master: stage.bytes(Place::Host, Category::Master),
         staging: stage.bytes(Place::Host, Category::Comm),
+        checkpoint: stage.bytes(Place::Host, Category::Checkpoint),
         total: stage.host_bytes(),
     };
     let per_stage: Vec<(JsonBytes, JsonHostBytes)> =

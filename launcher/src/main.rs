@@ -89,8 +89,8 @@ fn export(args: &cli::ExportArgs) -> Result<(), Failure> {
     let usage = |e: tessera_worker::Error| Failure::usage(e.to_string());
     let manifest = checkpoint::read_manifest(&checkpoint, config).map_err(usage)?;
     let written = checkpoint::export::written_config(&manifest, config);
-    let model = checkpoint::export::Files::read(&checkpoint, &written)
-        .and_then(|files| files.consolidate(&written, checkpoint::export::State::Params))
+    let model = checkpoint::export::Files::read(&checkpoint, &manifest)
+        .consolidate(&written, checkpoint::export::State::Params)
         .map_err(usage)?
         .expect("invariant: every checkpoint has parameters");
     // The error's message already holds its cause: no second copy from the source chain.

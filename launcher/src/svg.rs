@@ -29,6 +29,7 @@ fn colour(category: Category) -> &'static str {
         Category::Workspace => "#edc948",
         Category::Comm => "#b07aa1",
         Category::Runtime => "#bab0ac",
+        Category::Checkpoint => "#ff9da7",
     }
 }
 

@@ -1162,3 +1162,205 @@ fn a_head_whose_agents_never_come_gives_up_at_the_rendezvous_timeout_and_refused
     let refused = stderr.matches("refused a call").count();
     assert!((1..=5).contains(&refused), "{refused} lines: {stderr}");
 }
+
+#[test]
+fn a_damaged_file_that_one_rank_reads_makes_every_rank_fall_back_together() {
+    // ZeRO 1 over two data-parallel ranks: rank 1 alone reads its optimizer shard's file.
+    let sets = [
+        "parallel.data=2",
+        "parallel.zero=1",
+        "training.steps=6",
+        "checkpoint.every=2",
+    ];
+    let scratch = Scratch::new("fallback");
+    let out = output(launch(&scratch, &sets, &[]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let reference = losses(&scratch.path("metrics.jsonl"));
+    assert_eq!(reference.len(), 6);
+
+    let dir = scratch.path("ckpt");
+    let file = dir.join("step-00000006").join("rank-00001.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 100;
+    bytes[last] ^= 0x10;
+    std::fs::write(&file, bytes).unwrap();
+
+    let out = output(launch(&scratch, &sets, &[]));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("step-00000006 is damaged: rank-00001.safetensors tensor `"),
+        "rank 1 names what it found: {stderr}"
+    );
+    assert!(
+        stdout.contains("resuming from") && stdout.contains("step-00000004"),
+        "both ranks resume from step 4: {stdout}\n{stderr}"
+    );
+    assert!(dir.join("step-00000006.damaged").is_dir());
+    // Steps 5 and 6 again, bit for bit the first run's.
+    assert_eq!(
+        last_per_step(&losses(&scratch.path("metrics.jsonl"))),
+        reference
+    );
+}
+
+/// Each rank's `checkpoint read:` line: (data, headers, files, state) bytes, by rank.
+fn reads(stdout: &str) -> std::collections::BTreeMap<usize, [u64; 4]> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in stdout.lines() {
+        let Some((rank, rest)) = line
+            .strip_prefix("[rank ")
+            .and_then(|l| l.split_once("] checkpoint read: "))
+        else {
+            continue;
+        };
+        let numbers: Vec<u64> = rest
+            .split(' ')
+            .filter_map(|word| word.parse().ok())
+            .collect();
+        out.insert(rank.parse().unwrap(), numbers.try_into().unwrap());
+    }
+    out
+}
+
+/// (tensor name, data bytes) of each tensor of a safetensors file, and its header's bytes.
+fn tensor_sizes(file: &Path) -> (Vec<(String, u64)>, u64) {
+    let bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n as usize]).unwrap();
+    let tensors = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, info)| {
+            let offsets = &info["data_offsets"];
+            let size = offsets[1].as_u64().unwrap() - offsets[0].as_u64().unwrap();
+            (name.clone(), size)
+        })
+        .collect();
+    (tensors, 8 + n)
+}
+
+/// Copies checkpoint directory `from` to `scratch/ckpt/<its name>`.
+fn copy_checkpoint(from: &Path, scratch: &Scratch) {
+    let copy = scratch.path("ckpt").join(from.file_name().unwrap());
+    std::fs::create_dir_all(&copy).unwrap();
+    for file in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(file.path(), copy.join(file.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn a_resume_reads_only_the_ranks_own_shards_and_a_reshard_only_the_overlapping_ranges() {
+    // (data 2, tensor 2, pipeline 2) with ZeRO 1: parameters in the first data-parallel rank's
+    // files, optimizer shards in every rank's.
+    // A model wider than the tiny one, so that its tensors are several checksum chunks each.
+    let model = [
+        "model.hidden=256",
+        "model.ffn_hidden=1024",
+        "model.seq_len=32",
+        "training.global_batch=8",
+        "training.micro_batch=1",
+    ];
+    let source = Scratch::new("io-source");
+    let mut sets = model.to_vec();
+    sets.extend([
+        "parallel.data=2",
+        "parallel.tensor=2",
+        "parallel.pipeline=2",
+        "parallel.zero=1",
+        "training.steps=2",
+        "checkpoint.every=2",
+    ]);
+    let out = output(launch(&source, &sets, &[]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let checkpoint = source.path("ckpt").join("step-00000002");
+    let manifest_bytes = std::fs::metadata(checkpoint.join("manifest.json"))
+        .unwrap()
+        .len();
+    let files: Vec<(Vec<(String, u64)>, u64)> = (0..8)
+        .map(|rank| tensor_sizes(&checkpoint.join(format!("rank-{rank:05}.safetensors"))))
+        .collect();
+    let total: u64 = files.iter().flat_map(|(t, _)| t.iter().map(|t| t.1)).sum();
+    let is_state = |name: &str| {
+        ["master.", "adam_m.", "adam_v."]
+            .iter()
+            .any(|p| name.starts_with(p))
+    };
+
+    // The same layout again: each rank reads its parameters from its data-parallel group's
+    // first file and its optimizer shard from its own, nothing else.
+    let mut longer = sets.to_vec();
+    longer.push("training.steps=3");
+    let out = output(launch(&source, &longer, &[]));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let same = reads(&stdout);
+    assert_eq!(same.len(), 8, "every rank says what it read: {stdout}");
+    for (&rank, &[data, headers, opened, state]) in &same {
+        let first = rank % 4; // dp is outermost: (0, pp, tp) is rank % (tp x pp)
+        let params: u64 = files[first]
+            .0
+            .iter()
+            .filter(|t| !is_state(&t.0))
+            .map(|t| t.1)
+            .sum();
+        let states: u64 = files[rank]
+            .0
+            .iter()
+            .filter(|t| is_state(&t.0))
+            .map(|t| t.1)
+            .sum();
+        let own = params + states;
+        assert_eq!(state, own, "rank {rank} holds its shards");
+        assert!(
+            data as f64 <= 1.05 * own as f64,
+            "rank {rank} read {data} bytes for {own} of its own"
+        );
+        let header_bytes = files[first].1 + if rank == first { 0 } else { files[rank].1 };
+        assert_eq!(opened, if rank == first { 1 } else { 2 }, "rank {rank}");
+        assert_eq!(headers, header_bytes + manifest_bytes, "rank {rank}");
+    }
+
+    // Another mesh: one tensor rank and four stages, or four data-parallel ranks with ZeRO 3.
+    // Each rank reads the checksum chunks that overlap its shards: what it holds, plus parts of
+    // the chunks at the ends of each run it takes from a source shard (ZeRO 3 cuts many
+    // tensors, so it has more runs), and far from everything.
+    for (mesh, zero, bound) in [([1, 1, 4], 0, 1.05), ([4, 1, 1], 3, 1.25)] {
+        let name = format!("io-{}{}{}-zero{zero}", mesh[0], mesh[1], mesh[2]);
+        let target = Scratch::new(&name);
+        copy_checkpoint(&checkpoint, &target);
+        let sets = [
+            model.map(String::from).to_vec(),
+            vec![
+                format!("parallel.data={}", mesh[0]),
+                format!("parallel.tensor={}", mesh[1]),
+                format!("parallel.pipeline={}", mesh[2]),
+                format!("parallel.zero={zero}"),
+                "training.steps=3".into(),
+                "checkpoint.every=0".into(),
+            ],
+        ]
+        .concat();
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let out = output(launch(&target, &sets, &[]));
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let read = reads(&stdout);
+        assert_eq!(read.len(), 4, "{name}: {stdout}");
+        let mut all = 0;
+        for (&rank, &[data, _, opened, state]) in &read {
+            let chunks = 2 * 65536 * opened;
+            assert!(
+                data as f64 <= bound * state as f64 + chunks as f64 && data < total / 2,
+                "{name}: rank {rank} read {data} bytes for {state} of its own ({total} in all)"
+            );
+            all += data;
+        }
+        assert!(
+            all as f64 <= bound * total as f64,
+            "{name}: the ranks read {all} bytes of {total}"
+        );
+    }
+}

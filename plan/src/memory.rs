@@ -74,10 +74,25 @@ pub enum Category {
     Comm,
     /// CUDA context, library workspaces and NCCL's own buffers (outside the arena).
     Runtime,
+    /// Host staging of asynchronous checkpoints (host memory only).
+    Checkpoint,
 }
 
 impl Category {
-    pub const ALL: [Category; 8] = [
+    pub const ALL: [Category; 9] = [
+        Category::Params,
+        Category::Grads,
+        Category::Master,
+        Category::Optimizer,
+        Category::Activations,
+        Category::Workspace,
+        Category::Comm,
+        Category::Runtime,
+        Category::Checkpoint,
+    ];
+
+    /// The categories that can have device memory: the columns of a device table.
+    pub const DEVICE: [Category; 8] = [
         Category::Params,
         Category::Grads,
         Category::Master,
@@ -99,6 +114,7 @@ impl Category {
             Category::Workspace => "workspace",
             Category::Comm => "comm",
             Category::Runtime => "runtime",
+            Category::Checkpoint => "checkpoint",
         }
     }
 }
@@ -629,6 +645,7 @@ impl<'a> Builder<'a> {
         self.activations(&in_flight, layers_per_chunk, first_stage, last_stage);
         self.workspace(last_stage);
         self.communication(&units);
+        self.checkpoint_staging();
         self.runtime(first_stage || last_stage);
 
         StagePlan {
@@ -919,6 +936,37 @@ impl<'a> Builder<'a> {
                 Per::Copies(2),
             );
         }
+    }
+
+    /// Host staging for asynchronous checkpoints, when the run saves any: a save copies the
+    /// rank's parameters, master weights and Adam moments here (each buffer whole, at the
+    /// offset it would have in a table of just those rows) and a background thread writes
+    /// the rank's file from it while training goes on. Sized as the sum of those rows, wherever
+    /// they live (offloaded states are copied too, as the optimizer updates them meanwhile).
+    /// Every rank of a stage has it, though only the ranks that write a file use it (all of
+    /// them under ZeRO; the first data-parallel rank of each coordinate without).
+    fn checkpoint_staging(&mut self) {
+        if self.config.checkpoint.every == 0 {
+            return;
+        }
+        let bytes = self
+            .regions
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.category,
+                    Category::Params | Category::Master | Category::Optimizer
+                )
+            })
+            .fold(0u64, |sum, r| sum.saturating_add(r.bytes()));
+        self.add(
+            "checkpoint.staging",
+            Category::Checkpoint,
+            Place::Host,
+            Dtype::U8,
+            bytes,
+            Per::Rank,
+        );
     }
 
     /// Memory outside the arena on a GPU: the CUDA context, cuBLASLt's handle and workspace,

@@ -353,12 +353,6 @@ fn train_alone<B: Backend>(
         layout.bytes(Place::Device),
         layout.bytes(Place::Host)
     );
-    if !cli.fresh {
-        let dir = std::path::Path::new(&rank.config.checkpoint.dir);
-        if let Some(path) = crate::checkpoint::latest(dir).map_err(failure)? {
-            println!("resuming from {}", path.display());
-        }
-    }
     let options = RunOptions {
         metrics: cli.metrics.clone(),
         until_step: cli.until_step,
@@ -578,16 +572,9 @@ fn train_in_mesh<B: Backend>(
     backend: B,
     (trace, last): (Option<Trace>, LastCollective),
 ) -> Result<Beat, Stop> {
-    let rank = comms.rank;
     let steps = config.training.steps;
     let mut rank_state = Rank::in_mesh(config, backend, comms).map_err(failure)?;
     rank_state.trace = trace;
-    if rank == 0 && !cli.fresh {
-        let dir = std::path::Path::new(&rank_state.config.checkpoint.dir);
-        if let Some(path) = crate::checkpoint::latest(dir).map_err(failure)? {
-            println!("resuming from {}", path.display());
-        }
-    }
     let options = RunOptions {
         metrics: None,
         until_step: cli.until_step,

@@ -104,6 +104,15 @@ pub enum Error {
         help: String,
     },
 
+    /// What is in a checkpoint is not what its writer stored (a file, tensor or manifest that
+    /// fails its checks): the run falls back to an older checkpoint.
+    #[error("checkpoint {} is damaged: {what}\n  help: {help}", path.display())]
+    CheckpointDamaged {
+        path: PathBuf,
+        what: String,
+        help: String,
+    },
+
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

@@ -44,6 +44,9 @@ pub struct StepMetrics {
 
 /// One rank's model, optimizer and buffers.
 pub struct Rank<B: Backend> {
+    /// Checkpoint saves. First, so that it is dropped (waiting for a write in flight, which
+    /// reads the backend's host memory) before the backend.
+    pub saver: checkpoint::Saver,
     pub config: Config,
     pub backend: B,
     pub layout: ArenaLayout,
@@ -131,6 +134,7 @@ impl<B: Backend> Rank<B> {
         let tokens = training.micro_batch * config.model.seq_len;
         let data_parallel = DataParallel::new(&layout, parallel.data)?;
         Ok(Rank {
+            saver: checkpoint::Saver::new(&layout)?,
             ops,
             last_backward,
             slots: Slots::new(stage.in_flight.total, &stage.in_flight.per_chunk),
@@ -557,9 +561,10 @@ pub struct Summary {
     pub metrics: Vec<StepMetrics>,
 }
 
-/// Trains one rank to `training.steps` (or `until_step`): resumes from the newest checkpoint
-/// in `checkpoint.dir` unless `fresh`, saves every `checkpoint.every` steps and at the end,
-/// and calls `on_step` after each step.
+/// Trains one rank to `training.steps` (or `until_step`): resumes from the newest intact
+/// checkpoint in `checkpoint.dir` unless `fresh`, saves every `checkpoint.every` steps and at
+/// the end (in the background: a save is committed after a later step, and the run returns
+/// once the last one is), and calls `on_step` after each step.
 pub fn run<B: Backend>(
     mut rank: Rank<B>,
     options: &RunOptions,
@@ -595,20 +600,35 @@ fn run_steps<B: Backend>(
         dp_rank: rank.comms.dp_rank(),
     };
     let dir = PathBuf::from(&config.checkpoint.dir);
-    let resumed_from = if options.fresh {
+    let resumed = if options.fresh {
         None
     } else {
-        checkpoint::latest(&dir)?
+        checkpoint::resume(
+            &dir,
+            &config,
+            &mut rank.backend,
+            &rank.units,
+            &mut rank.comms,
+        )?
     };
-    match &resumed_from {
-        Some(path) => {
-            let manifest =
-                checkpoint::load(path, &config, &mut rank.backend, &rank.units, &rank.comms)?;
+    match &resumed {
+        Some(resumed) => {
+            let manifest = &resumed.loaded.manifest;
             rank.step = manifest.step;
             rank.optimizer.loss_scale = manifest.loss_scale;
+            if rank.comms.rank == 0 {
+                println!("resuming from {}", resumed.path.display());
+            }
+            // What this rank read: its own shards (and the headers that locate them) only.
+            let (read, state) = (resumed.loaded.read, resumed.loaded.state_bytes);
+            println!(
+                "checkpoint read: {} bytes of tensors and {} bytes of headers from {} files for {state} bytes of state",
+                read.data, read.headers, read.files
+            );
         }
         None => rank.initialize()?,
     }
+    let resumed_from = resumed.map(|resumed| resumed.path);
     let mut metrics_file = match &options.metrics {
         Some(path) => Some(
             OpenOptions::new()
@@ -631,24 +651,28 @@ fn run_steps<B: Backend>(
             line.push('\n');
             file.write_all(line.as_bytes()).map_err(Error::io(path))?;
         }
+        // A save in flight is committed once every rank has written its file.
+        rank.saver.poll(&mut rank.comms)?;
         let every = config.checkpoint.every;
         if every > 0 && (rank.step.is_multiple_of(every) || rank.step == config.training.steps) {
-            checkpoint::save(
-                &dir,
-                rank.step,
-                &config,
-                &rank.backend,
-                &rank.units,
-                rank.optimizer.loss_scale,
-                &mut rank.comms,
-            )?;
-            if rank.comms.rank == 0 {
-                checkpoint::prune(&dir, config.checkpoint.keep)?;
-            }
+            // SAFETY: `rank.saver` is declared before `rank.backend`, so it is dropped (and
+            // its write joined) first.
+            unsafe {
+                rank.saver.start(
+                    &dir,
+                    rank.step,
+                    &config,
+                    &mut rank.backend,
+                    &rank.units,
+                    rank.optimizer.loss_scale,
+                    &mut rank.comms,
+                )
+            }?;
         }
         on_step(rank, &metrics);
         all.push(metrics);
     }
+    rank.saver.finish(&mut rank.comms)?;
     Ok(Summary {
         resumed_from,
         first_step,

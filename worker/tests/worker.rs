@@ -418,3 +418,96 @@ fn output_paths_are_checked_before_training() {
         assert!(!stdout.contains("step "), "nothing trained: {stdout}");
     }
 }
+
+#[test]
+fn a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_one_before() {
+    let scratch = Scratch::new("damaged");
+    let config = repo("configs/tiny-cpu.yaml");
+    let dir = format!("checkpoint.dir={}", scratch.path("ckpt").display());
+    let mut sets = checkpointing_every_step(&dir);
+    sets.push("training.steps=4");
+    let reference = scratch.path("reference.jsonl");
+    let reference_dir = format!("checkpoint.dir={}", scratch.path("reference").display());
+    let mut reference_sets = sets.clone();
+    reference_sets.push(&reference_dir);
+    let output = run(worker(
+        &config,
+        &reference_sets,
+        &["--metrics", reference.to_str().unwrap()],
+    ));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = run(worker(&config, &sets, &["--until-step", "3"]));
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    // Overwrite bytes in the middle of one tensor of the newest checkpoint (step 3).
+    let file = scratch
+        .path("ckpt")
+        .join("step-00000003")
+        .join("rank-00000.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let offsets = &header["layers.1.fc_w"]["data_offsets"];
+    let middle = 8 + n + (offsets[0].as_u64().unwrap() + offsets[1].as_u64().unwrap()) as usize / 2;
+    bytes[middle..middle + 16].fill(0xff);
+    std::fs::write(&file, bytes).unwrap();
+
+    let metrics = scratch.path("metrics.jsonl");
+    let output = run(worker(
+        &config,
+        &sets,
+        &["--metrics", metrics.to_str().unwrap()],
+    ));
+    let (out, err) = (String::from_utf8_lossy(&output.stdout), stderr(&output));
+    assert!(output.status.success(), "{err}");
+    assert!(
+        err.contains("step-00000003 is damaged: rank-00000.safetensors tensor `layers.1.fc_w`")
+            && err.contains("fail their crc32c check"),
+        "the damage is named with its file and tensor: {err}"
+    );
+    assert!(
+        err.contains("set aside the damaged checkpoint") && err.contains("step-00000003.damaged"),
+        "{err}"
+    );
+    assert!(
+        out.contains("resuming from") && out.contains("step-00000002"),
+        "{out}"
+    );
+    // Steps 3 and 4 again, with the losses of the run that was never damaged.
+    assert_eq!(losses(&metrics), losses(&reference)[2..]);
+}
+
+#[test]
+fn a_failed_background_write_fails_the_run_naming_the_file() {
+    let scratch = Scratch::new("write-fails");
+    let dir = format!("checkpoint.dir={}", scratch.path("ckpt").display());
+    let sets = checkpointing_every_step(&dir);
+    // Files may not grow past 64 KiB (ulimit -f counts 512-byte blocks in sh, 1024 in bash:
+    // either is below a checkpoint of this model), and going past fails the write instead of
+    // killing the process.
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 64; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_tessera-worker"))
+        .arg("--config")
+        .arg(repo("configs/tiny-cpu.yaml"));
+    for set in &sets {
+        command.args(["--set", set]);
+    }
+    let output = run(command);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("step-00000001.partial-") && err.contains("rank-00000.safetensors"),
+        "the error names the file it could not write: {err}"
+    );
+    assert!(err.contains("File too large"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        tessera_worker::checkpoint::list(&scratch.path("ckpt"))
+            .unwrap()
+            .is_empty(),
+        "nothing half-written is committed"
+    );
+}

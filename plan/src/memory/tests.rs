@@ -217,9 +217,41 @@ fn offloaded_optimizer_states_move_to_host_memory() {
     // Staging holds one shard in bf16: a sixth of the master + Adam bytes.
     assert_eq!(
         offload.bytes(Place::Host, Category::Comm) * 6,
-        offload.host_bytes() - offload.bytes(Place::Host, Category::Comm)
+        offload.bytes(Place::Host, Category::Master)
+            + offload.bytes(Place::Host, Category::Optimizer)
     );
-    assert_eq!(plain.host_bytes(), 0);
+    assert_eq!(
+        plain.host_bytes(),
+        plain.bytes(Place::Host, Category::Checkpoint),
+        "without offload the host holds only the checkpoint staging"
+    );
+}
+
+#[test]
+fn checkpoint_staging_holds_the_parameters_master_weights_and_adam_moments() {
+    for sets in [
+        &["parallel.zero=0"][..],
+        &["parallel.zero=1", "training.precision=bf16"],
+        &["parallel.zero=3", "parallel.offload.optimizer=true"],
+    ] {
+        let stage = MemoryPlan::new(&config(sets)).stages.remove(0);
+        let staging = stage.region("checkpoint.staging").expect("a staging row");
+        assert_eq!(staging.place, Place::Host, "{sets:?}");
+        let state: u64 = [Category::Params, Category::Master, Category::Optimizer]
+            .iter()
+            .flat_map(|&c| [Place::Device, Place::Host].map(|p| stage.bytes(p, c)))
+            .sum();
+        assert_eq!(staging.bytes(), state, "{sets:?}");
+        assert_eq!(stage.bytes(Place::Host, Category::Checkpoint), state);
+        assert_eq!(stage.bytes(Place::Device, Category::Checkpoint), 0);
+    }
+    let none = MemoryPlan::new(&config(&["checkpoint.every=0"]));
+    assert!(none.stages[0].region("checkpoint.staging").is_none());
+    assert_eq!(
+        none.stages[0].host_bytes(),
+        0,
+        "a run that saves nothing stages nothing"
+    );
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! A distributed checkpoint as the one model it shards: every parameter (and every optimizer
 //! state) as the global tensor a single process holds, in f32, the vocabulary's padding rows
 //! removed, like DeepSpeed's `zero_to_fp32`. `launch export` writes the parameters as one
-//! safetensors file; tests compare the weights of different meshes with it; and a run on
-//! another mesh resumes from it ([`super::load`] reshards through [`Files::consolidate`]).
+//! safetensors file, and tests compare the weights of different meshes with it. A run on
+//! another mesh does not consolidate: each rank reads only its shards (`super::reshard`),
+//! located through the same map of shards (`shard_sources`).
 //!
 //! The files are read as the layout that wrote them (the manifest's mesh, ZeRO stage and
 //! virtual stages) places the model: each (pipeline stage, tensor rank) holds its units; a
@@ -13,14 +14,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use safetensors::SafeTensors;
 use tessera_plan::Config;
 use tessera_plan::config::{Schedule, Zero};
 use tessera_plan::memory::StagePlan;
 use tessera_plan::mesh::{Coord, Mesh};
 use tessera_plan::model::{ModelShape, Placed, Split, Unit as UnitKind};
 
-use super::{Manifest, encode, rank_file, read_file};
+use super::read::Reader;
+use super::{Manifest, rank_file};
 use crate::error::{Error, Result};
 use crate::model::init::global_index;
 use crate::model::stage_units;
@@ -74,7 +75,10 @@ impl State {
 }
 
 /// `config` as the run that wrote `manifest` laid it out: its mesh, ZeRO stage and model
-/// chunks (the model, precision and batch must be `config`'s: `read_manifest` checks).
+/// chunks (the model and precision must be `config`'s: `read_manifest` checks, as it checks
+/// that the layout is possible). Only the layout of the files is taken from it, so the rest
+/// is made to fit any possible layout: the cluster is one node holding every rank, and a step
+/// is one microbatch of one sequence per pipeline stage and data-parallel rank.
 pub fn written_config(manifest: &Manifest, config: &Config) -> Config {
     let mut written = config.clone();
     let run = &manifest.run;
@@ -82,11 +86,16 @@ pub fn written_config(manifest: &Manifest, config: &Config) -> Config {
     [parallel.data, parallel.tensor, parallel.pipeline] = run.mesh;
     parallel.zero = Zero::ALL[run.zero]; // read_manifest checked 0..=3
     parallel.virtual_stages = run.virtual_stages;
+    parallel.sequence_parallel = false;
     if run.virtual_stages > 1 {
         parallel.schedule = Schedule::Interleaved;
     } else if parallel.schedule == Schedule::Interleaved {
         parallel.schedule = Schedule::OneFOneB;
     }
+    written.cluster.nodes = 1;
+    written.cluster.gpus_per_node = parallel.world_size();
+    written.training.micro_batch = 1;
+    written.training.global_batch = parallel.data * parallel.pipeline;
     written
 }
 
@@ -185,17 +194,27 @@ pub enum Location {
     },
 }
 
-/// The manifest's `tensors` for a checkpoint that `written` lays out.
-pub fn tensor_maps(written: &Config) -> Vec<TensorMap> {
+/// One tensor-parallel shard of a global tensor in a checkpoint: how its unit places it and
+/// where each state's values are.
+pub(super) struct SourceShard {
+    pub pipeline_stage: usize,
+    pub tp_rank: usize,
+    pub placed: Placed,
+    /// By state prefix (`params`, `master`, `adam_m`, `adam_v`); only the states kept.
+    pub states: BTreeMap<String, Location>,
+}
+
+/// The shards of every global tensor of a checkpoint that `written` lays out, by global name,
+/// each in tensor-rank order.
+pub(super) fn shard_sources(written: &Config) -> BTreeMap<String, Vec<SourceShard>> {
     let parallel = &written.parallel;
     let mesh = Mesh::from_config(written);
-    let shape = ModelShape::new(&written.model, parallel.tensor);
     let dp = parallel.data;
     let states: Vec<State> = [State::Params, State::Master, State::AdamM, State::AdamV]
         .into_iter()
         .filter(|state| state.kept(written))
         .collect();
-    let mut maps: BTreeMap<String, TensorMap> = BTreeMap::new();
+    let mut sources: BTreeMap<String, Vec<SourceShard>> = BTreeMap::new();
     for unit in unit_shards(written) {
         let file_of = |dp_rank| {
             rank_file(mesh.rank(Coord {
@@ -226,59 +245,64 @@ pub fn tensor_maps(written: &Config) -> Vec<TensorMap> {
                 };
                 locations.insert(state.prefix().to_string(), location);
             }
-            let entry = maps
+            sources
                 .entry(global_name.clone())
-                .or_insert_with(|| TensorMap {
-                    name: global_name.clone(),
-                    shape: shape.global_shape(&placed.spec),
-                    tensor_split: match placed.spec.split {
-                        Split::Replicated => "replicated".into(),
-                        Split::Rows { chunks: 1 } => "rows".into(),
-                        Split::Rows { chunks } => format!("rows in {chunks} blocks"),
-                        Split::Columns => "columns".into(),
-                    },
+                .or_default()
+                .push(SourceShard {
                     pipeline_stage: unit.pp_rank,
-                    shards: Vec::new(),
+                    tp_rank: unit.tp_rank,
+                    placed: placed.clone(),
+                    states: locations,
                 });
-            entry.shards.push(ShardMap {
-                tensor_rank: unit.tp_rank,
-                shape: placed.local_shape.clone(),
-                states: locations,
-            });
         }
     }
-    maps.into_values().collect()
+    sources
 }
 
-/// The rank files of a checkpoint, each read (and checked) once.
+/// The manifest's `tensors` for a checkpoint that `written` lays out.
+pub fn tensor_maps(written: &Config) -> Vec<TensorMap> {
+    let shape = ModelShape::new(&written.model, written.parallel.tensor);
+    shard_sources(written)
+        .into_iter()
+        .map(|(name, shards)| {
+            let first = &shards[0];
+            TensorMap {
+                shape: shape.global_shape(&first.placed.spec),
+                tensor_split: match first.placed.spec.split {
+                    Split::Replicated => "replicated".into(),
+                    Split::Rows { chunks: 1 } => "rows".into(),
+                    Split::Rows { chunks } => format!("rows in {chunks} blocks"),
+                    Split::Columns => "columns".into(),
+                },
+                pipeline_stage: first.pipeline_stage,
+                shards: shards
+                    .into_iter()
+                    .map(|shard| ShardMap {
+                        tensor_rank: shard.tp_rank,
+                        shape: shard.placed.local_shape,
+                        states: shard.states,
+                    })
+                    .collect(),
+                name,
+            }
+        })
+        .collect()
+}
+
+/// The rank files of a checkpoint, read through a [`Reader`] (each byte checked).
 pub struct Files {
     path: PathBuf,
-    bytes: BTreeMap<usize, Vec<u8>>,
+    reader: Reader,
 }
 
 impl Files {
-    /// Reads the files of the checkpoint at `path` that `written` (see [`written_config`])
-    /// wrote: the first data-parallel rank's of each (pipeline, tensor) coordinate, and every
-    /// rank's where ZeRO sharded the states.
-    pub fn read(path: &Path, written: &Config) -> Result<Files> {
-        let mesh = Mesh::from_config(written);
-        let sharded = written.parallel.zero >= Zero::Optimizer && written.parallel.data > 1;
-        let bad = |what: String, help: &str| Error::Checkpoint {
+    /// The files of the checkpoint at `path`, checked against the checksums of its
+    /// `manifest` (from [`super::read_manifest`]).
+    pub fn read(path: &Path, manifest: &Manifest) -> Files {
+        Files {
             path: path.to_path_buf(),
-            what,
-            help: help.into(),
-        };
-        let mut bytes = BTreeMap::new();
-        for rank in 0..mesh.world_size() {
-            let first = mesh.coord(rank).is_ok_and(|c| c.dp_rank == 0);
-            if sharded || first {
-                bytes.insert(rank, read_file(path, rank, &bad)?);
-            }
+            reader: super::reader(path, manifest),
         }
-        Ok(Files {
-            path: path.to_path_buf(),
-            bytes,
-        })
     }
 
     /// Every tensor of `state` in the files, which `written` laid out, by global parameter
@@ -297,22 +321,7 @@ impl Files {
         if !state.kept(written) {
             return Ok(None);
         }
-        let files: BTreeMap<usize, SafeTensors> = self
-            .bytes
-            .iter()
-            .map(|(&rank, bytes)| {
-                let parsed =
-                    SafeTensors::deserialize(bytes).expect("invariant: read_file checked the file");
-                (rank, parsed)
-            })
-            .collect();
-        let file = |rank: usize| {
-            files.get(&rank).ok_or_else(|| Error::Checkpoint {
-                path: self.path.clone(),
-                what: format!("{} was not read", rank_file(rank)),
-                help: "this is a bug in tessera; please report it".into(),
-            })
-        };
+        let file = |rank: usize| Ok::<_, Error>(rank_file(rank));
         let mut model: BTreeMap<String, Global> = BTreeMap::new();
         for unit in unit_shards(written) {
             let rank_of = |dp_rank| {
@@ -327,7 +336,7 @@ impl Files {
                 let mut flat = Vec::new();
                 for dp_rank in 0..dp {
                     let name = format!("{}.{}", state.prefix(), unit.name);
-                    flat.extend(self.tensor(file(rank_of(dp_rank))?, &name)?);
+                    flat.extend(self.tensor(&file(rank_of(dp_rank))?, &name)?);
                 }
                 Some(flat)
             } else {
@@ -340,10 +349,10 @@ impl Files {
                         let start = placed.offset as usize;
                         flat[start..start + placed.numel() as usize].to_vec()
                     }
-                    None if state == State::Params => self.tensor(first, global_name)?,
+                    None if state == State::Params => self.tensor(&first, global_name)?,
                     None => {
                         let stored = format!("{}.{global_name}", state.prefix());
-                        self.tensor(first, &stored)?
+                        self.tensor(&first, &stored)?
                     }
                 };
                 let global_shape = shape.global_shape(&placed.spec);
@@ -366,33 +375,35 @@ impl Files {
         Ok(Some(model))
     }
 
-    /// Tensor `name` of a rank file, converted to f32.
-    fn tensor(&self, file: &SafeTensors, name: &str) -> Result<Vec<f32>> {
-        let bad = |what: String| Error::Checkpoint {
+    /// Tensor `name` of rank file `file`, converted to f32.
+    fn tensor(&self, file: &str, name: &str) -> Result<Vec<f32>> {
+        let stored = self.reader.stored(file, name)?;
+        let data = self.reader.read(file, name)?;
+        to_f32(&data, stored.dtype).ok_or_else(|| Error::CheckpointDamaged {
             path: self.path.clone(),
-            what,
+            what: format!("{file}: `{name}` is {:?}, not a float tensor", stored.dtype),
             help: "the checkpoint is damaged, or the config is not the one that wrote it".into(),
-        };
-        let view = file
-            .tensor(name)
-            .map_err(|_| bad(format!("no rank file there holds `{name}`")))?;
-        let data = view.data();
-        Ok(match view.dtype() {
-            safetensors::Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            safetensors::Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            safetensors::Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => return Err(bad(format!("`{name}` is {other:?}, not a float tensor"))),
         })
     }
+}
+
+/// Little-endian `data` of `dtype` as f32 values; `None` for a dtype that is not a float.
+pub fn to_f32(data: &[u8], dtype: safetensors::Dtype) -> Option<Vec<f32>> {
+    Some(match dtype {
+        safetensors::Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        safetensors::Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
 }
 
 /// Writes `model` as one safetensors file of f32 tensors.
@@ -409,6 +420,15 @@ pub fn write(model: &BTreeMap<String, Global>, out: &Path) -> Result<()> {
             data.as_slice(),
         )
     });
-    let encoded = encode(tensors, out)?;
+    let views = tensors.map(|(name, dtype, shape, bytes)| {
+        let view = safetensors::tensor::TensorView::new(dtype, shape, bytes)
+            .expect("invariant: the shape matches the bytes");
+        (name, view)
+    });
+    let encoded = safetensors::serialize(views, None).map_err(|e| Error::Checkpoint {
+        path: out.to_path_buf(),
+        what: format!("cannot encode the tensors: {e}"),
+        help: "this is a bug in tessera; please report it".into(),
+    })?;
     std::fs::write(out, encoded).map_err(Error::io(out))
 }

@@ -2,45 +2,70 @@
 //! file, and a JSON manifest with what resuming needs (step, data position, loss scale), what
 //! must match (model, precision, batch, seed), the layout that wrote it (mesh, ZeRO stage,
 //! virtual stages), and a map of every global tensor to its shards in the files (so that tools
-//! other than tessera can reassemble it). A run with another layout resumes too: [`export`]
-//! reassembles the global tensors and each rank takes its shards.
+//! other than tessera can reassemble it). A run with another layout resumes too: each rank
+//! reads just the parts of the files that hold its shards (`reshard`), and [`export`]
+//! reassembles the global tensors for tools.
 //!
 //! A checkpoint is written into `DIR/step-NNNNNNNN.partial-PID`, every file fsynced, then the
 //! directory is renamed to `DIR/step-NNNNNNNN` and `DIR` fsynced: the rename is the commit, so
 //! a crash at any point leaves the previous checkpoint intact and a `.partial-*` directory
 //! that the next save removes. Only directories without that suffix count as checkpoints.
+//! The files are written in the background from a host copy of the state ([`Saver`]), and
+//! the commit happens once every rank's file is written: after a later step, at the next
+//! save, or at the end of the run.
+//!
+//! Integrity (format 3): each file's header holds the crc32c of every 64 KiB chunk of every
+//! tensor, and the manifest holds the crc32c of every file's header ([`read`]), so every byte a
+//! rank uses is checked before use. A checkpoint that fails a check (a changed or missing byte,
+//! file or tensor, a manifest whose step is not its directory's, or whose layout cannot be)
+//! is *damaged*: the rank that found it says where ([`Error::CheckpointDamaged`]), the ranks
+//! agree over `comms.world` that the checkpoint is damaged (each checks only what it reads),
+//! and all of them try the next older one together. Once they find an intact one, rank 0
+//! renames every damaged checkpoint newer than it to `step-NNNNNNNN.damaged`, which
+//! [`list`] (and so resuming, restarts and [`prune`]) no longer counts, so a damaged
+//! checkpoint never takes the place of an intact one; it stays for a person to look at. When
+//! none is intact the run fails and renames nothing. Format-2 manifests (no checksums) still
+//! load, unverified.
 //!
 //! Resuming restores every byte of the model and optimizer state; the data order is a
 //! function of (seed, step) and there is no other random state, so the losses that follow
 //! are bit-identical to an uninterrupted run.
 
 pub mod export;
+pub mod read;
+mod reshard;
+mod save;
+pub mod write;
+
+pub use save::Saver;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::TensorView;
 use serde::{Deserialize, Serialize};
 use tessera_plan::Config;
 use tessera_plan::config::Choice as _;
 use tessera_plan::memory::Dtype;
-use tessera_plan::mesh::Mesh;
-use tessera_plan::model::ModelShape;
+use tessera_plan::mesh::Coord;
 
-use crate::comm::CommunicatorExt as _;
 use crate::error::{Error, Result};
 use crate::model::Unit;
-use crate::model::init::global_index;
 use crate::optim::LossScale;
 use crate::parallel::Comms;
+use crate::parallel::data::gather_over_group;
 use crate::tensor::{Backend, Tensor};
+use read::{IoCount, Reader};
 
-const FORMAT: u32 = 2;
+/// The manifest format this build writes.
+const FORMAT: u32 = 3;
+/// The oldest format it reads: format 2 has no checksums.
+const OLDEST_FORMAT: u32 = 2;
 const MANIFEST: &str = "manifest.json";
 const PREFIX: &str = "step-";
 const PARTIAL: &str = ".partial-";
+const DAMAGED: &str = ".damaged";
 
 /// What a checkpoint says about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,6 +84,21 @@ pub struct Manifest {
     /// shard's parameters and optimizer states are in `files`.
     #[serde(default)]
     pub tensors: Vec<export::TensorMap>,
+    /// How the files' bytes are checked (format 3 on; `None` in format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksums: Option<Checksums>,
+}
+
+/// The checksums of a format-3 checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checksums {
+    /// `crc32c`.
+    pub algorithm: String,
+    /// Each tensor's data is checked in chunks of this many bytes (the checksums are in each
+    /// file's header, under `__metadata__`: `crc32c.<tensor>`).
+    pub chunk_bytes: u64,
+    /// The crc32c of each file's header (its 8-byte length and JSON), by file name.
+    pub headers: BTreeMap<String, u32>,
 }
 
 /// Everything that must be equal for a checkpoint to be resumable by a config.
@@ -118,6 +158,36 @@ impl RunIdentity {
             virtual_stages: p.virtual_stages,
         }
     }
+
+    /// Why no run can have had this layout, if none can: the manifest is damaged.
+    fn impossible_layout(&self) -> Option<String> {
+        let [data, tensor, pipeline] = self.mesh;
+        let chunks = pipeline.saturating_mul(self.virtual_stages);
+        let why = if self.zero > 3 || self.virtual_stages == 0 || self.mesh.contains(&0) {
+            "a degree of 0 or a ZeRO stage above 3".to_string()
+        } else if !self.heads.is_multiple_of(tensor) || !self.ffn_hidden.is_multiple_of(tensor) {
+            format!(
+                "tensor {tensor} does not divide heads {} and ffn_hidden {}",
+                self.heads, self.ffn_hidden
+            )
+        } else if !self.layers.is_multiple_of(chunks) {
+            format!(
+                "pipeline {pipeline} x virtual stages {} does not divide {} layers",
+                self.virtual_stages, self.layers
+            )
+        } else if !self.global_batch.is_multiple_of(data) {
+            format!(
+                "data {data} does not divide the global batch {}",
+                self.global_batch
+            )
+        } else {
+            return None;
+        };
+        Some(format!(
+            "its layout is impossible: mesh {:?}, zero {}, virtual stages {} ({why})",
+            self.mesh, self.zero, self.virtual_stages
+        ))
+    }
 }
 
 /// The directory of the checkpoint after `step` steps.
@@ -125,7 +195,8 @@ pub fn step_dir(dir: &Path, step: u64) -> PathBuf {
     dir.join(format!("{PREFIX}{step:08}"))
 }
 
-/// Complete checkpoints in `dir`, oldest first. A missing `dir` has none.
+/// Complete checkpoints in `dir`, oldest first (not partial ones, nor those set aside as
+/// damaged). A missing `dir` has none.
 pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -250,117 +321,54 @@ fn rank_file(rank: usize) -> String {
     format!("rank-{rank:05}.safetensors")
 }
 
-/// Writes the checkpoint of `step` atomically. Every rank of the run calls it at the same
-/// step: rank 0 prepares the directory, each rank that holds state no other rank holds writes
-/// its file into the shared partial directory, and once all have (a barrier) rank 0 writes
-/// the manifest and renames the directory, which commits the checkpoint for all of them.
-pub fn save<B: Backend>(
-    dir: &Path,
-    step: u64,
-    config: &Config,
-    backend: &B,
-    units: &[Unit],
-    loss_scale: LossScale,
-    comms: &mut Comms,
-) -> Result<PathBuf> {
-    let leader = comms.rank == 0;
-    let target = step_dir(dir, step);
-    let partial = dir.join(format!("{PREFIX}{step:08}{PARTIAL}{}", comms.run_id));
-    if leader {
-        fs::create_dir_all(dir).map_err(Error::io(dir))?;
-        remove_stale_partials(dir)?;
-        fs::create_dir(&partial).map_err(Error::io(&partial))?;
-    }
-    comms.world.barrier()?;
+/// The tensor files a checkpoint of `run`'s layout has: every rank's under ZeRO with more than
+/// one data-parallel rank, else those of the first data-parallel rank of each (pipeline,
+/// tensor) coordinate.
+fn layout_files(run: &RunIdentity) -> Vec<String> {
+    let [data, tensor, pipeline] = run.mesh;
+    let sharded = run.zero >= 1 && data > 1;
+    // dp is outermost: the first data-parallel rank's coordinates are the first ranks.
+    let per_replica = tensor * pipeline;
+    (0..data * per_replica)
+        .filter(|&rank| sharded || rank < per_replica)
+        .map(rank_file)
+        .collect()
+}
 
-    let first = comms.dp_rank() == 0;
-    let sharded = sharded(units);
-    if first || sharded {
-        let tensors: Vec<_> = state_tensors(units)
-            .into_iter()
-            .filter(|t| t.3 == Kind::State || first)
-            .collect();
-        write_tensors(&partial, &rank_file(comms.rank), backend, &tensors)?;
-    }
-    comms.world.barrier()?;
+/// Which rank loads a checkpoint: what choosing its files needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loader {
+    pub rank: usize,
+    pub coord: Coord,
+    /// The first rank of its data-parallel group (whose file holds whole tensors).
+    pub dp_leader: usize,
+}
 
-    if leader {
-        // Every rank's file under ZeRO, else those of the first data-parallel rank of each
-        // (pipeline, tensor) coordinate.
-        let mesh = Mesh::from_config(config);
-        let files = (0..mesh.world_size())
-            .filter(|&r| sharded || mesh.coord(r).is_ok_and(|c| c.dp_rank == 0))
-            .map(rank_file)
-            .collect();
-        let manifest = Manifest {
-            format: FORMAT,
-            step,
-            samples: step * config.training.global_batch as u64,
-            loss_scale,
-            run: RunIdentity::of(config),
-            files,
-            tensors: export::tensor_maps(config),
-        };
-        let json = serde_json::to_vec_pretty(&manifest).expect("invariant: a manifest serialises");
-        write_synced(&partial.join(MANIFEST), &json)?;
-        sync_dir(&partial)?;
-        if target.exists() {
-            // A run restarted from an older checkpoint saves this step again: replace it.
-            fs::remove_dir_all(&target).map_err(Error::io(&target))?;
+impl Loader {
+    pub fn of(comms: &Comms) -> Loader {
+        Loader {
+            rank: comms.rank,
+            coord: comms.coord,
+            dp_leader: comms.dp.group().ranks[0],
         }
-        fs::rename(&partial, &target).map_err(Error::io(&target))?;
-        sync_dir(dir)?;
     }
-    comms.world.barrier()?;
-    Ok(target)
 }
 
-/// Writes `tensors` into `partial/file`, fsynced.
-fn write_tensors<B: Backend>(
-    partial: &Path,
-    file: &str,
-    backend: &B,
-    tensors: &[(String, Tensor, Vec<usize>, Kind)],
-) -> Result<()> {
-    let mut data = Vec::with_capacity(tensors.len());
-    for (_, tensor, _, _) in tensors {
-        let mut bytes = vec![0u8; tensor.bytes()];
-        backend.read_bytes(*tensor, &mut bytes)?;
-        data.push(bytes);
+/// Writes `manifest` into `partial` and renames it to `target`: the commit.
+fn commit(dir: &Path, partial: &Path, target: &Path, manifest: &Manifest) -> Result<()> {
+    let json = serde_json::to_vec_pretty(manifest).expect("invariant: a manifest serialises");
+    write_synced(&partial.join(MANIFEST), &json)?;
+    sync_dir(partial)?;
+    if target.exists() {
+        // A run restarted from an older checkpoint saves this step again: replace it.
+        fs::remove_dir_all(target).map_err(Error::io(target))?;
     }
-    let views = tensors
-        .iter()
-        .zip(&data)
-        .map(|((name, tensor, shape, _), bytes)| {
-            (
-                name.as_str(),
-                safetensors_dtype(tensor.dtype),
-                shape.clone(),
-                bytes.as_slice(),
-            )
-        });
-    let encoded = encode(views, partial)?;
-    write_synced(&partial.join(file), &encoded)
+    fs::rename(partial, target).map_err(Error::io(target))?;
+    sync_dir(dir)
 }
 
-/// A safetensors file of `(name, dtype, shape, bytes)` tensors; `path` names it in errors.
-fn encode<'a>(
-    tensors: impl Iterator<Item = (&'a str, safetensors::Dtype, Vec<usize>, &'a [u8])>,
-    path: &Path,
-) -> Result<Vec<u8>> {
-    let views = tensors.map(|(name, dtype, shape, bytes)| {
-        let view =
-            TensorView::new(dtype, shape, bytes).expect("invariant: the shape matches the bytes");
-        (name, view)
-    });
-    safetensors::serialize(views, None).map_err(|e| Error::Checkpoint {
-        path: path.to_path_buf(),
-        what: format!("cannot encode the tensors: {e}"),
-        help: "this is a bug in tessera; please report it".into(),
-    })
-}
-
-/// Deletes all but the newest `keep` complete checkpoints.
+/// Deletes all but the newest `keep` complete checkpoints. Those set aside as damaged are not
+/// counted (nor deleted): they never push out an intact one.
 pub fn prune(dir: &Path, keep: usize) -> Result<()> {
     let all = list(dir)?;
     for (_, path) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
@@ -396,43 +404,107 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(Error::io(dir))
 }
 
+/// A damage error about the checkpoint in `path`.
+fn damaged(path: &Path, what: String) -> Error {
+    Error::CheckpointDamaged {
+        path: path.to_path_buf(),
+        what,
+        help: "the run resumes from the newest intact checkpoint; remove this one once you have \
+               looked at it"
+            .into(),
+    }
+}
+
 /// The manifest of the checkpoint in `path`, checked to be one `config` can read.
 pub fn read_manifest(path: &Path, config: &Config) -> Result<Manifest> {
+    Ok(read_manifest_sized(path, config)?.0)
+}
+
+/// [`read_manifest`], and the manifest's size in bytes.
+fn read_manifest_sized(path: &Path, config: &Config) -> Result<(Manifest, u64)> {
     let bad = |what: String, help: &str| Error::Checkpoint {
         path: path.to_path_buf(),
         what,
         help: help.into(),
     };
     let manifest_path = path.join(MANIFEST);
-    let text = fs::read(&manifest_path).map_err(Error::io(&manifest_path))?;
-    let not_ours = |e: serde_json::Error| {
-        bad(
-            format!("{MANIFEST} is not a tessera manifest: {e}"),
-            "remove this directory or point checkpoint.dir elsewhere",
-        )
+    let text = match fs::read(&manifest_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(damaged(path, format!("{MANIFEST} is missing")));
+        }
+        Err(e) => return Err(Error::io(&manifest_path)(e)),
     };
+    let not_ours =
+        |e: serde_json::Error| damaged(path, format!("{MANIFEST} is not a tessera manifest: {e}"));
     // The format first: an older manifest lacks fields this build reads.
     #[derive(Deserialize)]
     struct Format {
         format: u32,
     }
     let format: Format = serde_json::from_slice(&text).map_err(not_ours)?;
-    if format.format != FORMAT {
+    if !(OLDEST_FORMAT..=FORMAT).contains(&format.format) {
         return Err(bad(
-            format!("format {} (this build reads {FORMAT})", format.format),
+            format!(
+                "format {} (this build reads {OLDEST_FORMAT} to {FORMAT})",
+                format.format
+            ),
             "resume with the tessera version that wrote it, or start afresh with --fresh",
         ));
     }
     let manifest: Manifest = serde_json::from_slice(&text).map_err(not_ours)?;
-    let run = &manifest.run;
-    if run.zero > 3 || run.virtual_stages == 0 || run.mesh.contains(&0) {
-        return Err(bad(
+    let named = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(PREFIX))
+        .and_then(|n| n.parse::<u64>().ok());
+    if let Some(named) = named
+        && named != manifest.step
+    {
+        return Err(damaged(
+            path,
             format!(
-                "its layout is impossible: mesh {:?}, zero {}, virtual stages {}",
-                run.mesh, run.zero, run.virtual_stages
+                "its manifest says step {}, but the directory is step {named}",
+                manifest.step
             ),
-            "the checkpoint is damaged; remove it to resume from the one before",
         ));
+    }
+    if let Some(why) = manifest.run.impossible_layout() {
+        return Err(damaged(path, why));
+    }
+    let files = layout_files(&manifest.run);
+    if manifest.files != files {
+        return Err(damaged(
+            path,
+            format!(
+                "its manifest lists the files {:?}, but its layout has {:?}",
+                manifest.files, files
+            ),
+        ));
+    }
+    match &manifest.checksums {
+        None if manifest.format >= 3 => {
+            return Err(damaged(
+                path,
+                format!("its format-{} manifest has no checksums", manifest.format),
+            ));
+        }
+        Some(sums)
+            if sums.algorithm != "crc32c"
+                || sums.headers.keys().ne(manifest.files.iter())
+                || sums.chunk_bytes == 0 =>
+        {
+            return Err(damaged(
+                path,
+                format!(
+                    "its manifest's checksums ({} per {} bytes of {} files) do not cover its files",
+                    sums.algorithm,
+                    sums.chunk_bytes,
+                    sums.headers.len()
+                ),
+            ));
+        }
+        _ => {}
     }
     let expected = RunIdentity::of(config);
     if !manifest.run.same_model(&expected) {
@@ -446,151 +518,236 @@ pub fn read_manifest(path: &Path, config: &Config) -> Result<Manifest> {
              (the mesh, ZeRO stage and virtual stages may differ: the checkpoint is resharded)",
         ));
     }
-    Ok(manifest)
+    Ok((manifest, text.len() as u64))
 }
 
-/// Restores the checkpoint in `path` into the arena; returns its manifest.
+/// A reader of the checkpoint in `path` that checks what `manifest` vouches for.
+fn reader(path: &Path, manifest: &Manifest) -> Reader {
+    Reader::new(
+        path,
+        manifest.checksums.as_ref().map(|sums| sums.headers.clone()),
+    )
+}
+
+/// What a rank loaded.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub manifest: Manifest,
+    /// What it read (the manifest counts as a header).
+    pub read: IoCount,
+    /// Bytes of the state it holds (its shard of every parameter and optimizer state).
+    pub state_bytes: u64,
+}
+
+/// Restores the checkpoint in `path` into the arena of the rank `loader`.
 pub fn load<B: Backend>(
     path: &Path,
     config: &Config,
     backend: &mut B,
     units: &[Unit],
-    comms: &Comms,
-) -> Result<Manifest> {
-    let bad = |what: String, help: &str| Error::Checkpoint {
-        path: path.to_path_buf(),
-        what,
-        help: help.into(),
-    };
-    let manifest = read_manifest(path, config)?;
+    loader: Loader,
+) -> Result<Loaded> {
+    let (manifest, manifest_bytes) = read_manifest_sized(path, config)?;
+    let reader = reader(path, &manifest);
+    let state_bytes = state_tensors(units)
+        .iter()
+        .map(|t| t.1.bytes() as u64)
+        .sum();
     if !manifest.run.same_layout(&RunIdentity::of(config)) {
-        reshard(path, &manifest, config, backend, units, comms)?;
-        return Ok(manifest);
-    }
-    // Parameters (and unsharded states) come from the file of the first rank of this rank's
-    // data-parallel group, sharded states from this rank's own.
-    let leader = comms.dp.group().ranks[0];
-    let own = if sharded(units) { comms.rank } else { leader };
-    let first = read_file(path, leader, &bad)?;
-    let mine = if own == leader {
-        None
+        reshard::reshard(path, &manifest, &reader, config, backend, units, loader)?;
     } else {
-        Some(read_file(path, own, &bad)?)
-    };
-    for (name, tensor, shape, kind) in state_tensors(units) {
-        let (rank, bytes) = match (&mine, kind) {
-            (Some(mine), Kind::State) => (own, mine),
-            _ => (leader, &first),
-        };
-        let stored = safetensors::SafeTensors::deserialize(bytes)
-            .expect("invariant: read_file checked the file");
-        let view = stored.tensor(&name).map_err(|_| {
-            bad(
-                format!("{} has no tensor `{name}`", rank_file(rank)),
-                "the checkpoint is damaged; remove it to resume from the one before",
-            )
-        })?;
-        if view.dtype() != safetensors_dtype(tensor.dtype) || view.shape() != shape.as_slice() {
-            return Err(bad(
-                format!(
-                    "`{name}` is {:?} {:?}, expected {:?} {shape:?}",
-                    view.dtype(),
-                    view.shape(),
-                    safetensors_dtype(tensor.dtype)
-                ),
-                "the checkpoint is damaged; remove it to resume from the one before",
-            ));
-        }
-        backend.write_bytes(tensor, view.data())?;
+        load_same_layout(path, &reader, backend, units, loader)?;
     }
-    Ok(manifest)
+    let mut read = reader.count();
+    read.headers += manifest_bytes;
+    Ok(Loaded {
+        manifest,
+        read,
+        state_bytes,
+    })
 }
 
-/// Loads a checkpoint written with another layout: every state is consolidated into global
-/// tensors (see [`export`]) and this rank takes its tensor shard and ZeRO shard of each. Every
-/// rank reads the whole checkpoint (each file once), which is fine for the models a CPU run
-/// trains and slow for large ones.
-fn reshard<B: Backend>(
+/// Loads the files of a run laid out like this one: parameters (and unsharded states) from
+/// the file of the first rank of this rank's data-parallel group, sharded states from this
+/// rank's own; only the tensors this rank holds are read.
+fn load_same_layout<B: Backend>(
     path: &Path,
-    manifest: &Manifest,
-    config: &Config,
+    reader: &Reader,
     backend: &mut B,
     units: &[Unit],
-    comms: &Comms,
+    loader: Loader,
 ) -> Result<()> {
-    use export::{Global, State};
-    let written = export::written_config(manifest, config);
-    let files = export::Files::read(path, &written)?;
-    let consolidate = |state| files.consolidate(&written, state);
-    let missing = |what: &str| Error::Checkpoint {
-        path: path.to_path_buf(),
-        what: format!("it has no {what}"),
-        help: "the checkpoint is damaged; remove it to resume from the one before".into(),
-    };
-    let params = consolidate(State::Params)?.ok_or_else(|| missing("parameters"))?;
-    let master = consolidate(State::Master)?;
-    let adam_m = consolidate(State::AdamM)?.ok_or_else(|| missing("Adam moments"))?;
-    let adam_v = consolidate(State::AdamV)?.ok_or_else(|| missing("Adam moments"))?;
-    let shape = ModelShape::new(&config.model, config.parallel.tensor);
-    let tp_rank = comms.coord.tp_rank;
-    for unit in units {
-        for placed in &unit.layout.params {
-            let name = placed.spec.name;
-            let global_name = unit.param_name(name);
-            // This rank's shard of a global tensor; the vocabulary's padding rows are 0.
-            let local = |tensors: &BTreeMap<String, Global>| -> Result<Vec<f32>> {
-                let global = tensors
-                    .get(&global_name)
-                    .ok_or_else(|| missing(&format!("tensor `{global_name}`")))?;
-                Ok((0..placed.numel() as usize)
-                    .map(|i| {
-                        let index = global_index(placed, &shape, tp_rank, i);
-                        global.values.get(index).copied().unwrap_or(0.0)
-                    })
-                    .collect())
-            };
-            let offset = placed.offset as usize;
-            let part = |values: &[f32], range: &std::ops::Range<usize>| {
-                values[range.start - offset..range.end - offset].to_vec()
-            };
-            let values = local(&params)?;
-            let range = unit.shard_of(name);
-            match (unit.params(), &range) {
-                (Some(whole), _) => backend.write(unit.view(whole, name), &values)?,
-                (None, Some(range)) => {
-                    backend.write(unit.params_at(range), &part(&values, range))?
-                }
-                (None, None) => {}
-            }
-            let Some(range) = range else { continue };
-            if let Some(target) = unit.master {
-                // An fp32 run without master weights wrote its parameters in fp32.
-                let master = match &master {
-                    Some(master) => local(master)?,
-                    None => values.clone(),
-                };
-                backend.write(unit.state_view(target, &range), &part(&master, &range))?;
-            }
-            let m = local(&adam_m)?;
-            backend.write(unit.state_view(unit.adam_m, &range), &part(&m, &range))?;
-            let v = local(&adam_v)?;
-            backend.write(unit.state_view(unit.adam_v, &range), &part(&v, &range))?;
+    let leader = loader.dp_leader;
+    let own = if sharded(units) { loader.rank } else { leader };
+    for (name, tensor, shape, kind) in state_tensors(units) {
+        let rank = if kind == Kind::State { own } else { leader };
+        let file = rank_file(rank);
+        let stored = reader.stored(&file, &name)?;
+        if stored.dtype != safetensors_dtype(tensor.dtype) || stored.shape != shape {
+            return Err(damaged(
+                path,
+                format!(
+                    "{file}: `{name}` is {:?} {:?}, expected {:?} {shape:?}",
+                    stored.dtype,
+                    stored.shape,
+                    safetensors_dtype(tensor.dtype)
+                ),
+            ));
         }
+        backend.write_bytes(tensor, &reader.read(&file, &name)?)?;
     }
     Ok(())
 }
 
-/// The bytes of rank `rank`'s tensor file, checked to be safetensors.
-fn read_file(path: &Path, rank: usize, bad: &impl Fn(String, &str) -> Error) -> Result<Vec<u8>> {
-    let file = path.join(rank_file(rank));
-    let bytes = fs::read(&file).map_err(Error::io(&file))?;
-    if let Err(e) = safetensors::SafeTensors::deserialize(&bytes) {
-        return Err(bad(
-            format!("{} is not a valid safetensors file: {e}", rank_file(rank)),
-            "the checkpoint is damaged; remove it to resume from the one before",
-        ));
+/// Where a run resumed from.
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    pub path: PathBuf,
+    pub loaded: Loaded,
+    /// Damaged checkpoints newer than `path`, set aside (by rank 0) as `step-N.damaged`.
+    pub set_aside: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Restores the newest intact checkpoint in `dir` on every rank of the run (each calls it):
+/// the ranks agree on a candidate, load it, and agree on whether every rank found its part
+/// intact; if one did not, all try the next older one (see the module docs). `None` when `dir`
+/// has no checkpoint; an error when none is intact or a rank failed otherwise.
+pub fn resume<B: Backend>(
+    dir: &Path,
+    config: &Config,
+    backend: &mut B,
+    units: &[Unit],
+    comms: &mut Comms,
+) -> Result<Option<Resumed>> {
+    let loader = Loader::of(comms);
+    let mut older_than = u64::MAX;
+    // (path, what this rank found, the ranks that found it damaged)
+    let mut damage: Vec<(PathBuf, Option<String>, Vec<usize>)> = Vec::new();
+    loop {
+        let mine = list(dir)?.into_iter().rev().find(|(s, _)| *s < older_than);
+        let proposed = mine.as_ref().map_or(-1.0, |(step, _)| *step as f64);
+        let proposals = gather_over_group(comms.world.as_mut(), proposed)?;
+        if proposals.iter().any(|&p| p != proposals[0]) {
+            let seen: Vec<String> = proposals
+                .iter()
+                .enumerate()
+                .map(|(rank, &p)| match p {
+                    p if p < 0.0 => format!("rank {rank}: none"),
+                    p => format!("rank {rank}: step {p}"),
+                })
+                .collect();
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                what: format!(
+                    "the ranks see different newest checkpoints ({})",
+                    seen.join(", ")
+                ),
+                help: "checkpoint.dir must be one directory that every rank shares".into(),
+            });
+        }
+        let Some((step, path)) = mine else {
+            return match damage.first() {
+                None => Ok(None),
+                Some((newest, found, ranks)) => Err(Error::Checkpoint {
+                    path: dir.to_path_buf(),
+                    what: format!(
+                        "no checkpoint there is intact; the newest, {}, is damaged ({})",
+                        newest.display(),
+                        found
+                            .clone()
+                            .unwrap_or_else(|| format!("found by rank {}", ranks_list(ranks)))
+                    ),
+                    help: "look at them and remove the damaged ones, or start afresh with --fresh"
+                        .into(),
+                }),
+            };
+        };
+        let outcome = load(&path, config, backend, units, loader);
+        let code = match &outcome {
+            Ok(_) => 0.0,
+            Err(Error::CheckpointDamaged { .. }) => 1.0,
+            Err(_) => 2.0,
+        };
+        let codes = gather_over_group(comms.world.as_mut(), code)?;
+        let ranks_with =
+            |c: f64| -> Vec<usize> { (0..codes.len()).filter(|&r| codes[r] == c).collect() };
+        match outcome {
+            Err(e) if code == 2.0 => return Err(e),
+            _ if codes.contains(&2.0) => {
+                return Err(Error::Checkpoint {
+                    path: path.clone(),
+                    what: format!(
+                        "rank {} could not read it (its message says why)",
+                        ranks_list(&ranks_with(2.0))
+                    ),
+                    help: "fix what that rank reports, then resume again".into(),
+                });
+            }
+            Ok(loaded) if !codes.contains(&1.0) => {
+                let set_aside = if comms.rank == 0 {
+                    set_aside(&damage)?
+                } else {
+                    Vec::new()
+                };
+                return Ok(Some(Resumed {
+                    path,
+                    loaded,
+                    set_aside,
+                }));
+            }
+            outcome => {
+                let found = outcome.err().map(|e| {
+                    eprintln!("{e}");
+                    e.to_string()
+                });
+                let ranks = ranks_with(1.0);
+                if comms.rank == 0 {
+                    eprintln!(
+                        "checkpoint {} is damaged (rank {} found where); trying the one before",
+                        path.display(),
+                        ranks_list(&ranks)
+                    );
+                }
+                damage.push((path, found, ranks));
+                older_than = step;
+            }
+        }
     }
-    Ok(bytes)
+}
+
+/// "0, 3 and 5".
+fn ranks_list(ranks: &[usize]) -> String {
+    let names: Vec<String> = ranks.iter().map(usize::to_string).collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => names.join(""),
+    }
+}
+
+/// Renames each damaged checkpoint to `step-N.damaged` (`.damaged-2`, ... if taken), saying
+/// so; returns (from, to) for each.
+fn set_aside(damage: &[(PathBuf, Option<String>, Vec<usize>)]) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let mut moved = Vec::new();
+    for (path, _, _) in damage {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("invariant: list() returns step-N directories");
+        let mut to = path.with_file_name(format!("{name}{DAMAGED}"));
+        let mut n = 2;
+        while to.exists() {
+            to = path.with_file_name(format!("{name}{DAMAGED}-{n}"));
+            n += 1;
+        }
+        fs::rename(path, &to).map_err(Error::io(path))?;
+        eprintln!(
+            "set aside the damaged checkpoint {} as {}",
+            path.display(),
+            to.display()
+        );
+        moved.push((path.clone(), to));
+    }
+    Ok(moved)
 }
 
 fn describe(run: &RunIdentity) -> String {

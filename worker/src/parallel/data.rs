@@ -303,10 +303,19 @@ impl DataParallel {
 /// their f64 values bit for bit and each adds them in group order (an f32 all-reduce would
 /// round them, and a ring adds in a different order on each rank).
 pub fn sum_over_group(comm: &mut dyn Communicator, value: f64) -> Result<f64> {
+    if comm.group().size() == 1 {
+        return Ok(value);
+    }
+    Ok(gather_over_group(comm, value)?.iter().sum())
+}
+
+/// Every member's `value`, in group order, the same on every member (how ranks agree on a
+/// choice each of them can only make for itself, such as which checkpoint is intact).
+pub fn gather_over_group(comm: &mut dyn Communicator, value: f64) -> Result<Vec<f64>> {
     const MAX_GROUP: usize = 4096;
     let (size, index) = (comm.group().size(), comm.group().index);
     if size == 1 {
-        return Ok(value);
+        return Ok(vec![value]);
     }
     assert!(
         size <= MAX_GROUP,
@@ -319,5 +328,5 @@ pub fn sum_over_group(comm: &mut dyn Communicator, value: f64) -> Result<f64> {
     let input = output.slice(2 * index, 2);
     // SAFETY: `values` outlives the wait below and nothing else touches it meanwhile.
     unsafe { comm.start(Collective::AllGather { input, output }) }?.wait()?;
-    Ok(values[..size].iter().sum())
+    Ok(values[..size].to_vec())
 }

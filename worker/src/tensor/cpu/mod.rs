@@ -252,6 +252,26 @@ impl Backend for CpuBackend {
 
     fn copy(&mut self, dst: Tensor, src: Tensor) -> Result<()> {
         self.checks().copy(dst, src)?;
+        if src.dtype == dst.dtype {
+            // The same dtype: the bytes, whatever they hold (checkpoint staging copies every
+            // bit, NaN payloads included).
+            let (dst, src) = (
+                Tensor {
+                    len: dst.bytes(),
+                    dtype: Dtype::U8,
+                    ..dst
+                },
+                Tensor {
+                    len: src.bytes(),
+                    dtype: Dtype::U8,
+                    ..src
+                },
+            );
+            // SAFETY: both checked and disjoint.
+            let (d, s) = unsafe { (self.slice_mut::<u8>(dst), self.slice::<u8>(src)) };
+            d.copy_from_slice(s);
+            return Ok(());
+        }
         with_elem!("copy", src.dtype, S => {
             with_elem!("copy", dst.dtype, D => {
                 // SAFETY: both checked and disjoint.
