@@ -5,8 +5,10 @@
 //! worker registers with the coordinator. Each [`TcpCommunicator`] (one per process group)
 //! keeps one full-duplex connection per peer it talks to: the ring neighbours from the start,
 //! other members on the first send/recv between them. The member with the lower index
-//! connects; a connection opens with a handshake (magic, version, the run's token, group,
-//! sender) that the endpoint checks before routing it to its communicator.
+//! connects; a connection opens with a handshake (magic, version, group, sender and a nonce
+//! each way) in which each end proves it knows the run's token by an HMAC of both nonces,
+//! without sending it; the endpoint checks the proof before routing the connection to its
+//! communicator.
 //!
 //! Reductions are rings: reduce-scatter then all-gather, each step cut into pieces so that a
 //! piece is forwarded while the next is still arriving. One thread per communicator moves
@@ -36,6 +38,8 @@ use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use ring::hmac::{self, Tag};
+use ring::rand::{SecureRandom as _, SystemRandom};
 use tessera_plan::memory::Dtype;
 
 use super::shm::ShmRing;
@@ -45,7 +49,11 @@ use super::{
 use crate::throttle::Throttle;
 
 const MAGIC: &[u8; 4] = b"TSRA";
-const VERSION: u8 = 1;
+/// 2: the token is proven by HMAC over fresh nonces, not sent.
+const VERSION: u8 = 2;
+/// Bytes of a handshake nonce, and of a proof (HMAC-SHA256).
+const NONCE: usize = 32;
+const TAG: usize = 32;
 /// Bytes received before they are forwarded, where no reduction cuts them smaller: large
 /// enough to amortise a system call, small enough that a ring step overlaps its send and
 /// receive.
@@ -210,12 +218,54 @@ fn accept(listener: TcpListener, token: Arc<str>, inbox: Arc<Inbox>) {
     }
 }
 
-/// Reads and checks a connection's handshake; answers 1 (accepted) or 0.
+/// The proof that one end of a handshake knows the run's token without sending it: an
+/// HMAC-SHA256 keyed by the token over the end's role, both nonces (its peer's first, so each
+/// proof answers a fresh challenge), the group and the sender. Someone reading the network
+/// learns neither the token nor a proof they could replay.
+fn proof(token: &str, role: &[u8], theirs: &[u8], ours: &[u8], group: &str, sender: u32) -> Tag {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, token.as_bytes());
+    hmac::sign(&key, &proven_message(role, theirs, ours, group, sender))
+}
+
+/// Whether `tag` is the proof [`proof`] would make of the same parts (compared in constant
+/// time).
+fn proven(token: &str, tag: &[u8], parts: (&[u8], &[u8], &[u8], &str, u32)) -> bool {
+    let (role, theirs, ours, group, sender) = parts;
+    let key = hmac::Key::new(hmac::HMAC_SHA256, token.as_bytes());
+    hmac::verify(
+        &key,
+        &proven_message(role, theirs, ours, group, sender),
+        tag,
+    )
+    .is_ok()
+}
+
+/// The parts of a proof, each with its length first, so no two lists of parts read alike.
+fn proven_message(role: &[u8], theirs: &[u8], ours: &[u8], group: &str, sender: u32) -> Vec<u8> {
+    let mut message = Vec::with_capacity(128);
+    for part in [role, theirs, ours, group.as_bytes(), &sender.to_le_bytes()] {
+        message.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        message.extend_from_slice(part);
+    }
+    message
+}
+
+fn nonce() -> Result<[u8; NONCE], String> {
+    let mut bytes = [0u8; NONCE];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| "the system's random source failed".to_string())?;
+    Ok(bytes)
+}
+
+/// The accepting end of a handshake: reads the dialer's hello (magic, version, group, sender,
+/// its nonce), answers with its own nonce and proof, checks the dialer's proof and answers 1
+/// (accepted) or 0. The token itself never crosses the network.
 fn handshake_in(mut stream: &TcpStream, token: &str) -> Result<(String, usize), String> {
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    let mut fixed = [0u8; 4 + 1 + 2 + 2 + 4];
+    let mut fixed = [0u8; 4 + 1 + 2 + 4];
     stream
         .read_exact(&mut fixed)
         .map_err(|e| format!("no handshake: {e}"))?;
@@ -223,21 +273,71 @@ fn handshake_in(mut stream: &TcpStream, token: &str) -> Result<(String, usize), 
         let _ = stream.write_all(&[0]);
         return Err("not a tessera collective connection (or another version)".into());
     }
-    let token_len = u16::from_le_bytes([fixed[5], fixed[6]]) as usize;
-    let group_len = u16::from_le_bytes([fixed[7], fixed[8]]) as usize;
-    let sender = u32::from_le_bytes(fixed[9..13].try_into().expect("4 bytes")) as usize;
-    let mut rest = vec![0u8; token_len + group_len];
+    let group_len = u16::from_le_bytes([fixed[5], fixed[6]]) as usize;
+    let sender = u32::from_le_bytes(fixed[7..11].try_into().expect("4 bytes"));
+    let mut rest = vec![0u8; group_len + NONCE];
     stream
         .read_exact(&mut rest)
         .map_err(|e| format!("truncated handshake: {e}"))?;
-    if &rest[..token_len] != token.as_bytes() {
+    let group = String::from_utf8_lossy(&rest[..group_len]).into_owned();
+    let theirs = &rest[group_len..];
+    let ours = nonce()?;
+    let mine = proof(token, b"accept", theirs, &ours, &group, sender);
+    let mut answer = vec![1u8];
+    answer.extend_from_slice(&ours);
+    answer.extend_from_slice(mine.as_ref());
+    stream.write_all(&answer).map_err(|e| e.to_string())?;
+    let mut tag = [0u8; TAG];
+    stream
+        .read_exact(&mut tag)
+        .map_err(|e| format!("rank {sender} sent no proof of the run's token: {e}"))?;
+    if !proven(token, &tag, (b"dial", &ours, theirs, &group, sender)) {
         let _ = stream.write_all(&[0]);
-        return Err(format!("rank {sender} presented the wrong run token"));
+        return Err(format!("rank {sender} does not know this run's token"));
     }
-    let group = String::from_utf8_lossy(&rest[token_len..]).into_owned();
     stream.write_all(&[1]).map_err(|e| e.to_string())?;
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
-    Ok((group, sender))
+    Ok((group, sender as usize))
+}
+
+/// The dialling end of a handshake on a fresh `stream` (see [`handshake_in`]); a refusal
+/// either way is `PermissionDenied`.
+fn handshake_out(
+    mut stream: &TcpStream,
+    token: &str,
+    group: &str,
+    sender: u32,
+) -> std::io::Result<()> {
+    let refused = |what: &str| std::io::Error::new(ErrorKind::PermissionDenied, what.to_string());
+    let ours = nonce().map_err(std::io::Error::other)?;
+    let mut hello = Vec::with_capacity(64);
+    hello.extend_from_slice(MAGIC);
+    hello.push(VERSION);
+    hello.extend_from_slice(&(group.len() as u16).to_le_bytes());
+    hello.extend_from_slice(&sender.to_le_bytes());
+    hello.extend_from_slice(group.as_bytes());
+    hello.extend_from_slice(&ours);
+    stream.write_all(&hello)?;
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut status = [0u8; 1];
+    stream.read_exact(&mut status)?;
+    if status[0] != 1 {
+        return Err(refused(
+            "the peer refused the handshake (another tessera version?)",
+        ));
+    }
+    let mut answer = [0u8; NONCE + TAG];
+    stream.read_exact(&mut answer)?;
+    let (theirs, tag) = answer.split_at(NONCE);
+    if !proven(token, tag, (b"accept", &ours, theirs, group, sender)) {
+        return Err(refused("the peer does not know this run's token"));
+    }
+    stream.write_all(proof(token, b"dial", theirs, &ours, group, sender).as_ref())?;
+    stream.read_exact(&mut status)?;
+    if status[0] != 1 {
+        return Err(refused("the peer refused this run's token"));
+    }
+    stream.set_read_timeout(None)
 }
 
 /// A connection to one member: the TCP stream, and where the member runs on this host, the
@@ -348,29 +448,11 @@ impl Links {
     }
 
     fn connect(&self, peer: usize, deadline: Instant) -> Result<TcpStream, String> {
-        let mut hello = Vec::with_capacity(64);
-        hello.extend_from_slice(MAGIC);
-        hello.push(VERSION);
-        hello.extend_from_slice(&(self.token.len() as u16).to_le_bytes());
-        hello.extend_from_slice(&(self.group.name.len() as u16).to_le_bytes());
-        hello.extend_from_slice(&(self.group.ranks[self.group.index] as u32).to_le_bytes());
-        hello.extend_from_slice(self.token.as_bytes());
-        hello.extend_from_slice(self.group.name.as_bytes());
+        let sender = self.group.ranks[self.group.index] as u32;
         loop {
             let attempt = (|| -> std::io::Result<TcpStream> {
-                let mut stream =
-                    TcpStream::connect_timeout(&self.peers[peer], Duration::from_secs(2))?;
-                stream.write_all(&hello)?;
-                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-                let mut answer = [0u8; 1];
-                stream.read_exact(&mut answer)?;
-                if answer[0] != 1 {
-                    return Err(std::io::Error::new(
-                        ErrorKind::PermissionDenied,
-                        "the peer refused this run's token",
-                    ));
-                }
-                stream.set_read_timeout(None)?;
+                let stream = TcpStream::connect_timeout(&self.peers[peer], Duration::from_secs(2))?;
+                handshake_out(&stream, &self.token, &self.group.name, sender)?;
                 Ok(stream)
             })();
             match attempt {
@@ -1230,6 +1312,59 @@ mod tests {
         };
         let (stream, dialer_rings) = dialer.join().unwrap();
         (link(accepted, rings), link(stream, dialer_rings))
+    }
+
+    /// Bytes that cross a relay between a dialer and an acceptor running the handshake with
+    /// these tokens, and each end's result.
+    fn relayed_handshake(dialer: &str, acceptor: &str) -> (Vec<u8>, bool, bool) {
+        let target = TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (to_target, to_relay) = (target.local_addr().unwrap(), relay.local_addr().unwrap());
+        let acceptor = acceptor.to_string();
+        let accepting = std::thread::spawn(move || {
+            let (stream, _) = target.accept().unwrap();
+            handshake_in(&stream, &acceptor).is_ok()
+        });
+        let relaying = std::thread::spawn(move || {
+            let (near, _) = relay.accept().unwrap();
+            let far = TcpStream::connect(to_target).unwrap();
+            let pump = |mut from: TcpStream, mut to: TcpStream| {
+                std::thread::spawn(move || {
+                    let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                    }
+                    let _ = to.shutdown(Shutdown::Write);
+                    seen
+                })
+            };
+            let up = pump(near.try_clone().unwrap(), far.try_clone().unwrap());
+            let down = pump(far, near);
+            let mut seen = up.join().unwrap();
+            seen.extend(down.join().unwrap());
+            seen
+        });
+        let stream = TcpStream::connect(to_relay).unwrap();
+        let dialled = handshake_out(&stream, dialer, "dp 0", 3).is_ok();
+        drop(stream);
+        let accepted = accepting.join().unwrap();
+        (relaying.join().unwrap(), dialled, accepted)
+    }
+
+    #[test]
+    fn the_run_token_never_crosses_the_network_and_a_wrong_one_fails_both_ends() {
+        let token = "the-secret-token-of-this-run";
+        let (wire, dialled, accepted) = relayed_handshake(token, token);
+        assert!(dialled && accepted);
+        assert!(
+            !wire.windows(token.len()).any(|w| w == token.as_bytes()),
+            "the token was on the wire"
+        );
+        let (_, dialled, accepted) = relayed_handshake("another-token-entirely", token);
+        assert!(!dialled && !accepted, "each end refuses the other");
     }
 
     /// Threads of this process.
