@@ -689,3 +689,20 @@ fn a_token_under_16_bytes_is_refused_on_the_head_and_the_agent_with_how_to_make_
     assert_eq!(code(&output), 1, "{}", stderr(&output));
     assert!(stderr(&output).contains("cannot reach the coordinator"));
 }
+
+#[test]
+fn export_to_a_directory_is_refused_once_before_reading_the_checkpoint() {
+    let scratch = Scratch::new("export-dir");
+    let out = scratch.0.display().to_string();
+    let output = fails(
+        &["export", "--out", &out],
+        2,
+        "is a directory; name the file",
+    );
+    assert_eq!(
+        stderr(&output).matches("is a directory").count(),
+        1,
+        "{}",
+        stderr(&output)
+    );
+}
