@@ -254,12 +254,18 @@ fn probe(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_file(&path)
 }
 
-fn usage(error: impl ToString) -> Stop {
-    Stop {
-        code: 2,
-        message: error.to_string(),
-        caused_by_peer: false,
+impl Stop {
+    fn new(code: u8, message: impl ToString, caused_by_peer: bool) -> Stop {
+        Stop {
+            code,
+            message: message.to_string(),
+            caused_by_peer,
+        }
     }
+}
+
+fn usage(error: impl ToString) -> Stop {
+    Stop::new(2, error, false)
 }
 
 /// The exit status says the class, as `launch` does: 2 bad input the user can fix before
@@ -279,11 +285,7 @@ fn failure(error: Error) -> Stop {
         Error::Comm(comm) => !matches!(**comm, CommError::Invalid { .. }),
         _ => false,
     };
-    Stop {
-        code,
-        message: error.to_string(),
-        caused_by_peer,
-    }
+    Stop::new(code, error, caused_by_peer)
 }
 
 fn run(cli: &Cli) -> Result<(), Stop> {
@@ -395,21 +397,13 @@ fn start_threads(threads: Option<usize>) -> Result<(), Stop> {
 }
 
 fn runtime_error(message: impl ToString) -> Stop {
-    Stop {
-        code: 1,
-        message: message.to_string(),
-        caused_by_peer: false,
-    }
+    Stop::new(1, message, false)
 }
 
 /// A collective's failure or a group that could not be set up: what this rank saw of a peer
 /// that died, hung or never started.
 fn peer_failure(error: CommError) -> Stop {
-    Stop {
-        code: 1,
-        message: error.to_string(),
-        caused_by_peer: true,
-    }
+    Stop::new(1, error, true)
 }
 
 /// One rank of a run started by `launch`. Its last beat says how it ended: finished, or the
