@@ -44,8 +44,8 @@ pub struct StepMetrics {
 
 /// One rank's model, optimizer and buffers.
 pub struct Rank<B: Backend> {
-    /// Checkpoint saves. First, so that it is dropped (waiting for a write in flight, which
-    /// reads the backend's host memory) before the backend.
+    /// Checkpoint saves. A write in flight holds a share of the host arena it reads, so the
+    /// order in which a rank is torn down does not matter.
     pub saver: checkpoint::Saver,
     pub config: Config,
     pub backend: B,
@@ -655,19 +655,15 @@ fn run_steps<B: Backend>(
         rank.saver.poll(&mut rank.comms)?;
         let every = config.checkpoint.every;
         if every > 0 && (rank.step.is_multiple_of(every) || rank.step == config.training.steps) {
-            // SAFETY: `rank.saver` is declared before `rank.backend`, so it is dropped (and
-            // its write joined) first.
-            unsafe {
-                rank.saver.start(
-                    &dir,
-                    rank.step,
-                    &config,
-                    &mut rank.backend,
-                    &rank.units,
-                    rank.optimizer.loss_scale,
-                    &mut rank.comms,
-                )
-            }?;
+            rank.saver.start(
+                &dir,
+                rank.step,
+                &config,
+                &mut rank.backend,
+                &rank.units,
+                rank.optimizer.loss_scale,
+                &mut rank.comms,
+            )?;
         }
         on_step(rank, &metrics);
         all.push(metrics);

@@ -21,7 +21,7 @@ use super::{
     step_dir,
 };
 use crate::arena::ArenaLayout;
-use crate::comm::{CommunicatorExt as _, Memory};
+use crate::comm::{CommunicatorExt as _, Memory, Owner};
 use crate::error::{Error, Result};
 use crate::model::Unit;
 use crate::optim::LossScale;
@@ -36,16 +36,13 @@ const FAILED: f64 = -2.0;
 const NO_FILE: f64 = -3.0;
 // Done with a file: its header's crc32c (0..2^32, exact in an f64).
 
-/// The staging bytes a writer thread reads.
+/// The staging bytes a writer thread reads, and a share of the arena they are in: the arena
+/// outlives the write whatever is dropped first (the backend, the saver).
 struct Staged {
     addr: usize,
     len: usize,
+    _owner: Option<Owner>,
 }
-
-// SAFETY: `Staged` is the address of the backend's host arena's staging region, which lives
-// as long as the backend; `Saver::start`'s contract keeps the backend alive until the thread
-// is joined, and nothing writes the region while the thread runs.
-unsafe impl Send for Staged {}
 
 /// The save in flight.
 struct Pending {
@@ -87,13 +84,10 @@ impl Saver {
     }
 
     /// Starts the checkpoint of `step` into `dir` (every rank calls it at the same step): waits
-    /// for the save in flight, stages this rank's state and starts writing its file.
-    ///
-    /// # Safety
-    /// `backend` outlives this saver's write: it is not dropped before `self` is (a
-    /// [`crate::train::Rank`] holds its saver before its backend) or [`Saver::finish`]ed.
+    /// for the save in flight, stages this rank's state and starts writing its file. Only the
+    /// saver writes the staging row, and only once the write before has been joined.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn start<B: Backend>(
+    pub fn start<B: Backend>(
         &mut self,
         dir: &Path,
         step: u64,
@@ -122,8 +116,9 @@ impl Saver {
             let path = partial.join(rank_file(comms.rank));
             let (staged, entries) = self.stage(&path, backend, units, &tensors)?;
             Some(std::thread::spawn(move || {
-                // SAFETY: the staging region is `staged.len` bytes at `staged.addr` and stays
-                // alive and unwritten until this thread is joined (see `Staged`).
+                // SAFETY: the staging region is `staged.len` bytes at `staged.addr`, kept alive
+                // by `staged`'s owner, and unwritten until this thread is joined (`start`
+                // joins the write before it stages again).
                 let data =
                     unsafe { std::slice::from_raw_parts(staged.addr as *const u8, staged.len) };
                 write_file(&path, &entries, data)
@@ -239,6 +234,7 @@ impl Saver {
             Staged {
                 addr: buf.addr,
                 len: staging.bytes(),
+                _owner: buf.owner,
             },
             entries,
         ))
@@ -337,8 +333,8 @@ impl Pending {
 }
 
 impl Drop for Saver {
-    /// A write in flight reads the backend's staging memory: it must end before the backend
-    /// does. Its result is dropped (a failed run does not commit).
+    /// Waits for a write in flight (it holds its own share of the staging memory); its result
+    /// is dropped: a failed run does not commit.
     fn drop(&mut self) {
         if let Some(pending) = &mut self.pending {
             pending.join();
