@@ -206,7 +206,7 @@ pub fn table(name: &str, config: &Config, plan: &MemoryPlan) -> String {
                 )
             },
         ];
-        for category in Category::DEVICE {
+        for &category in Category::DEVICE {
             let bytes = stage.bytes(Place::Device, category);
             row.push(if bytes == 0 {
                 "-".into()

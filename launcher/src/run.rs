@@ -122,7 +122,7 @@ pub fn run_local(loaded: &Loaded, options: &RunOptions) -> Result<(), Failure> {
     // What each worker must allocate: the arena its plan lays out (checked again by the worker).
     let mut layout = Layout {
         sets: loaded.sets.clone(),
-        planned: planned_bytes(config),
+        planned: planned_bytes(config, &plan),
         mesh: Mesh::from_config(config),
     };
     // Whether this machine holds the ranks (its GPUs, its memory), before any worker starts;
@@ -621,10 +621,9 @@ struct Layout {
     planned: Vec<RankBytes>,
 }
 
-/// What each worker of `config` must allocate: the arenas its plan lays out (the device one
-/// is checked again by the worker).
-fn planned_bytes(config: &tessera_plan::Config) -> Vec<RankBytes> {
-    let plan = MemoryPlan::new(config);
+/// What each worker of `config` (whose plan is `plan`) must allocate: the arenas its plan
+/// lays out (the device one is checked again by the worker).
+fn planned_bytes(config: &tessera_plan::Config, plan: &MemoryPlan) -> Vec<RankBytes> {
     (0..config.parallel.world_size())
         .map(|rank| {
             let layout = ArenaLayout::new(plan.rank(rank).expect("invariant: rank < world"));
@@ -668,7 +667,7 @@ fn shrink(loaded: &Loaded, layout: &Layout, live: usize) -> Option<(Layout, Stri
         Layout {
             sets,
             mesh: Mesh::from_config(&config),
-            planned: planned_bytes(&config),
+            planned: planned_bytes(&config, &MemoryPlan::new(&config)),
         },
         what,
     ))

@@ -91,17 +91,9 @@ impl Category {
         Category::Checkpoint,
     ];
 
-    /// The categories that can have device memory: the columns of a device table.
-    pub const DEVICE: [Category; 8] = [
-        Category::Params,
-        Category::Grads,
-        Category::Master,
-        Category::Optimizer,
-        Category::Activations,
-        Category::Workspace,
-        Category::Comm,
-        Category::Runtime,
-    ];
+    /// The categories that can have device memory, the columns of a device table: all but the
+    /// last, `Checkpoint`, which is host memory only.
+    pub const DEVICE: &[Category] = Category::ALL.split_at(Category::ALL.len() - 1).0;
 
     /// The key used in tables and JSON.
     pub fn name(self) -> &'static str {

@@ -195,9 +195,7 @@ pub fn check_output_dir(path: &Path, flag: &str) -> Result<(), String> {
             path.display()
         ));
     }
-    std::fs::create_dir_all(path)
-        .map_err(|e| format!("{flag} {}: cannot make the directory: {e}", path.display()))?;
-    probe(path).map_err(|e| format!("{flag} {}: cannot write into it: {e}", path.display()))
+    writable_dir(path).map_err(|what| format!("{flag} {}: {what}", path.display()))
 }
 
 /// A file the command writes (`--metrics`, `--out`): not a directory, in a directory that
@@ -233,25 +231,26 @@ pub fn check_checkpoint_dir(config: &Config) -> Result<(), String> {
         return Ok(());
     }
     let dir = Path::new(&config.checkpoint.dir);
-    let fail = |what: String| {
+    writable_dir(dir).map_err(|what| {
         format!(
             "checkpoint.dir {}: {what}\n  help: point checkpoint.dir at a writable directory \
              (--set checkpoint.dir=PATH), or turn checkpoints off with --set checkpoint.every=0",
             dir.display()
         )
-    };
-    if dir.exists() && !dir.is_dir() {
-        return Err(fail("is a file, not a directory".into()));
-    }
-    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot make the directory: {e}")))?;
-    probe(dir).map_err(|e| fail(format!("cannot write into it: {e}")))
+    })
 }
 
-/// Creates and removes a file in `dir`.
-fn probe(dir: &Path) -> std::io::Result<()> {
-    let path = dir.join(format!(".tessera-write-test-{}", std::process::id()));
-    std::fs::write(&path, b"")?;
-    std::fs::remove_file(&path)
+/// Makes `dir` if it is missing and creates and removes a file in it; what is wrong if that
+/// fails.
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    if dir.exists() && !dir.is_dir() {
+        return Err("is a file, not a directory".into());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot make the directory: {e}"))?;
+    let probe = dir.join(format!(".tessera-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| format!("cannot write into it: {e}"))
 }
 
 impl Stop {
@@ -300,7 +299,6 @@ fn run(cli: &Cli) -> Result<(), Stop> {
         eprintln!("warning: {warning}");
     }
     train::check_single_rank(&config).map_err(failure)?;
-
     if config.cluster.device == Device::Cuda {
         crate::tensor::cuda::check_config(&config).map_err(failure)?;
     }
