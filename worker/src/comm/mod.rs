@@ -289,28 +289,27 @@ impl Collective {
                 )))
             }
         };
+        // `whole` (the `which` buffer) is `n` chunks of `chunk`'s length, and overlaps it only
+        // as this member's chunk.
+        let chunks = |whole: &CommBuf, chunk: &CommBuf, which: &str| {
+            if whole.len != chunk.len * n {
+                return Err(invalid(format!(
+                    "{which} of {} elements is not {n} chunks of {}",
+                    whole.len, chunk.len
+                )));
+            }
+            in_place(whole, chunk, me).map_err(invalid)
+        };
         match self {
             Collective::AllReduce { buf, .. } => reduce(buf.dtype),
             Collective::ReduceScatter { input, output, .. } => {
                 reduce(input.dtype)?;
                 same(input, output)?;
-                if input.len != output.len * n {
-                    return Err(invalid(format!(
-                        "input of {} elements is not {n} chunks of {}",
-                        input.len, output.len
-                    )));
-                }
-                in_place(input, output, me).map_err(invalid)
+                chunks(input, output, "input")
             }
             Collective::AllGather { input, output } => {
                 same(input, output)?;
-                if output.len != input.len * n {
-                    return Err(invalid(format!(
-                        "output of {} elements is not {n} chunks of {}",
-                        output.len, input.len
-                    )));
-                }
-                in_place(output, input, me).map_err(invalid)
+                chunks(output, input, "output")
             }
             Collective::Broadcast { root, .. } if *root >= n => {
                 Err(invalid(format!("root {root} of a group of {n}")))
