@@ -137,6 +137,7 @@ fn dims(b: usize, t: usize, nh: usize, hs: usize, v: usize, vp: usize, vocab_sta
         t,
         c: nh * hs,
         nh,
+        nkv: nh,
         hs,
         v,
         vp,
