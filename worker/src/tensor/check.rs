@@ -45,7 +45,9 @@ pub fn kv_heads(op: &'static str, dims: Dims) -> Result<()> {
                 "{op}: {} query heads cannot share {} key/value heads evenly",
                 dims.nh, dims.nkv
             ),
-            help: "model.kv_heads must divide model.heads (and both divide parallel.tensor's                    shards); this is a bug in tessera if the config passed validation"
+            help: "model.heads must be a multiple of model.kv_heads, and model.kv_heads of \
+                   parallel.tensor; the config's validation checks both, so this is a bug in \
+                   tessera"
                 .into(),
         });
     }
@@ -434,7 +436,8 @@ impl Checks {
         if !table.len.is_multiple_of(dims.hs.max(1)) || rows < dims.t {
             return Err(Error::Unsupported {
                 what: format!(
-                    "{op}: the rotary table holds {} values, not rows of head size {} for {}                      positions",
+                    "{op}: the rotary table holds {} values, not rows of head size {} for {} \
+                     positions",
                     table.len, dims.hs, dims.t
                 ),
                 help: "this is a bug in tessera: the table must be (t_max >= seq_len, hs)".into(),
