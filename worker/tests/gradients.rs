@@ -835,7 +835,10 @@ fn llama_op_arguments_are_checked() {
     let x = bump.zeros(4 * odd.qkv_width(), Dtype::F32);
     let table = bump.zeros(4 * 3, Dtype::F32);
     let err = message(bump.backend.rope_fwd(x, table, odd));
-    assert!(err.contains("head size 3 is odd"), "{err}");
+    assert!(
+        err.contains("head size 3 is not a positive even number"),
+        "{err}"
+    );
     let even = attention_dims(1, 4, 2, 2, 4);
     let x = bump.zeros(4 * even.qkv_width(), Dtype::F32);
     let short = bump.zeros(3 * 4, Dtype::F32);

@@ -414,10 +414,11 @@ impl Checks {
     ) -> Result<()> {
         let (name, x) = rotated;
         kv_heads(op, dims)?;
-        if !dims.hs.is_multiple_of(2) {
+        if dims.hs == 0 || !dims.hs.is_multiple_of(2) {
             return Err(Error::Unsupported {
                 what: format!(
-                    "{op}: head size {} is odd; rotary embeddings rotate pairs of dims",
+                    "{op}: head size {} is not a positive even number; rotary embeddings \
+                     rotate pairs of dims",
                     dims.hs
                 ),
                 help: "choose model.head_dim (or hidden / heads) even".into(),

@@ -31,6 +31,9 @@ pub fn rmsnorm_fwd<E: Elem>(
     c: usize,
     eps: f32,
 ) {
+    if c == 0 {
+        return;
+    }
     out.par_chunks_mut(c)
         .zip(rstd.par_iter_mut())
         .enumerate()
@@ -59,6 +62,9 @@ pub fn rmsnorm_bwd<E: Elem>(
     c: usize,
 ) {
     let rows = rstd.len();
+    if c == 0 {
+        return;
+    }
     dinp.par_chunks_mut(c).enumerate().for_each(|(row, dinp)| {
         let s = rstd[row];
         let x = &inp[row * c..][..c];
