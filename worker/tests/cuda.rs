@@ -64,13 +64,14 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-const SOURCES: [&str; 6] = [
+const SOURCES: [&str; 7] = [
     "elementwise",
     "embedding",
     "layernorm",
     "attention",
     "crossentropy",
     "optimizer",
+    "llama",
 ];
 
 #[test]

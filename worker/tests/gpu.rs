@@ -14,7 +14,7 @@ use half::bf16;
 use tessera_plan::memory::{Dtype, Place};
 use tessera_worker::tensor::cpu::CpuBackend;
 use tessera_worker::tensor::cuda::CudaBackend;
-use tessera_worker::tensor::{AdamW, Backend, Dims, Linear, Tensor};
+use tessera_worker::tensor::{AdamW, Backend, Dims, Linear, Tensor, rope_table};
 
 const ARENA: usize = 256 << 20;
 
@@ -137,6 +137,7 @@ fn dims(b: usize, t: usize, nh: usize, hs: usize, v: usize, vp: usize, vocab_sta
         t,
         c: nh * hs,
         nh,
+        nkv: nh,
         hs,
         v,
         vp,
@@ -275,6 +276,88 @@ fn attention_matches_the_cpu() {
             both!(p, attention_bwd(dqkv, delta, dout, qkv, out, lse, d));
             p.check(&format!("attention_bwd t={t} hs={hs}"), dqkv, 2.0);
         }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn grouped_query_attention_matches_the_cpu() {
+    for dt in DTYPES {
+        // Llama 3's ratio (32 / 8) and 2, a partial tile, head sizes of Llama (128) and less.
+        for (t, nh, nkv, hs) in [(130, 8, 2, 128), (70, 4, 2, 64), (64, 4, 1, 32)] {
+            let mut p = Pair::new();
+            let d = Dims {
+                nkv,
+                ..dims(2, t, nh, hs, 10, 10, 0)
+            };
+            let n = d.tokens();
+            let qkv = p.input(n * d.qkv_width(), dt, 1.0);
+            let out = p.alloc(n * nh * hs, dt);
+            let lse = p.alloc(n * nh, Dtype::F32);
+            both!(p, attention_fwd(out, lse, qkv, d));
+            let what = format!("t={t} nh={nh} nkv={nkv} hs={hs}");
+            p.check(&format!("gqa attention_fwd out {what}"), out, 1.0);
+            p.check(&format!("gqa attention_fwd lse {what}"), lse, 4.0);
+            let dout = p.input(n * nh * hs, dt, 1.0);
+            let dqkv = p.alloc(n * d.qkv_width(), dt);
+            let delta = p.alloc(n * nh, Dtype::F32);
+            both!(p, attention_bwd(dqkv, delta, dout, qkv, out, lse, d));
+            // dk and dv sum over the group's query heads: larger sums.
+            p.check(
+                &format!("gqa attention_bwd {what}"),
+                dqkv,
+                2.0 * (nh / nkv) as f32,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn llama_ops_match_the_cpu() {
+    for dt in DTYPES {
+        let mut p = Pair::new();
+        // RMSNorm over Llama 3 8B's width, rows not a multiple of anything.
+        let (rows, c) = (67, 4096);
+        let inp = p.input(rows * c, dt, 2.0);
+        let w = p.input(c, dt, 1.0);
+        let out = p.alloc(rows * c, dt);
+        let rstd = p.alloc(rows, Dtype::F32);
+        both!(p, rmsnorm_fwd(out, rstd, inp, w, rows, c, 1e-5));
+        p.check("rmsnorm_fwd out", out, 4.0);
+        p.check("rmsnorm_fwd rstd", rstd, 1.0);
+        let dout = p.input(rows * c, dt, 1.0);
+        let dinp = p.input(rows * c, dt, 1.0);
+        let dw = p.input(c, dt, 1.0);
+        both!(p, rmsnorm_bwd(dinp, dw, dout, inp, w, rstd, rows, c));
+        p.check("rmsnorm_bwd dinp", dinp, 4.0);
+        p.check("rmsnorm_bwd dweight", dw, 40.0);
+
+        // Rotary embeddings on Llama 3's head layout (8 query, 2 key/value heads on a rank),
+        // theta 500000, positions of two sequences from a longer table.
+        let d = Dims {
+            nkv: 2,
+            ..dims(2, 300, 8, 128, 10, 10, 0)
+        };
+        let values = rope_table(512, d.hs, 500_000.0);
+        let table = p.alloc(values.len(), Dtype::F32);
+        p.put(table, &values);
+        let qkv = p.input(d.tokens() * d.qkv_width(), dt, 1.0);
+        both!(p, rope_fwd(qkv, table, d));
+        p.check("rope_fwd", qkv, 1.0);
+        both!(p, rope_bwd(qkv, table, d));
+        p.check("rope_bwd", qkv, 1.0);
+
+        // SwiGLU over rows of a width that is no multiple of the block.
+        let (rows, f) = (129, 1001);
+        let inp = p.input(rows * 2 * f, dt, 6.0);
+        let out = p.alloc(rows * f, dt);
+        both!(p, swiglu_fwd(out, inp, f));
+        p.check("swiglu_fwd", out, 6.0);
+        let dout = p.input(rows * f, dt, 1.0);
+        let dinp = p.alloc(rows * 2 * f, dt);
+        both!(p, swiglu_bwd(dinp, dout, inp, f));
+        p.check("swiglu_bwd", dinp, 6.0);
     }
 }
 

@@ -4,7 +4,7 @@
 
 use tessera_plan::memory::{Dtype, Place};
 use tessera_worker::tensor::cpu::CpuBackend;
-use tessera_worker::tensor::{AdamW, Backend, Dims, Linear, Tensor};
+use tessera_worker::tensor::{AdamW, Backend, Dims, Linear, Tensor, rope_table};
 
 /// f32 kernels against an f64 reference: forward outputs agree to this, relative to the
 /// largest magnitude in the tensor.
@@ -141,12 +141,26 @@ mod reference {
             .collect()
     }
 
-    /// Causal softmax attention from `qkv (b t, 3 nh hs)` laid out `[q | k | v]`.
-    pub fn attention(qkv: &[f64], b: usize, t: usize, nh: usize, hs: usize) -> Vec<f64> {
+    /// Causal softmax attention from `qkv (b t, (nh + 2 nkv) hs)` laid out `[q | k | v]`, query
+    /// head h reading key/value head h / (nh / nkv).
+    pub fn attention(
+        qkv: &[f64],
+        b: usize,
+        t: usize,
+        nh: usize,
+        nkv: usize,
+        hs: usize,
+    ) -> Vec<f64> {
         let width = nh * hs;
+        let stride = (nh + 2 * nkv) * hs;
         let mut out = vec![0.0; b * t * width];
         let at = |bb: usize, i: usize, part: usize, h: usize, d: usize| {
-            qkv[(bb * t + i) * 3 * width + part * width + h * hs + d]
+            let column = match part {
+                0 => h * hs,
+                1 => width + h / (nh / nkv) * hs,
+                _ => width + (nkv + h / (nh / nkv)) * hs,
+            };
+            qkv[(bb * t + i) * stride + column + d]
         };
         for bb in 0..b {
             for h in 0..nh {
@@ -172,6 +186,45 @@ mod reference {
             }
         }
         out
+    }
+
+    /// `x * (mean(x^2) + eps)^-1/2 * w` per row.
+    pub fn rmsnorm(x: &[f64], w: &[f64], c: usize, eps: f64) -> Vec<f64> {
+        x.chunks(c)
+            .flat_map(|row| {
+                let mean_square = row.iter().map(|v| v * v).sum::<f64>() / c as f64;
+                let rstd = 1.0 / (mean_square + eps).sqrt();
+                row.iter()
+                    .enumerate()
+                    .map(move |(j, v)| v * rstd * w[j])
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The rotate-half rotation of the q and k heads of each `qkv` row by the angles of its
+    /// position `row % t`, given as cos and sin per row of `table`.
+    pub fn rope(x: &[f64], table: &[f64], t: usize, nh: usize, nkv: usize, hs: usize) -> Vec<f64> {
+        let (half, stride) = (hs / 2, (nh + 2 * nkv) * hs);
+        let mut out = x.to_vec();
+        for (row, chunk) in out.chunks_mut(stride).enumerate() {
+            let angles = &table[(row % t) * hs..][..hs];
+            for head in chunk[..(nh + nkv) * hs].chunks_mut(hs) {
+                for j in 0..half {
+                    let (a, b) = (head[j], head[half + j]);
+                    head[j] = a * angles[j] - b * angles[half + j];
+                    head[half + j] = b * angles[j] + a * angles[half + j];
+                }
+            }
+        }
+        out
+    }
+
+    /// `silu(gate) * up` for rows `[gate (f) | up (f)]`.
+    pub fn swiglu(x: &[f64], f: usize) -> Vec<f64> {
+        x.chunks(2 * f)
+            .flat_map(|row| (0..f).map(move |j| row[j] / (1.0 + (-row[j]).exp()) * row[f + j]))
+            .collect()
     }
 
     /// `-log softmax(logits[r, ..v])[target_r]` per row of width `vp`.
@@ -294,36 +347,236 @@ fn check_matmul<B: Backend>(bump: &mut Bump<B>) {
     }
 }
 
-fn check_attention<B: Backend>(bump: &mut Bump<B>) {
-    // t = 70 crosses the kernel's 64-key blocks.
-    for (b, t, nh, hs) in [(2, 5, 2, 4), (2, 70, 2, 3)] {
-        let dims = Dims {
-            b,
-            t,
-            c: nh * hs,
-            nh,
-            hs,
-            v: 1,
-            vp: 1,
-            vocab_start: 0,
-        };
+/// Sizes of attention's tensors: `b` sequences of `t`, `nh` query and `nkv` key/value heads.
+fn attention_dims(b: usize, t: usize, nh: usize, nkv: usize, hs: usize) -> Dims {
+    Dims {
+        b,
+        t,
+        c: nh * hs,
+        nh,
+        nkv,
+        hs,
+        v: 1,
+        vp: 1,
+        vocab_start: 0,
+    }
+}
+
+/// Multi-head attention (`nkv == nh`) and grouped-query attention (`nkv < nh`).
+fn check_attention<B: Backend>(bump: &mut Bump<B>, shapes: &[(usize, usize, usize, usize, usize)]) {
+    for &(b, t, nh, nkv, hs) in shapes {
+        let dims = attention_dims(b, t, nh, nkv, hs);
+        let what = format!("attention b{b} t{t} nh{nh} nkv{nkv} hs{hs}");
         let n = b * t;
-        let (qkv, qkvv) = bump.input(n * 3 * nh * hs, 1.5);
+        let (qkv, qkvv) = bump.input(n * dims.qkv_width(), 1.5);
         let out = bump.zeros(n * nh * hs, Dtype::F32);
         let lse = bump.zeros(n * nh, Dtype::F32);
         bump.backend.attention_fwd(out, lse, qkv, dims).unwrap();
-        let expected = reference::attention(&qkvv, b, t, nh, hs);
-        assert_close("attention out", &bump.read(out), &expected, FORWARD_RTOL);
+        let expected = reference::attention(&qkvv, b, t, nh, nkv, hs);
+        assert_close(
+            &format!("{what} out"),
+            &bump.read(out),
+            &expected,
+            FORWARD_RTOL,
+        );
 
         let (dout, doutv) = bump.input(n * nh * hs, 1.0);
-        let dqkv = bump.zeros(n * 3 * nh * hs, Dtype::F32);
+        let dqkv = bump.zeros(n * dims.qkv_width(), Dtype::F32);
         let delta = bump.zeros(n * nh, Dtype::F32);
         bump.backend
             .attention_bwd(dqkv, delta, dout, qkv, out, lse, dims)
             .unwrap();
-        let fd = finite_differences(&qkvv, &doutv, |qkv| reference::attention(qkv, b, t, nh, hs));
-        assert_close("attention dqkv", &bump.read(dqkv), &fd, GRAD_RTOL);
+        let fd = finite_differences(&qkvv, &doutv, |qkv| {
+            reference::attention(qkv, b, t, nh, nkv, hs)
+        });
+        assert_close(&format!("{what} dqkv"), &bump.read(dqkv), &fd, GRAD_RTOL);
     }
+}
+
+/// Grouped-query attention is multi-head attention with each key/value head repeated for the
+/// query heads of its group (as Hugging Face's `repeat_kv` computes it): the same outputs to
+/// the bit, the same dq, and dk, dv the sums over each group of the repeated heads' gradients.
+fn check_grouped_attention_is_repeated_heads<B: Backend>(bump: &mut Bump<B>) {
+    let (b, t, nh, nkv, hs) = (1, 70, 4, 2, 8);
+    let group = nh / nkv;
+    let grouped = attention_dims(b, t, nh, nkv, hs);
+    let repeated = attention_dims(b, t, nh, nh, hs);
+    let n = b * t;
+    let (qkv, qkvv) = bump.input(n * grouped.qkv_width(), 1.5);
+    let head = |row: &[f64], column: usize| row[column * hs..][..hs].to_vec();
+    let expanded: Vec<f64> = qkvv
+        .chunks(grouped.qkv_width())
+        .flat_map(|row| {
+            let mut wide = row[..nh * hs].to_vec();
+            for part in 0..2 {
+                for h in 0..nh {
+                    wide.extend(head(row, nh + part * nkv + h / group));
+                }
+            }
+            wide
+        })
+        .collect();
+    let qkv_wide = bump.tensor(expanded.len(), Dtype::F32);
+    let as_f32: Vec<f32> = expanded.iter().map(|&v| v as f32).collect();
+    bump.backend.write(qkv_wide, &as_f32).unwrap();
+    let (out, lse) = (
+        bump.zeros(n * nh * hs, Dtype::F32),
+        bump.zeros(n * nh, Dtype::F32),
+    );
+    let (out_wide, lse_wide) = (
+        bump.zeros(out.len, Dtype::F32),
+        bump.zeros(lse.len, Dtype::F32),
+    );
+    bump.backend.attention_fwd(out, lse, qkv, grouped).unwrap();
+    bump.backend
+        .attention_fwd(out_wide, lse_wide, qkv_wide, repeated)
+        .unwrap();
+    assert_eq!(bump.read(out), bump.read(out_wide), "grouped attention out");
+    assert_eq!(bump.read(lse), bump.read(lse_wide), "grouped attention lse");
+
+    let (dout, _) = bump.input(out.len, 1.0);
+    let dqkv = bump.zeros(qkv.len, Dtype::F32);
+    let dqkv_wide = bump.zeros(qkv_wide.len, Dtype::F32);
+    let (delta, delta_wide) = (
+        bump.zeros(lse.len, Dtype::F32),
+        bump.zeros(lse.len, Dtype::F32),
+    );
+    bump.backend
+        .attention_bwd(dqkv, delta, dout, qkv, out, lse, grouped)
+        .unwrap();
+    bump.backend
+        .attention_bwd(
+            dqkv_wide, delta_wide, dout, qkv_wide, out_wide, lse_wide, repeated,
+        )
+        .unwrap();
+    let summed: Vec<f64> = bump
+        .read(dqkv_wide)
+        .chunks(repeated.qkv_width())
+        .flat_map(|row| {
+            let mut narrow = row[..nh * hs].to_vec();
+            for part in 0..2 {
+                for kv in 0..nkv {
+                    let mut sum = vec![0.0; hs];
+                    for h in kv * group..(kv + 1) * group {
+                        for (s, g) in sum.iter_mut().zip(head(row, nh + part * nh + h)) {
+                            *s += g;
+                        }
+                    }
+                    narrow.extend(sum);
+                }
+            }
+            narrow
+        })
+        .collect();
+    let ours = bump.read(dqkv);
+    let width = grouped.qkv_width();
+    for (r, (a, e)) in ours.chunks(width).zip(summed.chunks(width)).enumerate() {
+        assert_eq!(a[..nh * hs], e[..nh * hs], "grouped attention dq, row {r}");
+    }
+    assert_close("grouped attention dk, dv", &ours, &summed, 1e-6);
+}
+
+fn check_rmsnorm<B: Backend>(bump: &mut Bump<B>) {
+    let (rows, c, eps) = (5, 24, 1e-5);
+    let (x, xv) = bump.input(rows * c, 2.0);
+    let (w, wv) = bump.input(c, 1.0);
+    let out = bump.zeros(rows * c, Dtype::F32);
+    let rstd = bump.zeros(rows, Dtype::F32);
+    bump.backend
+        .rmsnorm_fwd(out, rstd, x, w, rows, c, eps as f32)
+        .unwrap();
+    let expected = reference::rmsnorm(&xv, &wv, c, eps);
+    assert_close("rmsnorm out", &bump.read(out), &expected, FORWARD_RTOL);
+    let expected_rstd: Vec<f64> = xv
+        .chunks(c)
+        .map(|row| 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / c as f64 + eps).sqrt())
+        .collect();
+    assert_close(
+        "rmsnorm rstd",
+        &bump.read(rstd),
+        &expected_rstd,
+        FORWARD_RTOL,
+    );
+
+    let (dout, doutv) = bump.input(rows * c, 1.0);
+    // dinp accumulates (the residual stream), and so does dweight: start from known values.
+    let (dx, dx0) = bump.input(rows * c, 1.0);
+    let (dw, dw0) = bump.input(c, 1.0);
+    bump.backend
+        .rmsnorm_bwd(dx, dw, dout, x, w, rstd, rows, c)
+        .unwrap();
+    let fd_x = finite_differences(&xv, &doutv, |x| reference::rmsnorm(x, &wv, c, eps));
+    let fd_w = finite_differences(&wv, &doutv, |w| reference::rmsnorm(&xv, w, c, eps));
+    let added = |after: Vec<f64>, before: &[f64]| -> Vec<f64> {
+        after.iter().zip(before).map(|(a, b)| a - b).collect()
+    };
+    assert_close(
+        "rmsnorm dinp (+=)",
+        &added(bump.read(dx), &dx0),
+        &fd_x,
+        GRAD_RTOL,
+    );
+    assert_close(
+        "rmsnorm dweight (+=)",
+        &added(bump.read(dw), &dw0),
+        &fd_w,
+        GRAD_RTOL,
+    );
+}
+
+fn check_rope<B: Backend>(bump: &mut Bump<B>) {
+    // Two sequences (positions restart), a table longer than the sequence, GQA's layout.
+    let (b, t, nh, nkv, hs, t_max) = (2, 5, 4, 2, 6, 9);
+    let dims = attention_dims(b, t, nh, nkv, hs);
+    let values = rope_table(t_max, hs, 10_000.0);
+    let table = bump.tensor(values.len(), Dtype::F32);
+    bump.backend.write(table, &values).unwrap();
+    let tablev: Vec<f64> = values.iter().map(|&v| v as f64).collect();
+    let n = b * t * dims.qkv_width();
+    let (x, xv) = bump.input(n, 1.0);
+    bump.backend.rope_fwd(x, table, dims).unwrap();
+    let rotated = bump.read(x);
+    let expected = reference::rope(&xv, &tablev, t, nh, nkv, hs);
+    assert_close("rope out", &rotated, &expected, FORWARD_RTOL);
+    let values_of = |v: &[f64]| -> Vec<f64> {
+        v.chunks(dims.qkv_width())
+            .flat_map(|row| row[(nh + nkv) * hs..].to_vec())
+            .collect()
+    };
+    assert_eq!(
+        values_of(&rotated),
+        values_of(&xv),
+        "the value heads are not rotated"
+    );
+
+    // The rotation is orthogonal: the backward (its transpose) undoes the forward.
+    bump.backend.rope_bwd(x, table, dims).unwrap();
+    assert_close("rope_bwd(rope_fwd(x))", &bump.read(x), &xv, 1e-6);
+
+    // The backward is the gradient of the forward.
+    let (dout, doutv) = bump.input(n, 1.0);
+    bump.backend.rope_bwd(dout, table, dims).unwrap();
+    let fd = finite_differences(&xv, &doutv, |x| reference::rope(x, &tablev, t, nh, nkv, hs));
+    assert_close("rope dinp", &bump.read(dout), &fd, GRAD_RTOL);
+}
+
+fn check_swiglu<B: Backend>(bump: &mut Bump<B>) {
+    let (rows, f) = (3, 7);
+    let (x, xv) = bump.input(rows * 2 * f, 5.0);
+    let out = bump.zeros(rows * f, Dtype::F32);
+    bump.backend.swiglu_fwd(out, x, f).unwrap();
+    assert_close(
+        "swiglu out",
+        &bump.read(out),
+        &reference::swiglu(&xv, f),
+        FORWARD_RTOL,
+    );
+    let (dout, doutv) = bump.input(rows * f, 1.0);
+    // Overwritten, not accumulated: start from garbage.
+    let (dx, _) = bump.input(rows * 2 * f, 100.0);
+    bump.backend.swiglu_bwd(dx, dout, x, f).unwrap();
+    let fd = finite_differences(&xv, &doutv, |x| reference::swiglu(x, f));
+    assert_close("swiglu dinp", &bump.read(dx), &fd, GRAD_RTOL);
 }
 
 fn check_gelu<B: Backend>(bump: &mut Bump<B>) {
@@ -349,6 +602,7 @@ fn check_crossentropy<B: Backend>(bump: &mut Bump<B>) {
         t: rows,
         c: 1,
         nh: 1,
+        nkv: 1,
         hs: 1,
         v,
         vp,
@@ -384,6 +638,7 @@ fn check_embedding<B: Backend>(bump: &mut Bump<B>) {
         t,
         c,
         nh: 1,
+        nkv: 1,
         hs: c,
         v: vp,
         vp,
@@ -491,7 +746,131 @@ fn matmul_backward_matches_finite_differences() {
 
 #[test]
 fn attention_backward_matches_finite_differences() {
-    check_attention(&mut Bump::cpu());
+    // t = 70 crosses the kernel's 64-key blocks.
+    check_attention(&mut Bump::cpu(), &[(2, 5, 2, 2, 4), (2, 70, 2, 2, 3)]);
+}
+
+#[test]
+fn grouped_query_attention_backward_matches_finite_differences() {
+    check_attention(&mut Bump::cpu(), &[(2, 5, 4, 2, 4), (1, 70, 4, 1, 3)]);
+}
+
+#[test]
+fn grouped_query_attention_is_attention_with_repeated_key_value_heads() {
+    check_grouped_attention_is_repeated_heads(&mut Bump::cpu());
+}
+
+#[test]
+fn rmsnorm_backward_matches_finite_differences() {
+    check_rmsnorm(&mut Bump::cpu());
+}
+
+#[test]
+fn rope_backward_matches_finite_differences_and_undoes_the_forward() {
+    check_rope(&mut Bump::cpu());
+}
+
+#[test]
+fn swiglu_backward_matches_finite_differences() {
+    check_swiglu(&mut Bump::cpu());
+}
+
+#[test]
+fn the_rope_table_holds_the_cos_and_sin_of_position_times_frequency() {
+    let (hs, theta) = (16, 10_000.0f64);
+    let half = hs / 2;
+    let table = rope_table(8192, hs, theta);
+    assert_eq!(table.len(), 8192 * hs);
+    for p in [0usize, 1, 2, 7, 100, 4097, 8191] {
+        for j in 0..half {
+            let angle = p as f64 * theta.powf(-2.0 * j as f64 / hs as f64);
+            // The table's angle is an f32 product (Hugging Face's): its rounding, half an ulp
+            // of the angle (2^-24 relative), plus the f32 frequency's, moves cos and sin by up
+            // to about 1.2e-7 of the angle.
+            let tolerance = 1e-6 + 1.2e-7 * angle;
+            let (cos, sin) = (table[p * hs + j] as f64, table[p * hs + half + j] as f64);
+            assert!(
+                (cos - angle.cos()).abs() <= tolerance && (sin - angle.sin()).abs() <= tolerance,
+                "position {p}, pair {j}: cos {cos} sin {sin}, expected {} {}",
+                angle.cos(),
+                angle.sin()
+            );
+        }
+    }
+    // Position 0 is the identity; positions past 0 in pair 0 turn by one radian each.
+    assert!(table[..half].iter().all(|&c| c == 1.0) && table[half..hs].iter().all(|&s| s == 0.0));
+    assert_eq!(table[3 * hs], 3.0f64.cos() as f32);
+    // A larger base turns more slowly: the last pair of Llama 3's theta barely moves.
+    let llama3 = rope_table(2, 128, 500_000.0);
+    assert!((llama3[128 + 63] as f64 - 500_000f64.powf(-126.0 / 128.0).cos()).abs() < 1e-7);
+}
+
+#[test]
+fn llama_op_arguments_are_checked() {
+    let mut bump = Bump::cpu();
+    let message = |result: tessera_worker::error::Result<()>| result.unwrap_err().to_string();
+    // 3 query heads cannot share 2 key/value heads.
+    let dims = attention_dims(1, 4, 3, 2, 4);
+    let qkv = bump.zeros(4 * dims.qkv_width(), Dtype::F32);
+    let (out, lse) = (
+        bump.zeros(4 * 12, Dtype::F32),
+        bump.zeros(4 * 3, Dtype::F32),
+    );
+    let err = message(bump.backend.attention_fwd(out, lse, qkv, dims));
+    assert!(
+        err.contains("3 query heads cannot share 2 key/value heads"),
+        "{err}"
+    );
+    // A qkv laid out for multi-head attention is the wrong length for grouped heads.
+    let dims = attention_dims(1, 4, 4, 2, 4);
+    let qkv = bump.zeros(4 * 3 * 16, Dtype::F32);
+    let (out, lse) = (
+        bump.zeros(4 * 16, Dtype::F32),
+        bump.zeros(4 * 4, Dtype::F32),
+    );
+    let err = message(bump.backend.attention_fwd(out, lse, qkv, dims));
+    assert!(err.contains("`qkv`"), "{err}");
+    // Rotary embeddings: an odd head size, a table too short or not f32.
+    let odd = attention_dims(1, 4, 2, 2, 3);
+    let x = bump.zeros(4 * odd.qkv_width(), Dtype::F32);
+    let table = bump.zeros(4 * 3, Dtype::F32);
+    let err = message(bump.backend.rope_fwd(x, table, odd));
+    assert!(
+        err.contains("head size 3 is not a positive even number"),
+        "{err}"
+    );
+    let even = attention_dims(1, 4, 2, 2, 4);
+    let x = bump.zeros(4 * even.qkv_width(), Dtype::F32);
+    let short = bump.zeros(3 * 4, Dtype::F32);
+    let err = message(bump.backend.rope_bwd(x, short, even));
+    assert!(
+        err.contains("not rows of head size 4 for 4 positions"),
+        "{err}"
+    );
+    let half_table = bump.zeros(4 * 4, Dtype::Bf16);
+    let err = message(bump.backend.rope_fwd(x, half_table, even));
+    assert!(err.contains("`table` is bf16, expected f32"), "{err}");
+    // RMSNorm's statistics are f32; its epsilon a number.
+    let (rows, c) = (2, 8);
+    let (inp, w) = (bump.zeros(rows * c, Dtype::F32), bump.zeros(c, Dtype::F32));
+    let out = bump.zeros(rows * c, Dtype::F32);
+    let rstd16 = bump.zeros(rows, Dtype::Bf16);
+    let err = message(bump.backend.rmsnorm_fwd(out, rstd16, inp, w, rows, c, 1e-5));
+    assert!(err.contains("`rstd` is bf16, expected f32"), "{err}");
+    let rstd = bump.zeros(rows, Dtype::F32);
+    let err = message(
+        bump.backend
+            .rmsnorm_fwd(out, rstd, inp, w, rows, c, f32::NAN),
+    );
+    assert!(err.contains("epsilon NaN"), "{err}");
+    let err = message(bump.backend.rmsnorm_bwd(out, w, inp, inp, w, rstd, rows, c));
+    assert!(err.contains("overlaps"), "{err}");
+    // SwiGLU's input rows are twice the output's.
+    let (out, inp) = (bump.zeros(2 * 5, Dtype::F32), bump.zeros(2 * 5, Dtype::F32));
+    let err = message(bump.backend.swiglu_fwd(out, inp, 5));
+    assert!(err.contains("`inp`"), "{err}");
+    let err = message(bump.backend.swiglu_bwd(inp, out, inp, 5));
+    assert!(err.contains("`dinp`"), "{err}");
 }
 
 #[test]
@@ -550,7 +929,7 @@ fn reference_gpt_loss(
             let w = |n: &str| p[&format!("layers.{l}.{n}")].as_slice();
             let ln1 = reference::layernorm(&x, w("ln1_w"), w("ln1_b"), c);
             let qkv = reference::linear(&ln1, w("qkv_w"), Some(w("qkv_b")), c, 3 * c);
-            let att = reference::attention(&qkv, 1, t, nh, c / nh);
+            let att = reference::attention(&qkv, 1, t, nh, nh, c / nh);
             let proj = reference::linear(&att, w("attproj_w"), Some(w("attproj_b")), c, c);
             let resid2: Vec<f64> = x.iter().zip(&proj).map(|(a, b)| a + b).collect();
             let ln2 = reference::layernorm(&resid2, w("ln2_w"), w("ln2_b"), c);

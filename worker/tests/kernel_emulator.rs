@@ -1,7 +1,8 @@
 //! The CUDA kernels on the CPU: `kernel_emulator/sim.h` runs each CUDA thread of a block as a
 //! fiber with real `__syncthreads` and shuffles, and `kernel_emulator/kernels.cpp` checks every
-//! kernel against a double-precision reference (attention at every head size, partial tiles,
-//! sharded cross-entropy, AdamW bit for bit against the CPU's order). The kernel sources are used
+//! kernel against a double-precision reference (attention at every head size, partial tiles and
+//! grouped-query head ratios 1, 2 and 4, sharded cross-entropy, AdamW bit for bit against the
+//! CPU's order, Llama's RMSNorm, rotary embeddings and SwiGLU). The kernel sources are used
 //! as they are, except their three PTX conversions, which become C++ ones. This checks the
 //! kernels' logic where no GPU is; the GPU tests (`gpu.rs`) check them on the device.
 
@@ -96,6 +97,15 @@ fn every_kernel_matches_a_double_precision_reference_in_the_emulator() {
         "adamw_bf16",
         "attention f32 b1 t130 nh1 hs80 dqkv",
         "attention bf16 b1 t70 nh1 hs64 dqkv",
+        "attention f32 b1 t70 nh4 nkv2 hs32 dqkv",
+        "attention f32 b2 t67 nh4 nkv1 hs64 dqkv",
+        "attention bf16 b1 t70 nh4 nkv2 hs64 dqkv",
+        "rmsnorm f32 bwd dweight",
+        "rmsnorm bf16 bwd dinp",
+        "rope f32 bwd of fwd",
+        "rope bf16 fwd",
+        "swiglu f32 bwd",
+        "swiglu bf16 fwd",
     ] {
         assert!(log.contains(name), "{name} did not run:\n{log}");
     }

@@ -70,6 +70,7 @@ impl Gpt {
             t: config.model.seq_len,
             c: config.model.hidden,
             nh: config.model.heads / tp,
+            nkv: config.model.heads / tp,
             hs: shape.head_dim(),
             v: config.model.vocab,
             vp: shape.vocab_padded / tp,

@@ -36,6 +36,24 @@ pub fn disjoint(
     Ok(())
 }
 
+/// Fails unless the key/value heads divide the query heads (a query head's key/value head is
+/// `h / (nh / nkv)`): a zero or non-dividing `nkv` would index past the `qkv` row.
+pub fn kv_heads(op: &'static str, dims: Dims) -> Result<()> {
+    if dims.nkv == 0 || !dims.nh.is_multiple_of(dims.nkv) {
+        return Err(Error::Unsupported {
+            what: format!(
+                "{op}: {} query heads cannot share {} key/value heads evenly",
+                dims.nh, dims.nkv
+            ),
+            help: "model.heads must be a multiple of model.kv_heads, and model.kv_heads of \
+                   parallel.tensor; the config's validation checks both, so this is a bug in \
+                   tessera"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
 /// Fails when the head size is above what a backend's attention kernels hold.
 pub fn head_size(op: &'static str, dims: Dims, max: usize, backend: &str) -> Result<()> {
     if dims.hs > max {
@@ -290,10 +308,11 @@ impl Checks {
 
     pub fn attention_fwd(&self, out: Tensor, lse: Tensor, qkv: Tensor, dims: Dims) -> Result<()> {
         let (op, dt, n) = ("attention_fwd", out.dtype, dims.tokens());
+        kv_heads(op, dims)?;
         let width = dims.nh * dims.hs;
         self.tensor(op, "out", out, dt, n * width)?;
         self.tensor(op, "lse", lse, F32, n * dims.nh)?;
-        self.tensor(op, "qkv", qkv, dt, n * 3 * width)?;
+        self.tensor(op, "qkv", qkv, dt, n * dims.qkv_width())?;
         disjoint(op, &[("out", out), ("lse", lse)], &[("qkv", qkv)])
     }
 
@@ -309,11 +328,12 @@ impl Checks {
         dims: Dims,
     ) -> Result<()> {
         let (op, dt, n) = ("attention_bwd", dout.dtype, dims.tokens());
+        kv_heads(op, dims)?;
         let width = dims.nh * dims.hs;
-        self.tensor(op, "dqkv", dqkv, dt, n * 3 * width)?;
+        self.tensor(op, "dqkv", dqkv, dt, n * dims.qkv_width())?;
         self.tensor(op, "delta", delta, F32, n * dims.nh)?;
         self.tensor(op, "dout", dout, dt, n * width)?;
-        self.tensor(op, "qkv", qkv, dt, n * 3 * width)?;
+        self.tensor(op, "qkv", qkv, dt, n * dims.qkv_width())?;
         self.tensor(op, "out", out, dt, n * width)?;
         self.tensor(op, "lse", lse, F32, n * dims.nh)?;
         disjoint(
@@ -321,6 +341,128 @@ impl Checks {
             &[("dqkv", dqkv), ("delta", delta)],
             &[("dout", dout), ("qkv", qkv), ("out", out), ("lse", lse)],
         )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_fwd(
+        &self,
+        out: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        rows: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let (op, dt) = ("rmsnorm_fwd", out.dtype);
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(Error::Unsupported {
+                what: format!("{op}: epsilon {eps} is not a finite number >= 0"),
+                help: "set model.norm_eps to a small positive number such as 1e-5".into(),
+            });
+        }
+        self.tensor(op, "out", out, dt, rows * c)?;
+        self.tensor(op, "rstd", rstd, F32, rows)?;
+        self.tensor(op, "inp", inp, dt, rows * c)?;
+        self.tensor(op, "weight", weight, dt, c)?;
+        disjoint(
+            op,
+            &[("out", out), ("rstd", rstd)],
+            &[("inp", inp), ("weight", weight)],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_bwd(
+        &self,
+        dinp: Tensor,
+        dweight: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let (op, dt) = ("rmsnorm_bwd", dout.dtype);
+        self.tensor(op, "dinp", dinp, dt, rows * c)?;
+        self.tensor(op, "dweight", dweight, dt, c)?;
+        self.tensor(op, "dout", dout, dt, rows * c)?;
+        self.tensor(op, "inp", inp, dt, rows * c)?;
+        self.tensor(op, "weight", weight, dt, c)?;
+        self.tensor(op, "rstd", rstd, F32, rows)?;
+        disjoint(
+            op,
+            &[("dinp", dinp), ("dweight", dweight)],
+            &[
+                ("dout", dout),
+                ("inp", inp),
+                ("weight", weight),
+                ("rstd", rstd),
+            ],
+        )
+    }
+
+    /// `rope_fwd` (`qkv`) and `rope_bwd` (`dqkv`): the rotated tensor in attention's layout and
+    /// a table of at least `t` rows of `hs` f32, for an even head size.
+    pub fn rope(
+        &self,
+        op: &'static str,
+        rotated: (&'static str, Tensor),
+        table: Tensor,
+        dims: Dims,
+    ) -> Result<()> {
+        let (name, x) = rotated;
+        kv_heads(op, dims)?;
+        if dims.hs == 0 || !dims.hs.is_multiple_of(2) {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "{op}: head size {} is not a positive even number; rotary embeddings \
+                     rotate pairs of dims",
+                    dims.hs
+                ),
+                help: "choose model.head_dim (or hidden / heads) even".into(),
+            });
+        }
+        self.tensor(op, name, x, x.dtype, dims.tokens() * dims.qkv_width())?;
+        if table.dtype != F32 {
+            return Err(Error::Dtype {
+                op,
+                tensor: "table",
+                expected: F32,
+                got: table.dtype,
+            });
+        }
+        let rows = table.len.checked_div(dims.hs).unwrap_or(0);
+        if !table.len.is_multiple_of(dims.hs.max(1)) || rows < dims.t {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "{op}: the rotary table holds {} values, not rows of head size {} for {} \
+                     positions",
+                    table.len, dims.hs, dims.t
+                ),
+                help: "this is a bug in tessera: the table must be (t_max >= seq_len, hs)".into(),
+            });
+        }
+        self.tensor(op, "table", table, F32, table.len)?;
+        disjoint(op, &[(name, x)], &[("table", table)])
+    }
+
+    pub fn swiglu_fwd(&self, out: Tensor, inp: Tensor, f: usize) -> Result<()> {
+        let (op, dt) = ("swiglu_fwd", out.dtype);
+        let rows = swiglu_rows(op, out.len, f)?;
+        self.tensor(op, "out", out, dt, rows * f)?;
+        self.tensor(op, "inp", inp, dt, rows * 2 * f)?;
+        disjoint(op, &[("out", out)], &[("inp", inp)])
+    }
+
+    pub fn swiglu_bwd(&self, dinp: Tensor, dout: Tensor, inp: Tensor, f: usize) -> Result<()> {
+        let (op, dt) = ("swiglu_bwd", dout.dtype);
+        let rows = swiglu_rows(op, dout.len, f)?;
+        self.tensor(op, "dinp", dinp, dt, rows * 2 * f)?;
+        self.tensor(op, "dout", dout, dt, rows * f)?;
+        self.tensor(op, "inp", inp, dt, rows * 2 * f)?;
+        disjoint(op, &[("dinp", dinp)], &[("dout", dout), ("inp", inp)])
     }
 
     /// `gelu_fwd` (`out`, `inp`) and `gelu_bwd` (`dinout`, `inp`).
@@ -462,4 +604,15 @@ impl Checks {
         }
         disjoint(op, &outputs, &inputs)
     }
+}
+
+/// The rows of a SwiGLU whose `(rows, f)` tensor has `len` elements.
+fn swiglu_rows(op: &'static str, len: usize, f: usize) -> Result<usize> {
+    if f == 0 || !len.is_multiple_of(f) {
+        return Err(Error::Unsupported {
+            what: format!("{op}: {len} values are not rows of the ffn width {f}"),
+            help: "this is a bug in tessera; please report it with your config".into(),
+        });
+    }
+    Ok(len / f)
 }

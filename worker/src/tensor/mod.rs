@@ -1,4 +1,6 @@
-//! The `Backend` trait: the closed list of kernels a GPT needs, written once per device.
+//! The `Backend` trait: the closed list of kernels our model families need (GPT-2's, and
+//! Llama's RMSNorm, rotary embeddings, SwiGLU and grouped-query attention), written once per
+//! device.
 //!
 //! Buffers are not owned tensors but [`Tensor`] handles: a typed range of one of the backend's
 //! arenas (see `crate::arena`). The model asks the arena for handles by region name and passes
@@ -11,7 +13,7 @@
 //!   free; it *overwrites* (`=`) activation gradients, except the residual stream, where
 //!   LayerNorm backward adds into the gradient flowing down.
 //! - Storage dtypes are f32, bf16 or f16 (the region's dtype in the plan); arithmetic is f32.
-//!   LayerNorm statistics, log-sum-exps and losses are always f32.
+//!   LayerNorm and RMSNorm statistics, rotary tables, log-sum-exps and losses are always f32.
 //! - An output never overlaps an input unless the method says it is in place.
 //! - Results are deterministic: the same inputs give the same bits, whatever the thread count.
 
@@ -117,8 +119,11 @@ pub struct Dims {
     pub t: usize,
     /// Hidden width (the residual stream's, never split).
     pub c: usize,
-    /// Attention heads on this rank.
+    /// Attention (query) heads on this rank.
     pub nh: usize,
+    /// Key/value heads on this rank; `nh` is a multiple of it; query head h reads key/value
+    /// head h / (nh / nkv). Equal to `nh` without grouped-query attention (GPT-2).
+    pub nkv: usize,
     /// Head size.
     pub hs: usize,
     /// Real vocabulary: logits at or past it are padding and get no probability.
@@ -139,6 +144,16 @@ impl Dims {
     /// This rank's vocabulary rows that are real tokens (the rest is padding).
     pub fn real_vocab(&self) -> usize {
         self.v.saturating_sub(self.vocab_start).min(self.vp)
+    }
+
+    /// Query heads per key/value head, `nh / nkv`.
+    pub fn group(&self) -> usize {
+        self.nh / self.nkv.max(1)
+    }
+
+    /// Width of a `qkv` row, `(nh + 2 nkv) hs`: `[q: nh hs | k: nkv hs | v: nkv hs]`.
+    pub fn qkv_width(&self) -> usize {
+        (self.nh + 2 * self.nkv) * self.hs
     }
 
     /// The row of token `id` in this rank's shard, if it has it.
@@ -173,7 +188,33 @@ pub struct AdamW {
     pub grad_scale: f32,
 }
 
-/// The kernels of a GPT on one device. See the module docs for the conventions.
+/// The table `rope_fwd` reads: row p (0..t) holds cos then sin of p * inv_freq[j], j < hs/2,
+/// with inv_freq[j] = 1 / theta^(2j / hs), computed in f32 the way Hugging Face's
+/// LlamaRotaryEmbedding (default rope type) does, so our rotations match its to the last bits.
+///
+/// As there: the exponent `2j / hs` is an f32 division, the power and its reciprocal are f32,
+/// and the angle is the f32 product `p * inv_freq[j]` (near p = 8191 its rounding moves the
+/// angle by up to 2.4e-4 rad, so a table made in f64 would not match). The cosine and sine of that f32
+/// angle are taken in f64 and rounded once: the correctly rounded value, which PyTorch's f32
+/// cos/sin (within 1 ulp) give too except in rare last-bit cases.
+pub fn rope_table(t: usize, hs: usize, theta: f64) -> Vec<f32> {
+    let half = hs / 2;
+    let base = theta as f32;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|j| 1.0 / base.powf((2 * j) as f32 / hs as f32))
+        .collect();
+    let mut table = vec![0.0f32; t * hs];
+    for (p, row) in table.chunks_mut(hs.max(1)).enumerate().take(t) {
+        for (j, &freq) in inv_freq.iter().enumerate() {
+            let angle = (p as f32 * freq) as f64;
+            row[j] = angle.cos() as f32;
+            row[half + j] = angle.sin() as f32;
+        }
+    }
+    table
+}
+
+/// The kernels of our model families on one device. See the module docs for the conventions.
 pub trait Backend: Sized {
     /// Bytes allocated for the arena of `place`.
     fn arena_bytes(&self, place: Place) -> usize;
@@ -304,11 +345,14 @@ pub trait Backend: Sized {
 
     // --- causal self-attention, flash-style: no (t, t) matrix is kept ---
 
-    /// `out (b t, nh hs)` from `qkv (b t, 3 nh hs)` laid out `[q heads | k heads | v heads]`,
-    /// scale `1/sqrt(hs)`, saving the log-sum-exp of each query row, `lse (b t, nh)` (f32).
+    /// `out (b t, nh hs)` from `qkv (b t, (nh + 2 nkv) hs)` laid out `[q: nh hs | k: nkv hs |
+    /// v: nkv hs]` (with `nkv == nh`, GPT-2's `[q | k | v]`), query head h attending with
+    /// key/value head h / (nh / nkv), scale `1/sqrt(hs)`, saving the log-sum-exp of each query
+    /// row, `lse (b t, nh)` (f32).
     fn attention_fwd(&mut self, out: Tensor, lse: Tensor, qkv: Tensor, dims: Dims) -> Result<()>;
-    /// `dqkv = ...` from `dout`, recomputing probabilities from `qkv` and `lse`; `delta
-    /// (b t, nh)` (f32) is scratch for `rowsum(dout * out)`.
+    /// `dqkv = ...` (same layout as `qkv`) from `dout`, recomputing probabilities from `qkv`
+    /// and `lse`; a key/value head's gradient sums over the query heads of its group, in head
+    /// order. `delta (b t, nh)` (f32) is scratch for `rowsum(dout * out)`.
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(
         &mut self,
@@ -320,6 +364,55 @@ pub trait Backend: Sized {
         lse: Tensor,
         dims: Dims,
     ) -> Result<()>;
+
+    // --- RMSNorm over the last dim (Llama; Hugging Face's LlamaRMSNorm, computed in f32) ---
+
+    /// `out (rows, c) = inp * rstd * weight`, saving `rstd (rows)` (f32) = 1 / sqrt(mean(inp^2)
+    /// + eps). `weight (c)`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_fwd(
+        &mut self,
+        out: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        rows: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// `dinp += ...` (the residual stream, like `layernorm_bwd`), `dweight += ...`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(
+        &mut self,
+        dinp: Tensor,
+        dweight: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()>;
+
+    // --- rotary position embeddings, Hugging Face's rotate-half layout ---
+
+    /// In place on the query and key heads of `qkv (b t, (nh + 2 nkv) hs)` (attention's
+    /// layout): for each head vector x of a token at position p (its row index mod t) and j <
+    /// hs/2, (x[j], x[j + hs/2]) <- (x[j] cos - x[j + hs/2] sin, x[j + hs/2] cos + x[j] sin),
+    /// with cos = table[p * hs + j], sin = table[p * hs + hs/2 + j]. The value heads are
+    /// untouched. `table (t_max >= t, hs)` is f32 (see [`rope_table`]); `hs` is even.
+    fn rope_fwd(&mut self, qkv: Tensor, table: Tensor, dims: Dims) -> Result<()>;
+    /// In place on the query and key gradients of `dqkv` (same layout): the transposed
+    /// rotation (angle -p θ), which is the gradient of `rope_fwd`. Value gradients untouched.
+    fn rope_bwd(&mut self, dqkv: Tensor, table: Tensor, dims: Dims) -> Result<()>;
+
+    // --- SwiGLU ---
+
+    /// `out (rows, f) = silu(gate) * up` where each row of `inp (rows, 2f)` is `[gate (f) | up
+    /// (f)]`, `silu(x) = x / (1 + e^-x)`.
+    fn swiglu_fwd(&mut self, out: Tensor, inp: Tensor, f: usize) -> Result<()>;
+    /// Overwrites `dinp (rows, 2f)` = `[dgate | dup]` from `dout (rows, f)` and `inp`.
+    fn swiglu_bwd(&mut self, dinp: Tensor, dout: Tensor, inp: Tensor, f: usize) -> Result<()>;
 
     // --- GELU, tanh approximation ---
 

@@ -10,6 +10,7 @@
 #include "gen/crossentropy.cu"
 #include "gen/optimizer.cu"
 #include "gen/attention.cu"
+#include "gen/llama.cu"
 #include <random>
 #include <string>
 
@@ -285,29 +286,32 @@ void test_optimizer() {
     printf("%s adamw_bf16 master, grad in param (%d mismatches)\n", mismatches ? "FAIL" : "ok  ", mismatches); failures += mismatches != 0;
 }
 
+// Grouped-query attention when nkv < nh: qkv rows are [q: nh hs | k: nkv hs | v: nkv hs] and
+// query head h reads key/value head h / (nh / nkv); the reference sums dk, dv over each group.
 template <typename T>
-void test_attention(int B, int t, int nh, int hs, double tol) {
-    const long W = (long)nh * hs, rows = (long)B * t;
-    auto qkv = rand_vec(rows * 3 * W, -1.5, 1.5), dout = rand_vec(rows * W);
+void test_attention(int B, int t, int nh, int nkv, int hs, double tol) {
+    const long W = (long)nh * hs, S = (long)(nh + 2 * nkv) * hs, rows = (long)B * t;
+    const int group = nh / nkv;
+    auto qkv = rand_vec(rows * S, -1.5, 1.5), dout = rand_vec(rows * W);
     auto qkv_t = store<T>(qkv), dout_t = store<T>(dout);
     qkv = load(qkv_t); dout = load(dout_t);
-    std::vector<T> out_t(rows * W), dqkv_t(rows * 3 * W);
+    std::vector<T> out_t(rows * W), dqkv_t(rows * S);
     std::vector<float> lse(rows * nh), delta(rows * nh);
-    dim3 grid((t + 63) / 64, nh, B);
-    launch(attention_fwd<T>, grid, dim3(256), out_t.data(), lse.data(), (const T*)qkv_t.data(), B, t, nh, hs);
+    dim3 grid((t + 63) / 64, nh, B), kv_grid((t + 63) / 64, nkv, B);
+    launch(attention_fwd<T>, grid, dim3(256), out_t.data(), lse.data(), (const T*)qkv_t.data(), B, t, nh, nkv, hs);
     launch(attention_bwd_delta<T>, egrid(rows * nh), dim3(256), delta.data(), (const T*)dout_t.data(), (const T*)out_t.data(), (int)rows, nh, hs);
     // Poison dqkv: the two backward kernels must overwrite all of it.
     for (auto& x : dqkv_t) x = from_f32<T>(12345.0f);
-    launch(attention_bwd_dkv<T>, grid, dim3(256), dqkv_t.data(), (const T*)qkv_t.data(), (const T*)dout_t.data(),
-           (const float*)lse.data(), (const float*)delta.data(), B, t, nh, hs);
+    launch(attention_bwd_dkv<T>, kv_grid, dim3(256), dqkv_t.data(), (const T*)qkv_t.data(), (const T*)dout_t.data(),
+           (const float*)lse.data(), (const float*)delta.data(), B, t, nh, nkv, hs);
     launch(attention_bwd_dq<T>, grid, dim3(256), dqkv_t.data(), (const T*)qkv_t.data(), (const T*)dout_t.data(),
-           (const float*)lse.data(), (const float*)delta.data(), B, t, nh, hs);
+           (const float*)lse.data(), (const float*)delta.data(), B, t, nh, nkv, hs);
 
-    std::vector<double> wout(rows * W), wlse(rows * nh), wdelta(rows * nh), wd(rows * 3 * W, 0.0);
+    std::vector<double> wout(rows * W), wlse(rows * nh), wdelta(rows * nh), wd(rows * S, 0.0);
     const double scale = 1 / sqrt((double)hs);
-    auto Q = [&](int b, int i, int h, int d) { return (double)qkv[((long)b * t + i) * 3 * W + h * hs + d]; };
-    auto K = [&](int b, int i, int h, int d) { return (double)qkv[((long)b * t + i) * 3 * W + W + h * hs + d]; };
-    auto V = [&](int b, int i, int h, int d) { return (double)qkv[((long)b * t + i) * 3 * W + 2 * W + h * hs + d]; };
+    auto Q = [&](int b, int i, int h, int d) { return (double)qkv[((long)b * t + i) * S + h * hs + d]; };
+    auto K = [&](int b, int i, int h, int d) { return (double)qkv[((long)b * t + i) * S + W + (h / group) * hs + d]; };
+    auto V = [&](int b, int i, int h, int d) { return (double)qkv[((long)b * t + i) * S + W + (long)(nkv + h / group) * hs + d]; };
     auto G = [&](int b, int i, int h, int d) { return (double)dout[((long)b * t + i) * W + h * hs + d]; };
     for (int b = 0; b < B; ++b) for (int h = 0; h < nh; ++h) {
         std::vector<double> P(t * t, 0.0), dS(t * t, 0.0);
@@ -327,16 +331,116 @@ void test_attention(int B, int t, int nh, int hs, double tol) {
             double dq = 0, dk = 0, dv = 0;
             for (int j = 0; j <= i; ++j) dq += dS[i * t + j] * K(b, j, h, d);
             for (int k = i; k < t; ++k) { dk += dS[k * t + i] * Q(b, k, h, d); dv += P[k * t + i] * G(b, k, h, d); }
-            long row = ((long)b * t + i) * 3 * W + h * hs + d;
-            wd[row] = dq; wd[row + W] = dk; wd[row + 2 * W] = dv;
+            long row = ((long)b * t + i) * S;
+            wd[row + h * hs + d] = dq;
+            wd[row + W + (h / group) * hs + d] += dk;
+            wd[row + W + (long)(nkv + h / group) * hs + d] += dv;
         }
     }
-    char name[128];
+    char name[128], heads[32] = "";
+    if (nkv != nh) snprintf(heads, sizeof heads, " nkv%d", nkv);
     const char* ty = sizeof(T) == 4 ? "f32" : "bf16";
-    snprintf(name, sizeof name, "attention %s b%d t%d nh%d hs%d out", ty, B, t, nh, hs); check(name, load(out_t), wout, tol);
-    snprintf(name, sizeof name, "attention %s b%d t%d nh%d hs%d lse", ty, B, t, nh, hs); check(name, lse, wlse, 1e-5);
-    snprintf(name, sizeof name, "attention %s b%d t%d nh%d hs%d delta", ty, B, t, nh, hs); check(name, delta, wdelta, tol);
-    snprintf(name, sizeof name, "attention %s b%d t%d nh%d hs%d dqkv", ty, B, t, nh, hs); check(name, load(dqkv_t), wd, tol * 4);
+    snprintf(name, sizeof name, "attention %s b%d t%d nh%d%s hs%d out", ty, B, t, nh, heads, hs); check(name, load(out_t), wout, tol);
+    snprintf(name, sizeof name, "attention %s b%d t%d nh%d%s hs%d lse", ty, B, t, nh, heads, hs); check(name, lse, wlse, 1e-5);
+    snprintf(name, sizeof name, "attention %s b%d t%d nh%d%s hs%d delta", ty, B, t, nh, heads, hs); check(name, delta, wdelta, tol);
+    snprintf(name, sizeof name, "attention %s b%d t%d nh%d%s hs%d dqkv", ty, B, t, nh, heads, hs); check(name, load(dqkv_t), wd, tol * 4);
+}
+
+template <typename T>
+void test_rmsnorm(double tol) {
+    const int rows = 37, c = 300;  // c > 256: the block strides over the row
+    const float eps = 1e-5f;
+    auto inp = rand_vec(rows * c, -2, 3), weight = rand_vec(c);
+    for (int j = 0; j < c; ++j) inp[3 * c + j] *= 1e-3f;  // a small row: eps matters
+    auto inp_t = store<T>(inp), w_t = store<T>(weight);
+    inp = load(inp_t); weight = load(w_t);
+    std::vector<T> out_t(rows * c);
+    std::vector<float> rstd(rows);
+    launch(rmsnorm_fwd<T>, dim3(rows), dim3(256), out_t.data(), rstd.data(), (const T*)inp_t.data(),
+           (const T*)w_t.data(), rows, c, eps);
+    std::vector<double> wout(rows * c), wrstd(rows);
+    for (int r = 0; r < rows; ++r) {
+        double ms = 0;
+        for (int j = 0; j < c; ++j) ms += (double)inp[r * c + j] * inp[r * c + j];
+        wrstd[r] = 1 / sqrt(ms / c + eps);
+        for (int j = 0; j < c; ++j) wout[r * c + j] = inp[r * c + j] * wrstd[r] * weight[j];
+    }
+    std::string n = std::string("rmsnorm ") + (sizeof(T) == 4 ? "f32" : "bf16");
+    check((n + " out").c_str(), load(out_t), wout, tol);
+    check((n + " rstd").c_str(), rstd, wrstd, 1e-5);
+
+    auto dout = rand_vec(rows * c), dinp0 = rand_vec(rows * c), dw0 = rand_vec(c);
+    auto dout_t = store<T>(dout), dinp_t = store<T>(dinp0), dw_t = store<T>(dw0);
+    dout = load(dout_t); dinp0 = load(dinp_t); dw0 = load(dw_t);
+    launch(rmsnorm_bwd_dinp<T>, dim3(rows), dim3(256), dinp_t.data(), (const T*)dout_t.data(), (const T*)inp_t.data(),
+           (const T*)w_t.data(), (const float*)rstd.data(), rows, c);
+    launch(rmsnorm_bwd_weight<T>, dim3((c + 31) / 32), dim3(32, 16), dw_t.data(), (const T*)dout_t.data(),
+           (const T*)inp_t.data(), (const float*)rstd.data(), rows, c);
+    // d/dx of sum(dout * x r w) with r = (mean(x^2) + eps)^-1/2: r (dout w) - x r^3 mean(dout w x).
+    std::vector<double> wdinp(rows * c), wdw(dw0.begin(), dw0.end());
+    for (int r = 0; r < rows; ++r) {
+        double m = 0, s = wrstd[r];
+        for (int j = 0; j < c; ++j) m += (double)dout[r * c + j] * weight[j] * inp[r * c + j];
+        m /= c;
+        for (int j = 0; j < c; ++j) {
+            wdinp[r * c + j] = dinp0[r * c + j] + s * dout[r * c + j] * weight[j] - inp[r * c + j] * s * s * s * m;
+            wdw[j] += (double)dout[r * c + j] * inp[r * c + j] * s;
+        }
+    }
+    check((n + " bwd dinp").c_str(), load(dinp_t), wdinp, tol * 10);
+    check((n + " bwd dweight").c_str(), load(dw_t), wdw, tol * 10);
+}
+
+// Rotary embeddings on q and k heads of a GQA layout (nh 4, nkv 2); v untouched, and the backward
+// undoes the forward.
+template <typename T>
+void test_rope(double tol) {
+    const int B = 2, t = 7, nh = 4, nkv = 2, hs = 16, half = hs / 2, t_max = 9;
+    const long S = (long)(nh + 2 * nkv) * hs, rows = (long)B * t;
+    std::vector<float> table(t_max * hs);
+    for (int p = 0; p < t_max; ++p) for (int j = 0; j < half; ++j) {
+        double angle = p * pow(10000.0, -2.0 * j / hs);
+        table[p * hs + j] = cos(angle); table[p * hs + half + j] = sin(angle);
+    }
+    auto x = rand_vec(rows * S);
+    auto x_t = store<T>(x);
+    x = load(x_t);
+    long pairs = rows * (nh + nkv) * half;
+    launch(rope_fwd<T>, egrid(pairs), dim3(256), x_t.data(), (const float*)table.data(), (int)rows, t, nh, nkv, hs);
+    std::vector<double> want(x.begin(), x.end());
+    for (long r = 0; r < rows; ++r) for (int h = 0; h < nh + nkv; ++h) for (int j = 0; j < half; ++j) {
+        int p = r % t;
+        double angle = p * pow(10000.0, -2.0 * j / hs), a = x[r * S + h * hs + j], b = x[r * S + h * hs + half + j];
+        want[r * S + h * hs + j] = a * cos(angle) - b * sin(angle);
+        want[r * S + h * hs + half + j] = b * cos(angle) + a * sin(angle);
+    }
+    std::string n = std::string("rope ") + (sizeof(T) == 4 ? "f32" : "bf16");
+    check((n + " fwd").c_str(), load(x_t), want, tol);
+    launch(rope_bwd<T>, egrid(pairs), dim3(256), x_t.data(), (const float*)table.data(), (int)rows, t, nh, nkv, hs);
+    check((n + " bwd of fwd").c_str(), load(x_t), to_d(x), tol * 2);
+}
+
+template <typename T>
+void test_swiglu(double tol) {
+    const int rows = 5, f = 301;
+    const long n = (long)rows * f;
+    auto inp = rand_vec(n * 2, -6, 6), dout = rand_vec(n);
+    auto inp_t = store<T>(inp), dout_t = store<T>(dout);
+    inp = load(inp_t); dout = load(dout_t);
+    std::vector<T> out_t(n), dinp_t(n * 2, from_f32<T>(12345.0f));
+    launch(swiglu_fwd<T>, egrid(n), dim3(256), out_t.data(), (const T*)inp_t.data(), n, f);
+    launch(swiglu_bwd<T>, egrid(n), dim3(256), dinp_t.data(), (const T*)dout_t.data(), (const T*)inp_t.data(), n, f);
+    std::vector<double> wout(n), wd(n * 2);
+    auto silu = [](double g) { return g / (1 + exp(-g)); };
+    for (int r = 0; r < rows; ++r) for (int j = 0; j < f; ++j) {
+        double g = inp[r * 2 * f + j], u = inp[r * 2 * f + f + j], dy = dout[r * f + j], h = 1e-4;
+        wout[r * f + j] = silu(g) * u;
+        wd[r * 2 * f + j] = dy * u * (silu(g + h) - silu(g - h)) / (2 * h);
+        wd[r * 2 * f + f + j] = dy * silu(g);
+    }
+    std::string nm = std::string("swiglu ") + (sizeof(T) == 4 ? "f32" : "bf16");
+    check((nm + " fwd").c_str(), load(out_t), wout, tol);
+    check((nm + " bwd").c_str(), load(dinp_t), wd, tol * 4);
 }
 
 int main(int argc, char** argv) {
@@ -348,13 +452,23 @@ int main(int argc, char** argv) {
         test_layernorm<bf16>(1.0 / 64);
         test_crossentropy();
         test_optimizer();
+        test_rmsnorm<float>(1e-5);
+        test_rmsnorm<bf16>(1.0 / 64);
+        test_rope<float>(1e-6);
+        test_rope<bf16>(1.0 / 64);
+        test_swiglu<float>(1e-6);
+        test_swiglu<bf16>(1.0 / 64);
     }
-    test_attention<float>(2, 70, 2, 32, 1e-5);
-    test_attention<float>(1, 130, 1, 80, 1e-5);
-    test_attention<float>(1, 64, 2, 128, 1e-5);
-    test_attention<float>(1, 3, 1, 64, 1e-5);
-    test_attention<float>(1, 65, 1, 96, 1e-5);
-    test_attention<bf16>(1, 70, 1, 64, 1.0 / 64);
+    test_attention<float>(2, 70, 2, 2, 32, 1e-5);
+    test_attention<float>(1, 130, 1, 1, 80, 1e-5);
+    test_attention<float>(1, 64, 2, 2, 128, 1e-5);
+    test_attention<float>(1, 3, 1, 1, 64, 1e-5);
+    test_attention<float>(1, 65, 1, 1, 96, 1e-5);
+    test_attention<bf16>(1, 70, 1, 1, 64, 1.0 / 64);
+    // Grouped-query attention: nh / nkv = 2 and 4, across a partial key tile.
+    test_attention<float>(1, 70, 4, 2, 32, 1e-5);
+    test_attention<float>(2, 67, 4, 1, 64, 1e-5);
+    test_attention<bf16>(1, 70, 4, 2, 64, 1.0 / 64);
     printf(failures ? "%d FAILURES\n" : "all passed\n", failures);
     return failures != 0;
 }

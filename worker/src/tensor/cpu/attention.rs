@@ -5,6 +5,10 @@
 //!
 //! Tasks are (sequence, block of rows) pairs, each doing every head. Within a task everything
 //! runs in a fixed order, so the results do not depend on the number of threads.
+//!
+//! Grouped-query attention: `qkv` rows are `[q: nh hs | k: nkv hs | v: nkv hs]` and query head
+//! h reads key/value head h / (nh / nkv). With `nkv == nh` every loop and sum runs exactly as
+//! GPT-2's multi-head attention did, so its results are unchanged to the bit.
 
 use std::ops::Range;
 
@@ -25,26 +29,42 @@ const BLOCK: usize = 64;
 /// order is fixed, so results stay deterministic.
 const LANES: usize = 8;
 
-/// Where one head's rows live: `qkv` is `(b t, 3 nh hs)` laid out `[q | k | v]`, `out` and
-/// `dout` are `(b t, nh hs)`, `lse` and `delta` are `(b t, nh)`.
+/// Where one query head's rows live: `qkv` is `(b t, (nh + 2 nkv) hs)` laid out `[q | k |
+/// v]`, `out` and `dout` are `(b t, nh hs)`, `lse` and `delta` are `(b t, nh)`.
 #[derive(Clone, Copy)]
 struct Head {
     d: Dims,
     b: usize,
+    /// The query head; its key/value head is `h / d.group()`.
     h: usize,
 }
 
+/// Column of key/value head `g`'s k (`part` 1) or v (2), or query head `g`'s q (0), in a
+/// `qkv` row.
+fn qkv_column(d: Dims, part: usize, g: usize) -> usize {
+    match part {
+        0 => g * d.hs,
+        1 => (d.nh + g) * d.hs,
+        _ => (d.nh + d.nkv + g) * d.hs,
+    }
+}
+
 impl Head {
-    /// Rows `rows` of this head's q (`part` 0), k (1) or v (2), as a `(rows, hs)` matrix.
+    /// Rows `rows` of this head's q (`part` 0), or its key/value head's k (1) or v (2), as a
+    /// `(rows, hs)` matrix.
     fn qkv<E>(self, qkv: &[E], part: usize, rows: Range<usize>) -> Mat<'_, E> {
-        let width = self.d.nh * self.d.hs;
+        let stride = self.d.qkv_width();
+        let head = if part == 0 {
+            self.h
+        } else {
+            self.h / self.d.group()
+        };
         Mat {
-            data: &qkv[(self.b * self.d.t + rows.start) * 3 * width
-                + part * width
-                + self.h * self.d.hs..],
+            data: &qkv
+                [(self.b * self.d.t + rows.start) * stride + qkv_column(self.d, part, head)..],
             rows: rows.len(),
             cols: self.d.hs,
-            row_stride: 3 * width,
+            row_stride: stride,
             col_stride: 1,
         }
     }
@@ -191,23 +211,25 @@ pub fn attention_fwd<E: Elem>(out: &mut [E], lse: &mut [f32], qkv: &[E], d: Dims
         });
 }
 
-/// Runs `work(head, rows, dqkv)` for every head of every (sequence, block of `BLOCK` rows), in
-/// parallel over the blocks; `dqkv` is the block's rows of the `(b t, 3 nh hs)` gradient.
+/// Runs `work(b, head, rows, dqkv)` for heads `0..heads` in order, for every (sequence `b`,
+/// block of `BLOCK` rows), in parallel over the blocks; `dqkv` is the block's rows of the `(b
+/// t, (nh + 2 nkv) hs)` gradient.
 fn for_each_block<E: Elem>(
     dqkv: &mut [E],
     d: Dims,
-    work: impl Fn(Head, Range<usize>, &mut [E]) + Sync,
+    heads: usize,
+    work: impl Fn(usize, usize, Range<usize>, &mut [E]) + Sync,
 ) {
-    let width = d.nh * d.hs;
-    dqkv.par_chunks_mut(d.t * 3 * width)
+    let stride = d.qkv_width();
+    dqkv.par_chunks_mut(d.t * stride)
         .enumerate()
         .for_each(|(b, dqkv)| {
-            dqkv.par_chunks_mut(BLOCK * 3 * width)
+            dqkv.par_chunks_mut(BLOCK * stride)
                 .enumerate()
                 .for_each(|(block, dqkv)| {
                     let rows = block * BLOCK..(block * BLOCK + BLOCK).min(d.t);
-                    for h in 0..d.nh {
-                        work(Head { d, b, h }, rows.clone(), &mut *dqkv);
+                    for h in 0..heads {
+                        work(b, h, rows.clone(), &mut *dqkv);
                     }
                 });
         });
@@ -258,8 +280,9 @@ impl<E: Elem> Backward<'_, E> {
 
 /// FlashAttention's backward without atomics, from `p_ij = exp(q_i k_j s - lse_i)` and `ds_ij =
 /// p_ij (dout_i . v_j - delta_i) s` with `delta_i = dout_i . out_i`: a pass over key blocks sums
-/// `dv_j = sum_i p_ij dout_i` and `dk_j = sum_i ds_ij q_i`, then a pass over query blocks sums
-/// `dq_i = sum_j ds_ij k_j`. `delta` is scratch, `(b t, nh)`.
+/// `dv_j = sum_i p_ij dout_i` and `dk_j = sum_i ds_ij q_i` (over the query heads of the key's
+/// group in head order, then over query blocks), then a pass over query blocks sums `dq_i =
+/// sum_j ds_ij k_j`. `delta` is scratch, `(b t, nh)`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<E: Elem>(
     dqkv: &mut [E],
@@ -271,7 +294,7 @@ pub fn attention_bwd<E: Elem>(
     d: Dims,
 ) {
     let (t, nh, hs) = (d.t, d.nh, d.hs);
-    let width = nh * hs;
+    let (width, stride, group) = (nh * hs, d.qkv_width(), d.group());
     delta
         .par_chunks_mut(nh)
         .enumerate()
@@ -292,26 +315,30 @@ pub fn attention_bwd<E: Elem>(
         delta,
         scale: 1.0 / (hs as f32).sqrt(),
     };
-    for_each_block(dqkv, d, |head, keys, dqkv| {
+    for_each_block(dqkv, d, d.nkv, |b, kv, keys, dqkv| {
         let m = keys.len();
         let mut p = [0.0f32; BLOCK * BLOCK];
         let mut ds = [0.0f32; BLOCK * BLOCK];
         let mut dk = [0.0f32; BLOCK * MAX_HEAD_SIZE];
         let mut dv = [0.0f32; BLOCK * MAX_HEAD_SIZE];
         let (dk, dv) = (&mut dk[..m * hs], &mut dv[..m * hs]);
-        for first in (keys.start..t).step_by(BLOCK) {
-            let queries = first..(first + BLOCK).min(t);
-            let n = queries.len();
-            pass.tiles(head, queries.clone(), keys.clone(), &mut p, &mut ds);
-            let g = head.rows(dout, queries.clone());
-            let q = head.qkv(qkv, 0, queries);
-            gemm(MatMut::row_major(dv, m, hs), tile(&p, n, m).t(), g, true);
-            gemm(MatMut::row_major(dk, m, hs), tile(&ds, n, m).t(), q, true);
+        for h in kv * group..(kv + 1) * group {
+            let head = Head { d, b, h };
+            for first in (keys.start..t).step_by(BLOCK) {
+                let queries = first..(first + BLOCK).min(t);
+                let n = queries.len();
+                pass.tiles(head, queries.clone(), keys.clone(), &mut p, &mut ds);
+                let g = head.rows(dout, queries.clone());
+                let q = head.qkv(qkv, 0, queries);
+                gemm(MatMut::row_major(dv, m, hs), tile(&p, n, m).t(), g, true);
+                gemm(MatMut::row_major(dk, m, hs), tile(&ds, n, m).t(), q, true);
+            }
         }
-        store(dqkv, 3 * width, width + head.h * hs, dk, hs, m, |_| 1.0);
-        store(dqkv, 3 * width, 2 * width + head.h * hs, dv, hs, m, |_| 1.0);
+        store(dqkv, stride, qkv_column(d, 1, kv), dk, hs, m, |_| 1.0);
+        store(dqkv, stride, qkv_column(d, 2, kv), dv, hs, m, |_| 1.0);
     });
-    for_each_block(dqkv, d, |head, queries, dqkv| {
+    for_each_block(dqkv, d, nh, |b, h, queries, dqkv| {
+        let head = Head { d, b, h };
         let n = queries.len();
         let mut p = [0.0f32; BLOCK * BLOCK];
         let mut ds = [0.0f32; BLOCK * BLOCK];
@@ -324,6 +351,6 @@ pub fn attention_bwd<E: Elem>(
             let k = head.qkv(qkv, 1, keys);
             gemm(MatMut::row_major(dq, n, hs), tile(&ds, n, m), k, true);
         }
-        store(dqkv, 3 * width, head.h * hs, dq, hs, n, |_| 1.0);
+        store(dqkv, stride, qkv_column(d, 0, h), dq, hs, n, |_| 1.0);
     });
 }

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod gemm;
+pub mod llama;
 pub mod ops;
 
 use std::sync::Arc;
@@ -501,6 +502,99 @@ impl Backend for CpuBackend {
                     self.slice_mut(dqkv), self.slice_mut(delta),
                     self.slice(dout), self.slice(qkv), self.slice(out), self.slice(lse), dims,
                 )
+            }
+        });
+        Ok(())
+    }
+
+    fn rmsnorm_fwd(
+        &mut self,
+        out: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        rows: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let (op, dt) = ("rmsnorm_fwd", out.dtype);
+        self.checks()
+            .rmsnorm_fwd(out, rstd, inp, weight, rows, c, eps)?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe {
+                llama::rmsnorm_fwd::<E>(
+                    self.slice_mut(out), self.slice_mut(rstd), self.slice(inp), self.slice(weight),
+                    c, eps,
+                )
+            }
+        });
+        Ok(())
+    }
+
+    fn rmsnorm_bwd(
+        &mut self,
+        dinp: Tensor,
+        dweight: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let (op, dt) = ("rmsnorm_bwd", dout.dtype);
+        self.checks()
+            .rmsnorm_bwd(dinp, dweight, dout, inp, weight, rstd, rows, c)?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe {
+                llama::rmsnorm_bwd::<E>(
+                    self.slice_mut(dinp), self.slice_mut(dweight), self.slice(dout),
+                    self.slice(inp), self.slice(weight), self.slice(rstd), c,
+                )
+            }
+        });
+        Ok(())
+    }
+
+    fn rope_fwd(&mut self, qkv: Tensor, table: Tensor, dims: Dims) -> Result<()> {
+        let op = "rope_fwd";
+        self.checks().rope(op, ("qkv", qkv), table, dims)?;
+        with_elem!(op, qkv.dtype, E => {
+            // SAFETY: checked and disjoint.
+            unsafe { llama::rope::<E>(self.slice_mut(qkv), self.slice(table), dims, 1.0) }
+        });
+        Ok(())
+    }
+
+    fn rope_bwd(&mut self, dqkv: Tensor, table: Tensor, dims: Dims) -> Result<()> {
+        let op = "rope_bwd";
+        self.checks().rope(op, ("dqkv", dqkv), table, dims)?;
+        with_elem!(op, dqkv.dtype, E => {
+            // SAFETY: checked and disjoint.
+            unsafe { llama::rope::<E>(self.slice_mut(dqkv), self.slice(table), dims, -1.0) }
+        });
+        Ok(())
+    }
+
+    fn swiglu_fwd(&mut self, out: Tensor, inp: Tensor, f: usize) -> Result<()> {
+        let (op, dt) = ("swiglu_fwd", out.dtype);
+        self.checks().swiglu_fwd(out, inp, f)?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe { llama::swiglu_fwd::<E>(self.slice_mut(out), self.slice(inp), f) }
+        });
+        Ok(())
+    }
+
+    fn swiglu_bwd(&mut self, dinp: Tensor, dout: Tensor, inp: Tensor, f: usize) -> Result<()> {
+        let (op, dt) = ("swiglu_bwd", dout.dtype);
+        self.checks().swiglu_bwd(dinp, dout, inp, f)?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe {
+                llama::swiglu_bwd::<E>(self.slice_mut(dinp), self.slice(dout), self.slice(inp), f)
             }
         });
         Ok(())

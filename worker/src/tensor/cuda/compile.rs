@@ -38,6 +38,7 @@ pub const SOURCES: &[Source] = sources![
     "attention",
     "crossentropy",
     "optimizer",
+    "llama",
 ];
 
 const NVRTC_HELP: &str = "install the NVRTC runtime of CUDA 13 (the CUDA toolkit, or `pip install \

@@ -14,6 +14,7 @@
 
 pub mod blas;
 pub mod compile;
+mod llama;
 mod nvml;
 
 use std::cell::RefCell;
@@ -351,10 +352,15 @@ impl Launch {
         }
     }
 
-    /// One block per 64 rows of one head of one sequence.
-    fn attention(d: Dims, shared: u32) -> Launch {
+    /// One block per 64 rows of one of `heads` heads (query heads, or key/value heads in the
+    /// dk/dv pass) of one sequence.
+    fn attention(d: Dims, heads: usize, shared: u32) -> Launch {
         Launch {
-            grid: (d.t.div_ceil(ATTENTION_TILE) as u32, d.nh as u32, d.b as u32),
+            grid: (
+                d.t.div_ceil(ATTENTION_TILE) as u32,
+                heads as u32,
+                d.b as u32,
+            ),
             block: (256, 1, 1),
             shared,
         }
@@ -1334,10 +1340,16 @@ impl Backend for CudaBackend {
             int(dims.b),
             int(dims.t),
             int(dims.nh),
+            int(dims.nkv),
             int(dims.hs),
         ];
         let shared = Self::attention_shared(op, dims.hs);
-        self.launch(op, out.dtype, Launch::attention(dims, shared), &args)
+        self.launch(
+            op,
+            out.dtype,
+            Launch::attention(dims, dims.nh, shared),
+            &args,
+        )
     }
 
     fn attention_bwd(
@@ -1375,13 +1387,61 @@ impl Backend for CudaBackend {
             int(dims.b),
             int(dims.t),
             int(dims.nh),
+            int(dims.nkv),
             int(dims.hs),
         ];
-        for kernel in ["attention_bwd_dkv", "attention_bwd_dq"] {
+        for (kernel, heads) in [
+            ("attention_bwd_dkv", dims.nkv),
+            ("attention_bwd_dq", dims.nh),
+        ] {
             let shared = Self::attention_shared(kernel, dims.hs);
-            self.launch(kernel, dout.dtype, Launch::attention(dims, shared), &args)?;
+            let launch = Launch::attention(dims, heads, shared);
+            self.launch(kernel, dout.dtype, launch, &args)?;
         }
         Ok(())
+    }
+
+    fn rmsnorm_fwd(
+        &mut self,
+        out: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        rows: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.rmsnorm_fwd_on_device(out, rstd, inp, weight, rows, c, eps)
+    }
+
+    fn rmsnorm_bwd(
+        &mut self,
+        dinp: Tensor,
+        dweight: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        self.rmsnorm_bwd_on_device(dinp, dweight, dout, inp, weight, rstd, rows, c)
+    }
+
+    fn rope_fwd(&mut self, qkv: Tensor, table: Tensor, dims: Dims) -> Result<()> {
+        self.rope_on_device("rope_fwd", ("qkv", qkv), table, dims)
+    }
+
+    fn rope_bwd(&mut self, dqkv: Tensor, table: Tensor, dims: Dims) -> Result<()> {
+        self.rope_on_device("rope_bwd", ("dqkv", dqkv), table, dims)
+    }
+
+    fn swiglu_fwd(&mut self, out: Tensor, inp: Tensor, f: usize) -> Result<()> {
+        self.swiglu_fwd_on_device(out, inp, f)
+    }
+
+    fn swiglu_bwd(&mut self, dinp: Tensor, dout: Tensor, inp: Tensor, f: usize) -> Result<()> {
+        self.swiglu_bwd_on_device(dinp, dout, inp, f)
     }
 
     fn gelu_fwd(&mut self, out: Tensor, inp: Tensor) -> Result<()> {

@@ -4,12 +4,16 @@
 // checked against): no (t, t) matrix exists anywhere; the forward keeps only each query row's
 // log-sum-exp, and the backward recomputes the probabilities from it.
 //
-// Layout (as attention.rs): `qkv (b t, 3 nh hs)` with each row laid out [q heads | k heads | v
-// heads]; `out`, `dout (b t, nh hs)`; `lse`, `delta (b t, nh)` f32. Scale 1 / sqrt(hs), hs one of
-// 32, 64, 80, 96, 128 (the backend refuses others; any other value makes the kernels do nothing).
+// Layout (as attention.rs): `qkv (b t, (nh + 2 nkv) hs)` with each row laid out [q: nh heads | k:
+// nkv heads | v: nkv heads] (grouped-query attention: query head h reads key/value head h / (nh /
+// nkv); GPT-2 has nkv = nh); `out`, `dout (b t, nh hs)`; `lse`, `delta (b t, nh)` f32. Scale 1 /
+// sqrt(hs), hs one of 32, 64, 80, 96, 128 (the backend refuses others; any other value makes the
+// kernels do nothing).
 //
-// Work split: grid (ceil(t / 64), nh, b), blocks of 256 threads. A block owns 64 rows (queries,
-// or keys in the dk/dv pass) of one head of one sequence, and 4 adjacent threads (a quad) share a
+// Work split: grid (ceil(t / 64), nh, b) (nkv instead of nh in the dk/dv pass), blocks of 256
+// threads. A block owns 64 rows (queries, or keys in the dk/dv pass) of one head of one sequence
+// (a key/value head's keys sum over the query heads of its group), and 4 adjacent threads (a
+// quad) share a
 // row: lane u of the quad holds the row's float4 groups u, u + 4, u + 8, ... of its hs values in
 // registers (hs / 16 groups each). Interleaving the 16-byte groups makes a quad read 64 contiguous
 // bytes of a shared-memory row, and the warp's 8 quads, all reading the same row of a tile, are
@@ -130,31 +134,39 @@ __device__ __forceinline__ void load_tile(float* tile, const T* rows, long strid
     }
 }
 
-// Where the rows of one block's (sequence, head) live: blockIdx.z is the sequence, blockIdx.y the
-// head.
+// Where the rows of query head `h` of one block's sequence live (blockIdx.z is the sequence),
+// and those of its key/value head.
 template <typename T>
 struct HeadRows {
-    long width;   // nh * hs: one of q, k, v in a qkv row; a row of out / dout
-    long stride;  // 3 * width: a row of qkv (and dqkv)
+    long width;   // nh * hs: the q part of a qkv row; a row of out / dout
+    long stride;  // (nh + 2 nkv) * hs: a row of qkv (and dqkv)
     long qkv_at;  // offset of the head's q in the sequence's row 0 of qkv (and dqkv)
+    long kv_at;   // offset of its key/value head's k there; its v is nkv * hs further
+    long v_from_k; // nkv * hs
     long x_at;    // offset of the head in the sequence's row 0 of out / dout
     long per_row; // offset in lse / delta, whose row i is at per_row + i * nh
     const T* q;   // the head's q of the sequence's row i is q[i * stride + d]; k, v likewise
     const T* k;
     const T* v;
 
-    __device__ HeadRows(const T* qkv, int t, int nh, int hs) {
-        const long h = blockIdx.y, s = blockIdx.z;
+    __device__ HeadRows(const T* qkv, int t, int nh, int nkv, int hs, int head) {
+        const long h = head, s = blockIdx.z;
+        const long kv = h / (nh / nkv);
         width = static_cast<long>(nh) * hs;
-        stride = 3 * width;
+        stride = static_cast<long>(nh + 2 * nkv) * hs;
+        v_from_k = static_cast<long>(nkv) * hs;
         qkv_at = s * t * stride + h * hs;
+        kv_at = s * t * stride + width + kv * hs;
         x_at = s * t * width + h * hs;
         per_row = s * t * nh + h;
         q = qkv + qkv_at;
-        k = q + width;
-        v = q + 2 * width;
+        k = qkv + kv_at;
+        v = k + v_from_k;
     }
 };
+
+// Whether the launch's head counts are ones the kernels can index (the backend checks them).
+__device__ __forceinline__ bool heads_ok(int nh, int nkv) { return nkv > 0 && nh % nkv == 0; }
 
 // Calls `body<T, hs / 16>(args...)` for the supported head sizes.
 #define ATTENTION_DISPATCH(body, hs, ...)        \
@@ -177,9 +189,9 @@ struct HeadRows {
 // exp-weighted sum of v, all rescaled whenever the max grows. `out = acc / total`, `lse = m +
 // log(total)`.
 template <typename T, int G>
-__device__ void attention_fwd_rows(T* out, float* lse, const T* qkv, int t, int nh) {
+__device__ void attention_fwd_rows(T* out, float* lse, const T* qkv, int t, int nh, int nkv) {
     constexpr int HS = 16 * G;
-    const HeadRows<T> head(qkv, t, nh, HS);
+    const HeadRows<T> head(qkv, t, nh, nkv, HS, blockIdx.y);
     const long stride = head.stride;
     float* k_tile = reinterpret_cast<float*>(attention_smem);
     float* v_tile = k_tile + ATTENTION_TILE * HS;
@@ -245,15 +257,16 @@ __device__ void attention_fwd_rows(T* out, float* lse, const T* qkv, int t, int 
 }
 
 template <typename T>
-__device__ void attention_fwd(T* out, float* lse, const T* qkv, int b, int t, int nh, int hs) {
-    if (static_cast<int>(blockIdx.z) >= b) {
+__device__ void attention_fwd(T* out, float* lse, const T* qkv, int b, int t, int nh, int nkv,
+                              int hs) {
+    if (static_cast<int>(blockIdx.z) >= b || !heads_ok(nh, nkv)) {
         return;
     }
-    ATTENTION_DISPATCH(attention_fwd_rows, hs, out, lse, qkv, t, nh)
+    ATTENTION_DISPATCH(attention_fwd_rows, hs, out, lse, qkv, t, nh, nkv)
 }
 TESSERA_EXPORT(256, attention_fwd,
-               (T * out, float* lse, const T* qkv, int b, int t, int nh, int hs),
-               (out, lse, qkv, b, t, nh, hs))
+               (T * out, float* lse, const T* qkv, int b, int t, int nh, int nkv, int hs),
+               (out, lse, qkv, b, t, nh, nkv, hs))
 
 // --- backward ---
 //
@@ -285,15 +298,18 @@ TESSERA_EXPORT(256, attention_bwd_delta,
 // (bytes: a Q and a dout tile, 64 x hs f32 each, and 64 f32 each of lse and delta; 64.5 KiB at
 // hs = 128)
 //
-// A block's 64 keys (k, v and the dk, dv sums in registers) against the query tiles from its
-// first key to t; the queries of a tile are visited in order. Overwrites dk and dv in dqkv.
+// A block's 64 keys of key/value head blockIdx.y (k, v and the dk, dv sums in registers)
+// against, for each query head of its group in order, the query tiles from its first key to t;
+// the queries of a tile are visited in order. Overwrites dk and dv in dqkv.
 template <typename T, int G>
 __device__ void attention_bwd_dkv_rows(T* dqkv, const T* qkv, const T* dout, const float* lse,
-                                       const float* delta, int t, int nh) {
+                                       const float* delta, int t, int nh, int nkv) {
     constexpr int HS = 16 * G;
-    const HeadRows<T> head(qkv, t, nh, HS);
-    const long stride = head.stride;
-    const T* douts = dout + head.x_at;
+    const int group = nh / nkv;
+    const int first_head = blockIdx.y * group;
+    // The group's first query head names the key/value rows (and strides) every head shares.
+    const HeadRows<T> kv_rows(qkv, t, nh, nkv, HS, first_head);
+    const long stride = kv_rows.stride;
     float* q_tile = reinterpret_cast<float*>(attention_smem);
     float* g_tile = q_tile + ATTENTION_TILE * HS;
     float* lse_tile = g_tile + ATTENTION_TILE * HS;
@@ -305,56 +321,60 @@ __device__ void attention_bwd_dkv_rows(T* dqkv, const T* qkv, const T* dout, con
     const float scale = 1.0f / sqrtf(static_cast<float>(HS));
 
     float4 k[G], v[G], dk[G], dv[G];
-    load_row<T, G>(k, valid ? head.k + j * stride : nullptr, u);
-    load_row<T, G>(v, valid ? head.v + j * stride : nullptr, u);
+    load_row<T, G>(k, valid ? kv_rows.k + j * stride : nullptr, u);
+    load_row<T, G>(v, valid ? kv_rows.v + j * stride : nullptr, u);
     zero_all(dk);
     zero_all(dv);
-    // Queries before the block's first key see none of its keys.
-    for (int first = k0; first < t; first += ATTENTION_TILE) {
-        __syncthreads();  // everyone is done with the previous tiles
-        load_tile<T, HS>(q_tile, head.q, stride, first, t);
-        load_tile<T, HS>(g_tile, douts, head.width, first, t);
-        if (threadIdx.x < ATTENTION_TILE) {
-            const int i = first + threadIdx.x;
-            const long at = head.per_row + static_cast<long>(i) * nh;
-            lse_tile[threadIdx.x] = i < t ? lse[at] : 0.0f;
-            delta_tile[threadIdx.x] = i < t ? delta[at] : 0.0f;
-        }
-        __syncthreads();
-        // Query rows past t are skipped (block-uniform, so the shuffles stay whole).
-        for (int r = 0; r < ATTENTION_TILE && first + r < t; ++r) {
-            const int i = first + r;
-            const float* q_row = q_tile + r * HS;
-            const float* g_row = g_tile + r * HS;
-            const float score = quad_sum(partial_dot(k, q_row, u));
-            const float dp = quad_sum(partial_dot(v, g_row, u));
-            if (j <= i) {  // the query sees the key (so the key is real too)
-                const float p = expf(score * scale - lse_tile[r]);
-                const float ds = p * (dp - delta_tile[r]) * scale;
-                add_scaled(dv, p, g_row, u);
-                add_scaled(dk, ds, q_row, u);
+    for (int h = first_head; h < first_head + group; ++h) {
+        const HeadRows<T> head(qkv, t, nh, nkv, HS, h);
+        const T* douts = dout + head.x_at;
+        // Queries before the block's first key see none of its keys.
+        for (int first = k0; first < t; first += ATTENTION_TILE) {
+            __syncthreads();  // everyone is done with the previous tiles
+            load_tile<T, HS>(q_tile, head.q, stride, first, t);
+            load_tile<T, HS>(g_tile, douts, head.width, first, t);
+            if (threadIdx.x < ATTENTION_TILE) {
+                const int i = first + threadIdx.x;
+                const long at = head.per_row + static_cast<long>(i) * nh;
+                lse_tile[threadIdx.x] = i < t ? lse[at] : 0.0f;
+                delta_tile[threadIdx.x] = i < t ? delta[at] : 0.0f;
+            }
+            __syncthreads();
+            // Query rows past t are skipped (block-uniform, so the shuffles stay whole).
+            for (int r = 0; r < ATTENTION_TILE && first + r < t; ++r) {
+                const int i = first + r;
+                const float* q_row = q_tile + r * HS;
+                const float* g_row = g_tile + r * HS;
+                const float score = quad_sum(partial_dot(k, q_row, u));
+                const float dp = quad_sum(partial_dot(v, g_row, u));
+                if (j <= i) {  // the query sees the key (so the key is real too)
+                    const float p = expf(score * scale - lse_tile[r]);
+                    const float ds = p * (dp - delta_tile[r]) * scale;
+                    add_scaled(dv, p, g_row, u);
+                    add_scaled(dk, ds, q_row, u);
+                }
             }
         }
     }
     if (valid) {
-        T* row = dqkv + head.qkv_at + j * stride;  // dqkv has qkv's layout
-        store_row<T, G>(row + head.width, dk, 1.0f, u);
-        store_row<T, G>(row + 2 * head.width, dv, 1.0f, u);
+        T* row = dqkv + kv_rows.kv_at + j * stride;  // dqkv has qkv's layout
+        store_row<T, G>(row, dk, 1.0f, u);
+        store_row<T, G>(row + kv_rows.v_from_k, dv, 1.0f, u);
     }
 }
 
 template <typename T>
 __device__ void attention_bwd_dkv(T* dqkv, const T* qkv, const T* dout, const float* lse,
-                                  const float* delta, int b, int t, int nh, int hs) {
-    if (static_cast<int>(blockIdx.z) >= b) {
+                                  const float* delta, int b, int t, int nh, int nkv, int hs) {
+    if (static_cast<int>(blockIdx.z) >= b || !heads_ok(nh, nkv)) {
         return;
     }
-    ATTENTION_DISPATCH(attention_bwd_dkv_rows, hs, dqkv, qkv, dout, lse, delta, t, nh)
+    ATTENTION_DISPATCH(attention_bwd_dkv_rows, hs, dqkv, qkv, dout, lse, delta, t, nh, nkv)
 }
 TESSERA_EXPORT(256, attention_bwd_dkv,
                (T * dqkv, const T* qkv, const T* dout, const float* lse, const float* delta, int b,
-                int t, int nh, int hs),
-               (dqkv, qkv, dout, lse, delta, b, t, nh, hs))
+                int t, int nh, int nkv, int hs),
+               (dqkv, qkv, dout, lse, delta, b, t, nh, nkv, hs))
 
 // SHARED attention_bwd_dq: 512 * hs
 // (bytes: a K and a V tile, 64 x hs f32 each; 64 KiB at hs = 128)
@@ -363,9 +383,9 @@ TESSERA_EXPORT(256, attention_bwd_dkv,
 // 0 .. up to its last query, keys in order. Overwrites dq in dqkv.
 template <typename T, int G>
 __device__ void attention_bwd_dq_rows(T* dqkv, const T* qkv, const T* dout, const float* lse,
-                                      const float* delta, int t, int nh) {
+                                      const float* delta, int t, int nh, int nkv) {
     constexpr int HS = 16 * G;
-    const HeadRows<T> head(qkv, t, nh, HS);
+    const HeadRows<T> head(qkv, t, nh, nkv, HS, blockIdx.y);
     const long stride = head.stride;
     float* k_tile = reinterpret_cast<float*>(attention_smem);
     float* v_tile = k_tile + ATTENTION_TILE * HS;
@@ -409,13 +429,13 @@ __device__ void attention_bwd_dq_rows(T* dqkv, const T* qkv, const T* dout, cons
 
 template <typename T>
 __device__ void attention_bwd_dq(T* dqkv, const T* qkv, const T* dout, const float* lse,
-                                 const float* delta, int b, int t, int nh, int hs) {
-    if (static_cast<int>(blockIdx.z) >= b) {
+                                 const float* delta, int b, int t, int nh, int nkv, int hs) {
+    if (static_cast<int>(blockIdx.z) >= b || !heads_ok(nh, nkv)) {
         return;
     }
-    ATTENTION_DISPATCH(attention_bwd_dq_rows, hs, dqkv, qkv, dout, lse, delta, t, nh)
+    ATTENTION_DISPATCH(attention_bwd_dq_rows, hs, dqkv, qkv, dout, lse, delta, t, nh, nkv)
 }
 TESSERA_EXPORT(256, attention_bwd_dq,
                (T * dqkv, const T* qkv, const T* dout, const float* lse, const float* delta, int b,
-                int t, int nh, int hs),
-               (dqkv, qkv, dout, lse, delta, b, t, nh, hs))
+                int t, int nh, int nkv, int hs),
+               (dqkv, qkv, dout, lse, delta, b, t, nh, nkv, hs))

@@ -154,3 +154,23 @@ __device__ __forceinline__ float block_sum(float v) { return block_reduce(v, Sum
 __device__ __forceinline__ double block_sum(double v) { return block_reduce(v, Sum(), 0.0); }
 
 __device__ __forceinline__ float block_max(float v) { return block_reduce(v, Max(), NEG_INF); }
+
+// Sums over rows, per column (launch COLUMNS): grid = ceil(cols / 32), block (32, 16). A block
+// owns 32 columns; thread (x, y) sums rows y, y + 16, ... of column x in order (a warp reads 32
+// adjacent columns of one row), then the 16 partial sums of each column are added in y order.
+#define COLUMN_TILE 32
+#define COLUMN_SPLIT 16
+
+// Adds the block's 16 partial sums of column `col` (`partial[y][x]`, one per thread) in y order
+// and returns the total to the threads with y = 0. Every thread must call it.
+__device__ __forceinline__ float column_total(float (*partial)[COLUMN_TILE], float mine) {
+    partial[threadIdx.y][threadIdx.x] = mine;
+    __syncthreads();
+    float total = 0.0f;
+    if (threadIdx.y == 0) {
+        for (int y = 0; y < COLUMN_SPLIT; ++y) {
+            total += partial[y][threadIdx.x];
+        }
+    }
+    return total;
+}

@@ -76,27 +76,8 @@ TESSERA_EXPORT(256, layernorm_bwd_dinp,
                 const float* rstd, int rows, int c),
                (dinp, dout, inp, weight, mean, rstd, rows, c))
 
-// Sums over rows, per column: grid = ceil(cols / 32), block (32, 16). A block owns 32 columns;
-// thread (x, y) sums rows y, y + 16, ... of column x in order (a warp reads 32 adjacent columns
-// of one row), then the 16 partial sums of each column are added in y order.
-#define COLUMN_TILE 32
-#define COLUMN_SPLIT 16
-
-// Adds the block's 16 partial sums of column `col` (`partial[y][x]`, one per thread) in y order
-// and returns the total to the threads with y = 0. Every thread must call it.
-__device__ __forceinline__ float column_total(float (*partial)[COLUMN_TILE], float mine) {
-    partial[threadIdx.y][threadIdx.x] = mine;
-    __syncthreads();
-    float total = 0.0f;
-    if (threadIdx.y == 0) {
-        for (int y = 0; y < COLUMN_SPLIT; ++y) {
-            total += partial[y][threadIdx.x];
-        }
-    }
-    return total;
-}
-
-// `dweight += sum over rows of dout * xhat`, `dbias += sum over rows of dout`.
+// Launch COLUMNS (common.cuh): `dweight += sum over rows of dout * xhat`, `dbias += sum over rows
+// of dout`.
 template <typename T>
 __device__ void layernorm_bwd_params(T* dweight, T* dbias, const T* dout, const T* inp,
                                      const float* mean, const float* rstd, int rows, int c) {
