@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The peer of bench/cpu_step: the same GPT-2 training step as `tessera-worker`, in plain PyTorch
-on the CPU in fp32 (run with bench/.venv/bin/python).
+on the CPU in fp32 (run with the python of bench/torch_venv.sh's venv).
 
   torch_step.py --layers L --hidden C --heads H --vocab V --seq T --ffn F \
       --global-batch G --micro-batch M --steps N --warmup-steps W --threads K --out F.json
