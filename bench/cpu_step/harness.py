@@ -4,23 +4,33 @@
   harness.py sizes
       Prints the names of the benchmark sizes, one a line.
 
+  harness.py needs S...
+      Prints what sizes S... need, one a line: the cargo packages to build in release
+      (tessera-worker, tessera-launcher) and `transformers` when the PyTorch side needs it.
+
+  harness.py config --size S --steps N --dir D
+      Prints the job config the tessera side of a `launch` size (the llama ones) trains.
+
   harness.py run --size S --threads K --steps N --warmup-steps W --dir D --python PY
-      Trains size S for W+N optimizer steps, first with target/release/tessera-worker, then with
+      Trains size S for W+N optimizer steps, first with tessera, then with
       bench/cpu_step/torch_step.py under PY, both on K threads, and writes D/S.ours.json and
       D/S.torch.json: every step's tokens/s and loss and the median over the last N steps.
-      A failing side stops the benchmark with its output's tail.
+      A failing side stops the benchmark with its output's tail. The GPT-2 sizes run
+      target/release/tessera-worker; the llama sizes run target/release/launch on a job config
+      written to D/S.yaml (one rank), with the same settings.
 
   harness.py report --dir D [--md F.md] [--meta K=V ...]
       Prints the table (size, ours tok/s, torch tok/s, ratio, losses) and, with --md, writes it
       as the results markdown.
 
 Every model, batch and optimizer setting of a size is in SIZES and goes to both sides
-explicitly (the worker gets them as --set over configs/tiny-cpu.yaml), so both train the same
-model with the same schedule.
+explicitly (the worker gets them as --set over configs/tiny-cpu.yaml, launch a whole config),
+so both train the same model with the same schedule.
 """
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -30,6 +40,7 @@ from pathlib import Path
 
 CONFIG = "configs/tiny-cpu.yaml"
 WORKER = "target/release/tessera-worker"
+LAUNCH = "target/release/launch"
 TORCH_STEP = "bench/cpu_step/torch_step.py"
 
 # The optimizer and data settings of configs/tiny-cpu.yaml, passed to both sides.
@@ -38,20 +49,113 @@ SEED = 1234
 
 # name -> model and batch. `tiny` is configs/tiny-cpu.yaml's model and batch as they are; the
 # others are closer to real work at 1-5 s per step on 2 cores. Every size accumulates 8
-# micro-batches per step.
+# micro-batches per step. The llama sizes also have kv_heads, theta and norm_eps; their PyTorch
+# side is transformers' LlamaForCausalLM.
 SIZES = {
-    "tiny": dict(layers=4, hidden=128, heads=4, ffn=512, seq=128, vocab=256,
+    "tiny": dict(arch="gpt2", layers=4, hidden=128, heads=4, ffn=512, seq=128, vocab=256,
                  global_batch=16, micro_batch=2),
-    "small": dict(layers=6, hidden=384, heads=6, ffn=1536, seq=256, vocab=256,
+    "small": dict(arch="gpt2", layers=6, hidden=384, heads=6, ffn=1536, seq=256, vocab=256,
                   global_batch=16, micro_batch=2),
-    "small-50k": dict(layers=6, hidden=384, heads=6, ffn=1536, seq=256, vocab=50257,
+    "small-50k": dict(arch="gpt2", layers=6, hidden=384, heads=6, ffn=1536, seq=256, vocab=50257,
                       global_batch=8, micro_batch=1),
+    "llama-small": dict(arch="llama", layers=4, hidden=256, heads=8, kv_heads=4, ffn=688, seq=256,
+                        vocab=4096, theta=10000.0, norm_eps=1.0e-5,
+                        global_batch=16, micro_batch=2),
 }
 
 
 def describe(s):
-    return (f"L{s['layers']} C{s['hidden']} H{s['heads']} F{s['ffn']} T{s['seq']} V{s['vocab']}, "
-            f"batch {s['global_batch']} = {s['global_batch'] // s['micro_batch']} x {s['micro_batch']}")
+    heads = f"H{s['heads']}" + (f" KV{s['kv_heads']}" if "kv_heads" in s else "")
+    return (f"{s['arch']} L{s['layers']} C{s['hidden']} {heads} F{s['ffn']} T{s['seq']} "
+            f"V{s['vocab']}, batch {s['global_batch']} = {s['global_batch'] // s['micro_batch']} "
+            f"x {s['micro_batch']}")
+
+
+def via_launch(s):
+    """Whether tessera's side of size s is `launch --config` (the worker's --set: GPT-2 only)."""
+    return s["arch"] != "gpt2"
+
+
+def needs(names):
+    """The release packages and Python extras that the sizes `names` need."""
+    sizes = [SIZES[n] for n in names]
+    out = ["tessera-worker"] if any(not via_launch(s) for s in sizes) else []
+    if any(via_launch(s) for s in sizes):
+        out.append("tessera-launcher")
+    if any(s["arch"] == "llama" for s in sizes):
+        out.append("transformers")
+    return out
+
+
+def yaml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        r = repr(v)
+        if "e" not in r:
+            return r
+        # YAML 1.1 readers want a dot in the mantissa: 1e-05 -> 1.0e-5.
+        mantissa, exponent = f"{v:e}".split("e")
+        mantissa = mantissa.rstrip("0")
+        return f"{mantissa}{'0' if mantissa.endswith('.') else ''}e{int(exponent)}"
+    v = str(v)
+    plain = re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", v) and v.lower() not in YAML_WORDS
+    return v if plain else json.dumps(v)  # a JSON string is a YAML string too
+
+
+# Plain words YAML would read as something else than a string.
+YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "y", "n", "null", "nan", "inf"}
+
+
+def yaml_text(tree, indent=0):
+    """YAML of nested dicts of scalars (the standard library has no YAML writer)."""
+    lines = []
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            lines.append(" " * indent + f"{k}:")
+            lines.append(yaml_text(v, indent + 2))
+        else:
+            lines.append(" " * indent + f"{k}: {yaml_value(v)}")
+    return "\n".join(lines)
+
+
+def job_config(s, steps, ckpt_dir):
+    """The whole job config of a `launch` size: one CPU rank, the size's model and batch, the
+    optimizer and data of configs/tiny-cpu.yaml, no checkpoints and no restarts."""
+    model = {"arch": s["arch"], "layers": s["layers"], "hidden": s["hidden"], "heads": s["heads"]}
+    if s["arch"] == "llama":
+        model["kv_heads"] = s["kv_heads"]
+    model.update({"ffn_hidden": s["ffn"], "vocab": s["vocab"], "seq_len": s["seq"]})
+    if s["arch"] == "llama":
+        model.update({"rope_theta": s["theta"], "norm_eps": s["norm_eps"],
+                      "tie_embeddings": False})
+    return {
+        "model": model,
+        "parallel": {"data": 1, "tensor": 1, "pipeline": 1, "sequence_parallel": False,
+                     "zero": 1, "recompute": "none", "schedule": "1f1b"},
+        "training": {"global_batch": s["global_batch"], "micro_batch": s["micro_batch"],
+                     "precision": "fp32", "steps": steps, "seed": SEED,
+                     "optimizer": dict(OPTIM)},
+        "data": {"kind": "synthetic"},
+        "cluster": {"nodes": 1, "gpus_per_node": 1, "gpu_memory": "1GiB", "device": "cpu",
+                    "backend": "tcp", "headroom": 0.2},
+        "checkpoint": {"dir": ckpt_dir, "every": 0, "keep": 1},
+        "restart": {"max": 0},
+    }
+
+
+def write_job_config(s, name, steps, d):
+    path = Path(d) / f"{name}.yaml"
+    path.write_text(f"# bench/cpu_step/harness.py: tessera's side of size {name}\n"
+                    + yaml_text(job_config(s, steps, str(Path(d) / f"{name}.ckpt"))) + "\n")
+    return path
+
+
+def launch_cmd(config, threads, metrics):
+    return [LAUNCH, "--config", str(config), "--threads", str(threads), "--metrics", metrics,
+            "--fresh"]
 
 
 def worker_cmd(s, steps, threads, metrics, ckpt_dir):
@@ -77,7 +181,11 @@ def worker_cmd(s, steps, threads, metrics, ckpt_dir):
 
 
 def torch_cmd(python, s, steps, warmup_steps, threads, out):
-    return [python, TORCH_STEP,
+    arch = ["--arch", s["arch"]]
+    if s["arch"] == "llama":
+        arch += ["--kv-heads", str(s["kv_heads"]), "--theta", str(s["theta"]),
+                 "--norm-eps", str(s["norm_eps"])]
+    return [python, TORCH_STEP, *arch,
             "--layers", str(s["layers"]), "--hidden", str(s["hidden"]), "--heads", str(s["heads"]),
             "--ffn", str(s["ffn"]), "--seq", str(s["seq"]), "--vocab", str(s["vocab"]),
             "--global-batch", str(s["global_batch"]), "--micro-batch", str(s["micro_batch"]),
@@ -114,8 +222,12 @@ def cmd_run(a):
     print(f"== {a.size}: {describe(s)}; {steps} steps ({a.warmup_steps} warm-up), "
           f"{a.threads} threads", flush=True)
 
-    cmd = worker_cmd(s, steps, a.threads, str(metrics), str(ckpt))
-    wall = run_logged(f"{a.size} tessera-worker", cmd, d / f"{a.size}.ours.log")
+    if via_launch(s):
+        config = write_job_config(s, a.size, steps, d)
+        cmd, label = launch_cmd(config, a.threads, str(metrics)), "launch"
+    else:
+        cmd, label = worker_cmd(s, steps, a.threads, str(metrics), str(ckpt)), "tessera-worker"
+    wall = run_logged(f"{a.size} {label}", cmd, d / f"{a.size}.ours.log")
     rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
     if len(rows) != steps:
         sys.exit(f"harness.py: {a.size}: the worker wrote {len(rows)} metrics lines, expected {steps}")
@@ -126,6 +238,8 @@ def cmd_run(a):
         "warmup_steps": a.warmup_steps, "median_tokens_per_s": statistics.median(tps),
         "tokens_per_s": tps, "losses": [r["loss"] for r in rows], "wall_s": wall,
     }
+    if via_launch(s):
+        ours["config"] = config.read_text().replace(str(d), "$TMP")
     (d / f"{a.size}.ours.json").write_text(json.dumps(ours, indent=1))
     print(f"  tessera: median {ours['median_tokens_per_s']:.0f} tok/s "
           f"(min {min(tps):.0f}, max {max(tps):.0f}); loss {ours['losses'][0]:.4f} -> "
@@ -184,13 +298,15 @@ def cmd_report(a):
                       f"{min(t['tokens_per_s']):.0f} - {max(t['tokens_per_s']):.0f} | "
                       f"{o['wall_s']:.1f} | {t['wall_s']:.1f} |")
     lines = [
-        f"# CPU training step: tessera-worker vs PyTorch, {meta.get('date', '')}",
+        f"# CPU training step: tessera vs PyTorch, {meta.get('date', '')}",
         "",
         "Measured by `bench/cpu_step/run.sh` (see bench/cpu_step/README.md): for each size, whole "
         "optimizer steps (forward and backward of every micro-batch, gradient clipping, AdamW) "
-        "of the same fp32 GPT-2 with the same batch and thread count, ours (`tessera-worker`, "
-        "its own `tokens_per_s` metric) then PyTorch's (`torch_step.py`, `time.perf_counter` "
-        f"around each step). Tokens/s is the median over {o0['steps'] - o0['warmup_steps']} "
+        "of the same fp32 model with the same batch and thread count, ours (`tessera-worker` for "
+        "GPT-2, `launch` on one rank for llama; the worker's own `tokens_per_s` metric) then "
+        "PyTorch's (`torch_step.py`: plain PyTorch for GPT-2, transformers' `LlamaForCausalLM` "
+        "for llama; `time.perf_counter` around each step). Tokens/s is the median over "
+        f"{o0['steps'] - o0['warmup_steps']} "
         f"steps after {o0['warmup_steps']} warm-up steps; ratio = ours / PyTorch (target >= 1.0).",
         "",
         "## Machine",
@@ -201,7 +317,9 @@ def cmd_report(a):
         f"- tessera commit: {meta.get('commit', '?')}; {meta.get('rustc', '?')}",
         f"- Python {t0.get('python', '?')}; torch {t0.get('torch', '?')} "
         f"({meta.get('torch_source', '?')}); CPU capability {t0.get('cpu_capability', '?')}; "
-        f"AdamW: {t0.get('adamw', '?')}",
+        f"AdamW: {t0.get('adamw', '?')}"
+        + next((f"; transformers {t['transformers']} ({t['attention']})"
+                for _, t in res.values() if "transformers" in t), ""),
         f"- Threads: {meta.get('threads', '?')} on both sides (worker `--threads`; torch "
         f"`set_num_threads({t0.get('threads', '?')})`, `set_num_interop_threads"
         f"({t0.get('interop_threads', '?')})`)",
@@ -228,6 +346,10 @@ def cmd_report(a):
     for n in done:
         o, t = res[n]
         lines += [f"- {n}, ours: `{o['cmd']}`", f"- {n}, torch: `{t['cmd']}`"]
+    for n in done:
+        if "config" in res[n][0]:
+            lines += ["", f"{n}, ours' config (`$TMP/{n}.yaml`):", "", "```yaml",
+                      res[n][0]["config"].rstrip(), "```"]
     lines.append("")
     Path(a.md).write_text("\n".join(lines))
     print(f"\nwrote {a.md}")
@@ -237,6 +359,12 @@ def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="sub", required=True)
     sub.add_parser("sizes")
+    n = sub.add_parser("needs")
+    n.add_argument("names", nargs="+", choices=list(SIZES), metavar="SIZE")
+    c = sub.add_parser("config")
+    c.add_argument("--size", required=True, choices=[k for k, v in SIZES.items() if via_launch(v)])
+    c.add_argument("--steps", type=int, required=True)
+    c.add_argument("--dir", required=True, help="where the run's checkpoint.dir would be")
     r = sub.add_parser("run")
     r.add_argument("--size", required=True, choices=list(SIZES))
     r.add_argument("--threads", type=int, required=True)
@@ -251,6 +379,11 @@ def main():
     a = ap.parse_args()
     if a.sub == "sizes":
         print("\n".join(SIZES))
+    elif a.sub == "needs":
+        print("\n".join(needs(a.names)))
+    elif a.sub == "config":
+        s = SIZES[a.size]
+        print(yaml_text(job_config(s, a.steps, str(Path(a.dir) / f"{a.size}.ckpt"))))
     else:
         {"run": cmd_run, "report": cmd_report}[a.sub](a)
 

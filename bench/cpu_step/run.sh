@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# CPU training-step benchmark: tokens/s of `tessera-worker` against PyTorch on the CPU for the
-# same fp32 GPT-2, batch and thread count, at each size of harness.py's SIZES, and the ratio
+# CPU training-step benchmark: tokens/s of tessera against PyTorch on the CPU for the same fp32
+# GPT-2 or llama, batch and thread count, at each size of harness.py's SIZES, and the ratio
 # ours/PyTorch (target: >= 1.0). Prints a table; with --record also writes
 # bench/results/<date>-cpu-step.md. See bench/cpu_step/README.md.
 #
@@ -31,11 +31,20 @@ command -v python3 >/dev/null || { echo "python3 is needed for the harness" >&2;
 SIZES_GIVEN=${SIZES:-}
 SIZES=${SIZES:-$(python3 "$HARNESS" sizes | tr '\n' ' ')}
 
-# The peer's torch, in the venv the benches share.
-ensure_torch
+# What the sizes need: release packages to build, and transformers for the llama sizes' peer.
+NEEDS=$(python3 "$HARNESS" needs $SIZES) # SIZES unquoted: a list of words
+BUILD=()
+for need in $NEEDS; do
+  case "$need" in
+    tessera-*) BUILD+=("$need") ;;
+  esac
+done
 
-echo "== building the release worker"
-cargo build --release -p tessera-worker
+# The peer's torch (and transformers), in the venv the benches share.
+if grep -qx transformers <<<"$NEEDS"; then ensure_transformers; else ensure_torch; fi
+
+echo "== building the release ${BUILD[*]}"
+cargo build --release "${BUILD[@]/#/--package=}"
 
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT

@@ -1,18 +1,27 @@
 #!/usr/bin/env python3
-"""The peer of bench/cpu_step: the same GPT-2 training step as `tessera-worker`, in plain PyTorch
-on the CPU in fp32 (run with bench/.venv/bin/python).
+"""The peer of bench/cpu_step: the same GPT-2 or llama training step as tessera, in PyTorch on the
+CPU in fp32 (run with the python of bench/torch_venv.sh's venv).
 
-  torch_step.py --layers L --hidden C --heads H --vocab V --seq T --ffn F \
+  torch_step.py [--arch gpt2] --layers L --hidden C --heads H --vocab V --seq T --ffn F \
       --global-batch G --micro-batch M --steps N --warmup-steps W --threads K --out F.json
+  torch_step.py --arch llama --kv-heads KV --theta R --norm-eps E ... (the same flags)
 
-The model follows the worker's GPT-2: learned positions, pre-LayerNorm blocks, one fused qkv
-Linear, causal attention (F.scaled_dot_product_attention, is_causal=True), GELU (tanh), the LM
-head tied to the token embedding, mean cross-entropy. Initialisation as GPT-2 (normal 0.02,
-residual projections 0.02/sqrt(2L), biases 0, LayerNorm weights 1). One optimizer step is G/M
-micro-batches of M sequences, each loss scaled by M/G (the mean over the global batch, as the
-worker does), then clip_grad_norm_(1.0) and torch.optim.AdamW (its CPU default implementation;
-betas 0.9/0.95, eps 1e-8, weight decay 0.1 on matrices only) with the worker's learning-rate
-schedule (linear warmup, cosine to min_lr).
+`--arch gpt2` (the default) follows the worker's GPT-2 in plain PyTorch: learned positions,
+pre-LayerNorm blocks, one fused qkv Linear, causal attention (F.scaled_dot_product_attention,
+is_causal=True), GELU (tanh), the LM head tied to the token embedding, mean cross-entropy.
+Initialisation as GPT-2 (normal 0.02, residual projections 0.02/sqrt(2L), biases 0, LayerNorm
+weights 1). One optimizer step is G/M micro-batches of M sequences, each loss scaled by M/G (the
+mean over the global batch, as the worker does), then clip_grad_norm_(1.0) and
+torch.optim.AdamW (its CPU default implementation; betas 0.9/0.95, eps 1e-8, weight decay 0.1 on
+matrices only) with the worker's learning-rate schedule (linear warmup, cosine to min_lr).
+
+`--arch llama` trains Hugging Face transformers' own LlamaForCausalLM (needs transformers; torch's
+scaled_dot_product_attention through attn_implementation="sdpa", so grouped-query attention in
+torch's fused CPU kernel): RMSNorm (eps E), rotary embeddings (theta R, rotate-half), SwiGLU MLP of
+width F, KV heads KV, no biases, an untied LM head, HF's initialisation (every matrix normal 0.02,
+RMSNorm weights 1). The loss is the mean cross-entropy of its logits against the given targets;
+batching, clipping, AdamW (weight decay on the matrices, not the RMSNorm weights) and the schedule
+are the GPT-2 path's.
 
 Data: a sparse Markov chain with the statistics of the worker's `synthetic` data (every token
 has 4 likely successors with probabilities 70/15/10/5 %, entropy rate 0.914 nats), generated
@@ -90,6 +99,31 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
+def llama(a):
+    """transformers' LlamaForCausalLM of the flags' size, fp32, sdpa attention, HF's own init."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn,
+                      num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                      num_key_value_heads=a.kv_heads, max_position_embeddings=a.seq,
+                      rms_norm_eps=a.norm_eps, rope_theta=a.theta, tie_word_embeddings=False,
+                      attention_bias=False, mlp_bias=False, attn_implementation="sdpa",
+                      use_cache=False)
+    return LlamaForCausalLM(cfg).float()
+
+
+class LlamaLoss(nn.Module):
+    """Mean cross-entropy of a LlamaForCausalLM's logits against targets (already shifted)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets):
+        logits = self.model(input_ids=idx, use_cache=False).logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
 def markov_tokens(vocab, rows, seq, gen):
     """`rows` sequences of seq+1 tokens of a chain in which every token has len(SUCCESSOR_WEIGHTS)
     distinct likely successors (fewer for tiny vocabularies); returns (inputs, targets)."""
@@ -131,12 +165,16 @@ def adamw_implementation(opt):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
     ap.add_argument("--layers", type=int, required=True)
     ap.add_argument("--hidden", type=int, required=True)
     ap.add_argument("--heads", type=int, required=True)
     ap.add_argument("--vocab", type=int, required=True)
     ap.add_argument("--seq", type=int, required=True)
     ap.add_argument("--ffn", type=int, required=True)
+    ap.add_argument("--kv-heads", type=int, help="llama: KV heads [default: --heads]")
+    ap.add_argument("--theta", type=float, default=10000.0, help="llama: rope theta")
+    ap.add_argument("--norm-eps", type=float, default=1e-5, help="llama: RMSNorm eps")
     ap.add_argument("--global-batch", type=int, required=True)
     ap.add_argument("--micro-batch", type=int, required=True)
     ap.add_argument("--steps", type=int, required=True, help="optimizer steps in all")
@@ -156,13 +194,21 @@ def main():
         sys.exit(f"--steps {a.steps} leaves no measured step after --warmup-steps {a.warmup_steps}")
     if a.hidden % a.heads:
         sys.exit(f"--hidden {a.hidden} is not a multiple of --heads {a.heads}")
+    if a.arch == "gpt2" and a.kv_heads is not None:
+        sys.exit("--kv-heads is for --arch llama; GPT-2 has as many KV heads as heads")
+    a.kv_heads = a.heads if a.kv_heads is None else a.kv_heads
+    if a.kv_heads < 1 or a.heads % a.kv_heads:
+        sys.exit(f"--heads {a.heads} is not a multiple of --kv-heads {a.kv_heads}")
 
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
 
-    model = GPT(a.layers, a.hidden, a.heads, a.ffn, a.vocab, a.seq)
+    if a.arch == "llama":
+        model = LlamaLoss(llama(a))
+    else:
+        model = GPT(a.layers, a.hidden, a.heads, a.ffn, a.vocab, a.seq)
     params = list(model.parameters())  # the tied embedding once
     decay = [p for p in params if p.dim() == 2]
     no_decay = [p for p in params if p.dim() != 2]
@@ -198,6 +244,7 @@ def main():
     measured = times[a.warmup_steps:]
     res = {
         "side": "torch",
+        "arch": a.arch,
         "tokens_per_step": tokens,
         "steps": a.steps,
         "warmup_steps": a.warmup_steps,
@@ -210,10 +257,16 @@ def main():
         "interop_threads": torch.get_num_interop_threads(),
         "adamw": adamw_implementation(opt),
         "torch": torch.__version__,
+        "attention": ("transformers LlamaForCausalLM, attn_implementation=sdpa" if a.arch == "llama"
+                      else "F.scaled_dot_product_attention(is_causal=True)"),
         "python": platform.python_version(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
     }
+    if a.arch == "llama":
+        import transformers
+
+        res["transformers"] = transformers.__version__
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
 
