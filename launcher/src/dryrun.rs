@@ -107,16 +107,26 @@ fn header(name: &str, config: &Config, plan: &MemoryPlan) -> String {
     let _ = writeln!(out, "tessera dry-run: {name}");
     let _ = writeln!(
         out,
-        "model     {}, {} parameters ({}): {} layers, hidden {}, {} heads, ffn {}, seq_len {}, vocab {}{padding}",
+        "model     {}, {} parameters ({}): {} layers, hidden {}, {} heads{}, ffn {}, seq_len {}, vocab {}{padding}{}",
         model.arch,
         thousands(params),
         short_count(params),
         model.layers,
         model.hidden,
         model.heads,
+        if model.kv_heads == model.heads {
+            String::new()
+        } else {
+            format!(" ({} key/value)", model.kv_heads)
+        },
         model.ffn_hidden,
         model.seq_len,
         model.vocab,
+        if model.tie_embeddings {
+            ""
+        } else {
+            ", untied head"
+        },
     );
     let _ = writeln!(
         out,
@@ -467,10 +477,13 @@ pub struct JsonModel {
     pub layers: usize,
     pub hidden: usize,
     pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
     pub ffn_hidden: usize,
     pub vocab: usize,
     pub vocab_padded: usize,
     pub seq_len: usize,
+    pub tie_embeddings: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -574,10 +587,13 @@ pub fn json(config: &Config, plan: &MemoryPlan) -> JsonPlan {
             layers: config.model.layers,
             hidden: config.model.hidden,
             heads: config.model.heads,
+            kv_heads: config.model.kv_heads,
+            head_dim: config.model.head_dim,
             ffn_hidden: config.model.ffn_hidden,
             vocab: config.model.vocab,
             vocab_padded: plan.shape.vocab_padded,
             seq_len: config.model.seq_len,
+            tie_embeddings: config.model.tie_embeddings,
         },
         mesh: JsonMesh {
             data: config.parallel.data,

@@ -115,6 +115,60 @@ fn the_175b_dry_run_prints_every_stage_and_fits() {
 }
 
 #[test]
+fn the_llama_family_dry_runs_plan_every_stage_with_the_published_sizes() {
+    let text = succeeds(&words("--config configs/deepseek-67b.yaml --dry-run"));
+    assert_contains(
+        &text,
+        &[
+            "llama, 67,425,001,472 parameters (67.4B): 95 layers, hidden 8192, 64 heads (8 key/value)",
+            "untied head",
+            "data 8 x tensor 8 x pipeline 4 = 256 ranks",
+            "stage 0        64     0-23",
+            "stage 3        64     72-94",
+            "fits: the largest ranks",
+        ],
+    );
+    let text = succeeds(&words("--config configs/llama3-70b.yaml --dry-run"));
+    assert_contains(&text, &["70,566,289,408 parameters", "stage 7 ", "fits:"]);
+    let text = succeeds(&words("--config configs/llama3-8b.yaml --dry-run"));
+    assert_contains(
+        &text,
+        &["8,030,261,248 parameters (8.0B)", "ZeRO-3", "fits:"],
+    );
+    let plan: Value = serde_json::from_str(&succeeds(&words(
+        "--config configs/deepseek-67b.yaml --dry-run --format json",
+    )))
+    .expect("valid JSON");
+    assert_eq!(plan["model"]["kv_heads"], 8);
+    assert_eq!(plan["model"]["tie_embeddings"], false);
+    assert_eq!(plan["ranks"][0]["layers"], serde_json::json!([0, 24]));
+    assert_eq!(plan["ranks"][255]["layers"], serde_json::json!([72, 95]));
+}
+
+#[test]
+fn search_ranks_llama3_8b_layouts_that_fit_on_one_node() {
+    let text = succeeds(&words("search --config configs/llama3-8b.yaml --gpus 8"));
+    assert_contains(
+        &text,
+        &[
+            "The 10 fastest",
+            "plan #1 in full: launch --config configs/llama3-8b.yaml --dry-run --set",
+        ],
+    );
+    let json: Value = serde_json::from_str(&succeeds(&words(
+        "search --config configs/llama3-8b.yaml --gpus 8 --format json --top 3",
+    )))
+    .unwrap();
+    let candidates = json["best"].as_array().expect("best");
+    assert_eq!(candidates.len(), 3);
+    for candidate in candidates {
+        // 8 key/value heads and 8 GPUs per node bound the tensor degree; every layout fits.
+        assert!(8 % candidate["tensor"].as_u64().unwrap() == 0);
+        assert!(candidate["peak_bytes"].as_u64().unwrap() <= 64 << 30);
+    }
+}
+
+#[test]
 fn the_json_plan_lists_all_1024_ranks_with_every_category() {
     let plan: Value = serde_json::from_str(&succeeds(&words(
         "--config configs/175b.yaml --dry-run --format json",

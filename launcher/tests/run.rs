@@ -44,12 +44,20 @@ fn repo() -> PathBuf {
 /// `launch --config configs/tiny-cpu.yaml` with `sets` (each `key=value`) and `extra` flags,
 /// checkpoints in `scratch/ckpt`, metrics in `scratch/metrics.jsonl`.
 fn launch(scratch: &Scratch, sets: &[&str], extra: &[&str]) -> Command {
+    launch_config(TINY_GPT2, scratch, sets, extra)
+}
+
+const TINY_GPT2: &str = "configs/tiny-cpu.yaml";
+const TINY_LLAMA: &str = "configs/tiny-llama-cpu.yaml";
+
+/// `launch` as above, of `config`.
+fn launch_config(config: &str, scratch: &Scratch, sets: &[&str], extra: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_launch"));
     command
         .current_dir(repo())
         .env_remove("TESSERA_CONFIG")
         .env_remove("TESSERA_COORDINATOR")
-        .args(["--config", "configs/tiny-cpu.yaml", "--threads", "1"])
+        .args(["--config", config, "--threads", "1"])
         .arg("--metrics")
         .arg(scratch.path("metrics.jsonl"))
         .args(["--set", "parallel.tensor=1", "--set", "parallel.pipeline=1"])
@@ -245,6 +253,8 @@ struct Layout {
     zero: usize,
     recompute: &'static str,
     offload: bool,
+    /// `parallel.pipeline_layers`, when the stages' layers are not even.
+    split: Option<&'static str>,
 }
 
 impl Layout {
@@ -257,6 +267,7 @@ impl Layout {
             zero: 0,
             recompute: "none",
             offload: false,
+            split: None,
         }
     }
 
@@ -275,6 +286,7 @@ impl Layout {
             format!("parallel.zero={}", self.zero),
             format!("parallel.recompute={}", self.recompute),
             format!("parallel.offload.optimizer={}", self.offload),
+            format!("parallel.pipeline_layers={}", self.split.unwrap_or("[]")),
         ]
     }
 }
@@ -291,10 +303,14 @@ const MESHES: [Layout; 6] = [
 
 /// `launch export` of `scratch/ckpt`'s newest checkpoint into `scratch/model.safetensors`.
 fn export(scratch: &Scratch, sets: &[&str]) -> Command {
+    export_config(TINY_GPT2, scratch, sets)
+}
+
+fn export_config(config: &str, scratch: &Scratch, sets: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_launch"));
     command
         .current_dir(repo())
-        .args(["export", "--config", "configs/tiny-cpu.yaml", "--out"])
+        .args(["export", "--config", config, "--out"])
         .arg(scratch.path("model.safetensors"))
         .arg("--set")
         .arg(format!("checkpoint.dir={}", scratch.path("ckpt").display()));
@@ -305,9 +321,9 @@ fn export(scratch: &Scratch, sets: &[&str]) -> Command {
 }
 
 /// The model of `scratch`'s newest checkpoint as global tensors, through `launch export`.
-fn exported(scratch: &Scratch, sets: &[&str]) -> Vec<(String, Vec<f32>)> {
+fn exported(config: &str, scratch: &Scratch, sets: &[&str]) -> Vec<(String, Vec<f32>)> {
     let out = scratch.path("model.safetensors");
-    let result = output(export(scratch, sets));
+    let result = output(export_config(config, scratch, sets));
     assert!(result.status.success(), "{}", text(&result.stderr));
     let bytes = std::fs::read(&out).unwrap();
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -327,11 +343,11 @@ fn exported(scratch: &Scratch, sets: &[&str]) -> Vec<(String, Vec<f32>)> {
     tensors
 }
 
-/// Trains each layout for 3 steps of an 8-layer tiny GPT (so that 4 stages x 2 chunks divide
-/// it) and checks every step's loss and gradient norm against one process, the final weights
-/// (exported from each run's checkpoint) to 1e-4, and that every rank allocated what the
-/// dry-run planned.
-fn trains_like_one_process(layouts: &[Layout]) {
+/// Trains each layout for 3 steps of an 8-layer tiny model of `config` (so that 4 stages x 2
+/// chunks divide it) and checks every step's loss and gradient norm against one process, the
+/// final weights (exported from each run's checkpoint) to 1e-4, and that every rank allocated
+/// what the dry-run planned.
+fn trains_like_one_process(config: &str, layouts: &[Layout]) {
     let common = ["model.layers=8", "training.steps=3", "checkpoint.every=3"];
     let run = |name: &str, layout: &Layout| {
         let scratch = Scratch::new(name);
@@ -341,7 +357,7 @@ fn trains_like_one_process(layouts: &[Layout]) {
             .chain(layout.sets())
             .collect();
         let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-        let out = output(launch(&scratch, &sets, &[]));
+        let out = output(launch_config(config, &scratch, &sets, &[]));
         assert!(out.status.success(), "{layout:?}: {}", text(&out.stderr));
         let stdout = text(&out.stdout);
         for stage in 0..layout.pipeline {
@@ -356,13 +372,19 @@ fn trains_like_one_process(layouts: &[Layout]) {
         let metrics = scratch.path("metrics.jsonl");
         let mut all_sets = vec!["parallel.tensor=1", "parallel.pipeline=1"];
         all_sets.extend(&sets);
-        let weights = exported(&scratch, &all_sets);
+        let weights = exported(config, &scratch, &all_sets);
         (losses(&metrics), metric(&metrics, "grad_norm"), weights)
     };
-    let (loss, norm, weights) = run("matrix-reference", &MESHES[0]);
+    // Scratch directories per config: the two families' matrices run at the same time.
+    let family = std::path::Path::new(config)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("config")
+        .to_string();
+    let (loss, norm, weights) = run(&format!("matrix-{family}-reference"), &MESHES[0]);
     assert_eq!(loss.len(), 3);
     for (i, layout) in layouts.iter().enumerate() {
-        let (got_loss, got_norm, got_weights) = run(&format!("matrix-{i}"), layout);
+        let (got_loss, got_norm, got_weights) = run(&format!("matrix-{family}-{i}"), layout);
         assert_close(&got_loss, &loss, MESH_TOLERANCE);
         assert_close(&got_norm, &norm, MESH_TOLERANCE);
         assert_eq!(
@@ -393,17 +415,47 @@ fn every_parallel_mode_trains_like_one_process() {
         offload,
         ..mesh
     };
-    trains_like_one_process(&[
-        with(MESHES[1], 3, "selective", false),
-        with(MESHES[2], 0, "full", false),
-        with(MESHES[3], 1, "none", true),
-        with(MESHES[4], 0, "selective", false),
-        with(MESHES[5], 2, "full", false),
-        with(MESHES[5], 3, "none", true),
-    ]);
+    trains_like_one_process(
+        TINY_GPT2,
+        &[
+            with(MESHES[1], 3, "selective", false),
+            with(MESHES[2], 0, "full", false),
+            with(MESHES[3], 1, "none", true),
+            with(MESHES[4], 0, "selective", false),
+            with(MESHES[5], 2, "full", false),
+            with(MESHES[5], 3, "none", true),
+        ],
+    );
 }
 
-/// The whole matrix: every mesh x ZeRO stage x recompute mode x offload. Minutes on two cores;
+#[test]
+fn every_parallel_mode_trains_a_llama_like_one_process() {
+    // Grouped-query attention with kv_heads = tensor, rotary positions, SwiGLU and the untied
+    // head, through each axis: ZeRO 1 over data, tensor with sequence parallelism, the head on
+    // the last of two stages, all three with ZeRO 3 and full recompute, an uneven split.
+    let with = |mesh: Layout, zero: usize, recompute: &'static str| Layout {
+        zero,
+        recompute,
+        ..mesh
+    };
+    let uneven = Layout {
+        split: Some("[5, 3]"),
+        ..with(MESHES[3], 2, "selective")
+    };
+    trains_like_one_process(
+        TINY_LLAMA,
+        &[
+            with(MESHES[1], 1, "none"),
+            with(MESHES[2], 0, "none"),
+            with(MESHES[3], 0, "selective"),
+            with(MESHES[5], 3, "full"),
+            uneven,
+        ],
+    );
+}
+
+/// The whole matrix: every mesh x ZeRO stage x recompute mode x offload, for both families.
+/// Minutes on two cores;
 /// run with `cargo test --release -p tessera-launcher --test run -- --ignored`.
 #[test]
 #[ignore = "the whole equivalence matrix takes minutes; CI runs the subset above"]
@@ -423,7 +475,8 @@ fn the_whole_equivalence_matrix_trains_like_one_process() {
             }
         }
     }
-    trains_like_one_process(&layouts);
+    trains_like_one_process(TINY_GPT2, &layouts);
+    trains_like_one_process(TINY_LLAMA, &layouts);
 }
 
 #[test]
@@ -909,7 +962,9 @@ fn the_manifest_maps_every_global_tensor_to_its_shards() {
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     let exported: std::collections::BTreeMap<String, Vec<f32>> =
-        exported(&scratch, &sets[..4]).into_iter().collect();
+        exported(TINY_GPT2, &scratch, &sets[..4])
+            .into_iter()
+            .collect();
     let maps = manifest["tensors"].as_array().expect("tensors");
     assert_eq!(maps.len(), exported.len(), "one entry per global tensor");
     let mut splits = std::collections::BTreeSet::new();

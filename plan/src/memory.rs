@@ -15,10 +15,10 @@
 
 use std::ops::Range;
 
-use crate::config::{Backend, Config, Device, Precision, Recompute, Zero};
+use crate::config::{Backend, Config, Device, Precision, Zero};
 use crate::error::Result;
 use crate::mesh::Mesh;
-use crate::model::{ModelShape, PARAM_ALIGN, Unit, UnitKind};
+use crate::model::{ActDims, Architecture, FinalNorm, ModelShape, PARAM_ALIGN, Unit, UnitKind};
 use crate::schedule::{InFlight, in_flight};
 
 /// Every region (and every instance of a repeated region) starts on this many bytes: what
@@ -43,9 +43,9 @@ pub const CUBLASLT_WORKSPACE_BYTES: u64 = 32 << 20;
 /// Device memory `cublasLtCreate` takes with lazy module loading (bench/gpu_runtime: 2 MiB).
 pub const CUBLASLT_HANDLE_BYTES: u64 = 2 << 20;
 
-/// Device memory of the worker's own kernels once loaded: the six cubins for sm_90 are 3.4 MB
+/// Device memory of the worker's own kernels once loaded: the seven cubins for sm_90 are 3.8 MB
 /// (`tessera-worker kernels --arch sm_90` prints each); rounded up, as the driver pads code.
-pub const KERNELS_BYTES: u64 = 4 << 20;
+pub const KERNELS_BYTES: u64 = 5 << 20;
 
 /// Device memory each NCCL communicator takes: measured for a second single-rank communicator
 /// with NCCL 2.28 on an H100 (bench/gpu_runtime; 388 MiB). Communicators of more ranks size
@@ -341,160 +341,6 @@ impl MemoryPlan {
     }
 }
 
-/// Sizes of one microbatch on one rank (see the module docs for the letters).
-struct Dims {
-    /// `b`
-    batch: u64,
-    /// `T`
-    seq: u64,
-    /// `C`
-    hidden: u64,
-    /// `F / t`
-    ffn_local: u64,
-    /// `H / t`
-    heads_local: u64,
-    /// `C / t`
-    hidden_local: u64,
-    /// `N = b T`
-    tokens: u64,
-    /// `n`: `N / t` under sequence parallelism, else `N`.
-    tokens_held: u64,
-}
-
-/// A tensor a transformer layer makes in forward and reads in backward. Kept tensors live in
-/// the microbatch's activation slot (`saved`); the others are recomputed in backward into one
-/// transient buffer (`recomputed`), which forward also writes them to.
-struct LayerTensor {
-    saved: &'static str,
-    recomputed: &'static str,
-    elems: fn(&Dims) -> u64,
-    /// Statistics are fp32; everything else is in the compute dtype.
-    fp32: bool,
-    kept: fn(Recompute) -> bool,
-}
-
-fn always(_: Recompute) -> bool {
-    true
-}
-fn unless_recomputing(mode: Recompute) -> bool {
-    mode == Recompute::None
-}
-fn unless_full(mode: Recompute) -> bool {
-    mode != Recompute::Full
-}
-
-/// The per-layer activations, in the order forward makes them.
-///
-/// | tensor      | elements   | needed by backward of          | none | selective | full |
-/// |-------------|------------|--------------------------------|------|-----------|------|
-/// | resid       | n C        | ln1 (the layer's input)        | kept | kept      | kept |
-/// | ln1         | n C        | qkv matmul (weight gradient)   | kept | recomputed from resid + stats | recomputed |
-/// | ln1 mean/rstd | n, n (fp32) | ln1                         | kept | kept      | recomputed |
-/// | qkv         | N 3C/t     | attention                      | kept | kept      | recomputed |
-/// | atty        | N C/t      | attention (its output), attproj | kept | kept     | recomputed |
-/// | att_lse     | b H/t T (fp32) | flash attention backward   | kept | kept      | recomputed |
-/// | resid2      | n C        | ln2 (input)                    | kept | kept      | recomputed |
-/// | ln2         | n C        | fc matmul                      | kept | recomputed | recomputed |
-/// | ln2 mean/rstd | n, n (fp32) | ln2                         | kept | kept      | recomputed |
-/// | fch         | N F/t      | GELU                           | kept | kept      | recomputed |
-/// | fch_gelu    | N F/t      | fcproj matmul                  | kept | recomputed from fch | recomputed |
-///
-/// Attention is flash-style: only the per-row log-sum-exp is kept, never a `T x T` matrix.
-/// Selective recompute re-runs only element-wise ops (LayerNorm, GELU), never a matmul.
-const LAYER_TENSORS: &[LayerTensor] = &[
-    LayerTensor {
-        saved: "act.resid",
-        recomputed: "recompute.resid",
-        elems: |d| d.tokens_held * d.hidden,
-        fp32: false,
-        kept: always,
-    },
-    LayerTensor {
-        saved: "act.ln1",
-        recomputed: "recompute.ln1",
-        elems: |d| d.tokens_held * d.hidden,
-        fp32: false,
-        kept: unless_recomputing,
-    },
-    LayerTensor {
-        saved: "act.ln1_mean",
-        recomputed: "recompute.ln1_mean",
-        elems: |d| d.tokens_held,
-        fp32: true,
-        kept: unless_full,
-    },
-    LayerTensor {
-        saved: "act.ln1_rstd",
-        recomputed: "recompute.ln1_rstd",
-        elems: |d| d.tokens_held,
-        fp32: true,
-        kept: unless_full,
-    },
-    LayerTensor {
-        saved: "act.qkv",
-        recomputed: "recompute.qkv",
-        elems: |d| d.tokens * 3 * d.hidden_local,
-        fp32: false,
-        kept: unless_full,
-    },
-    LayerTensor {
-        saved: "act.atty",
-        recomputed: "recompute.atty",
-        elems: |d| d.tokens * d.hidden_local,
-        fp32: false,
-        kept: unless_full,
-    },
-    LayerTensor {
-        saved: "act.att_lse",
-        recomputed: "recompute.att_lse",
-        elems: |d| d.batch * d.heads_local * d.seq,
-        fp32: true,
-        kept: unless_full,
-    },
-    LayerTensor {
-        saved: "act.resid2",
-        recomputed: "recompute.resid2",
-        elems: |d| d.tokens_held * d.hidden,
-        fp32: false,
-        kept: unless_full,
-    },
-    LayerTensor {
-        saved: "act.ln2",
-        recomputed: "recompute.ln2",
-        elems: |d| d.tokens_held * d.hidden,
-        fp32: false,
-        kept: unless_recomputing,
-    },
-    LayerTensor {
-        saved: "act.ln2_mean",
-        recomputed: "recompute.ln2_mean",
-        elems: |d| d.tokens_held,
-        fp32: true,
-        kept: unless_full,
-    },
-    LayerTensor {
-        saved: "act.ln2_rstd",
-        recomputed: "recompute.ln2_rstd",
-        elems: |d| d.tokens_held,
-        fp32: true,
-        kept: unless_full,
-    },
-    LayerTensor {
-        saved: "act.fch",
-        recomputed: "recompute.fch",
-        elems: |d| d.tokens * d.ffn_local,
-        fp32: false,
-        kept: unless_full,
-    },
-    LayerTensor {
-        saved: "act.fch_gelu",
-        recomputed: "recompute.fch_gelu",
-        elems: |d| d.tokens * d.ffn_local,
-        fp32: false,
-        kept: unless_recomputing,
-    },
-];
-
 /// Model-state buffers kept per unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -536,8 +382,9 @@ struct Builder<'a> {
     config: &'a Config,
     shape: ModelShape,
     pp_rank: usize,
+    arch: &'static Architecture,
     compute: Dtype,
-    dims: Dims,
+    dims: ActDims,
     regions: Vec<Region>,
 }
 
@@ -548,18 +395,22 @@ impl<'a> Builder<'a> {
         let batch = config.training.micro_batch as u64;
         let seq = config.model.seq_len as u64;
         let tokens = batch * seq;
+        let shape = ModelShape::new(&config.model, parallel.tensor);
+        let model = &config.model;
         Builder {
             config,
-            shape: ModelShape::new(&config.model, parallel.tensor),
+            shape,
             pp_rank,
+            arch: shape.architecture(),
             compute: Dtype::compute(config.training.precision),
-            dims: Dims {
+            dims: ActDims {
                 batch,
                 seq,
-                hidden: config.model.hidden as u64,
-                ffn_local: config.model.ffn_hidden as u64 / tp,
-                heads_local: config.model.heads as u64 / tp,
-                hidden_local: config.model.hidden as u64 / tp,
+                hidden: model.hidden as u64,
+                ffn_local: model.ffn_hidden as u64 / tp,
+                heads_local: model.heads as u64 / tp,
+                q_local: (model.heads * model.head_dim) as u64 / tp,
+                qkv_local: ((model.heads + 2 * model.kv_heads) * model.head_dim) as u64 / tp,
                 tokens,
                 tokens_held: if parallel.sequence_sharded() {
                     tokens / tp
@@ -608,13 +459,8 @@ impl<'a> Builder<'a> {
     fn build(mut self) -> StagePlan {
         let parallel = &self.config.parallel;
         let (p, v) = (parallel.pipeline, parallel.virtual_stages);
-        let layers_per_chunk = self.config.model.layers / (p * v);
-        let layers: Vec<Range<usize>> = (0..v)
-            .map(|chunk| {
-                let first = (chunk * p + self.pp_rank) * layers_per_chunk;
-                first..first + layers_per_chunk
-            })
-            .collect();
+        let layers = parallel.stage_layers(self.config.model.layers, self.pp_rank);
+        let layers_per_chunk = layers[0].len();
         let first_stage = self.pp_rank == 0;
         let last_stage = self.pp_rank == p - 1;
         let mut units = Vec::new();
@@ -623,7 +469,8 @@ impl<'a> Builder<'a> {
         }
         units.push((Unit::Layer, Per::Layer(layers_per_chunk * v)));
         if last_stage {
-            units.push((Unit::Head { tied_copy: p > 1 }, Per::Rank));
+            let tied_copy = p > 1 && self.shape.tie_embeddings;
+            units.push((Unit::Head { tied_copy }, Per::Rank));
         }
         let in_flight = in_flight(
             parallel.schedule,
@@ -638,7 +485,7 @@ impl<'a> Builder<'a> {
         self.workspace(last_stage);
         self.communication(&units);
         self.checkpoint_staging();
-        self.runtime(first_stage || last_stage);
+        self.runtime((first_stage || last_stage) && self.shape.tie_embeddings);
 
         StagePlan {
             pp_rank: self.pp_rank,
@@ -749,7 +596,8 @@ impl<'a> Builder<'a> {
 
     /// Tensors forward keeps for backward, for each microbatch in flight.
     ///
-    /// Each layer keeps the tensors of `LAYER_TENSORS` that the recompute mode keeps, once per
+    /// Each layer keeps the tensors of the architecture's activation table (`plan::model`) that
+    /// the recompute mode keeps, once per
     /// (slot, layer of a chunk); slots are the schedule's peak of microbatches in flight on this
     /// stage (1F1B stage `i` of `p`: `min(p - i, m)`; GPipe: `m`; interleaved: per chunk of
     /// `L/(p v)` layers). The first stage also keeps each microbatch's token ids (`N` int32) for
@@ -768,7 +616,12 @@ impl<'a> Builder<'a> {
             slots: in_flight.total,
             layers: layers_per_chunk,
         };
-        for tensor in LAYER_TENSORS.iter().filter(|t| (t.kept)(recompute)) {
+        for tensor in self
+            .arch
+            .layer_tensors
+            .iter()
+            .filter(|t| (t.kept)(recompute))
+        {
             let dtype = if tensor.fp32 {
                 Dtype::F32
             } else {
@@ -821,24 +674,20 @@ impl<'a> Builder<'a> {
     ///   reduce-scatter.
     /// - `scratch.stage_out` (`n C`): the stage's last layer output, sent on or fed to the head.
     /// - `scratch.dresid` (`n C`): the residual-stream gradient carried down through backward.
-    /// - `scratch.dqkv` (`N 3C/t`), `scratch.datty` (`N C/t`), `scratch.dfch` (`N F/t`): the
-    ///   activation gradients of one layer's backward.
-    /// - `scratch.att_delta` (`b H/t T`, fp32): `rowsum(dO * O)` for flash attention backward.
+    /// - The architecture's layer scratch (`plan::model`): the activation gradients of one
+    ///   layer's backward (gpt2: `scratch.dqkv`, `scratch.datty`, `scratch.dfch`,
+    ///   `scratch.att_delta`).
+    /// - `rope.table` (`T hs`, fp32): cos and sin of every position's rotary angles (llama).
     /// - `recompute.*`: one transient copy of each layer tensor the recompute mode does not keep.
-    /// - Last stage: `data.targets` (`N` int32); the final LayerNorm's output and statistics
-    ///   (`n C`, `n`, `n`); one chunk of logits (`K V/t` for a chunk of `K` tokens sized to
-    ///   `LOGITS_CHUNK_BYTES`) with its fp32 row max, sum of exponentials and losses (`K` each).
+    /// - Last stage: `data.targets` (`N` int32); the final norm's output and statistics
+    ///   (`n C`, and `n` for the rstd and for LayerNorm's mean); one chunk of logits (`K V/t`
+    ///   for a chunk of `K` tokens sized to `LOGITS_CHUNK_BYTES`) with its fp32 row max, sum
+    ///   of exponentials and losses (`K` each).
     /// - `optim.norm_partials`: the gradient norm's partial sums.
     fn workspace(&mut self, last: bool) {
-        let d = &self.dims;
+        let d = self.dims;
         let (compute, recompute) = (self.compute, self.config.parallel.recompute);
         let (full, held) = (d.tokens * d.hidden, d.tokens_held * d.hidden);
-        let (dqkv, datty, dfch) = (
-            d.tokens * 3 * d.hidden_local,
-            d.tokens * d.hidden_local,
-            d.tokens * d.ffn_local,
-        );
-        let att_delta = d.batch * d.heads_local * d.seq;
         let (tokens, held_tokens) = (d.tokens, d.tokens_held);
         self.add(
             "scratch.btc",
@@ -850,20 +699,30 @@ impl<'a> Builder<'a> {
         );
         self.work("scratch.stage_out", compute, held);
         self.work("scratch.dresid", compute, held);
-        self.work("scratch.dqkv", compute, dqkv);
-        self.work("scratch.datty", compute, datty);
-        self.work("scratch.dfch", compute, dfch);
-        self.work("scratch.att_delta", Dtype::F32, att_delta);
-        for tensor in LAYER_TENSORS.iter().filter(|t| !(t.kept)(recompute)) {
-            let dtype = if tensor.fp32 { Dtype::F32 } else { compute };
-            self.work(tensor.recomputed, dtype, (tensor.elems)(&self.dims));
+        let dtype = |fp32: bool| if fp32 { Dtype::F32 } else { compute };
+        for tensor in self.arch.layer_scratch {
+            self.work(tensor.region, dtype(tensor.fp32), (tensor.elems)(&d));
+        }
+        if self.arch.rope {
+            let elems = (self.shape.seq_len * self.shape.head_dim) as u64;
+            self.work("rope.table", Dtype::F32, elems);
+        }
+        for tensor in self
+            .arch
+            .layer_tensors
+            .iter()
+            .filter(|t| !(t.kept)(recompute))
+        {
+            self.work(tensor.recomputed, dtype(tensor.fp32), (tensor.elems)(&d));
         }
         if last {
             let vocab_local = (self.shape.vocab_padded / self.shape.tp) as u64;
             let chunk = logits_chunk_tokens(tokens, vocab_local, compute);
             self.work("data.targets", Dtype::I32, tokens);
             self.work("head.lnf", compute, held);
-            self.work("head.lnf_mean", Dtype::F32, held_tokens);
+            if self.arch.final_norm == FinalNorm::LayerNorm {
+                self.work("head.lnf_mean", Dtype::F32, held_tokens);
+            }
             self.work("head.lnf_rstd", Dtype::F32, held_tokens);
             self.work("head.logits", compute, chunk * vocab_local);
             self.work("head.logit_max", Dtype::F32, chunk);

@@ -36,7 +36,7 @@
 //! Predicted throughput is `global_batch x T / step time`; MFU counts the model's FLOPs
 //! (without recompute) against `peak_flops` on every rank.
 
-use crate::config::validate::{Batch, divisors, layout_violations};
+use crate::config::validate::{Batch, divisors, even_split, layout_violations};
 use crate::config::{Config, Device, Precision, Recompute, Schedule, Zero};
 use crate::memory::StagePlan;
 use crate::mesh::{Axis, Mesh};
@@ -121,6 +121,10 @@ impl Candidate {
             format!("parallel.tensor={}", self.tensor),
             format!("parallel.pipeline={}", self.pipeline),
             format!("parallel.virtual_stages={}", self.virtual_stages),
+            match &config.parallel.pipeline_layers {
+                Some(split) => format!("parallel.pipeline_layers={split:?}"),
+                None => "parallel.pipeline_layers=[]".into(),
+            },
             format!("parallel.schedule={}", config.parallel.schedule),
             format!(
                 "parallel.sequence_parallel={}",
@@ -205,7 +209,14 @@ pub fn search(base: &Config, gpus: usize, gpu_memory: u64, hardware: &Hardware) 
                 .into_iter()
                 .filter(|&b| b <= MAX_MICRO_BATCH)
             {
-                let chunks = if pipeline == 1 || pipeline > base.model.layers {
+                if pipeline > base.model.layers {
+                    continue;
+                }
+                // Layers that do not divide over the stages are split unevenly (one chunk
+                // per stage), the earlier stages taking one more, as Megatron does.
+                let even = base.model.layers.is_multiple_of(pipeline);
+                let split = (!even).then(|| even_split(base.model.layers, pipeline));
+                let chunks = if pipeline == 1 || !even {
                     vec![1]
                 } else {
                     divisors(base.model.layers / pipeline)
@@ -224,6 +235,7 @@ pub fn search(base: &Config, gpus: usize, gpu_memory: u64, hardware: &Hardware) 
                                 config.parallel.tensor = tensor;
                                 config.parallel.pipeline = pipeline;
                                 config.parallel.virtual_stages = virtual_stages;
+                                config.parallel.pipeline_layers = split.clone();
                                 config.parallel.schedule = if virtual_stages > 1 {
                                     Schedule::Interleaved
                                 } else {
@@ -314,7 +326,18 @@ pub fn evaluate(config: Config, peak_bytes: u64, hardware: &Hardware) -> Candida
     let tokens = (config.training.micro_batch * config.model.seq_len) as f64;
     let act_bytes = config.training.precision.bytes() as f64;
     let hidden = config.model.hidden as f64;
-    let layers_per_rank = config.model.layers as f64 / p;
+    // The stage with the most layers sets the pace (uneven splits give the first ones more).
+    let layers_per_rank = (0..parallel.pipeline)
+        .map(|s| {
+            parallel
+                .stage_layers(config.model.layers, s)
+                .iter()
+                .map(|r| r.len())
+                .sum::<usize>()
+        })
+        .max()
+        .unwrap_or(0) as f64;
+    let slowest_stage = layers_per_rank / (config.model.layers as f64 / p);
 
     let model_flops = shape.flops_per_token() * config.tokens_per_step() as f64;
     let recompute_factor = if parallel.recompute == Recompute::Full {
@@ -322,7 +345,8 @@ pub fn evaluate(config: Config, peak_bytes: u64, hardware: &Hardware) -> Candida
     } else {
         1.0
     };
-    let compute = model_flops * recompute_factor / world / hardware.achievable_flops;
+    let compute =
+        model_flops * recompute_factor * slowest_stage / world / hardware.achievable_flops;
     let held = if parallel.sequence_sharded() {
         tokens / t
     } else {
@@ -688,5 +712,66 @@ mod tests {
         }
         let first_unfit = found.iter().position(|r| !r.fits).unwrap_or(found.len());
         assert!(found[first_unfit..].iter().all(|r| !r.fits));
+    }
+
+    fn deepseek() -> Config {
+        Config::from_yaml(
+            "deepseek-67b.yaml",
+            include_str!("../../configs/deepseek-67b.yaml"),
+            &[],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn layers_that_do_not_divide_are_split_unevenly_and_kv_heads_bound_the_tensor_degree() {
+        let base = deepseek();
+        let hardware = Hardware::for_device(Device::Cuda);
+        let result = search(&base, 256, 80 << 30, &hardware);
+        let uneven: Vec<&Candidate> = result
+            .fitting
+            .iter()
+            .filter(|c| c.config.parallel.pipeline_layers.is_some())
+            .collect();
+        assert!(!uneven.is_empty(), "95 layers over 2, 4 or 8 stages");
+        for candidate in &uneven {
+            let split = candidate.config.parallel.pipeline_layers.as_ref().unwrap();
+            assert_eq!(split.len(), candidate.pipeline);
+            assert_eq!(split.iter().sum::<usize>(), 95);
+            assert!(split.iter().max().unwrap() - split.iter().min().unwrap() <= 1);
+            // The overrides reproduce the layout from the searched config.
+            let sets = candidate.overrides();
+            let text = include_str!("../../configs/deepseek-67b.yaml");
+            let again = Config::from_yaml("deepseek-67b.yaml", text, &sets).unwrap();
+            assert_eq!(again.parallel, candidate.config.parallel);
+        }
+        // 8 key/value heads: no tensor degree above 8 (and none that does not divide 8).
+        assert!(result.fitting.iter().all(|c| 8 % c.tensor == 0));
+        let two_kv = Config {
+            model: crate::config::Model {
+                kv_heads: 2,
+                ..base.model.clone()
+            },
+            ..base.clone()
+        };
+        let result = search(&two_kv, 256, 80 << 30, &hardware);
+        assert!(!result.fitting.is_empty());
+        assert!(result.fitting.iter().all(|c| c.tensor <= 2), "kv_heads 2");
+    }
+
+    #[test]
+    fn an_uneven_split_is_as_slow_as_its_largest_stage() {
+        let base = deepseek();
+        let hardware = Hardware::for_device(Device::Cuda);
+        let mut even = base.clone();
+        even.model.layers = 96;
+        even.parallel.pipeline_layers = None;
+        let (a, b) = (
+            evaluate(base.clone(), 0, &hardware),
+            evaluate(even, 0, &hardware),
+        );
+        // 95 layers as 24+24+24+23 compute as long as 96 as 4 x 24 (the slowest stage
+        // sets the pace), less the one layer's share of the head and embedding.
+        assert!((a.breakdown.compute / b.breakdown.compute - 1.0).abs() < 0.01);
     }
 }

@@ -27,5 +27,6 @@ pub mod tensor;
 pub mod throttle;
 pub mod trace;
 pub mod train;
+pub mod units;
 
 pub use error::{Error, Result};

@@ -8,22 +8,21 @@ use std::time::Instant;
 
 use tessera_plan::Config;
 use tessera_plan::memory::{Place, StagePlan};
-use tessera_plan::model::{ModelShape, ParamSpec, Split, Unit as UnitKind};
-use tessera_plan::schedule::{Op, PipelineSchedule};
+use tessera_plan::model::{ModelShape, ParamSpec, Role, Split, Unit as UnitKind};
 
 use crate::arena::ArenaLayout;
 use crate::checkpoint;
-use crate::comm::{Collective, CommunicatorExt as _, ReduceOp};
 use crate::data::{Dataset, Sampler};
 use crate::error::{Error, Result};
+use crate::model::Stage;
 use crate::model::init::initial_values;
-use crate::model::{Gpt, Unit, units};
 use crate::optim::Optimizer;
 use crate::parallel::Comms;
-use crate::parallel::data::{DataParallel, sum_over_group};
-use crate::parallel::pipeline::Slots;
-use crate::tensor::{Backend, Tensor};
+use crate::parallel::data::sum_over_group;
+use crate::parallel::executor::{Executor, StepParts};
+use crate::tensor::Backend;
 use crate::trace::{self, Trace};
+use crate::units::{Unit, units};
 
 /// What one optimizer step reports (one line of `--metrics`).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -52,22 +51,15 @@ pub struct Rank<B: Backend> {
     pub layout: ArenaLayout,
     pub stage: StagePlan,
     pub units: Vec<Unit>,
-    pub model: Gpt,
+    pub model: Stage<B>,
     pub optimizer: Optimizer,
     pub comms: Comms,
-    data_parallel: DataParallel,
-    /// This stage's part of the pipeline schedule, and for each chunk the index of its last
-    /// backward (when its layers' gradients are final for the step).
-    ops: Vec<Op>,
-    last_backward: Vec<Option<usize>>,
-    slots: Slots,
+    /// The pipeline schedule's ops and the data-parallel traffic of the units.
+    executor: Executor,
     /// Steps completed so far (the next step to run is `step`).
     pub step: u64,
     /// Where spans go under `--trace`.
     pub trace: Option<Trace>,
-    /// Host staging for one microbatch's token ids and targets.
-    inputs: Vec<i32>,
-    targets: Vec<i32>,
 }
 
 /// Fails unless the config is a single rank (the worker run alone, without `launch`).
@@ -110,46 +102,28 @@ impl<B: Backend> Rank<B> {
             );
         }
         let units = units(&layout, &config, &stage, comms.dp_rank())?;
-        let model = Gpt::new(&layout, &config, &stage, &units, comms.coord.tp_rank)?;
+        let model = Stage::new(&layout, &config, &stage, &units, comms.coord.tp_rank)?;
+        let mut backend = backend;
+        model.write_constants(&mut backend, &config)?;
         let training = &config.training;
         let optimizer = Optimizer::new(
             training.optimizer.clone(),
             training.steps,
             training.precision,
         );
-        let parallel = &config.parallel;
-        let schedule = PipelineSchedule::new(
-            parallel.schedule,
-            parallel.pipeline,
-            parallel.virtual_stages,
-            config.microbatches(),
-        );
-        let ops = schedule.ops[comms.coord.pp_rank].clone();
-        let last_backward = (0..parallel.virtual_stages)
-            .map(|chunk| {
-                ops.iter()
-                    .rposition(|op| matches!(op, Op::Backward { chunk: c, .. } if *c == chunk))
-            })
-            .collect();
-        let tokens = training.micro_batch * config.model.seq_len;
-        let data_parallel = DataParallel::new(&layout, parallel.data)?;
+        let executor = Executor::new(&config, &stage, &layout, comms.coord.pp_rank)?;
         Ok(Rank {
             saver: checkpoint::Saver::new(&layout)?,
-            ops,
-            last_backward,
-            slots: Slots::new(stage.in_flight.total, &stage.in_flight.per_chunk),
+            executor,
             stage,
             layout,
             units,
             model,
             optimizer,
-            data_parallel,
             comms,
             backend,
             step: 0,
             trace: None,
-            inputs: vec![0; tokens],
-            targets: vec![0; tokens],
             config,
         })
     }
@@ -197,78 +171,17 @@ impl<B: Backend> Rank<B> {
     /// unit's reduction starts as soon as its gradients are final.
     pub fn forward_backward(
         &mut self,
-        mut fill: impl FnMut(usize, &mut [i32], &mut [i32]) -> Result<()>,
+        fill: impl FnMut(usize, &mut [i32], &mut [i32]) -> Result<()>,
     ) -> Result<f64> {
-        let t = self.config.model.seq_len;
-        let tokens_per_step = (self.config.training.global_batch * t) as f64;
-        let dloss = (self.optimizer.loss_scale.scale as f64 / tokens_per_step) as f32;
-        let last_chunk = self.model.chunks() - 1;
-        let last_forward = self
-            .ops
-            .iter()
-            .rposition(|op| matches!(op, Op::Forward { chunk, .. } if *chunk == last_chunk));
-        let mut loss = 0.0;
-        for i in 0..self.ops.len() {
-            match self.ops[i] {
-                Op::Forward { microbatch, chunk } => {
-                    let (slot, io) = self.slots.take(microbatch, chunk);
-                    let (embeds, head) = (self.model.embeds(chunk), self.model.has_head(chunk));
-                    self.comms.pipeline.receive_input(
-                        &self.backend,
-                        chunk,
-                        self.model.chunk_input(slot),
-                    )?;
-                    let started = Instant::now();
-                    if embeds || head {
-                        fill(microbatch, &mut self.inputs, &mut self.targets)?;
-                    }
-                    if embeds {
-                        let tokens = self.model.tokens(io).expect("invariant: first stage");
-                        self.backend.write_i32(tokens, &self.inputs)?;
-                        self.use_params(0)?;
-                        self.model
-                            .embed(&mut self.backend, &mut self.comms.tp, slot, io)?;
-                    }
-                    let layers = self.model.layers_per_chunk();
-                    for layer in 0..layers {
-                        self.use_params(self.layer_unit(chunk, layer))?;
-                        if layer + 1 < layers {
-                            self.prefetch_params(self.layer_unit(chunk, layer + 1))?;
-                        }
-                        let (model, tp) = (&self.model, &mut self.comms.tp);
-                        model.forward_layer(&mut self.backend, tp, chunk, slot, layer)?;
-                    }
-                    if head {
-                        let targets = self.model.targets().expect("invariant: last stage");
-                        self.backend.write_i32(targets, &self.targets)?;
-                        loss += self.head(io, dloss, Some(i) == last_forward)?;
-                    }
-                    self.span(
-                        || format!("forward {microbatch}.{chunk}"),
-                        "forward",
-                        started,
-                    );
-                    self.comms.pipeline.send_output(
-                        &self.backend,
-                        chunk,
-                        self.model.chunk_output(),
-                    )?;
-                }
-                Op::Backward { microbatch, chunk } => {
-                    let (slot, io) = self.slots.give_back(microbatch, chunk);
-                    let last = self.last_backward[chunk] == Some(i);
-                    self.backward(microbatch, chunk, slot, io, last)?;
-                }
-            }
-        }
-        self.comms.pipeline.finish()?;
-        self.reduce_tied_embedding()?;
-        let local = if self.model.has_head(last_chunk) && self.comms.tp.index() == 0 {
-            loss / tokens_per_step
-        } else {
-            0.0
+        let mut parts = StepParts {
+            backend: &mut self.backend,
+            model: &mut self.model,
+            units: &self.units,
+            comms: &mut self.comms,
+            trace: self.trace.as_ref(),
         };
-        sum_over_group(self.comms.world.as_mut(), local)
+        let scale = self.optimizer.loss_scale.scale;
+        self.executor.forward_backward(&mut parts, scale, fill)
     }
 
     /// Records a span of the rank's compute under `--trace`.
@@ -276,190 +189,6 @@ impl<B: Backend> Rank<B> {
         if let Some(trace) = &self.trace {
             trace.record(name(), category, trace::COMPUTE, start);
         }
-    }
-
-    /// The index in `units` of the rank's first layer (after the embedding on the first stage).
-    fn first_layer(&self) -> usize {
-        usize::from(self.units[0].kind == UnitKind::Embedding)
-    }
-
-    /// The index in `units` of the `layer`-th layer of `chunk`.
-    fn layer_unit(&self, chunk: usize, layer: usize) -> usize {
-        self.first_layer() + chunk * self.model.layers_per_chunk() + layer
-    }
-
-    /// The position of unit `index` among the rank's layers (0 for other units).
-    fn layer_position(&self, index: usize) -> usize {
-        index.saturating_sub(self.first_layer())
-    }
-
-    /// Points the model at unit `index`'s parameters for its next use (gathered under ZeRO 3).
-    fn use_params(&mut self, index: usize) -> Result<()> {
-        let unit = &self.units[index];
-        let params = self
-            .data_parallel
-            .params_for(self.comms.dp.as_mut(), &self.backend, unit)?;
-        self.model
-            .point_params(unit, self.layer_position(index), params);
-        Ok(())
-    }
-
-    /// Under ZeRO 3, starts gathering unit `index`'s parameters while the current unit
-    /// computes.
-    fn prefetch_params(&mut self, index: usize) -> Result<()> {
-        let unit = &self.units[index];
-        self.data_parallel
-            .prefetch(self.comms.dp.as_mut(), &self.backend, unit)
-    }
-
-    /// Points the model at where unit `index`'s next gradients accumulate; returns it.
-    fn use_grads(&mut self, index: usize) -> Result<Tensor> {
-        let unit = &self.units[index];
-        let grads = self.data_parallel.grads_for(&mut self.backend, unit)?;
-        self.model
-            .point_grads(unit, self.layer_position(index), grads);
-        Ok(grads)
-    }
-
-    /// The model wrote unit `index`'s gradients into `grads`; `last` when they are final for
-    /// the step. Sequence-parallel partial sums are reduced over the tensor group first, once
-    /// per bucket (ZeRO 2 and 3) or once per step.
-    fn grads_done(&mut self, index: usize, grads: Tensor, last: bool) -> Result<()> {
-        let unit = &self.units[index];
-        if unit.grads_sharded || last {
-            self.comms
-                .tp
-                .reduce_partial_grads(&self.backend, unit, grads)?;
-        }
-        self.data_parallel
-            .grads_done(self.comms.dp.as_mut(), &self.backend, unit, grads, last)
-    }
-
-    /// The LM head of the microbatch whose buffers are `io`; `last` for the step's last.
-    fn head(&mut self, io: usize, dloss: f32, last: bool) -> Result<f64> {
-        let head = self.units.len() - 1;
-        // Without a pipeline the head's weights are the embedding's: that unit is in use too.
-        let shares_embedding = self.first_layer() == 1;
-        self.use_params(head)?;
-        let head_grads = self.use_grads(head)?;
-        let embedding_grads = if shares_embedding {
-            self.use_params(0)?;
-            Some(self.use_grads(0)?)
-        } else {
-            None
-        };
-        let loss = self
-            .model
-            .head(&mut self.backend, &mut self.comms.tp, io, dloss)?;
-        // The head's gradients are final after the step's last head; a tied copy's wait for
-        // the other copy's at the end of the step.
-        let final_head = last && !self.tied_to_embedding(head);
-        self.grads_done(head, head_grads, final_head)?;
-        if let Some(grads) = embedding_grads {
-            self.grads_done(0, grads, false)?;
-        }
-        Ok(loss)
-    }
-
-    /// Backward of `chunk` for `microbatch`, whose buffers are (`slot`, `io`). When it is the chunk's last
-    /// backward of the step, each layer's gradients start their data-parallel reduction as
-    /// soon as they are final, while the layers below compute.
-    fn backward(
-        &mut self,
-        microbatch: usize,
-        chunk: usize,
-        slot: usize,
-        io: usize,
-        last: bool,
-    ) -> Result<()> {
-        let dresid = self.model.dresid();
-        self.comms
-            .pipeline
-            .receive_gradient(&self.backend, chunk, dresid)?;
-        let started = Instant::now();
-        self.model.backward_begin(&mut self.backend, chunk, io)?;
-        for layer in (0..self.model.layers_per_chunk()).rev() {
-            let index = self.layer_unit(chunk, layer);
-            self.use_params(index)?;
-            if layer > 0 {
-                self.prefetch_params(self.layer_unit(chunk, layer - 1))?;
-            }
-            let grads = self.use_grads(index)?;
-            self.model
-                .backward_layer(&mut self.backend, &mut self.comms.tp, chunk, slot, layer)?;
-            self.grads_done(index, grads, last)?;
-        }
-        if self.model.embeds(chunk) {
-            let grads = self.use_grads(0)?;
-            self.model
-                .backward_end(&mut self.backend, &mut self.comms.tp, chunk, io)?;
-            self.grads_done(0, grads, last && !self.tied_to_embedding(0))?;
-        }
-        self.span(
-            || format!("backward {microbatch}.{chunk}"),
-            "backward",
-            started,
-        );
-        self.comms
-            .pipeline
-            .send_gradient(&self.backend, chunk, dresid)
-    }
-
-    /// Whether unit `index` holds a copy of the tied token embedding that another stage also
-    /// holds (the first and last stage of a pipeline): its gradient is summed with the other
-    /// copy's at the end of the step, before its reduction.
-    fn tied_to_embedding(&self, index: usize) -> bool {
-        self.comms.embedding.is_some()
-            && matches!(
-                self.units[index].kind,
-                UnitKind::Embedding | UnitKind::Head { tied_copy: true }
-            )
-    }
-
-    /// Sums the tied embedding's gradient over its two copies (first and last stage). Under
-    /// ZeRO 0 and 1 that is before the units' data-parallel reduction, which starts here;
-    /// under ZeRO 2 and 3 the shards are already reduced, so the whole gradients are gathered,
-    /// summed and cut back into shards.
-    fn reduce_tied_embedding(&mut self) -> Result<()> {
-        if self.comms.embedding.is_none() {
-            return Ok(());
-        }
-        let tied: Vec<usize> = (0..self.units.len())
-            .filter(|&i| self.tied_to_embedding(i))
-            .collect();
-        for index in tied {
-            let unit = &self.units[index];
-            let dp = self.comms.dp.as_mut();
-            let whole = match unit.grads() {
-                Some(grads) => grads,
-                None => {
-                    self.data_parallel.finish(&mut self.backend)?;
-                    self.data_parallel
-                        .gather_grads(dp, &mut self.backend, unit)?
-                }
-            };
-            let buf = self.backend.comm_buf(unit.view(whole, "wte"));
-            let group = self
-                .comms
-                .embedding
-                .as_mut()
-                .expect("invariant: checked above");
-            // SAFETY: the gradients live in the arena and no kernel runs during this call.
-            unsafe {
-                group.run(Collective::AllReduce {
-                    buf,
-                    op: ReduceOp::Sum,
-                })
-            }?;
-            if unit.grads_sharded {
-                let dp = self.comms.dp.as_ref();
-                self.data_parallel
-                    .scatter_back(dp, &mut self.backend, unit, whole)?;
-            } else {
-                self.grads_done(index, whole, true)?;
-            }
-        }
-        Ok(())
     }
 
     /// One whole optimizer step on the rank's share of the global batch.
@@ -488,7 +217,7 @@ impl<B: Backend> Rank<B> {
                 loss: loss as f32,
             });
         }
-        self.data_parallel.finish(&mut self.backend)?;
+        self.executor.data_parallel.finish(&mut self.backend)?;
         let optimizer = Instant::now();
         let (dp_rank, tp_rank) = (self.comms.dp_rank(), self.comms.coord.tp_rank);
         let local = self.optimizer.sum_squares(
@@ -501,8 +230,11 @@ impl<B: Backend> Rank<B> {
         let report = self
             .optimizer
             .step(&mut self.backend, &self.units, self.step, norm)?;
-        self.data_parallel
-            .gather_params(self.comms.dp.as_mut(), &mut self.backend, &self.units)?;
+        self.executor.data_parallel.gather_params(
+            self.comms.dp.as_mut(),
+            &mut self.backend,
+            &self.units,
+        )?;
         self.span(|| "optimizer".into(), "optimizer", optimizer);
         self.step += 1;
         self.span(|| format!("step {}", self.step), "step", start);
@@ -535,7 +267,8 @@ impl<B: Backend> Rank<B> {
 /// data-parallel replicas by the first).
 fn counts_in_norm(unit: &Unit, spec: &ParamSpec, dp_rank: usize, tp_rank: usize) -> bool {
     let replicated = spec.split == Split::Replicated;
-    let tied_copy = matches!(unit.kind, UnitKind::Head { tied_copy: true }) && spec.name == "wte";
+    let tied_copy = matches!(unit.kind, UnitKind::Head { tied_copy: true })
+        && spec.role == Role::TokenEmbedding;
     let replica = unit.is_whole() && dp_rank != 0;
     !(tied_copy || replica || (replicated && tp_rank != 0))
 }

@@ -33,16 +33,57 @@ pub struct Config {
 }
 
 /// `model:` — the transformer's shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Model {
     pub arch: Arch,
     pub layers: usize,
     pub hidden: usize,
+    /// Query heads.
     pub heads: usize,
+    /// Key/value heads (grouped-query attention; `heads` without it). Divides `heads`.
+    pub kv_heads: usize,
+    /// Channels per head (default `hidden / heads`).
+    pub head_dim: usize,
     /// The tokenizer's vocabulary; the embedding is padded beyond it (see `plan::model`).
     pub vocab: usize,
     pub seq_len: usize,
     pub ffn_hidden: usize,
+    /// The normalisation's epsilon (LayerNorm for gpt2, RMSNorm for llama).
+    pub norm_eps: f64,
+    /// The rotary embedding's base (llama).
+    pub rope_theta: f64,
+    /// The LM head reads the token embedding's weights (gpt2's default) instead of its own.
+    pub tie_embeddings: bool,
+}
+
+impl Model {
+    /// A model of `arch` with the defaults of every optional key: `heads` key/value heads,
+    /// `hidden / heads` channels per head, the family's epsilon, theta and tying.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        arch: Arch,
+        layers: usize,
+        hidden: usize,
+        heads: usize,
+        vocab: usize,
+        seq_len: usize,
+        ffn_hidden: usize,
+    ) -> Model {
+        Model {
+            arch,
+            layers,
+            hidden,
+            heads,
+            kv_heads: heads,
+            head_dim: hidden / heads.max(1),
+            vocab,
+            seq_len,
+            ffn_hidden,
+            norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_embeddings: arch == Arch::Gpt2,
+        }
+    }
 }
 
 /// `parallel:` — how ranks split the work.
@@ -53,6 +94,8 @@ pub struct Parallel {
     pub pipeline: usize,
     /// Model chunks per pipeline rank (interleaved 1F1B); 1 otherwise.
     pub virtual_stages: usize,
+    /// Layers of each pipeline stage, when they are not split evenly (`pipeline_layers`).
+    pub pipeline_layers: Option<Vec<usize>>,
     /// Shard LayerNorm/residual regions along the tokens across the tensor group. Only
     /// takes effect with `tensor > 1` (see [`Parallel::sequence_sharded`]).
     pub sequence_parallel: bool,
@@ -71,6 +114,24 @@ impl Parallel {
     /// group (sequence parallelism is a no-op at tensor 1).
     pub fn sequence_sharded(&self) -> bool {
         self.sequence_parallel && self.tensor > 1
+    }
+
+    /// The layers (of `layers` in all) of each model chunk of pipeline stage `pp_rank`, in
+    /// chunk order: `pipeline_layers[pp_rank]` layers after the earlier stages' when given,
+    /// else chunk `c` is virtual stage `c p + pp_rank` of `p v` equal ones.
+    pub fn stage_layers(&self, layers: usize, pp_rank: usize) -> Vec<std::ops::Range<usize>> {
+        if let Some(split) = &self.pipeline_layers {
+            let first: usize = split[..pp_rank].iter().sum();
+            return std::iter::once(first..first + split[pp_rank]).collect();
+        }
+        let (p, v) = (self.pipeline, self.virtual_stages);
+        let per_chunk = layers / (p * v);
+        (0..v)
+            .map(|chunk| {
+                let first = (chunk * p + pp_rank) * per_chunk;
+                first..first + per_chunk
+            })
+            .collect()
     }
 }
 
@@ -292,6 +353,9 @@ choice!(
     Arch {
         /// GPT-2: learned positions, LayerNorm, GELU MLP, tied embeddings, biases.
         Gpt2 = "gpt2",
+        /// Llama (Llama 2/3, DeepSeek-LLM, Mistral): RMSNorm, rotary positions, SwiGLU MLP,
+        /// grouped-query attention, no biases, an untied LM head.
+        Llama = "llama",
     }
 );
 

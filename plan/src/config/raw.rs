@@ -52,6 +52,7 @@ fn expects(rust_type: &str) -> &'static str {
         "i64" => "a whole number",
         "f64" => "a number",
         "bool" => "true or false",
+        "Counts" => "a list of whole numbers, e.g. [24, 24, 24, 23]",
         _ => "a single value (not a list or a mapping)",
     }
 }
@@ -130,14 +131,22 @@ section!(
     }
 );
 
+/// A list of counts (`parallel.pipeline_layers`).
+pub(crate) type Counts = Vec<i64>;
+
 section!(RawModel {
     arch: String,
     layers: i64,
     hidden: i64,
     heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
     vocab: i64,
     seq_len: i64,
     ffn_hidden: i64,
+    norm_eps: f64,
+    rope_theta: f64,
+    tie_embeddings: bool,
 });
 
 section!(
@@ -146,6 +155,7 @@ section!(
         tensor: i64,
         pipeline: i64,
         virtual_stages: i64,
+        pipeline_layers: Counts,
         sequence_parallel: bool,
         zero: i64,
         recompute: String,

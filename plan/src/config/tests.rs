@@ -28,6 +28,22 @@ const SHIPPED: &[(&str, &str)] = &[
         "configs/tiny-cpu.yaml",
         include_str!("../../../configs/tiny-cpu.yaml"),
     ),
+    (
+        "configs/tiny-llama-cpu.yaml",
+        include_str!("../../../configs/tiny-llama-cpu.yaml"),
+    ),
+    (
+        "configs/llama3-8b.yaml",
+        include_str!("../../../configs/llama3-8b.yaml"),
+    ),
+    (
+        "configs/llama3-70b.yaml",
+        include_str!("../../../configs/llama3-70b.yaml"),
+    ),
+    (
+        "configs/deepseek-67b.yaml",
+        include_str!("../../../configs/deepseek-67b.yaml"),
+    ),
 ];
 
 const MINIMAL: &str = "model: {layers: 2, hidden: 64, heads: 4, seq_len: 32}\ntraining: {global_batch: 8, steps: 10}\n";
@@ -836,4 +852,96 @@ fn cluster_tls_takes_three_paths_and_names_a_missing_one_where_the_others_are() 
     )
     .unwrap();
     assert_eq!(config.cluster.tls.unwrap().key, "/tls/n-key.pem");
+}
+
+const LLAMA: &str = "model: {arch: llama, layers: 4, hidden: 64, heads: 4, kv_heads: 2, seq_len: 32}\ntraining: {global_batch: 8, steps: 10}\n";
+
+#[test]
+fn llama_defaults_untie_the_head_and_gpt2_keeps_it_tied() {
+    let llama = load(LLAMA).unwrap();
+    assert_eq!(llama.model.arch, Arch::Llama);
+    assert_eq!((llama.model.kv_heads, llama.model.head_dim), (2, 16));
+    assert!(!llama.model.tie_embeddings);
+    assert_eq!(llama.model.rope_theta, 10_000.0);
+    let gpt2 = load(MINIMAL).unwrap();
+    assert!(gpt2.model.tie_embeddings);
+    assert_eq!(gpt2.model.kv_heads, gpt2.model.heads);
+    let tied = load_with(LLAMA, &["model.tie_embeddings=true"]).unwrap();
+    assert!(tied.model.tie_embeddings);
+}
+
+#[test]
+fn kv_heads_must_divide_heads_and_the_tensor_degree_must_divide_kv_heads() {
+    let text = error(&LLAMA.replace("kv_heads: 2", "kv_heads: 3"));
+    assert!(text.contains("model.kv_heads"), "{text}");
+    assert!(text.contains("kv_heads that divide 4: 1, 2 or 4"), "{text}");
+    let text = load_with(
+        &LLAMA.replace("kv_heads: 2", "kv_heads: 1"),
+        &["parallel.tensor=2", "cluster.gpus_per_node=2"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        text.contains("kv_heads (1) must be divisible by tensor (2)"),
+        "{text}"
+    );
+    assert!(text.contains("tensor degrees that fit: 1"), "{text}");
+}
+
+#[test]
+fn gpt2_refuses_llama_only_keys_with_the_fix() {
+    let text = error(&MINIMAL.replace("seq_len: 32", "seq_len: 32, rope_theta: 500000"));
+    assert!(text.contains("model.rope_theta"), "{text}");
+    assert!(text.contains("arch: llama"), "{text}");
+    let text = error(&MINIMAL.replace("seq_len: 32", "seq_len: 32, norm_eps: 1.0e-6"));
+    assert!(text.contains("model.norm_eps"), "{text}");
+    let odd = LLAMA.replace("kv_heads: 2", "kv_heads: 2, head_dim: 15");
+    assert!(error(&odd).contains("must be even for rotary embeddings"));
+}
+
+#[test]
+fn an_uneven_pipeline_split_is_checked_and_gives_each_stage_its_layers() {
+    let base = "model: {arch: llama, layers: 7, hidden: 64, heads: 4, seq_len: 32}\ntraining: {global_batch: 8, steps: 10}\ncluster: {gpus_per_node: 2}\n";
+    let text = load_with(base, &["parallel.pipeline=2"])
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("parallel.pipeline_layers: [4, 3]"), "{text}");
+    let config = load_with(
+        base,
+        &["parallel.pipeline=2", "parallel.pipeline_layers=[4, 3]"],
+    )
+    .unwrap();
+    assert_eq!(config.parallel.stage_layers(7, 0), vec![(0..4)]);
+    assert_eq!(config.parallel.stage_layers(7, 1), vec![(4..7)]);
+    let text = load_with(
+        base,
+        &["parallel.pipeline=2", "parallel.pipeline_layers=[4, 4]"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        text.contains("add up to 8, but the model has 7 layers"),
+        "{text}"
+    );
+    let text = load_with(
+        base,
+        &["parallel.pipeline=2", "parallel.pipeline_layers=[7]"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(text.contains("lists 1 stages, but pipeline is 2"), "{text}");
+    let text = load_with(
+        base,
+        &["parallel.pipeline=2", "parallel.pipeline_layers=[7, 0]"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(text.contains("every stage holds 1 to"), "{text}");
+    let text = load_with(
+        base,
+        &["parallel.pipeline=2", "parallel.pipeline_layers=seven"],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(text.contains("a list of whole numbers"), "{text}");
 }

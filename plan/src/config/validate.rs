@@ -480,7 +480,15 @@ impl Reader<'_> {
             seq_len?,
             ffn_hidden?,
         );
-        if hidden % heads != 0 {
+        let kv_heads = self.count(
+            "model.kv_heads",
+            raw.kv_heads,
+            Some(heads as i64),
+            MAX_WIDTH,
+            "key/value heads of grouped-query attention (default: heads)",
+        )?;
+        let head_dim_given = raw.head_dim.is_some();
+        if !head_dim_given && hidden % heads != 0 {
             let near = divisors(hidden)
                 .into_iter()
                 .filter(|d| d.abs_diff(heads) <= heads)
@@ -488,18 +496,83 @@ impl Reader<'_> {
             self.fail(
                 "model.heads",
                 format!("hidden ({hidden}) must be divisible by heads ({heads}): every head gets hidden / heads channels"),
-                Some(format!("heads that divide {hidden}: {}", list(&near))),
+                Some(format!("heads that divide {hidden}: {}, or set model.head_dim", list(&near))),
             );
             return None;
+        }
+        let head_dim = self.count(
+            "model.head_dim",
+            raw.head_dim,
+            Some((hidden / heads) as i64),
+            MAX_WIDTH,
+            "channels per attention head (default hidden / heads)",
+        )?;
+        if head_dim % 2 != 0 && arch == Arch::Llama {
+            self.fail(
+                "model.head_dim",
+                format!("must be even for rotary embeddings, got {head_dim}"),
+                Some("rotary embeddings rotate pairs of channels: use an even head_dim".into()),
+            );
+        }
+        if heads % kv_heads != 0 {
+            let options: Vec<usize> = divisors(heads);
+            self.fail(
+                "model.kv_heads",
+                format!("heads ({heads}) must be divisible by kv_heads ({kv_heads}): each key/value head serves an equal group of query heads"),
+                Some(format!("kv_heads that divide {heads}: {}", list(&options))),
+            );
+        }
+        let eps_given = raw.norm_eps.is_some();
+        let norm_eps = self.number(
+            "model.norm_eps",
+            raw.norm_eps,
+            1e-5,
+            |v| v > 0.0 && v < 1.0,
+            "between 0 and 1 (exclusive), e.g. 1.0e-5",
+        )?;
+        let theta_given = raw.rope_theta.is_some();
+        let rope_theta = self.number(
+            "model.rope_theta",
+            raw.rope_theta,
+            10_000.0,
+            |v| v > 1.0,
+            "above 1, e.g. 10000 (Llama 2) or 500000 (Llama 3)",
+        )?;
+        let tie_embeddings = self.flag(
+            "model.tie_embeddings",
+            raw.tie_embeddings,
+            arch == Arch::Gpt2,
+        );
+        if arch == Arch::Gpt2 {
+            // GPT-2's LayerNorm kernels use its epsilon, and it has learned positions.
+            if eps_given && norm_eps != 1e-5 {
+                self.fail(
+                    "model.norm_eps",
+                    format!("arch gpt2's LayerNorm uses eps 1e-5, got {norm_eps}"),
+                    Some("remove model.norm_eps, or use `arch: llama`".into()),
+                );
+            }
+            if theta_given {
+                self.fail(
+                    "model.rope_theta",
+                    "is for rotary embeddings, which arch gpt2 does not have (it learns its positions)".into(),
+                    Some("remove model.rope_theta, or use `arch: llama`".into()),
+                );
+            }
         }
         Some(Model {
             arch,
             layers,
             hidden,
             heads,
+            kv_heads,
+            head_dim,
             vocab,
             seq_len,
             ffn_hidden,
+            norm_eps,
+            rope_theta,
+            tie_embeddings,
         })
     }
 
@@ -805,6 +878,24 @@ impl Reader<'_> {
             }
             _ => None,
         };
+        let pipeline_layers = raw.pipeline_layers.map(|leaf| {
+            self.places.insert("parallel.pipeline_layers", leaf.place);
+            leaf.value
+        });
+        let pipeline_layers = match pipeline_layers {
+            Some(counts) if counts.iter().any(|c| !(1..=MAX_LAYERS).contains(c)) => {
+                self.fail(
+                    "parallel.pipeline_layers",
+                    format!("every stage holds 1 to {MAX_LAYERS} layers, got {counts:?}"),
+                    Some("list the layers of each pipeline stage, e.g. [24, 24, 24, 23]".into()),
+                );
+                None
+            }
+            // An empty list is the even split (what `launch search` writes to undo a split).
+            Some(counts) if counts.is_empty() => Some(None),
+            Some(counts) => Some(Some(counts.into_iter().map(|c| c as usize).collect())),
+            None => Some(None),
+        };
         let sequence_parallel =
             self.flag("parallel.sequence_parallel", raw.sequence_parallel, false);
         let zero = self.int("parallel.zero", raw.zero, Some(0), 0, 3, "the ZeRO stage: 0 shards nothing, 1 optimizer states, 2 also gradients, 3 also parameters");
@@ -824,6 +915,7 @@ impl Reader<'_> {
             tensor: tensor?,
             pipeline: pipeline?,
             virtual_stages: virtual_stages?,
+            pipeline_layers: pipeline_layers?,
             sequence_parallel,
             zero: Zero::ALL[zero? as usize],
             offload,
@@ -977,6 +1069,7 @@ pub(crate) fn layout_violations(
     };
     let tensor_fits = |t: &usize| {
         model.heads.is_multiple_of(*t)
+            && model.kv_heads.is_multiple_of(*t)
             && model.ffn_hidden.is_multiple_of(*t)
             && gpus_per_node.is_multiple_of(*t)
     };
@@ -994,6 +1087,16 @@ pub(crate) fn layout_violations(
             format!(
                 "heads ({}) must be divisible by tensor ({tensor}): each tensor-parallel rank computes whole attention heads",
                 model.heads
+            ),
+            Some(format!("tensor degrees that fit: {}", tensor_options())),
+        );
+    }
+    if model.kv_heads != model.heads && !model.kv_heads.is_multiple_of(tensor) {
+        fail(
+            "parallel.tensor",
+            format!(
+                "kv_heads ({}) must be divisible by tensor ({tensor}): each tensor-parallel rank holds whole key/value heads",
+                model.kv_heads
             ),
             Some(format!("tensor degrees that fit: {}", tensor_options())),
         );
@@ -1018,7 +1121,35 @@ pub(crate) fn layout_violations(
         );
     }
     let chunks = pipeline * virtual_stages;
-    if !model.layers.is_multiple_of(chunks) {
+    if let Some(split) = &parallel.pipeline_layers {
+        let sum: usize = split.iter().sum();
+        if split.len() != pipeline {
+            fail(
+                "parallel.pipeline_layers",
+                format!(
+                    "lists {} stages, but pipeline is {pipeline}: give one layer count per pipeline stage",
+                    split.len()
+                ),
+                Some(format!("e.g. {:?}", even_split(model.layers, pipeline))),
+            );
+        } else if sum != model.layers {
+            fail(
+                "parallel.pipeline_layers",
+                format!(
+                    "its layers add up to {sum}, but the model has {} layers",
+                    model.layers
+                ),
+                Some(format!("e.g. {:?}", even_split(model.layers, pipeline))),
+            );
+        }
+        if virtual_stages > 1 {
+            fail(
+                "parallel.pipeline_layers",
+                "an uneven split needs virtual_stages 1 (interleaved chunks are equal)".into(),
+                Some("remove parallel.pipeline_layers, or set virtual_stages: 1".into()),
+            );
+        }
+    } else if !model.layers.is_multiple_of(chunks) {
         let stage_options: Vec<usize> = divisors(model.layers)
             .into_iter()
             .filter(|p| p % virtual_stages == 0 || virtual_stages == 1)
@@ -1030,9 +1161,10 @@ pub(crate) fn layout_violations(
                 model.layers
             ),
             Some(format!(
-                "pipeline x virtual_stages must divide {}: {}",
+                "pipeline x virtual_stages must divide {}: {}; or split unevenly with parallel.pipeline_layers: {:?}",
                 model.layers,
-                list(&stage_options)
+                list(&stage_options),
+                even_split(model.layers, pipeline)
             )),
         );
     }
@@ -1122,6 +1254,15 @@ pub(crate) fn layout_violations(
         );
     }
     out
+}
+
+/// `layers` over `stages` as evenly as can be, the larger stages first (Megatron gives the
+/// last stage fewer layers, as it also runs the LM head).
+pub(crate) fn even_split(layers: usize, stages: usize) -> Vec<usize> {
+    let stages = stages.max(1);
+    (0..stages)
+        .map(|s| layers / stages + usize::from(s < layers % stages))
+        .collect()
 }
 
 /// The divisors of `n`, ascending.

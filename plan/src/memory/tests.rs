@@ -463,3 +463,97 @@ proptest! {
         prop_assert_eq!(peak, ends);
     }
 }
+
+/// A small llama on `gpus_per_node: 8`; `sets` adjust it.
+fn llama(sets: &[&str]) -> Config {
+    let text = "model: {arch: llama, layers: 8, hidden: 512, heads: 8, kv_heads: 2, seq_len: 256, ffn_hidden: 1408, vocab: 1000}\n\
+                training: {global_batch: 64, micro_batch: 2, steps: 10}\n\
+                cluster: {nodes: 1, gpus_per_node: 8}\n";
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    Config::from_yaml("llama.yaml", text, &sets).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_llama_layer_keeps_its_own_tensors_and_recompute_drops_the_element_wise_ones() {
+    let config = llama(&["parallel.data=8"]);
+    let stage = &MemoryPlan::new(&config).stages[0];
+    let (n, c) = (2 * 256, 512u64);
+    let row = |name: &str| stage.region(name).unwrap_or_else(|| panic!("{name}"));
+    // q: 8 heads x 64, k and v: 2 heads x 64 each.
+    assert_eq!(row("act.qkv").elems, n * (512 + 2 * 128));
+    assert_eq!(row("act.gate_up").elems, n * 2 * 1408);
+    assert_eq!(row("act.swiglu").elems, n * 1408);
+    assert_eq!(row("act.attn_rstd").dtype, Dtype::F32);
+    assert_eq!(row("act.attn_norm").elems, n * c);
+    assert_eq!(row("rope.table").elems, 256 * 64);
+    assert_eq!(row("scratch.dgate_up").elems, n * 2 * 1408);
+    assert!(stage.region("act.ln1_mean").is_none() && stage.region("head.lnf_mean").is_none());
+    assert!(stage.region("act.fch").is_none(), "no GELU MLP");
+    let selective =
+        &MemoryPlan::new(&llama(&["parallel.data=8", "parallel.recompute=selective"])).stages[0];
+    for name in ["act.attn_norm", "act.mlp_norm", "act.swiglu"] {
+        assert!(selective.region(name).is_none(), "{name} is recomputed");
+        let recomputed = name.replace("act.", "recompute.");
+        assert!(selective.region(&recomputed).is_some(), "{recomputed}");
+    }
+    assert!(selective.region("act.gate_up").is_some());
+    assert!(layer_activations(selective) < layer_activations(stage));
+}
+
+#[test]
+fn an_untied_head_lives_on_the_last_stage_only_and_needs_no_embedding_group() {
+    let config = llama(&[
+        "parallel.pipeline=2",
+        "parallel.data=4",
+        "cluster.backend=nccl",
+        "cluster.device=cuda",
+    ]);
+    let plan = MemoryPlan::new(&config);
+    let (first, last) = (&plan.stages[0], &plan.stages[1]);
+    let vp = 1024u64; // 1000 padded to a multiple of 128
+    let layer = 512 * (512 + 256) + 512 * 512 + 3 * 512 * 1408 + 2 * 512;
+    assert_eq!(first.params, vp * 512 + 4 * layer);
+    assert_eq!(last.params, 4 * layer + 512 + vp * 512);
+    // Groups: pipeline and data only; no embedding group joins the two stages.
+    let nccl = |s: &StagePlan| s.region("runtime.nccl").map(|r| r.per.count());
+    assert_eq!((nccl(first), nccl(last)), (Some(2), Some(2)));
+    let tied = MemoryPlan::new(&Config {
+        model: crate::config::Model {
+            tie_embeddings: true,
+            ..config.model.clone()
+        },
+        ..config.clone()
+    });
+    assert_eq!(
+        tied.stages[1].region("runtime.nccl").unwrap().per.count(),
+        3
+    );
+    assert_eq!(
+        tied.stages[1].params,
+        4 * layer + 512 + vp * 512,
+        "the tied copy"
+    );
+}
+
+#[test]
+fn an_uneven_pipeline_split_plans_each_stage_with_its_own_layers() {
+    let config = llama(&[
+        "model.layers=7",
+        "parallel.pipeline=2",
+        "parallel.data=4",
+        "parallel.pipeline_layers=[4, 3]",
+    ]);
+    let plan = MemoryPlan::new(&config);
+    assert_eq!(plan.stages[0].layers, vec![(0..4)]);
+    assert_eq!(plan.stages[1].layers, vec![(4..7)]);
+    let layers = |s: &StagePlan| match s.region("params.layer").unwrap().per {
+        Per::Layer(n) => n,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((layers(&plan.stages[0]), layers(&plan.stages[1])), (4, 3));
+    let slots = |s: &StagePlan| match s.region("act.resid").unwrap().per {
+        Per::SlotLayer { layers, .. } => layers,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((slots(&plan.stages[0]), slots(&plan.stages[1])), (4, 3));
+}

@@ -18,13 +18,12 @@ use tessera_plan::Config;
 use tessera_plan::config::{Schedule, Zero};
 use tessera_plan::memory::StagePlan;
 use tessera_plan::mesh::{Coord, Mesh};
-use tessera_plan::model::{ModelShape, Placed, Split, Unit as UnitKind};
+use tessera_plan::model::{ModelShape, Placed, Role, Split, Unit as UnitKind};
 
 use super::read::Reader;
 use super::{Manifest, rank_file};
 use crate::error::{Error, Result};
-use crate::model::init::global_index;
-use crate::model::stage_units;
+use crate::units::stage_units;
 
 /// A global tensor: its shape and row-major f32 values.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,7 +127,7 @@ fn unit_shards(written: &Config) -> Vec<UnitShard> {
                 .params
                 .iter()
                 .filter(|placed| {
-                    !(placed.spec.name == "wte"
+                    !(placed.spec.role == Role::TokenEmbedding
                         && matches!(kind, UnitKind::Head { tied_copy: true }))
                 })
                 .map(|placed| {
@@ -156,7 +155,8 @@ fn unit_shards(written: &Config) -> Vec<UnitShard> {
 /// `tensors`, so that other tools can reassemble it without tessera.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TensorMap {
-    /// `wte`, `layers.3.qkv_w`, ... (GPT-2's layout; PyTorch's (out, in) for linears).
+    /// `wte`, `layers.3.qkv_w`, ... (the architecture's table's names; PyTorch's (out, in) for
+    /// linears).
     pub name: String,
     /// Its global shape, the vocabulary padded to what the tensor degree divides.
     pub shape: Vec<usize>,
@@ -270,8 +270,8 @@ pub fn tensor_maps(written: &Config) -> Vec<TensorMap> {
                 shape: shape.global_shape(&first.placed.spec),
                 tensor_split: match first.placed.spec.split {
                     Split::Replicated => "replicated".into(),
-                    Split::Rows { chunks: 1 } => "rows".into(),
-                    Split::Rows { chunks } => format!("rows in {chunks} blocks"),
+                    Split::Rows { blocks } if blocks.len() <= 1 => "rows".into(),
+                    Split::Rows { blocks } => format!("rows in {} blocks", blocks.len()),
                     Split::Columns => "columns".into(),
                 },
                 pipeline_stage: first.pipeline_stage,
@@ -361,16 +361,23 @@ impl Files {
                     shape: global_shape,
                 });
                 for (i, value) in local.into_iter().enumerate() {
-                    entry.values[global_index(placed, &shape, unit.tp_rank, i)] = value;
+                    entry.values[shape.global_index(placed, unit.tp_rank, i)] = value;
                 }
             }
         }
         // The vocabulary is padded to a multiple the tensor degree divides: drop the padding
-        // rows.
-        if let Some(wte) = model.get_mut("wte") {
-            let hidden = wte.shape[1];
-            wte.values.truncate(shape.vocab * hidden);
-            wte.shape[0] = shape.vocab;
+        // rows of the token embedding and of an untied LM head.
+        let vocab_rows = shape
+            .architecture()
+            .params
+            .iter()
+            .filter(|p| matches!(p.role, Role::TokenEmbedding | Role::LmHead));
+        for spec in vocab_rows {
+            if let Some(tensor) = model.get_mut(spec.name) {
+                let hidden = tensor.shape[1];
+                tensor.values.truncate(shape.vocab * hidden);
+                tensor.shape[0] = shape.vocab;
+            }
         }
         Ok(Some(model))
     }

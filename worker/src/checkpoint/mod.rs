@@ -51,11 +51,11 @@ use tessera_plan::memory::Dtype;
 use tessera_plan::mesh::Coord;
 
 use crate::error::{Error, Result};
-use crate::model::Unit;
 use crate::optim::LossScale;
 use crate::parallel::Comms;
 use crate::parallel::data::gather_over_group;
 use crate::tensor::{Backend, Tensor};
+use crate::units::Unit;
 use read::{IoCount, Reader};
 
 /// The manifest format this build writes.

@@ -14,15 +14,14 @@ use std::ops::Range;
 use std::path::Path;
 
 use tessera_plan::Config;
-use tessera_plan::model::{ModelShape, Placed, Split};
+use tessera_plan::model::{ModelShape, Placed, Role, Split};
 
 use super::export::{self, Location, SourceShard, to_f32};
 use super::read::Reader;
 use super::{Loader, Manifest, damaged};
 use crate::error::Result;
-use crate::model::Unit;
-use crate::model::init::global_index;
 use crate::tensor::Backend;
+use crate::units::Unit;
 
 /// The states a rank holds for a parameter, by their prefix in the files.
 const STATES: [&str; 4] = ["params", "master", "adam_m", "adam_v"];
@@ -66,7 +65,7 @@ fn pieces(shards: &[SourceShard], shape: &ModelShape) -> HashMap<usize, Vec<Piec
             .unwrap_or(1);
         let (count, cols) = rows_cols(&shard.placed);
         for row in 0..count {
-            let at = global_index(&shard.placed, shape, shard.tp_rank, row * cols);
+            let at = shape.global_index(&shard.placed, shard.tp_rank, row * cols);
             rows.entry(at / global_cols).or_default().push(Piece {
                 col: at % global_cols,
                 len: cols,
@@ -102,7 +101,7 @@ fn copies(
     }
     for row in need.start / cols..need.end.div_ceil(cols) {
         let (start, end) = (need.start.max(row * cols), need.end.min((row + 1) * cols));
-        let at = global_index(placed, shape, tp_rank, row * cols);
+        let at = shape.global_index(placed, tp_rank, row * cols);
         let (global_row, first_col) = (at / global_cols, at % global_cols + start - row * cols);
         let last_col = first_col + (end - start);
         if global_row >= real_rows {
@@ -174,7 +173,7 @@ pub(super) fn reshard<B: Backend>(
             let rows = row_cache
                 .entry(global_name.clone())
                 .or_insert_with(|| pieces(shards, &source_shape));
-            let real_rows = if name == "wte" {
+            let real_rows = if matches!(placed.spec.role, Role::TokenEmbedding | Role::LmHead) {
                 shape.vocab
             } else {
                 usize::MAX
@@ -373,8 +372,8 @@ mod tests {
                 for (k, element) in copy.source.clone().enumerate() {
                     let local = need.start + copy.target + k;
                     assert_eq!(
-                        global_index(&shard.placed, &source_shape, shard.tp_rank, element),
-                        global_index(placed, &target_shape, rank, local),
+                        source_shape.global_index(&shard.placed, shard.tp_rank, element),
+                        target_shape.global_index(placed, rank, local),
                         "{} element {local}",
                         placed.spec.name
                     );

@@ -23,11 +23,11 @@ use super::{
 use crate::arena::ArenaLayout;
 use crate::comm::{CommunicatorExt as _, Memory, Owner};
 use crate::error::{Error, Result};
-use crate::model::Unit;
 use crate::optim::LossScale;
 use crate::parallel::Comms;
 use crate::parallel::data::gather_over_group;
 use crate::tensor::{Backend, Tensor};
+use crate::units::Unit;
 
 /// What a rank tells the others about the save in flight (values of one all-gather).
 const WRITING: f64 = -1.0;

@@ -1,13 +1,14 @@
-//! GPT-2's initialisation, computed element by element from a counter-based generator.
+//! Initialisation, computed element by element from a counter-based generator, as the
+//! parameter table's `init` column says.
 //!
 //! The value of a parameter element depends only on (seed, parameter name, layer, its index in
 //! the *global* tensor), never on the rank, so every mesh starts from the same model and a
-//! tensor-parallel rank computes just its shard. Weights are normal(0, 0.02); the residual
-//! projections (`attproj_w`, `fcproj_w`) use 0.02/sqrt(2 layers) (GPT-2's scaling for the
-//! residual stream); biases start at 0 and LayerNorm weights at 1. The embedding's padding
-//! rows are 0 and stay 0 (no token reads them and no logit uses them).
+//! tensor-parallel rank computes just its shard. `Normal` is normal(0, 0.02); `Residual` (the
+//! projections into the residual stream) 0.02/sqrt(2 layers), GPT-2's scaling; `Ones` and
+//! `Zeros` are the norms' and biases'. The padding rows of the token embedding and of the LM
+//! head are 0 and stay 0 (no token reads them and no logit uses them).
 
-use tessera_plan::model::{ModelShape, Placed, Split};
+use tessera_plan::model::{Init, ModelShape, Placed, Role};
 
 const STD: f64 = 0.02;
 
@@ -19,67 +20,26 @@ pub fn initial_values(
     tp_rank: usize,
     seed: u64,
 ) -> Vec<f32> {
-    let name = placed.spec.name;
-    let global = shape.global_shape(&placed.spec);
+    let spec = &placed.spec;
     let numel = placed.numel() as usize;
-    let std = match name {
-        "attproj_w" | "fcproj_w" => STD / (2.0 * shape.layers as f64).sqrt(),
-        _ if name.starts_with("ln") && name.ends_with("_w") => return vec![1.0; numel],
-        _ if name.ends_with("_b") => return vec![0.0; numel],
-        _ => STD,
+    let std = match spec.init {
+        Init::Ones => return vec![1.0; numel],
+        Init::Zeros => return vec![0.0; numel],
+        Init::Normal => STD,
+        Init::Residual => STD / (2.0 * shape.layers as f64).sqrt(),
     };
-    let key = mix(seed ^ mix(fnv1a(name)) ^ mix(layer.map_or(u64::MAX, |l| l as u64)));
-    let global_cols = global.get(1).copied().unwrap_or(1);
+    let key = mix(seed ^ mix(fnv1a(spec.name)) ^ mix(layer.map_or(u64::MAX, |l| l as u64)));
+    let global_cols = shape.global_shape(spec).get(1).copied().unwrap_or(1);
+    let vocab_rows = matches!(spec.role, Role::TokenEmbedding | Role::LmHead);
     (0..numel)
         .map(|i| {
-            let index = global_index(placed, shape, tp_rank, i);
-            if name == "wte" && index / global_cols >= shape.vocab {
+            let index = shape.global_index(placed, tp_rank, i);
+            if vocab_rows && index / global_cols >= shape.vocab {
                 return 0.0;
             }
             (std * normal(key, index as u64)) as f32
         })
         .collect()
-}
-
-/// Where element `i` (row-major) of `placed`, the shard of tensor-parallel rank `tp_rank`,
-/// sits in the global tensor: its row-major index there.
-pub fn global_index(placed: &Placed, shape: &ModelShape, tp_rank: usize, i: usize) -> usize {
-    let global = shape.global_shape(&placed.spec);
-    let local_cols = placed.local_shape.get(1).copied().unwrap_or(1);
-    let global_cols = global.get(1).copied().unwrap_or(1);
-    let (row, col) = (i / local_cols, i % local_cols);
-    let (grow, gcol) = global_position(
-        placed.spec.split,
-        row,
-        col,
-        global[0],
-        global_cols,
-        shape.tp,
-        tp_rank,
-    );
-    grow * global_cols + gcol
-}
-
-/// Where local element `(row, col)` of a shard sits in the global tensor.
-fn global_position(
-    split: Split,
-    row: usize,
-    col: usize,
-    global_rows: usize,
-    global_cols: usize,
-    tp: usize,
-    tp_rank: usize,
-) -> (usize, usize) {
-    match split {
-        Split::Replicated => (row, col),
-        Split::Rows { chunks } => {
-            let block = global_rows / chunks;
-            let local_block = block / tp;
-            let (chunk, within) = (row / local_block, row % local_block);
-            (chunk * block + tp_rank * local_block + within, col)
-        }
-        Split::Columns => (row, tp_rank * (global_cols / tp) + col),
-    }
 }
 
 /// A standard normal sample, the `index`-th of the stream `key` (Box-Muller on two uniforms).
@@ -115,55 +75,67 @@ mod tests {
 
     use super::*;
 
-    fn shape(tp: usize) -> ModelShape {
-        let model = Model {
-            arch: Arch::Gpt2,
-            layers: 2,
-            hidden: 64,
-            heads: 4,
-            vocab: 200,
-            seq_len: 16,
-            ffn_hidden: 256,
-        };
+    fn shape(arch: Arch, tp: usize) -> ModelShape {
+        let mut model = Model::new(arch, 2, 64, 4, 200, 16, 256);
+        model.kv_heads = 2;
+        if arch == Arch::Gpt2 {
+            model.kv_heads = 4;
+        }
         ModelShape::new(&model, tp)
     }
 
     #[test]
     fn tensor_parallel_shards_assemble_the_unsharded_values() {
-        let whole = shape(1);
-        for name in ["qkv_w", "qkv_b", "attproj_w", "fc_w", "fc_b", "fcproj_w"] {
-            let layout = whole.layout(Unit::Layer);
-            let full = initial_values(layout.get(name).unwrap(), Some(1), &whole, 0, 7);
-            let split = shape(2);
-            let local = split.layout(Unit::Layer);
-            let placed = local.get(name).unwrap();
-            let global_cols = whole
-                .global_shape(&placed.spec)
-                .get(1)
-                .copied()
-                .unwrap_or(1);
-            let local_cols = placed.local_shape.get(1).copied().unwrap_or(1);
-            for tp_rank in 0..2 {
-                let shard = initial_values(placed, Some(1), &split, tp_rank, 7);
-                for (i, value) in shard.iter().enumerate() {
-                    let (r, c) = global_position(
-                        placed.spec.split,
-                        i / local_cols,
-                        i % local_cols,
-                        whole.global_shape(&placed.spec)[0],
-                        global_cols,
-                        2,
-                        tp_rank,
-                    );
-                    assert_eq!(*value, full[r * global_cols + c], "{name} rank {tp_rank}");
+        for arch in [Arch::Gpt2, Arch::Llama] {
+            let whole = shape(arch, 1);
+            let split = shape(arch, 2);
+            for spec in whole.params_of(tessera_plan::model::UnitKind::Layer) {
+                let name = spec.name;
+                let full_layout = whole.layout(Unit::Layer);
+                let full = initial_values(full_layout.get(name).unwrap(), Some(1), &whole, 0, 7);
+                let local = split.layout(Unit::Layer);
+                let placed = local.get(name).unwrap();
+                let global_cols = whole.global_shape(spec).get(1).copied().unwrap_or(1);
+                let local_cols = placed.local_shape.get(1).copied().unwrap_or(1);
+                let mut seen = vec![0u32; full.len()];
+                for tp_rank in 0..2 {
+                    let shard = initial_values(placed, Some(1), &split, tp_rank, 7);
+                    for (i, value) in shard.iter().enumerate() {
+                        let (r, c) =
+                            split.global_position(spec, i / local_cols, i % local_cols, tp_rank);
+                        let index = r * global_cols + c;
+                        seen[index] += 1;
+                        assert_eq!(*value, full[index], "{arch} {name} rank {tp_rank}");
+                    }
                 }
+                let expected = if spec.split == tessera_plan::model::Split::Replicated {
+                    2
+                } else {
+                    1
+                };
+                assert!(
+                    seen.iter().all(|&n| n == expected),
+                    "{arch} {name}: shards cover it"
+                );
             }
         }
     }
 
     #[test]
+    fn grouped_query_blocks_give_each_rank_its_slice_of_q_k_and_v() {
+        let split = shape(Arch::Llama, 2);
+        let qkv = split.layout(Unit::Layer).get("qkv_w").unwrap().spec;
+        // hidden 64, 4 heads of 16, 2 kv heads: q rows 0..64, k 64..96, v 96..128.
+        let rows: Vec<usize> = [0, 31, 32, 47, 48, 63]
+            .iter()
+            .map(|&r| split.global_position(&qkv, r, 0, 1).0)
+            .collect();
+        assert_eq!(rows, [32, 63, 80, 95, 112, 127]);
+    }
+
+    #[test]
     fn statistics_and_padding_follow_gpt2() {
-        let shape = shape(1);
+        let shape = shape(Arch::Gpt2, 1);
         let embedding = shape.layout(Unit::Embedding);
         let wte = initial_values(embedding.get("wte").unwrap(), None, &shape, 0, 1);
         assert!(
@@ -193,8 +165,20 @@ mod tests {
     }
 
     #[test]
+    fn an_untied_head_has_zero_padding_rows_and_norms_start_at_one() {
+        let shape = shape(Arch::Llama, 1);
+        let head = shape.layout(Unit::Head { tied_copy: false });
+        let lm_head = initial_values(head.get("lm_head_w").unwrap(), None, &shape, 0, 1);
+        assert_eq!(lm_head.len(), 256 * 64);
+        assert!(lm_head[200 * 64..].iter().all(|&v| v == 0.0));
+        assert!(lm_head[..200 * 64].iter().any(|&v| v != 0.0));
+        let norm = initial_values(head.get("norm_w").unwrap(), None, &shape, 0, 1);
+        assert!(norm.iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
     fn layers_and_seeds_give_different_values() {
-        let shape = shape(1);
+        let shape = shape(Arch::Gpt2, 1);
         let layer = shape.layout(Unit::Layer);
         let qkv = layer.get("qkv_w").unwrap();
         let a = initial_values(qkv, Some(0), &shape, 0, 1);

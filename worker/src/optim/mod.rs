@@ -9,8 +9,8 @@ use tessera_plan::config::{Optimizer as Hyper, Precision};
 use tessera_plan::model::Placed;
 
 use crate::error::Result;
-use crate::model::Unit;
 use crate::tensor::{AdamW, Backend, Tensor};
+use crate::units::Unit;
 
 /// The learning rate of 0-based step `step`: linear warmup over `warmup` steps (step `s` gets
 /// `lr (s+1)/warmup`), then cosine decay from `lr` to `min_lr` at step `steps`.

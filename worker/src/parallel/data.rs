@@ -21,8 +21,8 @@
 use crate::arena::ArenaLayout;
 use crate::comm::{Collective, CommBuf, Communicator, CommunicatorExt as _, ReduceOp, Work};
 use crate::error::Result;
-use crate::model::Unit;
 use crate::tensor::{Backend, Tensor};
+use crate::units::Unit;
 
 /// The gradient and parameter traffic of one data-parallel group.
 pub struct DataParallel {

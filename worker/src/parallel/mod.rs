@@ -5,6 +5,7 @@
 //! what it produced.
 
 pub mod data;
+pub mod executor;
 pub mod pipeline;
 pub mod tensor;
 
@@ -30,7 +31,8 @@ pub struct Comms {
     /// Links to the neighbouring pipeline stages.
     pub pipeline: PipelineLinks,
     /// The first and the last pipeline stage of this (data, tensor) coordinate, which both hold
-    /// the tied token embedding; `None` without pipeline parallelism or on a middle stage.
+    /// the tied token embedding; `None` without pipeline parallelism, without tied embeddings
+    /// or on a middle stage.
     pub embedding: Option<Box<dyn Communicator>>,
     /// Names this run's partial checkpoint directories; the same on every rank.
     pub run_id: String,
@@ -113,7 +115,7 @@ impl Comms {
                     }
                 }
             }
-            if p > 1 {
+            if p > 1 && config.model.tie_embeddings {
                 embedding = embedding.or(join(
                     format!("embedding {i}"),
                     vec![ranks[0], ranks[p - 1]],

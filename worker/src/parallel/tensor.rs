@@ -10,15 +10,18 @@
 //! the all-reduce, in two halves). Backward uses the same pair: the gradient flowing into a
 //! row-parallel matmul is gathered, the one flowing out of a column-parallel matmul reduced.
 //!
-//! Under sequence parallelism each rank's LayerNorm sees only its tokens, so LayerNorm weight
-//! gradients are partial sums that [`TensorParallel::reduce_partial_grads`] adds up once per
-//! step. Every other replicated parameter gets its gradient from whole inputs and stays equal
-//! on every rank.
+//! Under sequence parallelism each rank's norms see only its tokens, so the gradients of the
+//! parameters the table marks `GradSync::SequencePartial` are partial sums that
+//! [`TensorParallel::reduce_partial_grads`] adds up once per step. Every other replicated
+//! parameter gets its gradient from whole inputs and stays equal on every rank.
+
+use tessera_plan::model::GradSync;
 
 use crate::comm::{Collective, Communicator, CommunicatorExt as _, ReduceOp};
 use crate::error::Result;
-use crate::model::Unit;
+use crate::model::Regions;
 use crate::tensor::{Backend, Tensor};
+use crate::units::Unit;
 
 /// One rank's tensor-parallel group.
 pub struct TensorParallel {
@@ -109,8 +112,8 @@ impl TensorParallel {
         Ok(())
     }
 
-    /// Under sequence parallelism, sums `unit`'s LayerNorm weight gradients in `grads` (laid
-    /// out like the unit) over the group: each rank's covered its own tokens. Call on each
+    /// Under sequence parallelism, sums `unit`'s norm gradients in `grads` (laid out like the
+    /// unit) over the group: each rank's covered its own tokens. Call on each
     /// gradient once it is final for the step, or for the bucket (ZeRO 2 and 3).
     pub fn reduce_partial_grads<B: Backend>(
         &mut self,
@@ -125,7 +128,7 @@ impl TensorParallel {
             .layout
             .params
             .iter()
-            .filter(|p| sequence_partial(p.spec.name))
+            .filter(|p| p.spec.sync == GradSync::SequencePartial)
         {
             self.all_reduce(backend, unit.view(grads, placed.spec.name), ReduceOp::Sum)?;
         }
@@ -133,8 +136,24 @@ impl TensorParallel {
     }
 }
 
-/// Whether a replicated parameter's gradient is a partial sum over the tokens of one rank
-/// under sequence parallelism: the LayerNorms', which run on the rank's own tokens.
-pub fn sequence_partial(name: &str) -> bool {
-    name.starts_with("ln")
+impl<B: Backend> Regions<B> for TensorParallel {
+    fn size(&self) -> usize {
+        TensorParallel::size(self)
+    }
+
+    fn adds_replicated(&self) -> bool {
+        TensorParallel::adds_replicated(self)
+    }
+
+    fn gather(&mut self, backend: &B, held: Tensor, full: Tensor) -> Result<Tensor> {
+        TensorParallel::gather(self, backend, held, full)
+    }
+
+    fn reduce(&mut self, backend: &B, partial: Tensor) -> Result<Tensor> {
+        TensorParallel::reduce(self, backend, partial)
+    }
+
+    fn all_reduce(&mut self, backend: &B, t: Tensor, op: ReduceOp) -> Result<()> {
+        TensorParallel::all_reduce(self, backend, t, op)
+    }
 }

@@ -697,7 +697,8 @@ pub fn check_config(config: &tessera_plan::Config) -> Result<()> {
     let model = &config.model;
     let rows = config.training.micro_batch * model.seq_len;
     let vocab = tessera_plan::model::ModelShape::new(model, config.parallel.tensor).vocab_padded;
-    let widest = [3 * model.hidden, model.ffn_hidden, vocab]
+    let qkv = (model.heads + 2 * model.kv_heads) * model.head_dim;
+    let widest = [qkv, 2 * model.ffn_hidden, vocab]
         .into_iter()
         .max()
         .unwrap_or(0);
@@ -710,7 +711,7 @@ pub fn check_config(config: &tessera_plan::Config) -> Result<()> {
             help: "lower training.micro_batch or model.seq_len".into(),
         });
     }
-    let hs = model.hidden / model.heads.max(1);
+    let hs = model.head_dim;
     if HEAD_SIZES.contains(&hs) {
         return Ok(());
     }
@@ -721,13 +722,13 @@ pub fn check_config(config: &tessera_plan::Config) -> Result<()> {
         .collect();
     Err(Error::Unsupported {
         what: format!(
-            "model.hidden ({}) / model.heads ({}) = head size {hs}, but the CUDA attention \
-             kernels are built for head sizes {HEAD_SIZES:?}",
+            "model.head_dim (by default hidden {} / heads {}) is head size {hs}, but the CUDA \
+             attention kernels are built for head sizes {HEAD_SIZES:?}",
             model.hidden, model.heads
         ),
         help: if fits.is_empty() {
-            "choose model.hidden and model.heads so that hidden / heads is one of them, or train \
-             on CPU workers (cluster.device: cpu)"
+            "set model.head_dim, or choose model.hidden and model.heads so that hidden / heads \
+             is one of them, or train on CPU workers (cluster.device: cpu)"
                 .into()
         } else {
             format!(
