@@ -930,6 +930,96 @@ fn a_checkpoint_resumes_on_other_meshes_with_the_losses_of_one_process() {
     }
 }
 
+/// Copies checkpoint `from` into `scratch/ckpt`, under the same name.
+fn copy_checkpoint_dir(from: &Path, scratch: &Scratch) {
+    let copy = scratch
+        .path("ckpt")
+        .join(from.file_name().expect("a step directory"));
+    std::fs::create_dir_all(&copy).unwrap();
+    for file in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(file.path(), copy.join(file.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn a_llama_checkpoint_resumes_on_other_meshes_with_the_losses_of_one_process() {
+    // The grouped-query q|k|v blocks and the untied head, resharded both ways: 4 steps on
+    // (data 2, tensor 2, pipeline 2) resume on (4,1,1) ZeRO 3 and (1,1,4); one process's own
+    // checkpoint resumes on (1,2,1) with sequence parallelism.
+    let common = ["training.steps=6", "checkpoint.every=4"];
+    let run = |scratch: &Scratch, mesh: [&str; 4], extra: &[&str]| {
+        let mut sets = common.to_vec();
+        sets.extend(mesh);
+        let out = output(launch_config(TINY_LLAMA, scratch, &sets, extra));
+        assert!(out.status.success(), "{mesh:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let single = Scratch::new("llama-reshard-1");
+    run(
+        &single,
+        [
+            "parallel.data=1",
+            "parallel.tensor=1",
+            "parallel.pipeline=1",
+            "parallel.zero=0",
+        ],
+        &[],
+    );
+    let reference = losses(&single.path("metrics.jsonl"));
+    assert_eq!(reference.len(), 6);
+    let source = Scratch::new("llama-reshard-222");
+    run(
+        &source,
+        [
+            "parallel.data=2",
+            "parallel.tensor=2",
+            "parallel.pipeline=2",
+            "parallel.zero=1",
+        ],
+        &[],
+    );
+    let targets = [
+        (
+            source.path("ckpt").join("step-00000004"),
+            [
+                "parallel.data=4",
+                "parallel.tensor=1",
+                "parallel.pipeline=1",
+                "parallel.zero=3",
+            ],
+        ),
+        (
+            source.path("ckpt").join("step-00000004"),
+            [
+                "parallel.data=1",
+                "parallel.tensor=1",
+                "parallel.pipeline=4",
+                "parallel.zero=0",
+            ],
+        ),
+        (
+            single.path("ckpt").join("step-00000004"),
+            [
+                "parallel.data=1",
+                "parallel.tensor=2",
+                "parallel.pipeline=1",
+                "parallel.zero=0",
+            ],
+        ),
+    ];
+    for (i, (checkpoint, mesh)) in targets.into_iter().enumerate() {
+        let target = Scratch::new(&format!("llama-reshard-target-{i}"));
+        copy_checkpoint_dir(&checkpoint, &target);
+        let stdout = run(&target, mesh, &[]);
+        assert!(stdout.contains("resuming from"), "{mesh:?}: {stdout}");
+        assert_close(
+            &losses(&target.path("metrics.jsonl")),
+            &reference[4..],
+            MESH_TOLERANCE,
+        );
+    }
+}
+
 /// Tensor `key` of a safetensors file of the checkpoint `dir`, as f32 (the tiny job is fp32).
 fn stored(dir: &Path, file: &str, key: &str) -> Vec<f32> {
     let bytes = std::fs::read(dir.join(file)).unwrap();

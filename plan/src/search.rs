@@ -12,11 +12,14 @@
 //! All times are per optimizer step on one rank; `m` microbatches per data rank, `N = b T`
 //! tokens per microbatch, `a` bytes per activation element, `Ψ` the rank's parameters.
 //!
-//! - **Compute**: the model's training FLOPs (`6 x params + 12 L C T` per token, see
-//!   `ModelShape::flops_per_token`) divided over all ranks, times 4/3 with full recompute (one
-//!   more forward), at `Hardware::achievable_flops`.
-//! - **Selective recompute**: backward re-runs two LayerNorms and a GELU per layer, element-wise
-//!   passes that read and write `2 (2 n C + N F/t)` elements at `memory_bandwidth`.
+//! - **Compute**: the model's training FLOPs (`6 x params + 12 L H hs T` per token, see
+//!   `ModelShape::flops_per_token`: SwiGLU's third matrix and grouped-query attention's narrower
+//!   k and v count through the parameters) divided over all ranks, times 4/3 with full recompute
+//!   (one more forward), at `Hardware::achievable_flops`; an uneven pipeline split runs at the
+//!   pace of its largest stage.
+//! - **Selective recompute**: backward re-runs two norms and the MLP's activation per layer,
+//!   element-wise passes that read and write `4 n C + 2 N F/t` elements (GELU) or
+//!   `4 n C + 3 N F/t` (SwiGLU reads gate and up) at `memory_bandwidth`.
 //! - **Tensor parallelism**: per layer and microbatch, forward and backward each move two
 //!   all-reduce volumes of `N C a` bytes (with sequence parallelism: all-gathers plus
 //!   reduce-scatters of the same total), three with full recompute; an all-reduce over `t`
@@ -354,7 +357,13 @@ pub fn evaluate(config: Config, peak_bytes: u64, hardware: &Hardware) -> Candida
     };
     let recompute = if parallel.recompute == Recompute::Selective {
         let ffn_local = config.model.ffn_hidden as f64 / t;
-        let elements = 2.0 * (2.0 * held * hidden + tokens * ffn_local);
+        // Two norms read and write the residual stream; GELU reads and writes the MLP's
+        // width, SwiGLU reads twice it (gate and up) and writes it.
+        let mlp = match config.model.arch {
+            crate::config::Arch::Gpt2 => 2.0,
+            crate::config::Arch::Llama => 3.0,
+        };
+        let elements = 2.0 * 2.0 * held * hidden + mlp * tokens * ffn_local;
         layers_per_rank * m * elements * act_bytes / hardware.memory_bandwidth
     } else {
         0.0
