@@ -771,4 +771,20 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn an_untied_gpt2_gets_its_own_head_and_counts_it() {
+        let tied = gpt2(2, 64, 4, 1);
+        let mut model = Model::new(Arch::Gpt2, 2, 64, 4, 50257, 1024, 256);
+        model.tie_embeddings = false;
+        let untied = ModelShape::new(&model, 1);
+        let head = untied.layout(Unit::Head { tied_copy: false });
+        let names: Vec<&str> = head.params.iter().map(|p| p.spec.name).collect();
+        assert_eq!(names, ["lnf_w", "lnf_b", "lm_head_w"]);
+        assert_eq!(
+            untied.total_params() - tied.total_params(),
+            (50304 * 64) as u64
+        );
+        assert_eq!(untied.non_embedding_params(), tied.non_embedding_params());
+    }
 }
