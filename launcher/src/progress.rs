@@ -15,6 +15,8 @@ pub struct Progress {
     /// Serialises plain lines from the relay threads.
     lock: Arc<Mutex<()>>,
     steps: u64,
+    /// The last held-out loss, shown on the bar until the next evaluation.
+    last_val: Arc<Mutex<Option<f64>>>,
 }
 
 /// One optimizer step, as rank 0 reported it.
@@ -25,6 +27,8 @@ pub struct StepLine {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens_per_s: f64,
+    /// The held-out loss, on the steps that evaluate.
+    pub val_loss: Option<f64>,
 }
 
 impl Progress {
@@ -47,6 +51,7 @@ impl Progress {
             bar,
             lock: Arc::new(Mutex::new(())),
             steps,
+            last_val: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -56,6 +61,7 @@ impl Progress {
             bar: None,
             lock: Arc::new(Mutex::new(())),
             steps: 0,
+            last_val: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -87,18 +93,32 @@ impl Progress {
         match &self.bar {
             Some(bar) => {
                 bar.set_position(line.step);
+                // The bar keeps the last held-out loss between evaluations.
+                let mut last = self.last_val.lock().unwrap_or_else(|e| e.into_inner());
+                *last = line.val_loss.or(*last);
+                let val = last.map_or(String::new(), |v| format!(" | val {v:.4}"));
                 bar.set_message(format!(
-                    "loss {:.4} | {:.0} tok/s",
+                    "loss {:.4}{val} | {:.0} tok/s",
                     line.loss, line.tokens_per_s
                 ));
             }
-            None => self.println(
-                &format!(
-                    "step {:>6}/{} | loss {:.6} | lr {:.3e} | grad norm {:.4} | {:.0} tok/s",
-                    line.step, self.steps, line.loss, line.lr, line.grad_norm, line.tokens_per_s
-                ),
-                false,
-            ),
+            None => {
+                let val = line
+                    .val_loss
+                    .map_or(String::new(), |v| format!(" | val loss {v:.6}"));
+                self.println(
+                    &format!(
+                        "step {:>6}/{} | loss {:.6}{val} | lr {:.3e} | grad norm {:.4} | {:.0} tok/s",
+                        line.step,
+                        self.steps,
+                        line.loss,
+                        line.lr,
+                        line.grad_norm,
+                        line.tokens_per_s
+                    ),
+                    false,
+                )
+            }
         }
     }
 

@@ -831,9 +831,10 @@ fn supervise(
                         lr: beat.lr,
                         grad_norm: beat.grad_norm,
                         tokens_per_s: beat.tokens_per_s,
+                        val_loss: beat.val_loss,
                     });
                     if let Some((file, path)) = &mut metrics {
-                        let line = serde_json::json!({
+                        let mut line = serde_json::json!({
                             "step": beat.step,
                             "loss": beat.loss,
                             "lr": beat.lr,
@@ -842,6 +843,9 @@ fn supervise(
                             "mfu": beat.mfu,
                             "peak_bytes": beat.peak_bytes,
                         });
+                        if let Some(val_loss) = beat.val_loss {
+                            line["val_loss"] = val_loss.into();
+                        }
                         // One write per line: a reader following the file (a dashboard, the
                         // tests) never sees half a line, as `writeln!` on a File could show.
                         file.write_all(format!("{line}\n").as_bytes())

@@ -930,6 +930,68 @@ fn a_checkpoint_resumes_on_other_meshes_with_the_losses_of_one_process() {
     }
 }
 
+/// (step, val_loss) of the metrics lines that have one.
+fn val_losses(metrics: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(metrics)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            Some((value["step"].as_u64()?, value["val_loss"].as_f64()?))
+        })
+        .collect()
+}
+
+#[test]
+fn the_validation_loss_is_the_same_on_every_mesh_and_leaves_training_alone() {
+    for config in [TINY_GPT2, TINY_LLAMA] {
+        let common = ["training.steps=5", "checkpoint.every=0", "model.layers=4"];
+        let eval = ["eval.every=2", "eval.batches=2"];
+        let run = |name: &str, mesh: [&str; 3], with_eval: bool| {
+            let scratch = Scratch::new(name);
+            let mut sets = common.to_vec();
+            sets.extend(mesh);
+            if with_eval {
+                sets.extend(eval);
+            }
+            let out = output(launch_config(config, &scratch, &sets, &["--fresh"]));
+            assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+            let metrics = scratch.path("metrics.jsonl");
+            (losses(&metrics), val_losses(&metrics), text(&out.stdout))
+        };
+        let one = [
+            "parallel.data=1",
+            "parallel.tensor=1",
+            "parallel.pipeline=1",
+        ];
+        let (plain, none, _) = run("eval-off", one, false);
+        assert!(none.is_empty(), "no eval section, no val_loss");
+        let (loss, val, stdout) = run("eval-1", one, true);
+        assert_eq!(
+            loss, plain,
+            "{config}: evaluating changes no bit of training"
+        );
+        let steps: Vec<u64> = val.iter().map(|&(step, _)| step).collect();
+        assert_eq!(steps, [2, 4, 5], "every 2 steps and after the last");
+        assert!(stdout.contains("| val loss "), "{stdout}");
+        let (_, mesh_val, _) = run(
+            "eval-222",
+            [
+                "parallel.data=2",
+                "parallel.tensor=2",
+                "parallel.pipeline=2",
+            ],
+            true,
+        );
+        assert_close(&mesh_val, &val, MESH_TOLERANCE);
+        // Held-out, not training data: the values differ from the training losses.
+        for &(step, v) in &val {
+            let trained = loss.iter().find(|&&(s, _)| s == step).expect("that step").1;
+            assert_ne!(v, trained, "step {step}");
+        }
+    }
+}
+
 /// Copies checkpoint `from` into `scratch/ckpt`, under the same name.
 fn copy_checkpoint_dir(from: &Path, scratch: &Scratch) {
     let copy = scratch

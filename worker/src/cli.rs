@@ -364,8 +364,11 @@ fn train_alone<B: Backend>(
         let mfu = m
             .mfu
             .map_or(String::new(), |mfu| format!(" | MFU {:.1}%", mfu * 100.0));
+        let val = m
+            .val_loss
+            .map_or(String::new(), |v| format!(" | val loss {v:.6}"));
         println!(
-            "step {:>6}/{steps} | loss {:.6} | lr {:.3e} | grad norm {:.4} | {:.0} tok/s{mfu}",
+            "step {:>6}/{steps} | loss {:.6}{val} | lr {:.3e} | grad norm {:.4} | {:.0} tok/s{mfu}",
             m.step, m.loss, m.lr, m.grad_norm, m.tokens_per_s
         );
         // The plan's promise, checked where it can be: the GPU's own count after a step.
@@ -581,6 +584,7 @@ fn train_in_mesh<B: Backend>(
         grad_norm: m.grad_norm,
         tokens_per_s: m.tokens_per_s,
         mfu: m.mfu,
+        val_loss: m.val_loss,
         peak_bytes: m.peak_bytes,
         arena_bytes: m.peak_bytes,
         last_collective: last.get(),

@@ -39,6 +39,10 @@ pub struct StepMetrics {
     /// Device bytes in use after the step: measured on a GPU (the arena, the CUDA context
     /// and libraries; every process on that GPU), the arena's size on CPU.
     pub peak_bytes: u64,
+    /// Mean token loss on the held-out data, after the steps `eval.every` names (absent from
+    /// the JSON line otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
 }
 
 /// One rank's model, optimizer and buffers.
@@ -184,6 +188,34 @@ impl<B: Backend> Rank<B> {
         self.executor.forward_backward(&mut parts, scale, fill)
     }
 
+    /// The mean token loss over `eval.batches` global batches of `held_out` (the same
+    /// sequences every time and on every mesh: batch `k`'s samples are the global indices a
+    /// training step `k` would take). Forward only: no gradient or optimizer state changes.
+    pub fn evaluate(&mut self, held_out: &Dataset, sampler: &Sampler) -> Result<f64> {
+        let (batches, t) = (self.config.eval.batches, self.config.model.seq_len);
+        let mut total = 0.0;
+        for batch in 0..batches as u64 {
+            let mut parts = StepParts {
+                backend: &mut self.backend,
+                model: &mut self.model,
+                units: &self.units,
+                comms: &mut self.comms,
+                trace: self.trace.as_ref(),
+            };
+            total += self
+                .executor
+                .forward_only(&mut parts, |microbatch, inputs, targets| {
+                    for row in 0..inputs.len() / t {
+                        let index = sampler.index(batch, microbatch, row);
+                        let range = row * t..(row + 1) * t;
+                        held_out.sample(index, &mut inputs[range.clone()], &mut targets[range])?;
+                    }
+                    Ok(())
+                })?;
+        }
+        Ok(total / batches as f64)
+    }
+
     /// Records a span of the rank's compute under `--trace`.
     fn span(&self, name: impl FnOnce() -> String, category: &'static str, start: Instant) {
         if let Some(trace) = &self.trace {
@@ -257,6 +289,7 @@ impl<B: Backend> Rank<B> {
                 .backend
                 .measured_device_bytes()
                 .unwrap_or(self.backend.arena_bytes(Place::Device) as u64),
+            val_loss: None,
         })
     }
 }
@@ -332,6 +365,18 @@ fn run_steps<B: Backend>(
         dp: config.parallel.data,
         dp_rank: rank.comms.dp_rank(),
     };
+    let eval = &config.eval;
+    let held_out = if eval.every > 0 {
+        Some(Dataset::held_out(
+            &config.data,
+            eval.path.as_deref(),
+            config.model.vocab,
+            config.model.seq_len,
+            config.training.seed,
+        )?)
+    } else {
+        None
+    };
     let dir = PathBuf::from(&config.checkpoint.dir);
     let resumed = if options.fresh {
         None
@@ -378,7 +423,12 @@ fn run_steps<B: Backend>(
         .map_or(config.training.steps, |s| s.min(config.training.steps));
     let mut all = Vec::new();
     while rank.step < last {
-        let metrics = rank.train_step(&dataset, &sampler)?;
+        let mut metrics = rank.train_step(&dataset, &sampler)?;
+        if let Some(held_out) = &held_out
+            && (rank.step.is_multiple_of(eval.every) || rank.step == config.training.steps)
+        {
+            metrics.val_loss = Some(rank.evaluate(held_out, &sampler)?);
+        }
         if let (Some(file), Some(path)) = (&mut metrics_file, &options.metrics) {
             let mut line = serde_json::to_string(&metrics).expect("invariant: metrics serialise");
             line.push('\n');

@@ -28,6 +28,7 @@ pub struct Config {
     pub checkpoint: Checkpoint,
     pub restart: Restart,
     pub watchdog: Watchdog,
+    pub eval: Eval,
     /// Things that are allowed but probably not meant (shown, never fatal).
     pub warnings: Vec<String>,
 }
@@ -196,7 +197,7 @@ pub struct Optimizer {
 }
 
 /// `data:` — where training tokens come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Data {
     /// A deterministic, learnable token sequence generated from the seed.
     Synthetic,
@@ -204,6 +205,20 @@ pub enum Data {
     Tokens { path: String },
     /// UTF-8 text read byte by byte (vocabulary 256).
     Text { path: String },
+    /// Datasets of one kind (`Tokens` or `Text`) blended by weight (`data.sources`).
+    Blend { sources: Vec<(Data, f64)> },
+}
+
+/// `eval:` — the loss on held-out data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eval {
+    /// Steps between evaluations (and after the last step); 0 evaluates never.
+    pub every: u64,
+    /// Global batches of held-out sequences per evaluation: the same sequences every time.
+    pub batches: usize,
+    /// Where the held-out data is (the same kind as `data`); `None`: the held-out split of the
+    /// data itself (a prepared directory's validation shards, or synthetic data's own).
+    pub path: Option<String>,
 }
 
 /// `cluster:` — the machines.

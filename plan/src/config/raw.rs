@@ -53,6 +53,7 @@ fn expects(rust_type: &str) -> &'static str {
         "f64" => "a number",
         "bool" => "true or false",
         "Counts" => "a list of whole numbers, e.g. [24, 24, 24, 23]",
+        "Sources" => "a list of {path, weight} mappings, e.g. [{path: a/*.bin, weight: 0.7}]",
         _ => "a single value (not a list or a mapping)",
     }
 }
@@ -128,6 +129,7 @@ section!(
         checkpoint: RawCheckpoint,
         restart: RawRestart,
         watchdog: RawWatchdog,
+        eval: RawEval,
     }
 );
 
@@ -188,8 +190,26 @@ section!(RawOptimizer {
     grad_clip: f64,
 });
 
+/// One dataset of a blend (`data.sources`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSource {
+    pub(crate) path: String,
+    pub(crate) weight: f64,
+}
+
+/// `data.sources`.
+pub(crate) type Sources = Vec<RawSource>;
+
 section!(RawData {
     kind: String,
+    path: String,
+    sources: Sources,
+});
+
+section!(RawEval {
+    every: i64,
+    batches: i64,
     path: String,
 });
 

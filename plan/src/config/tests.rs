@@ -945,3 +945,72 @@ fn an_uneven_pipeline_split_is_checked_and_gives_each_stage_its_layers() {
     .to_string();
     assert!(text.contains("a list of whole numbers"), "{text}");
 }
+
+#[test]
+fn data_sources_blend_files_of_one_kind_by_positive_weights() {
+    let text = with(
+        "data:\n  kind: tokens\n  sources: [{path: a/*.bin, weight: 0.7}, {path: b.bin, weight: 3}]\n",
+    );
+    let config = load(&text).unwrap();
+    assert_eq!(
+        config.data,
+        Data::Blend {
+            sources: vec![
+                (
+                    Data::Tokens {
+                        path: "a/*.bin".into()
+                    },
+                    0.7
+                ),
+                (
+                    Data::Tokens {
+                        path: "b.bin".into()
+                    },
+                    3.0
+                ),
+            ]
+        }
+    );
+    let both = error(&with(
+        "data: {kind: tokens, path: c.bin, sources: [{path: a.bin, weight: 1}]}\n",
+    ));
+    assert!(
+        both.contains("data.sources") && both.contains("data.path are both set"),
+        "{both}"
+    );
+    let zero = error(&with(
+        "data: {kind: tokens, sources: [{path: a.bin, weight: 0}]}\n",
+    ));
+    assert!(
+        zero.contains("the weight of a.bin must be a positive number"),
+        "{zero}"
+    );
+    let synthetic = error(&with("data: {sources: [{path: a.bin, weight: 1}]}\n"));
+    assert!(synthetic.contains("data.kind is synthetic"), "{synthetic}");
+    let typo = error(&with(
+        "data: {kind: tokens, sources: [{path: a.bin, wieght: 1}]}\n",
+    ));
+    assert!(typo.contains("data.sources"), "{typo}");
+}
+
+#[test]
+fn eval_is_off_by_default_and_counts_its_batches() {
+    let config = load(MINIMAL).unwrap();
+    assert_eq!(
+        config.eval,
+        Eval {
+            every: 0,
+            batches: 4,
+            path: None
+        }
+    );
+    let config = load(&with(
+        "eval: {every: 50, batches: 2, path: data/val_*.bin}\n",
+    ))
+    .unwrap();
+    assert_eq!(config.eval.every, 50);
+    assert_eq!(config.eval.path.as_deref(), Some("data/val_*.bin"));
+    assert!(error(&with("eval: {every: -1}\n")).contains("eval.every"));
+    assert!(error(&with("eval: {batches: 0}\n")).contains("eval.batches"));
+    assert!(error(&with("eval: {evry: 5}\n")).contains("did you mean `eval.every`"));
+}

@@ -10,9 +10,9 @@ use super::MAX_RANKS;
 use super::issue::{Issue, Origin, Place};
 use super::raw::{self, Leaf, RawConfig, ReadError, Section};
 use super::{
-    Arch, Backend, Checkpoint, Choice, Cluster, Config, Data, DataKind, Device, Model, Offload,
-    Optimizer, Parallel, Precision, Recompute, Restart, Schedule, Tls, Training, Watchdog, Zero,
-    did_you_mean,
+    Arch, Backend, Checkpoint, Choice, Cluster, Config, Data, DataKind, Device, Eval, Model,
+    Offload, Optimizer, Parallel, Precision, Recompute, Restart, Schedule, Tls, Training, Watchdog,
+    Zero, did_you_mean,
 };
 use crate::bytes::parse_size;
 
@@ -282,6 +282,7 @@ impl Reader<'_> {
         let cluster = self.cluster(raw.cluster.unwrap_or_default());
         let parallel = self.parallel(raw.parallel.unwrap_or_default(), cluster.as_ref());
         let data = self.data(raw.data.unwrap_or_default());
+        let eval = self.eval(raw.eval.unwrap_or_default());
         let checkpoint = self.checkpoint(raw.checkpoint.unwrap_or_default());
         let raw_restart = raw.restart.unwrap_or_default();
         let max = self.int(
@@ -349,7 +350,7 @@ impl Reader<'_> {
         }
 
         match (
-            model, parallel, training, data, cluster, checkpoint, restart, watchdog,
+            model, parallel, training, data, cluster, checkpoint, restart, watchdog, eval,
         ) {
             (
                 Some(model),
@@ -360,6 +361,7 @@ impl Reader<'_> {
                 Some(checkpoint),
                 Some(restart),
                 Some(watchdog),
+                Some(eval),
             ) if self.issues.is_empty() => Ok(Config {
                 model,
                 parallel,
@@ -369,6 +371,7 @@ impl Reader<'_> {
                 checkpoint,
                 restart,
                 watchdog,
+                eval,
                 warnings: self.warnings,
             }),
             _ => Err(self.issues),
@@ -930,6 +933,13 @@ impl Reader<'_> {
             self.places.insert("data.path", leaf.place);
             leaf.value
         });
+        let sources = raw.sources.map(|leaf| {
+            self.places.insert("data.sources", leaf.place);
+            leaf.value
+        });
+        if let Some(sources) = sources {
+            return self.blend(kind, path, sources);
+        }
         match (kind, path) {
             (DataKind::Synthetic, path) => {
                 if path.is_some() {
@@ -954,6 +964,92 @@ impl Reader<'_> {
                 None
             }
         }
+    }
+
+    /// `data.sources`: datasets of `kind` blended by weight, instead of `data.path`.
+    fn blend(
+        &mut self,
+        kind: DataKind,
+        path: Option<String>,
+        sources: Vec<raw::RawSource>,
+    ) -> Option<Data> {
+        const KEY: &str = "data.sources";
+        if path.is_some() {
+            self.fail(
+                KEY,
+                "and data.path are both set: a run reads one or the other".into(),
+                Some("move data.path into data.sources, or remove data.sources".into()),
+            );
+            return None;
+        }
+        if kind == DataKind::Synthetic {
+            self.fail(
+                KEY,
+                "blends files, but data.kind is synthetic".into(),
+                Some("set data.kind: tokens (or text)".into()),
+            );
+            return None;
+        }
+        if sources.is_empty() {
+            self.fail(
+                KEY,
+                "is empty".into(),
+                Some("list at least one {path, weight}, or use data.path".into()),
+            );
+            return None;
+        }
+        if let Some(bad) = sources
+            .iter()
+            .find(|s| !s.weight.is_finite() || s.weight <= 0.0)
+        {
+            self.fail(
+                KEY,
+                format!(
+                    "the weight of {} must be a positive number, got {}",
+                    bad.path, bad.weight
+                ),
+                Some("weights are relative: [0.7, 0.3] and [7, 3] blend alike".into()),
+            );
+            return None;
+        }
+        let sources = sources
+            .into_iter()
+            .map(|s| {
+                let data = match kind {
+                    DataKind::Text => Data::Text { path: s.path },
+                    _ => Data::Tokens { path: s.path },
+                };
+                (data, s.weight)
+            })
+            .collect();
+        Some(Data::Blend { sources })
+    }
+
+    fn eval(&mut self, raw: raw::RawEval) -> Option<Eval> {
+        let every = self.int(
+            "eval.every",
+            raw.every,
+            Some(0),
+            0,
+            i64::MAX,
+            "steps between evaluations of the held-out loss; 0 evaluates never",
+        );
+        let batches = self.count(
+            "eval.batches",
+            raw.batches,
+            Some(4),
+            100_000,
+            "global batches of held-out sequences per evaluation",
+        );
+        let path = raw.path.map(|leaf| {
+            self.places.insert("eval.path", leaf.place);
+            leaf.value
+        });
+        Some(Eval {
+            every: every? as u64,
+            batches: batches?,
+            path,
+        })
     }
 
     fn checkpoint(&mut self, raw: raw::RawCheckpoint) -> Option<Checkpoint> {

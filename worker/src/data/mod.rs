@@ -49,6 +49,58 @@ pub struct Dataset {
 enum Source {
     Corpus(Corpus),
     Synthetic(Chain),
+    Blend(Blend),
+}
+
+/// Datasets blended by weight, as Megatron blends them: every block of [`BLEND_BLOCK`] global
+/// samples takes `counts[d]` samples from dataset `d` in the fixed order `pattern`, so the
+/// dataset of sample `i` and its index there are pure functions of `i`, each dataset is read
+/// through its own epochs in order, and the proportions are exact over every block.
+struct Blend {
+    parts: Vec<Dataset>,
+    /// For each position of a block: (dataset, its how-many-th sample of the block).
+    pattern: Vec<(u32, u32)>,
+    /// Samples of each dataset per block.
+    counts: Vec<u64>,
+}
+
+/// Global samples per blending block: weights are honoured to 1/4096 over every block.
+const BLEND_BLOCK: u64 = 4096;
+
+/// Hash tags of the blended datasets' seeds and of the held-out stream of synthetic data.
+const TAG_BLEND: u64 = 0x424C_454E_4453_4545;
+const TAG_HELD_OUT: u64 = 0x4845_4C44_4F55_5421;
+
+impl Blend {
+    /// Megatron's greedy order: position `o` of a block goes to the dataset furthest behind
+    /// its share, `w_d (o + 1) - taken_d` (ties to the first).
+    fn new(parts: Vec<Dataset>, weights: &[f64]) -> Blend {
+        let total: f64 = weights.iter().sum();
+        let shares: Vec<f64> = weights.iter().map(|w| w / total).collect();
+        let mut counts = vec![0u64; parts.len()];
+        let mut pattern = Vec::with_capacity(BLEND_BLOCK as usize);
+        for o in 0..BLEND_BLOCK {
+            let behind = |d: usize| shares[d] * (o + 1) as f64 - counts[d] as f64;
+            let d = (0..parts.len())
+                .max_by(|&a, &b| behind(a).total_cmp(&behind(b)).then(b.cmp(&a)))
+                .expect("invariant: a blend has datasets");
+            pattern.push((d as u32, counts[d] as u32));
+            counts[d] += 1;
+        }
+        Blend {
+            parts,
+            pattern,
+            counts,
+        }
+    }
+
+    /// The dataset of global sample `index` and the sample's index in it.
+    fn locate(&self, index: u64) -> (usize, u64) {
+        let (block, at) = (index / BLEND_BLOCK, index % BLEND_BLOCK);
+        let (d, nth) = self.pattern[at as usize];
+        let d = d as usize;
+        (d, block * self.counts[d] + nth as u64)
+    }
 }
 
 /// Token streams (one per file) cut into windows.
@@ -107,6 +159,17 @@ impl Dataset {
                     .collect::<Result<Vec<_>>>()?;
                 Source::Corpus(Corpus::new(CorpusKind::Shards, streams, seq_len))
             }
+            Data::Blend { sources } => {
+                let parts = sources
+                    .iter()
+                    .enumerate()
+                    .map(|(d, (part, _))| {
+                        Dataset::open(part, vocab, seq_len, hash(&[TAG_BLEND, seed, d as u64]))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let weights: Vec<f64> = sources.iter().map(|(_, w)| *w).collect();
+                Source::Blend(Blend::new(parts, &weights))
+            }
             Data::Text { path } => {
                 text::check_vocab(path, vocab)?;
                 let streams = resolve(path)?
@@ -121,6 +184,53 @@ impl Dataset {
             seed,
             source,
         })
+    }
+
+    /// The held-out data of an `eval:` section: `path` (data of the same kind as `data`), or
+    /// without one the data's own held-out split. Synthetic data holds out a stream of its
+    /// chain that training never draws (another seed of the same transition table).
+    pub fn held_out(
+        data: &Data,
+        path: Option<&str>,
+        vocab: usize,
+        seq_len: usize,
+        seed: u64,
+    ) -> Result<Dataset> {
+        let held_out = hash(&[TAG_HELD_OUT, seed]);
+        let kind = match data {
+            Data::Blend { sources } => sources.first().map(|(part, _)| part),
+            other => Some(other),
+        };
+        match (kind, path) {
+            (Some(Data::Synthetic), _) => {
+                // The training chain's table, its samples drawn with another seed.
+                let mut dataset = Dataset::open(data, vocab, seq_len, seed)?;
+                dataset.seed = held_out;
+                Ok(dataset)
+            }
+            (Some(Data::Text { .. }), Some(path)) => Dataset::open(
+                &Data::Text {
+                    path: path.to_string(),
+                },
+                vocab,
+                seq_len,
+                held_out,
+            ),
+            (_, Some(path)) => Dataset::open(
+                &Data::Tokens {
+                    path: path.to_string(),
+                },
+                vocab,
+                seq_len,
+                held_out,
+            ),
+            (_, None) => Err(Error::Unsupported {
+                what: "eval.every is set, but the data has no held-out split".into(),
+                help: "set eval.path to held-out shards (or text), e.g. the val_*.bin of \
+                       `launch prepare-data --val-fraction 0.01`"
+                    .into(),
+            }),
+        }
     }
 
     /// Fills one training sequence for global sample `index`: `inputs[i]` is the token at
@@ -141,6 +251,10 @@ impl Dataset {
         match &self.source {
             Source::Synthetic(chain) => chain.fill(self.seed, index, inputs, targets),
             Source::Corpus(corpus) => corpus.fill(self.seq_len, self.seed, index, inputs, targets),
+            Source::Blend(blend) => {
+                let (part, index) = blend.locate(index);
+                return blend.parts[part].sample(index, inputs, targets);
+            }
         }
         Ok(())
     }
@@ -168,6 +282,18 @@ impl Dataset {
                 };
                 format!("{what}, {size}, {} windows", corpus.windows)
             }
+            Source::Blend(blend) => {
+                let parts: Vec<String> = blend
+                    .parts
+                    .iter()
+                    .zip(&blend.counts)
+                    .map(|(part, &count)| {
+                        let share = count as f64 / BLEND_BLOCK as f64 * 100.0;
+                        format!("{share:.1}% {}", part.describe())
+                    })
+                    .collect();
+                format!("a blend of {}", parts.join("; "))
+            }
         }
     }
 
@@ -176,6 +302,7 @@ impl Dataset {
         match &self.source {
             Source::Corpus(corpus) => Some(corpus.windows),
             Source::Synthetic(_) => None,
+            Source::Blend(blend) => blend.parts.iter().map(Dataset::windows).sum(),
         }
     }
 
@@ -184,7 +311,7 @@ impl Dataset {
     pub fn entropy_rate(&self) -> Option<f64> {
         match &self.source {
             Source::Synthetic(chain) => Some(chain.entropy_rate()),
-            Source::Corpus(_) => None,
+            Source::Corpus(_) | Source::Blend(_) => None,
         }
     }
 }
@@ -633,5 +760,124 @@ pub(crate) mod tests {
         assert_eq!(si(999, ""), "999");
         assert_eq!(si(1_234_567, ""), "1.2M");
         assert_eq!(si(84_000, "B"), "84.0 KB");
+    }
+
+    /// Two token datasets whose tokens say which one they come from (0.. and 1000..).
+    fn two_datasets(scratch: &Scratch) -> (String, String) {
+        let a: Vec<u16> = (0..401).collect(); // 50 windows of 8
+        let b: Vec<u16> = (1000..1161).collect(); // 20 windows
+        write_shard(scratch.path("a.bin"), &a).expect("write");
+        write_shard(scratch.path("b.bin"), &b).expect("write");
+        (
+            scratch.path("a.bin").display().to_string(),
+            scratch.path("b.bin").display().to_string(),
+        )
+    }
+
+    fn blend(scratch: &Scratch, weights: [f64; 2]) -> Dataset {
+        let (a, b) = two_datasets(scratch);
+        let sources = vec![
+            (Data::Tokens { path: a }, weights[0]),
+            (Data::Tokens { path: b }, weights[1]),
+        ];
+        Dataset::open(&Data::Blend { sources }, 2048, 8, 5).expect("open")
+    }
+
+    #[test]
+    fn a_blend_draws_each_dataset_in_its_share_and_reads_each_through_its_epochs() {
+        let scratch = Scratch::new("blend");
+        let dataset = blend(&scratch, [0.7, 0.3]);
+        assert!(
+            dataset
+                .describe()
+                .starts_with("a blend of 70.0% 1 token shard"),
+            "{}",
+            dataset.describe()
+        );
+        let from_b = |range: std::ops::Range<u64>| {
+            range.filter(|&i| sample(&dataset, i).0[0] >= 1000).count() as u64
+        };
+        // Exact over a block, within one sample over any prefix of it.
+        assert_eq!(from_b(0..BLEND_BLOCK), 1229); // round(0.3 x 4096) with the greedy order
+        for n in [1, 10, 100, 1000] {
+            let got = from_b(0..n) as f64;
+            assert!((got - 0.3 * n as f64).abs() <= 1.0, "{n}: {got}");
+        }
+        // Dataset b's samples are its own indices 0, 1, 2, ...: its first 20 are one epoch.
+        let mut windows = HashSet::new();
+        for i in 0..BLEND_BLOCK {
+            let (inputs, _) = sample(&dataset, i);
+            if inputs[0] >= 1000 {
+                windows.insert(inputs[0]);
+                if windows.len() == 20 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(
+            windows.len(),
+            20,
+            "the first 20 samples of b cover its 20 windows"
+        );
+        // A pure function of (seed, index).
+        let again = blend(&Scratch::new("blend-again"), [7.0, 3.0]);
+        for i in [0, 1, 77, 4095, 4096, 123_456] {
+            assert_eq!(
+                sample(&dataset, i),
+                sample(&again, i),
+                "weights are relative"
+            );
+        }
+    }
+
+    #[test]
+    fn synthetic_data_holds_out_a_stream_training_never_draws() {
+        let train = Dataset::open(&Data::Synthetic, 256, 16, 9).expect("open");
+        let held = Dataset::held_out(&Data::Synthetic, None, 256, 16, 9).expect("held out");
+        assert_ne!(sample(&train, 0), sample(&held, 0));
+        // The same chain: the held-out data has the training data's statistics.
+        assert_eq!(train.entropy_rate(), held.entropy_rate());
+        let again = Dataset::held_out(&Data::Synthetic, None, 256, 16, 9).expect("held out");
+        assert_eq!(sample(&held, 3), sample(&again, 3));
+        let message = Dataset::held_out(
+            &Data::Tokens {
+                path: "x.bin".into(),
+            },
+            None,
+            256,
+            16,
+            9,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            message.contains("no held-out split") && message.contains("eval.path"),
+            "{message}"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_blend_block_gives_every_dataset_its_share(weights in proptest::collection::vec(0.01f64..100.0, 1..6)) {
+            let parts = weights
+                .iter()
+                .map(|_| Dataset::open(&Data::Synthetic, 16, 4, 1).expect("open"))
+                .collect();
+            let blend = Blend::new(parts, &weights);
+            let total: f64 = weights.iter().sum();
+            proptest::prop_assert_eq!(blend.counts.iter().sum::<u64>(), BLEND_BLOCK);
+            let mut seen = vec![Vec::new(); weights.len()];
+            for i in 0..2 * BLEND_BLOCK {
+                let (d, j) = blend.locate(i);
+                seen[d].push(j);
+            }
+            for (d, (count, w)) in blend.counts.iter().zip(&weights).enumerate() {
+                let share = w / total * BLEND_BLOCK as f64;
+                proptest::prop_assert!((*count as f64 - share).abs() <= 1.0, "{} vs {}", count, share);
+                // Each dataset's own indices run 0, 1, 2, ... over two blocks.
+                let expected: Vec<u64> = (0..2 * count).collect();
+                proptest::prop_assert_eq!(&seen[d], &expected);
+            }
+        }
     }
 }

@@ -685,13 +685,15 @@ impl<B: Backend> Stage<B> {
     /// gradients chunk by chunk with `dloss` as the gradient of each token's loss, then the
     /// final norm's backward into `act.dhead[io]`; returns the sum of the token losses. Under
     /// tensor parallelism each rank holds the logits of its vocabulary shard and the softmax's
-    /// statistics are combined over the group.
+    /// statistics are combined over the group. With `backward` false (evaluation) it stops at
+    /// the losses: no gradient is touched.
     pub fn head(
         &mut self,
         backend: &mut B,
         tp: &mut dyn Regions<B>,
         io: usize,
         dloss: f32,
+        backward: bool,
     ) -> Result<f64> {
         let h = self.head.expect("invariant: last stage");
         let w = self.params.head_w.expect("invariant: last stage");
@@ -732,6 +734,9 @@ impl<B: Backend> Stage<B> {
                 .iter()
                 .map(|&l| l as f64)
                 .sum::<f64>();
+            if !backward {
+                continue;
+            }
             backend.matmul_bwd(
                 Some(dlnf.slice(first * c, rows * c)),
                 dw,
@@ -741,6 +746,9 @@ impl<B: Backend> Stage<B> {
                 w,
                 shape,
             )?;
+        }
+        if !backward {
+            return Ok(loss);
         }
         let dlnf = tp.reduce(backend, dlnf)?;
         let dhead = self.dhead.as_ref().expect("invariant: last stage")[io];

@@ -165,6 +165,88 @@ impl Executor {
         sum_over_group(step.comms.world.as_mut(), local)
     }
 
+    /// Forward of every microbatch of one batch, without backward (evaluation): the mean loss
+    /// over the global batch, the same on every rank, with no gradient touched. Microbatch by
+    /// microbatch, each through every chunk in turn: one chain of dependencies, so no schedule
+    /// can deadlock it (nothing needs pipelining: evaluations are rare).
+    pub fn forward_only<B: Backend>(
+        &mut self,
+        step: &mut StepParts<B>,
+        mut fill: impl FnMut(usize, &mut [i32], &mut [i32]) -> Result<()>,
+    ) -> Result<f64> {
+        let chunks = step.model.chunks();
+        let microbatches = self
+            .ops
+            .iter()
+            .filter(|op| matches!(op, Op::Forward { chunk: 0, .. }))
+            .count();
+        let mut loss = 0.0;
+        for microbatch in 0..microbatches {
+            for chunk in 0..chunks {
+                let (slot, io) = self.slots.take(microbatch, chunk);
+                let (embeds, head) = (step.model.embeds(chunk), step.model.has_head(chunk));
+                step.comms.pipeline.receive_input(
+                    step.backend,
+                    chunk,
+                    step.model.chunk_input(slot),
+                )?;
+                let started = Instant::now();
+                if embeds || head {
+                    fill(microbatch, &mut self.inputs, &mut self.targets)?;
+                }
+                if embeds {
+                    let tokens = step.model.tokens(io).expect("invariant: first stage");
+                    step.backend.write_i32(tokens, &self.inputs)?;
+                    self.use_params(step, 0)?;
+                    step.model
+                        .embed(step.backend, &mut step.comms.tp, slot, io)?;
+                }
+                let layers = step.model.layers_per_chunk();
+                for layer in 0..layers {
+                    self.use_params(step, layer_unit(step, chunk, layer))?;
+                    if layer + 1 < layers {
+                        self.prefetch_params(step, layer_unit(step, chunk, layer + 1))?;
+                    }
+                    step.model.forward_layer(
+                        step.backend,
+                        &mut step.comms.tp,
+                        chunk,
+                        slot,
+                        layer,
+                    )?;
+                }
+                if head {
+                    let targets = step.model.targets().expect("invariant: last stage");
+                    step.backend.write_i32(targets, &self.targets)?;
+                    self.use_params(step, step.units.len() - 1)?;
+                    if first_layer(step) == 1 && step.model.tied() {
+                        self.use_params(step, 0)?;
+                    }
+                    loss += step
+                        .model
+                        .head(step.backend, &mut step.comms.tp, io, 0.0, false)?;
+                }
+                span(
+                    step,
+                    || format!("eval {microbatch}.{chunk}"),
+                    "eval",
+                    started,
+                );
+                step.comms
+                    .pipeline
+                    .send_output(step.backend, chunk, step.model.chunk_output())?;
+                self.slots.give_back(microbatch, chunk);
+            }
+        }
+        step.comms.pipeline.finish()?;
+        let local = if step.model.has_head(chunks - 1) && step.comms.tp.index() == 0 {
+            loss / self.tokens_per_step
+        } else {
+            0.0
+        };
+        sum_over_group(step.comms.world.as_mut(), local)
+    }
+
     /// Points the model at unit `index`'s parameters for its next use (gathered under ZeRO 3).
     fn use_params<B: Backend>(&mut self, step: &mut StepParts<B>, index: usize) -> Result<()> {
         let unit = &step.units[index];
@@ -234,7 +316,7 @@ impl Executor {
         };
         let loss = step
             .model
-            .head(step.backend, &mut step.comms.tp, io, dloss)?;
+            .head(step.backend, &mut step.comms.tp, io, dloss, true)?;
         // The head's gradients are final after the step's last head; a tied copy's wait for
         // the other copy's at the end of the step.
         let final_head = last && !tied_to_embedding(step, head);
