@@ -89,6 +89,16 @@ pub enum Command {
     /// its parallel layout is read from the checkpoint.
     Export(ExportArgs),
 
+    /// Generate text from a checkpoint of the job's model, in one CPU process.
+    ///
+    /// Loads the newest checkpoint in checkpoint.dir (or --checkpoint; any mesh, ZeRO stage or
+    /// pipeline), runs the prompt's forward and then one token at a time through a key/value
+    /// cache, printing each token as it comes. The same --seed, prompt and checkpoint give the
+    /// same text. Models with a byte-level vocabulary (up to 256 ids: data.kind text, or the
+    /// synthetic demo) take the prompt's UTF-8 bytes as token ids; text data's tokens print
+    /// as text, other data's as ids.
+    Sample(SampleArgs),
+
     /// Run this node's workers for a job across nodes.
     ///
     /// One agent per node (started by srun, a Kubernetes pod or ssh) registers with the
@@ -189,6 +199,36 @@ pub struct ExportArgs {
     /// The safetensors file to write.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+
+    /// The checkpoint directory (step-NNNNNNNN) [default: the newest in checkpoint.dir].
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
+
+    /// The text to continue.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: String,
+
+    /// Tokens to generate (fewer if the model's seq_len fills up first).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub tokens: usize,
+
+    /// Divides the logits before the draw; 0 takes the most likely token every time.
+    #[arg(long, value_name = "T", default_value_t = 1.0)]
+    pub temperature: f32,
+
+    /// Draw among the K most likely tokens only; 0 draws among all of them.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub top_k: usize,
+
+    /// The draws' seed: the same seed gives the same text.
+    #[arg(long, value_name = "S", default_value_t = 1234)]
+    pub seed: u64,
 }
 
 /// The job: its config and overrides.

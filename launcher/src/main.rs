@@ -42,6 +42,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Some(Command::Search(args)) => search::run(&args),
         Some(Command::Export(args)) => export(&args),
+        Some(Command::Sample(args)) => sample(&args),
         Some(Command::Agent(args)) => tessera_launcher::node::run_agent(&args),
         Some(Command::Certs(args)) => tessera_launcher::certs::run(&args),
         None => {
@@ -70,20 +71,7 @@ fn export(args: &cli::ExportArgs) -> Result<(), Failure> {
     check_output_file(&args.out, "--out")?;
     let loaded = config_file::load(args.job.config.as_deref(), &args.job.sets)?;
     let config = &loaded.config;
-    let checkpoint = match &args.checkpoint {
-        Some(dir) => dir.clone(),
-        None => {
-            let dir = std::path::Path::new(&config.checkpoint.dir);
-            checkpoint::latest(dir)
-                .map_err(|e| Failure::usage(e.to_string()))?
-                .ok_or_else(|| {
-                    Failure::usage(format!(
-                        "no checkpoint in {} (checkpoint.dir); pass --checkpoint DIR",
-                        dir.display()
-                    ))
-                })?
-        }
-    };
+    let checkpoint = checkpoint_dir(args.checkpoint.as_deref(), config)?;
     // The checkpoint's own layout (mesh, ZeRO, virtual stages) places the tensors, whatever the
     // config says about them now.
     let usage = |e: tessera_worker::Error| Failure::usage(e.to_string());
@@ -103,6 +91,105 @@ fn export(args: &cli::ExportArgs) -> Result<(), Failure> {
         model.len(),
         checkpoint.display()
     );
+    Ok(())
+}
+
+/// The checkpoint `given`, or the newest in the config's checkpoint.dir.
+fn checkpoint_dir(
+    given: Option<&std::path::Path>,
+    config: &tessera_plan::Config,
+) -> Result<std::path::PathBuf, Failure> {
+    if let Some(dir) = given {
+        return Ok(dir.to_path_buf());
+    }
+    let dir = std::path::Path::new(&config.checkpoint.dir);
+    checkpoint::latest(dir)
+        .map_err(|e| Failure::usage(e.to_string()))?
+        .ok_or_else(|| {
+            Failure::usage(format!(
+                "no checkpoint in {} (checkpoint.dir); pass --checkpoint DIR",
+                dir.display()
+            ))
+        })
+}
+
+fn sample(args: &cli::SampleArgs) -> Result<(), Failure> {
+    use std::io::Write as _;
+    use tessera_worker::sample::{Sampling, generate, load, sampler_config};
+
+    let loaded = config_file::load(args.job.config.as_deref(), &args.job.sets)?;
+    let config = &loaded.config;
+    let vocab = config.model.vocab;
+    if vocab > 256 {
+        return Err(Failure::usage(format!(
+            "model.vocab is {vocab}: the prompt needs the run's tokenizer, and this run has none \
+             (only byte-level vocabularies of up to 256 ids take text as bytes)"
+        )));
+    }
+    let checkpoint = checkpoint_dir(args.checkpoint.as_deref(), config)?;
+    let usage = |e: tessera_worker::Error| Failure::usage(e.to_string());
+    let manifest = checkpoint::read_manifest(&checkpoint, config).map_err(usage)?;
+    let written = checkpoint::export::written_config(&manifest, config);
+    let model = checkpoint::export::Files::read(&checkpoint, &manifest)
+        .consolidate(&written, checkpoint::export::State::Params)
+        .map_err(usage)?
+        .expect("invariant: every checkpoint has parameters");
+    let one = sampler_config(config);
+    let layout =
+        tessera_worker::arena::ArenaLayout::new(&tessera_plan::memory::StagePlan::new(&one, 0));
+    let runtime = |e: tessera_worker::Error| Failure::Runtime(anyhow::anyhow!("{e}"));
+    let backend = tessera_worker::tensor::cpu::CpuBackend::new(
+        layout.bytes(tessera_plan::memory::Place::Device),
+        layout.bytes(tessera_plan::memory::Place::Host),
+    )
+    .map_err(runtime)?;
+    let mut rank = tessera_worker::train::Rank::new(one, backend).map_err(runtime)?;
+    load(&mut rank, &model).map_err(usage)?;
+    let prompt: Vec<i32> = args.prompt.bytes().map(i32::from).collect();
+    let sampling = Sampling {
+        tokens: args.tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        seed: args.seed,
+    };
+    eprintln!("sampling from {}", checkpoint.display());
+    let mut out = std::io::stdout().lock();
+    let write = |out: &mut std::io::StdoutLock, bytes: &[u8]| {
+        out.write_all(bytes)
+            .and_then(|()| out.flush())
+            .map_err(|e| tessera_worker::Error::Unsupported {
+                what: format!("cannot write the sample: {e}"),
+                help: "check standard output".into(),
+            })
+    };
+    // Text data's ids are its bytes; other byte-level data (the synthetic chain) is no text,
+    // so its ids are printed as numbers.
+    let text = match &config.data {
+        tessera_plan::config::Data::Text { .. } => true,
+        tessera_plan::config::Data::Blend { sources } => sources
+            .iter()
+            .all(|(d, _)| matches!(d, tessera_plan::config::Data::Text { .. })),
+        _ => false,
+    };
+    if text {
+        write(&mut out, args.prompt.as_bytes()).map_err(runtime)?;
+    } else {
+        let ids: Vec<String> = prompt.iter().map(i32::to_string).collect();
+        write(&mut out, format!("[{}]", ids.join(" ")).as_bytes()).map_err(runtime)?;
+    }
+    generate(&mut rank, &prompt, &sampling, |token| {
+        if text {
+            // A UTF-8 character split over tokens shows once it is whole.
+            write(&mut out, &[token as u8])
+        } else {
+            write(&mut out, format!(" {token}").as_bytes())
+        }
+    })
+    .map_err(|e| match e {
+        tessera_worker::Error::Unsupported { .. } => usage(e),
+        other => runtime(other),
+    })?;
+    write(&mut out, b"\n").map_err(runtime)?;
     Ok(())
 }
 

@@ -992,6 +992,94 @@ fn the_validation_loss_is_the_same_on_every_mesh_and_leaves_training_alone() {
     }
 }
 
+/// `launch sample` of `scratch/ckpt`'s newest checkpoint.
+fn sample(config: &str, scratch: &Scratch, sets: &[&str], extra: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_launch"));
+    command
+        .current_dir(repo())
+        .args(["sample", "--config", config])
+        .arg("--set")
+        .arg(format!("checkpoint.dir={}", scratch.path("ckpt").display()));
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    command.args(extra);
+    output(command)
+}
+
+#[test]
+fn sample_continues_a_prompt_from_a_checkpoint_of_any_mesh_and_repeats_for_a_seed() {
+    let scratch = Scratch::new("sample");
+    let corpus = scratch.path("corpus.txt");
+    let line = "To be, or not to be, that is the question.\n";
+    std::fs::write(&corpus, line.repeat(60)).unwrap();
+    let data = [
+        "data.kind=text".to_string(),
+        format!("data.path={}", corpus.display()),
+    ];
+    for config in [TINY_GPT2, TINY_LLAMA] {
+        // Enough steps for the model to learn the line by heart (loss about 0.01).
+        let mut sets: Vec<&str> = vec![
+            "model.layers=2",
+            "training.steps=150",
+            "checkpoint.every=150",
+            "training.global_batch=8",
+            "training.optimizer.lr=3e-3",
+            "training.optimizer.warmup=5",
+            "parallel.data=1",
+            "parallel.tensor=2",
+            "parallel.pipeline=2",
+        ];
+        sets.extend(data.iter().map(String::as_str));
+        let out = output(launch_config(config, &scratch, &sets, &["--fresh"]));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let mut data_sets = vec!["model.layers=2", "training.global_batch=8"];
+        data_sets.extend(data.iter().map(String::as_str));
+        let args = [
+            "--prompt", "To be", "--tokens", "30", "--seed", "5", "--top-k", "5",
+        ];
+        let first = sample(config, &scratch, &data_sets, &args);
+        assert!(first.status.success(), "{}", text(&first.stderr));
+        let again = sample(config, &scratch, &data_sets, &args);
+        assert_eq!(
+            first.stdout, again.stdout,
+            "the same seed gives the same text"
+        );
+        let generated = text(&first.stdout);
+        assert!(generated.starts_with("To be"), "{generated}");
+        assert_eq!(first.stdout.len(), "To be".len() + 30 + 1, "{generated}");
+        // Greedy decoding of a model that has seen one line 60 times continues it.
+        let greedy = sample(
+            config,
+            &scratch,
+            &data_sets,
+            &[
+                "--prompt",
+                "To be, or not",
+                "--tokens",
+                "8",
+                "--temperature",
+                "0",
+            ],
+        );
+        assert!(greedy.status.success(), "{}", text(&greedy.stderr));
+        assert!(
+            text(&greedy.stdout).starts_with("To be, or not to be"),
+            "{config}: {}",
+            text(&greedy.stdout)
+        );
+    }
+    // No checkpoint: a usage error naming where it looked.
+    let empty = Scratch::new("sample-empty");
+    let out = sample(TINY_GPT2, &empty, &[], &["--prompt", "x"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no checkpoint in"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// Copies checkpoint `from` into `scratch/ckpt`, under the same name.
 fn copy_checkpoint_dir(from: &Path, scratch: &Scratch) {
     let copy = scratch

@@ -23,6 +23,7 @@ pub mod error;
 pub mod model;
 pub mod optim;
 pub mod parallel;
+pub mod sample;
 pub mod tensor;
 pub mod throttle;
 pub mod trace;

@@ -1016,3 +1016,52 @@ fn the_whole_model_gradient_matches_finite_differences() {
         );
     }
 }
+
+#[test]
+fn decoding_one_row_against_the_kept_qkv_equals_that_row_of_causal_attention() {
+    // Grouped (nh 4, nkv 2) and multi-head (4, 4), two sequences, rows past one key block.
+    for nkv in [2, 4] {
+        let mut bump = Bump::cpu();
+        let dims = Dims {
+            b: 2,
+            t: 70,
+            c: 64,
+            nh: 4,
+            nkv,
+            hs: 16,
+            v: 32,
+            vp: 32,
+            vocab_start: 0,
+        };
+        let n = dims.tokens();
+        let (qkv, _) = bump.input(n * dims.qkv_width(), 1.0);
+        let out = bump.tensor(n * dims.nh * dims.hs, Dtype::F32);
+        let lse = bump.tensor(n * dims.nh, Dtype::F32);
+        bump.backend.attention_fwd(out, lse, qkv, dims).unwrap();
+        let full = bump.read(out);
+        let width = dims.nh * dims.hs;
+        for pos in [0, 1, 63, 64, 69] {
+            let row = bump.tensor(dims.b * width, Dtype::F32);
+            bump.backend.attention_decode(row, qkv, pos, dims).unwrap();
+            let decoded = bump.read(row);
+            for b in 0..dims.b {
+                let at = (b * dims.t + pos) * width;
+                assert_close(
+                    &format!("nkv {nkv} pos {pos} seq {b}"),
+                    &decoded[b * width..(b + 1) * width],
+                    &full[at..at + width],
+                    FORWARD_RTOL,
+                );
+            }
+        }
+        let row = bump.tensor(dims.b * width, Dtype::F32);
+        let past = bump
+            .backend
+            .attention_decode(row, qkv, 70, dims)
+            .unwrap_err();
+        assert!(
+            past.to_string().contains("past the sequence length"),
+            "{past}"
+        );
+    }
+}

@@ -33,6 +33,8 @@ pub use text::TEXT_VOCAB;
 pub use tokens::{SHARD_HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, write_shard};
 
 use crate::error::{Error, Result};
+/// The counter-based hash behind every draw of the data (splitmix64 over the words).
+pub(crate) use sampler::hash as sampler_hash;
 use sampler::{hash, permute};
 use synthetic::Chain;
 

@@ -171,6 +171,61 @@ impl<B: Backend> Layers<B> for Gpt2 {
         }
     }
 
+    fn decode(&self, backend: &mut B, l: usize, pos: usize, out: Tensor) -> Result<()> {
+        let h = &self.0;
+        let (p, a, s) = (&h.params[l], h.acts(0, l), &h.shared);
+        let (c, q, f) = (s.dims.c, s.q_width, s.ffn);
+        let qkv = q + 2 * s.kv_width;
+        let row = |t: Tensor, width: usize| s.row(t, width, pos);
+        let stat = |t: Tensor| t.slice(pos, 1);
+        let partial = s.btc[0].slice(0, c);
+        let (resid, resid2) = (row(a.resid, c), row(a.resid2, c));
+        backend.layernorm_fwd(
+            row(a.ln1, c),
+            stat(a.ln1_mean),
+            stat(a.ln1_rstd),
+            resid,
+            p.ln1_w,
+            p.ln1_b,
+            1,
+            c,
+        )?;
+        let x = row(a.ln1, c);
+        backend.matmul_fwd(
+            row(a.qkv, qkv),
+            x,
+            p.qkv_w,
+            Some(p.qkv_b),
+            s.linear_one(c, qkv),
+        )?;
+        backend.attention_decode(row(a.atty, q), a.qkv, pos, s.dims)?;
+        let proj = s.linear_one(q, c);
+        backend.matmul_fwd(
+            partial,
+            row(a.atty, q),
+            p.attproj_w,
+            Some(p.attproj_b),
+            proj,
+        )?;
+        backend.residual_fwd(resid2, resid, partial)?;
+        backend.layernorm_fwd(
+            row(a.ln2, c),
+            stat(a.ln2_mean),
+            stat(a.ln2_rstd),
+            resid2,
+            p.ln2_w,
+            p.ln2_b,
+            1,
+            c,
+        )?;
+        let (fch, gelu) = (row(a.fch, f), row(a.fch_gelu, f));
+        backend.matmul_fwd(fch, row(a.ln2, c), p.fc_w, Some(p.fc_b), s.linear_one(c, f))?;
+        backend.gelu_fwd(gelu, fch)?;
+        let down = s.linear_one(f, c);
+        backend.matmul_fwd(partial, gelu, p.fcproj_w, Some(p.fcproj_b), down)?;
+        backend.residual_fwd(row(out, c), resid2, partial)
+    }
+
     /// Under tensor parallelism the gradient entering each row-parallel matmul is gathered and
     /// the one leaving each column-parallel matmul reduced (see `parallel::tensor`).
     fn backward(

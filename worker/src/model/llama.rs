@@ -153,6 +153,34 @@ impl<B: Backend> Layers<B> for Llama {
         }
     }
 
+    fn decode(&self, backend: &mut B, l: usize, pos: usize, out: Tensor) -> Result<()> {
+        let h = &self.handles;
+        let (p, a, s) = (&h.params[l], h.acts(0, l), &h.shared);
+        let (c, q, f, eps) = (s.dims.c, s.q_width, s.ffn, s.norm_eps);
+        let qkv = q + 2 * s.kv_width;
+        let row = |t: Tensor, width: usize| s.row(t, width, pos);
+        let stat = |t: Tensor| t.slice(pos, 1);
+        let partial = s.btc[0].slice(0, c);
+        let (resid, resid2) = (row(a.resid, c), row(a.resid2, c));
+        let norm = row(a.attn_norm, c);
+        backend.rmsnorm_fwd(norm, stat(a.attn_rstd), resid, p.attn_norm_w, 1, c, eps)?;
+        let new = row(a.qkv, qkv);
+        backend.matmul_fwd(new, norm, p.qkv_w, p.qkv_b, s.linear_one(c, qkv))?;
+        // Row 0 of the table's slice is position `pos`'s angles.
+        let hs = s.dims.hs;
+        backend.rope_fwd(new, self.rope.slice(pos * hs, hs), s.one())?;
+        backend.attention_decode(row(a.atty, q), a.qkv, pos, s.dims)?;
+        backend.matmul_fwd(partial, row(a.atty, q), p.o_w, None, s.linear_one(q, c))?;
+        backend.residual_fwd(resid2, resid, partial)?;
+        let norm = row(a.mlp_norm, c);
+        backend.rmsnorm_fwd(norm, stat(a.mlp_rstd), resid2, p.mlp_norm_w, 1, c, eps)?;
+        let (gate_up, act) = (row(a.gate_up, 2 * f), row(a.swiglu, f));
+        backend.matmul_fwd(gate_up, norm, p.gate_up_w, None, s.linear_one(c, 2 * f))?;
+        backend.swiglu_fwd(act, gate_up, f)?;
+        backend.matmul_fwd(partial, act, p.down_w, None, s.linear_one(f, c))?;
+        backend.residual_fwd(row(out, c), resid2, partial)
+    }
+
     fn backward(
         &self,
         backend: &mut B,

@@ -74,6 +74,11 @@ pub trait Layers<B: Backend> {
         l: usize,
         i: usize,
     ) -> Result<()>;
+    /// Decoding (one sequence, one chunk, recompute `none`): layer `l`'s forward of the one
+    /// token at position `pos`, from row `pos` of its input into row `pos` of `out` (the next
+    /// layer's input or the stage output). Attention reads the kept `q|k|v` of rows `0..pos`
+    /// (the key/value cache, written by the prompt's forward and by earlier steps).
+    fn decode(&self, backend: &mut B, l: usize, pos: usize, out: Tensor) -> Result<()>;
     /// Backward from the gradient of the layer's output in `dresid` to its input's, in place.
     fn backward(
         &self,
@@ -155,6 +160,25 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Row `pos` of a `(N, width)` tensor.
+    pub fn row(&self, t: Tensor, width: usize, pos: usize) -> Tensor {
+        t.slice(pos * width, width)
+    }
+
+    /// The sizes of one token of one sequence (decoding).
+    pub fn one(&self) -> Dims {
+        Dims {
+            b: 1,
+            t: 1,
+            ..self.dims
+        }
+    }
+
+    /// A linear over one token.
+    pub fn linear_one(&self, inp: usize, out: usize) -> Linear {
+        Linear { rows: 1, inp, out }
+    }
+
     /// A linear over the microbatch's tokens.
     pub fn linear(&self, inp: usize, out: usize) -> Linear {
         Linear {
@@ -786,6 +810,84 @@ impl<B: Backend> Stage<B> {
         let l = chunk * self.per_chunk + i;
         self.layers.recompute(backend, tp, slot, l, i)?;
         self.layers.backward(backend, tp, slot, l, i, self.dresid)
+    }
+
+    /// Decoding, step 1 (one process, micro_batch 1, recompute `none`): the forward of the
+    /// prompt `tokens` (at most seq_len; the rows after it hold token 0 and, attention being
+    /// causal, change nothing before them). It fills every layer's kept `q|k|v`, the cache.
+    pub fn prefill(&self, backend: &mut B, tp: &mut dyn Regions<B>, tokens: &[i32]) -> Result<()> {
+        let t = self.dims.t;
+        let mut padded = vec![0; t];
+        padded[..tokens.len()].copy_from_slice(tokens);
+        backend.write_i32(self.tokens(0).expect("invariant: one stage"), &padded)?;
+        self.embed(backend, tp, 0, 0)?;
+        for i in 0..self.per_chunk {
+            self.forward_layer(backend, tp, 0, 0, i)?;
+        }
+        Ok(())
+    }
+
+    /// Decoding, each next step: the forward of `token` at position `pos`, through the cache.
+    pub fn decode(&self, backend: &mut B, token: i32, pos: usize) -> Result<()> {
+        let c = self.dims.c;
+        let tokens = self.tokens(0).expect("invariant: one stage").slice(pos, 1);
+        backend.write_i32(tokens, &[token])?;
+        let one = Dims {
+            b: 1,
+            t: 1,
+            ..self.dims
+        };
+        let wte = self.params.wte.expect("invariant: one stage");
+        let wpe = self.params.wpe.map(|w| w.slice(pos * c, c));
+        let resid = self.layers.input(0, 0).slice(pos * c, c);
+        backend.embedding_fwd(resid, tokens, wte, wpe, one)?;
+        for i in 0..self.per_chunk {
+            let out = if i + 1 < self.per_chunk {
+                self.layers.input(0, i + 1)
+            } else {
+                self.stage_out
+            };
+            self.layers.decode(backend, i, pos, out)?;
+        }
+        Ok(())
+    }
+
+    /// Decoding: the logits of position `pos` (after `prefill` or `decode` reached it), over
+    /// the real vocabulary.
+    pub fn logits(&mut self, backend: &mut B, pos: usize) -> Result<Vec<f32>> {
+        let h = self.head.expect("invariant: one stage");
+        let c = self.dims.c;
+        let w = self.params.norm_w.expect("invariant: one stage");
+        let (lnf, rstd) = (h.lnf.slice(0, c), h.lnf_rstd.slice(0, 1));
+        let inp = self.stage_out.slice(pos * c, c);
+        match self.norm {
+            FinalNorm::LayerNorm => backend.layernorm_fwd(
+                lnf,
+                h.lnf_mean
+                    .expect("invariant: LayerNorm keeps its mean")
+                    .slice(0, 1),
+                rstd,
+                inp,
+                w,
+                self.params.norm_b.expect("invariant: LayerNorm has a bias"),
+                1,
+                c,
+            )?,
+            FinalNorm::RmsNorm => backend.rmsnorm_fwd(lnf, rstd, inp, w, 1, c, self.norm_eps)?,
+        }
+        let vp = self.dims.vp;
+        let logits = h.logits.slice(0, vp);
+        let head_w = self.params.head_w.expect("invariant: one stage");
+        let shape = Linear {
+            rows: 1,
+            inp: c,
+            out: vp,
+        };
+        backend.matmul_fwd(logits, lnf, head_w, None, shape)?;
+        let mut values = vec![0.0; vp];
+        backend.read(logits, &mut values)?;
+        values.truncate(self.dims.v);
+        Ok(values)
     }
 
     /// The embedding's backward (the model's first chunk; nothing elsewhere).

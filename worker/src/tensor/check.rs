@@ -316,6 +316,23 @@ impl Checks {
         disjoint(op, &[("out", out), ("lse", lse)], &[("qkv", qkv)])
     }
 
+    pub fn attention_decode(&self, out: Tensor, qkv: Tensor, pos: usize, dims: Dims) -> Result<()> {
+        let (op, dt) = ("attention_decode", out.dtype);
+        kv_heads(op, dims)?;
+        if pos >= dims.t {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "{op}: position {pos} is past the sequence length {}",
+                    dims.t
+                ),
+                help: "decode at most seq_len tokens".into(),
+            });
+        }
+        self.tensor(op, "out", out, dt, dims.b * dims.nh * dims.hs)?;
+        self.tensor(op, "qkv", qkv, dt, dims.tokens() * dims.qkv_width())?;
+        disjoint(op, &[("out", out)], &[("qkv", qkv)])
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn attention_bwd(
         &self,

@@ -414,6 +414,12 @@ pub trait Backend: Sized {
     /// Overwrites `dinp (rows, 2f)` = `[dgate | dup]` from `dout (rows, f)` and `inp`.
     fn swiglu_bwd(&mut self, dinp: Tensor, dout: Tensor, inp: Tensor, f: usize) -> Result<()>;
 
+    /// Decoding with the kept `q|k|v` as the key/value cache: `out (b, nh hs)` is each
+    /// sequence's attention of the queries in its row `pos` of `qkv (b t, (nh + 2 nkv) hs)`
+    /// over the keys and values of its rows `0..=pos`, scale `1/sqrt(hs)` (row `pos` of a
+    /// causal `attention_fwd`, without recomputing the rows before it).
+    fn attention_decode(&mut self, out: Tensor, qkv: Tensor, pos: usize, dims: Dims) -> Result<()>;
+
     // --- GELU, tanh approximation ---
 
     /// `out = gelu(inp)`.

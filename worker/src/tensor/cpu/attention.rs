@@ -278,6 +278,43 @@ impl<E: Elem> Backward<'_, E> {
     }
 }
 
+/// Row `pos` of causal attention for each sequence, from the kept `q|k|v` (decoding): `out`
+/// is `(b, nh hs)`. Each (sequence, head) is one task; its sums run in key order.
+pub fn attention_decode<E: Elem>(out: &mut [E], qkv: &[E], pos: usize, d: Dims) {
+    let (hs, stride, width) = (d.hs, d.qkv_width(), d.nh * d.hs);
+    let scale = 1.0 / (hs as f32).sqrt();
+    out.par_chunks_mut(hs).enumerate().for_each(|(task, out)| {
+        let (b, h) = (task / d.nh, task % d.nh);
+        let g = h / d.group();
+        let row = |j: usize| &qkv[(b * d.t + j) * stride..(b * d.t + j + 1) * stride];
+        let q: Vec<f32> = row(pos)[h * hs..(h + 1) * hs]
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        let k = |j: usize| &row(j)[(d.nh + g) * hs..(d.nh + g + 1) * hs];
+        let v = |j: usize| &row(j)[(d.nh + d.nkv + g) * hs..(d.nh + d.nkv + g + 1) * hs];
+        let scores: Vec<f32> = (0..=pos)
+            .map(|j| {
+                let dot: f32 = q.iter().zip(k(j)).map(|(a, b)| a * b.to_f32()).sum();
+                dot * scale
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f32> = scores.iter().map(|s| exp_fast(s - max)).collect();
+        let total: f32 = weights.iter().sum();
+        let mut acc = vec![0f32; hs];
+        for (j, w) in weights.iter().enumerate() {
+            for (a, x) in acc.iter_mut().zip(v(j)) {
+                *a += w * x.to_f32();
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = E::from_f32(a / total);
+        }
+    });
+    debug_assert_eq!(out.len(), d.b * width);
+}
+
 /// FlashAttention's backward without atomics, from `p_ij = exp(q_i k_j s - lse_i)` and `ds_ij =
 /// p_ij (dout_i . v_j - delta_i) s` with `delta_i = dout_i . out_i`: a pass over key blocks sums
 /// `dv_j = sum_i p_ij dout_i` and `dk_j = sum_i ds_ij q_i` (over the query heads of the key's

@@ -481,6 +481,16 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn attention_decode(&mut self, out: Tensor, qkv: Tensor, pos: usize, dims: Dims) -> Result<()> {
+        let (op, dt) = ("attention_decode", out.dtype);
+        self.checks().attention_decode(out, qkv, pos, dims)?;
+        with_elem!(op, dt, E => {
+            // SAFETY: checked and disjoint.
+            unsafe { attention::attention_decode::<E>(self.slice_mut(out), self.slice(qkv), pos, dims) }
+        });
+        Ok(())
+    }
+
     fn attention_bwd(
         &mut self,
         dqkv: Tensor,

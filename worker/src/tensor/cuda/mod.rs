@@ -1353,6 +1353,30 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn attention_decode(&mut self, out: Tensor, qkv: Tensor, pos: usize, dims: Dims) -> Result<()> {
+        let op = "attention_decode";
+        self.checks().attention_decode(out, qkv, pos, dims)?;
+        self.on_device(op, &[out, qkv])?;
+        float(op, out.dtype)?;
+        let args = [
+            Arg::Ptr(self.ptr(out)),
+            Arg::Ptr(self.ptr(qkv)),
+            int(dims.t),
+            int(dims.nh),
+            int(dims.nkv),
+            int(dims.hs),
+            int(pos),
+        ];
+        // Not `attention_*`: it needs no dynamic shared memory (see `find`).
+        let kernel = "decode_attention";
+        self.launch(
+            kernel,
+            out.dtype,
+            Launch::rows(dims.b * dims.nh, 128),
+            &args,
+        )
+    }
+
     fn attention_bwd(
         &mut self,
         dqkv: Tensor,

@@ -439,3 +439,37 @@ TESSERA_EXPORT(256, attention_bwd_dq,
                (T * dqkv, const T* qkv, const T* dout, const float* lse, const float* delta, int b,
                 int t, int nh, int nkv, int hs),
                (dqkv, qkv, dout, lse, delta, b, t, nh, nkv, hs))
+
+// --- decoding: one new query row per sequence against the kept q|k|v ---
+
+// One block per (sequence, query head), a thread per output channel (strided): each thread
+// runs the online softmax over keys 0..=pos on its own, recomputing the scores (a decoding
+// step of one sequence is small; this keeps the kernel free of shared memory and barriers).
+template <typename T>
+__device__ void decode_attention(T* out, const T* qkv, int t, int nh, int nkv, int hs, int pos) {
+    const int b = blockIdx.x / nh, h = blockIdx.x % nh;
+    const int g = h / (nh / nkv);
+    const long stride = static_cast<long>(nh + 2 * nkv) * hs;
+    const long base = static_cast<long>(b) * t;
+    const T* q = qkv + (base + pos) * stride + static_cast<long>(h) * hs;
+    const float scale = rsqrtf(static_cast<float>(hs));
+    for (int d = threadIdx.x; d < hs; d += blockDim.x) {
+        float m = -3.0e38f, l = 0.0f, acc = 0.0f;
+        for (int j = 0; j <= pos; ++j) {
+            const T* row = qkv + (base + j) * stride;
+            const T* k = row + static_cast<long>(nh + g) * hs;
+            float s = 0.0f;
+            for (int e = 0; e < hs; ++e) s += ld(q, e) * ld(k, e);
+            s *= scale;
+            const float m2 = fmaxf(m, s);
+            const float c = expf(m - m2), p = expf(s - m2);
+            l = l * c + p;
+            acc = acc * c + p * ld(row + static_cast<long>(nh + nkv + g) * hs, d);
+            m = m2;
+        }
+        st(out, (base / t * nh + h) * hs + d, acc / l);
+    }
+}
+TESSERA_EXPORT(128, decode_attention,
+               (T * out, const T* qkv, int t, int nh, int nkv, int hs, int pos),
+               (out, qkv, t, nh, nkv, hs, pos))
