@@ -344,6 +344,15 @@ void test_attention(int B, int t, int nh, int nkv, int hs, double tol) {
     snprintf(name, sizeof name, "attention %s b%d t%d nh%d%s hs%d lse", ty, B, t, nh, heads, hs); check(name, lse, wlse, 1e-5);
     snprintf(name, sizeof name, "attention %s b%d t%d nh%d%s hs%d delta", ty, B, t, nh, heads, hs); check(name, delta, wdelta, tol);
     snprintf(name, sizeof name, "attention %s b%d t%d nh%d%s hs%d dqkv", ty, B, t, nh, heads, hs); check(name, load(dqkv_t), wd, tol * 4);
+    // Decoding: row `pos` of every sequence from the kept q|k|v equals that row of the forward.
+    for (int pos : {0, t / 2, t - 1}) {
+        std::vector<T> dec_t(B * W);
+        launch(decode_attention<T>, dim3(B * nh), dim3(128), dec_t.data(), (const T*)qkv_t.data(), t, nh, nkv, hs, pos);
+        std::vector<double> want(B * W);
+        for (int b = 0; b < B; ++b) for (long k = 0; k < W; ++k) want[b * W + k] = wout[((long)b * t + pos) * W + k];
+        snprintf(name, sizeof name, "decode_attention %s b%d t%d nh%d%s hs%d pos%d", ty, B, t, nh, heads, hs, pos);
+        check(name, load(dec_t), want, tol);
+    }
 }
 
 template <typename T>

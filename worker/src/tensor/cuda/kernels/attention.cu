@@ -452,7 +452,7 @@ __device__ void decode_attention(T* out, const T* qkv, int t, int nh, int nkv, i
     const long stride = static_cast<long>(nh + 2 * nkv) * hs;
     const long base = static_cast<long>(b) * t;
     const T* q = qkv + (base + pos) * stride + static_cast<long>(h) * hs;
-    const float scale = rsqrtf(static_cast<float>(hs));
+    const float scale = 1.0f / sqrtf(static_cast<float>(hs));
     for (int d = threadIdx.x; d < hs; d += blockDim.x) {
         float m = -3.0e38f, l = 0.0f, acc = 0.0f;
         for (int j = 0; j <= pos; ++j) {
