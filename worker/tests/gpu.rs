@@ -314,6 +314,25 @@ fn grouped_query_attention_matches_the_cpu() {
 
 #[test]
 #[ignore = "needs a GPU"]
+fn decoding_attention_matches_the_cpu() {
+    for dt in DTYPES {
+        let mut p = Pair::new();
+        // Llama 3's heads on one rank (8 query, 2 key/value, 128 channels), rows past a tile.
+        let d = Dims {
+            nkv: 2,
+            ..dims(1, 300, 8, 128, 10, 10, 0)
+        };
+        let qkv = p.input(d.tokens() * d.qkv_width(), dt, 1.0);
+        for pos in [0, 63, 64, 299] {
+            let out = p.alloc(d.nh * d.hs, dt);
+            both!(p, attention_decode(out, qkv, pos, d));
+            p.check(&format!("attention_decode pos {pos}"), out, 1.0);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
 fn llama_ops_match_the_cpu() {
     for dt in DTYPES {
         let mut p = Pair::new();
